@@ -1,0 +1,43 @@
+"""Training Wheels: teacher-assisted decoding as a Gymnasium environment (arXiv 2502.17717).
+
+Importing this package registers three tasks; nothing is downloaded or trained at import:
+
+- ``TrainingWheels-XSum-v0``: summarization, teacher google/flan-t5-xl, student google/flan-t5-small.
+- ``TrainingWheels-WMT19-v0``: German→English (wmt/wmt19, de-en), same models.
+- ``TrainingWheels-Synthetic-v0``: the embedded task, a synthetic translation language whose small
+  models train on a CPU in minutes on first use.
+
+Each has a native vector form: ``gym.make_vec(id, num_envs=N, vectorization_mode="vector_entry_point")``.
+"""
+
+from gymnasium.envs.registration import register, registry
+
+from tw_env.budgets import BUDGET_KEYWORDS, BUDGETS, make_prompt
+from tw_env.env import TeacherAssistedDecodingEnv
+from tw_env.rewards import RunningRewardStats, eq17_reward
+from tw_env.tasks import Example
+from tw_env.vector_env import TeacherAssistedDecodingVectorEnv
+
+__all__ = [
+    "BUDGETS",
+    "BUDGET_KEYWORDS",
+    "Example",
+    "RunningRewardStats",
+    "TeacherAssistedDecodingEnv",
+    "TeacherAssistedDecodingVectorEnv",
+    "eq17_reward",
+    "make_prompt",
+]
+
+_TASKS = {
+    "TrainingWheels-XSum-v0": "xsum",
+    "TrainingWheels-WMT19-v0": "wmt19",
+    "TrainingWheels-Synthetic-v0": "synthetic",
+}
+for _env_id, _name in _TASKS.items():
+    if _env_id not in registry:
+        register(
+            id=_env_id,
+            entry_point=f"tw_env.registration:make_{_name}_env",
+            vector_entry_point=f"tw_env.registration:make_{_name}_vector_env",
+        )

@@ -1,0 +1,129 @@
+"""Batched incremental decoding of an encoder-decoder LM in which each row restarts on its own.
+
+Why this exists: the environment steps N episodes in lock step, with one decoder forward per step,
+and episodes end at different times (autoreset). Re-running a prefix is never allowed, so each row
+keeps its KV cache, and a row that starts a new episode must not disturb the others.
+
+How: all rows share one clock (the cache length). A row that restarts gets its encoder run once
+and its cross-attention keys/values written in place, and its earlier self-attention positions are
+masked out. T5's relative position bias depends only on the distance between query and key, so a
+new episode that begins at clock s sees exactly the distances it would see from position 0.
+When the shared cache grows past twice the longest episode, the columns no live row can see are
+dropped (the same amount for every row, so distances are unchanged).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+from tw_env.models import lm_head_logits
+
+
+class IncrementalDecoder:
+    """Incremental decoding state for ``batch_size`` rows of one seq2seq model.
+
+    Call :meth:`restart` for rows that begin a new source, then :meth:`step` once per token with
+    one input per row (token ids or embeddings). The caller chooses ``torch.no_grad()``.
+    """
+
+    def __init__(self, model: PreTrainedModel, batch_size: int, max_episode_len: int):
+        self.model = model
+        self.batch_size = batch_size
+        self.max_episode_len = max_episode_len
+        self.device = model.device
+        self.decoder_start_token_id = model.config.decoder_start_token_id
+        self.encoder_states: torch.Tensor | None = None  # [B, L, d]
+        self.encoder_mask: torch.Tensor | None = None  # [B, L]
+        self.self_mask = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)  # [B, clock]
+        self.start = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # episode start per row
+        self.cache: EncoderDecoderCache | None = None
+
+    # ------------------------------------------------------------------ restarts
+    def restart(self, rows: torch.Tensor | list[int], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Begin new episodes in ``rows`` with encoder inputs ``input_ids`` ([len(rows), L])."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        input_ids = input_ids.to(self.device)
+        attention_mask = attention_mask.to(self.device)
+        encoded = self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.encoder_states is None:
+            if len(rows) != self.batch_size:
+                raise ValueError(f"the first restart must cover all {self.batch_size} rows, got {len(rows)}")
+            order = torch.argsort(rows)
+            self.encoder_states, self.encoder_mask = encoded[order], attention_mask[order]
+            self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            return
+        self._fit_encoder_length(encoded.shape[1])
+        length = encoded.shape[1]
+        self.encoder_states[rows] = 0
+        self.encoder_states[rows, :length] = encoded
+        self.encoder_mask[rows] = 0
+        self.encoder_mask[rows, :length] = attention_mask
+        self._write_cross_attention(rows, self.encoder_states[rows])
+        self.self_mask[rows] = 0
+        self.start[rows] = self.self_mask.shape[1]
+
+    def _fit_encoder_length(self, length: int) -> None:
+        pad = length - self.encoder_states.shape[1]
+        if pad <= 0:
+            return
+        self.encoder_states = F.pad(self.encoder_states, (0, 0, 0, pad))
+        self.encoder_mask = F.pad(self.encoder_mask, (0, pad))
+        for layer in self._cross_layers():
+            layer.keys = F.pad(layer.keys, (0, 0, 0, pad))
+            layer.values = F.pad(layer.values, (0, 0, 0, pad))
+
+    def _cross_layers(self):
+        cross = self.cache.cross_attention_cache
+        return [layer for i, layer in enumerate(cross.layers) if self.cache.is_updated.get(i)]
+
+    def _write_cross_attention(self, rows: torch.Tensor, encoded: torch.Tensor) -> None:
+        # The same projections T5Attention applies to the encoder output on its first call.
+        for i, layer in enumerate(self.cache.cross_attention_cache.layers):
+            if not self.cache.is_updated.get(i):
+                continue  # not computed yet: the next forward computes it for every row
+            attention = self.model.get_decoder().block[i].layer[1].EncDecAttention
+            shape = (*encoded.shape[:-1], -1, attention.key_value_proj_dim)
+            layer.keys[rows] = attention.k(encoded).view(shape).transpose(1, 2).to(layer.keys.dtype)
+            layer.values[rows] = attention.v(encoded).view(shape).transpose(1, 2).to(layer.values.dtype)
+
+    # ------------------------------------------------------------------ steps
+    def step(
+        self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Advance every row by one token; returns the final decoder states ``[B, d]``."""
+        if self.encoder_states is None:
+            raise RuntimeError("restart() must be called for every row before step()")
+        self.self_mask = F.pad(self.self_mask, (0, 1), value=1)
+        kwargs = {"input_ids": input_ids[:, None]} if inputs_embeds is None else {"inputs_embeds": inputs_embeds[:, None]}
+        out = self.model.get_decoder()(
+            **kwargs,
+            attention_mask=self.self_mask,
+            encoder_hidden_states=self.encoder_states,
+            encoder_attention_mask=self.encoder_mask,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self._compact()
+        return out.last_hidden_state[:, -1]
+
+    def logits(self, decoder_states: torch.Tensor) -> torch.Tensor:
+        return lm_head_logits(self.model, decoder_states)
+
+    def _compact(self) -> None:
+        if self.self_mask.shape[1] <= 2 * self.max_episode_len + 1:
+            return
+        drop = int(self.start.min())
+        if drop <= 0:
+            return
+        for layer in self.cache.self_attention_cache.layers:
+            layer.keys = layer.keys[:, :, drop:]
+            layer.values = layer.values[:, :, drop:]
+        self.self_mask = self.self_mask[:, drop:]
+        self.start -= drop
+
+    @property
+    def clock(self) -> int:
+        return self.self_mask.shape[1]

@@ -1,0 +1,121 @@
+"""The one module that loads models and tokenizers: hub ids by default, local directories in tests.
+
+Nothing here runs at import. ``trust_remote_code`` is never enabled: only architectures that
+transformers ships are loaded, and weights come from safetensors files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+OFFLINE_HINT = (
+    "If the Hugging Face Hub cannot be reached from this machine, download the model elsewhere "
+    "(`huggingface-cli download {name} --local-dir DIR`) and pass the local directory instead, "
+    "e.g. gym.make(..., {role}='DIR')."
+)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """``"float32"``/``"bfloat16"``/``"float16"`` or a torch dtype; None means float32."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or a torch.dtype, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"``/None picks CUDA when available, else CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _looks_like_path(name: str) -> bool:
+    # A hub id is "name" or "owner/name"; anything else that is not on disk was meant as a path.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "")
+
+
+def _check_source(name: str, role: str) -> str:
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path)
+    if _looks_like_path(name):
+        raise FileNotFoundError(
+            f"{role} not found: no directory or file at '{name}'. Expected a local directory written by "
+            f"save_pretrained (config.json plus weights) or a hub id such as 'google/flan-t5-small'."
+        )
+    return name
+
+
+def load_seq2seq(
+    name_or_path: str | PreTrainedModel,
+    role: str = "model",
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype | None = None,
+) -> PreTrainedModel:
+    """Load an encoder-decoder LM (the T5 family) in eval mode from a hub id or a local directory."""
+    if isinstance(name_or_path, PreTrainedModel):
+        model = name_or_path
+    else:
+        source = _check_source(str(name_or_path), role)
+        try:
+            model = AutoModelForSeq2SeqLM.from_pretrained(
+                source, dtype=resolve_dtype(dtype), trust_remote_code=False, use_safetensors=True
+            )
+        except OSError as err:
+            raise OSError(
+                f"could not load the {role} '{source}': {err}\n" + OFFLINE_HINT.format(name=source, role=role)
+            ) from err
+    return model.to(device=resolve_device(device), dtype=resolve_dtype(dtype)).eval()
+
+
+def load_tokenizer(name_or_path: str | PreTrainedTokenizerBase, role: str = "tokenizer") -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a hub id or a local directory."""
+    if isinstance(name_or_path, PreTrainedTokenizerBase):
+        return name_or_path
+    source = _check_source(str(name_or_path), role)
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    except OSError as err:
+        raise OSError(
+            f"could not load the {role} '{source}': {err}\n" + OFFLINE_HINT.format(name=source, role=role)
+        ) from err
+
+
+def output_vocab_size(model: PreTrainedModel) -> int:
+    """V: the number of rows of the model's output layer (32,128 for FLAN-T5, not the 32,100 tokenizer entries)."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def check_same_vocabulary(teacher: PreTrainedModel, student_vocab_size: int, student_name: str = "student") -> int:
+    """Refuse a teacher and a student whose output layers differ: the action space is shared."""
+    teacher_v = output_vocab_size(teacher)
+    if teacher_v != student_vocab_size:
+        raise ValueError(
+            f"teacher and {student_name} vocabularies differ: the teacher's output layer has {teacher_v} rows, "
+            f"the {student_name} has {student_vocab_size}. Training Wheels needs one shared vocabulary "
+            "(e.g. FLAN-T5-small with FLAN-T5-XL, both 32,128)."
+        )
+    return teacher_v
+
+
+def lm_head_logits(model: PreTrainedModel, decoder_hidden: torch.Tensor) -> torch.Tensor:
+    """Apply the model's LM head to final decoder states exactly as its own forward does.
+
+    T5 with tied embeddings rescales the decoder output by d_model^-0.5 before the head.
+    """
+    scale = getattr(model.config, "scale_decoder_outputs", None)
+    if scale is None:  # transformers 4.x names it after weight tying
+        scale = getattr(model.config, "tie_word_embeddings", False)
+    if scale:
+        decoder_hidden = decoder_hidden * (model.config.d_model**-0.5)
+    return model.get_output_embeddings()(decoder_hidden)

@@ -1,0 +1,98 @@
+"""The Eq. 17 reward as pure functions, and the running statistics that normalise it (§2.4.2).
+
+Eq. 17, for the episode's budget b and its Lagrange multiplier λ_b:
+
+    r_i = (log p(x_i) − μ_r) / σ_r + λ_b·b     if the student emitted x_i itself
+    r_i = λ_b·(b − 1)                           if it called the teacher (<τ>)
+
+clipped to [−2, 2]. The budget part equals −λ_b·c_i with a per-token cost c_i = 1{<τ>} − b, which
+sums to zero exactly when the teacher fraction equals b (notes.md item 3: follow Eq. 17, not Eq. 18).
+Teacher tokens get no log-likelihood part: they are "implicitly correct" (notes.md item 5).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+import numpy as np
+
+REWARD_CLIP = 2.0
+
+
+def budget_cost(is_call: np.ndarray | bool, budget: np.ndarray | float) -> np.ndarray:
+    """Per-token constraint cost c = 1{<τ>} − b; its episode mean is (teacher fraction − b)."""
+    return np.asarray(is_call, dtype=np.float64) - np.asarray(budget, dtype=np.float64)
+
+
+def eq17_reward(
+    teacher_logprob: np.ndarray | float,
+    is_call: np.ndarray | bool,
+    budget: np.ndarray | float,
+    lagrange: np.ndarray | float,
+    mu: float = 0.0,
+    sigma: float = 1.0,
+    clip: float = REWARD_CLIP,
+) -> np.ndarray:
+    """Eq. 17 with §2.4.2's normalisation and clipping, elementwise over arrays.
+
+    Args:
+        teacher_logprob: natural-log teacher probability of the emitted token (ignored for calls).
+        is_call: whether the step was the <τ> action.
+        budget: the episode's teacher-use budget b.
+        lagrange: λ_b for that budget.
+        mu, sigma: the running normalisers μ_r and σ_r of the log-likelihood part.
+        clip: the total reward is clipped to [−clip, clip].
+    """
+    if sigma <= 0:
+        raise ValueError(f"sigma must be positive, got {sigma}")
+    is_call = np.asarray(is_call, dtype=bool)
+    likelihood = (np.asarray(teacher_logprob, dtype=np.float64) - mu) / sigma
+    budget_part = -np.asarray(lagrange, dtype=np.float64) * budget_cost(is_call, budget)
+    reward = np.where(is_call, 0.0, likelihood) + budget_part
+    return np.clip(reward, -clip, clip)
+
+
+class RunningRewardStats:
+    """μ_r and σ_r of §2.4.2, over a window of recent tokens.
+
+    μ_r is the mean teacher log-likelihood of *teacher* tokens. We take the teacher's own token (the
+    one a call would produce) at every step, not only at calls: it is known at every step for free,
+    so μ_r stays defined under the "no teacher use" budget. σ_r is the standard deviation of the
+    teacher log-likelihood of *student* tokens. Until ``min_count`` values are seen the identity
+    normalisation (μ=0, σ=1) is used, so the first episodes are well defined.
+    """
+
+    def __init__(self, window: int = 4096, min_count: int = 16, min_sigma: float = 1e-2):
+        if window < 1 or min_count < 1:
+            raise ValueError(f"window and min_count must be >= 1, got {window} and {min_count}")
+        self.window = window
+        self.min_count = min_count
+        self.min_sigma = min_sigma
+        self._teacher: deque[float] = deque(maxlen=window)
+        self._student: deque[float] = deque(maxlen=window)
+
+    def update(self, teacher_token_logprobs: Iterable[float], student_token_logprobs: Iterable[float]) -> None:
+        self._teacher.extend(float(x) for x in teacher_token_logprobs)
+        self._student.extend(float(x) for x in student_token_logprobs)
+
+    @property
+    def mu(self) -> float:
+        return float(np.mean(self._teacher)) if len(self._teacher) >= self.min_count else 0.0
+
+    @property
+    def sigma(self) -> float:
+        if len(self._student) < self.min_count:
+            return 1.0
+        return max(float(np.std(self._student)), self.min_sigma)
+
+    def reset(self) -> None:
+        self._teacher.clear()
+        self._student.clear()
+
+    def state_dict(self) -> dict:
+        return {"teacher": list(self._teacher), "student": list(self._student)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._teacher = deque(state["teacher"], maxlen=self.window)
+        self._student = deque(state["student"], maxlen=self.window)

@@ -1,0 +1,184 @@
+"""`TeacherAssistedDecodingVectorEnv`: N episodes with one batched teacher forward per step."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from tw_env.budgets import BUDGETS
+from tw_env.env import TeacherAssistedDecodingEnv, observation_space, render_state
+
+
+class TeacherAssistedDecodingVectorEnv(VectorEnv):
+    """The batched form of :class:`~tw_env.TeacherAssistedDecodingEnv` (same arguments, plus ``num_envs``).
+
+    Every step runs one batched teacher decoder forward for all N rows, each row with its own KV
+    cache (see :mod:`tw_env.incremental`). Autoreset follows Gymnasium's NEXT_STEP mode: the step
+    after an episode ends resets that row and ignores its action. Infos are dicts of arrays with
+    ``_key`` masks; the end-of-episode keys are present only for rows that just ended.
+    """
+
+    metadata = {"render_modes": ["ansi"], "autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(
+        self,
+        num_envs: int,
+        teacher,
+        tokenizer,
+        examples: Sequence[Any],
+        instruction: str,
+        metric: str = "bleu",
+        budgets: Sequence[float] = BUDGETS,
+        student=None,
+        max_new_tokens: int = 64,
+        max_prompt_length: int = 512,
+        teacher_sampling: bool = False,
+        teacher_temperature: float = 1.0,
+        device: str = "cpu",
+        dtype: str | None = None,
+        reward_window: int = 4096,
+        render_mode: str | None = None,
+    ):
+        if int(num_envs) < 1:
+            raise ValueError(f"num_envs must be a positive integer, got {num_envs}")
+        self.num_envs = int(num_envs)
+        # Reuse the single env's validation and state; it is never stepped itself.
+        self._core = TeacherAssistedDecodingEnv.__new__(TeacherAssistedDecodingEnv)
+        self._core._configure(
+            teacher, tokenizer, examples, instruction, metric, budgets, student, max_new_tokens,
+            max_prompt_length, teacher_sampling, teacher_temperature, device, dtype, reward_window,
+            render_mode, self.num_envs,
+        )
+        core = self._core
+        self.vocab_size, self.teacher_action = core.vocab_size, core.teacher_action
+        self.teacher, self.tokenizer, self.examples = core.teacher, core.tokenizer, core.examples
+        self.instruction, self.metric, self.budgets = core.instruction, core.metric, core.budgets
+        self.max_new_tokens, self.max_prompt_length = max_new_tokens, max_prompt_length
+        self.reward_stats, self.batch = core.reward_stats, core.batch
+        self.render_mode = render_mode
+        self.single_action_space = spaces.Discrete(self.vocab_size + 1)
+        self.single_observation_space = observation_space(self.vocab_size, max_prompt_length, max_new_tokens)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self._started = False
+
+    @property
+    def lagrange_multipliers(self) -> dict[float, float]:
+        return self._core.lagrange_multipliers
+
+    def set_lagrange_multipliers(self, multipliers: Mapping[float, float]) -> None:
+        self._core.set_lagrange_multipliers(multipliers)
+
+    def encode_prompt(self, source: str, budget: float) -> list[int]:
+        return self._core.encode_prompt(source, budget)
+
+    def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None):
+        """Reset every row. ``options`` may hold ``budget`` and ``index``, each a scalar or one per row."""
+        per_row = self._per_row_options(options)
+        if isinstance(seed, list):
+            seed = seed[0] if seed else None
+        super().reset(seed=seed)
+        self._core._np_random = self.np_random  # one generator for draws and teacher sampling
+        if seed is not None:
+            self.reward_stats.reset()
+        rows = np.arange(self.num_envs)
+        self._start_rows(rows, per_row, advance=True)
+        self._started = True
+        info = {"budget": self.batch.budget.copy(), "example_index": self._core.example_index.copy()}
+        return self._observations(), info
+
+    def step(self, actions):
+        if not self._started:
+            raise RuntimeError("step() called before reset(); call envs.reset() to start the episodes")
+        actions = self._check_actions(actions)
+        batch = self.batch
+        resetting = np.flatnonzero(batch.done)  # rows that ended last step: NEXT_STEP autoreset
+        acting = np.flatnonzero(~batch.done)
+        rewards = np.zeros(self.num_envs, dtype=np.float64)
+        terminated = np.zeros(self.num_envs, dtype=bool)
+        truncated = np.zeros(self.num_envs, dtype=bool)
+        infos: dict[str, Any] = {}
+        tokens = np.full(self.num_envs, self.teacher.config.decoder_start_token_id, dtype=np.int64)
+        if len(acting):
+            outcome = batch.act(actions[acting], acting, self._core._lagrange(acting), self.np_random)
+            rewards[acting], terminated[acting], truncated[acting] = outcome.reward, outcome.terminated, outcome.truncated
+            tokens[acting] = outcome.emitted
+            for j, row in enumerate(acting):
+                info = {
+                    "teacher_logprob": float(outcome.teacher_logprob[j]),
+                    "teacher_call": bool(outcome.is_call[j]),
+                    "budget": float(batch.budget[row]),
+                }
+                if batch.done[row]:
+                    info.update(self._core._episode_end_info(row))
+                    batch.finish(row)
+                infos = self._add_info(infos, info, row)
+        if len(resetting):
+            self._start_rows(resetting, self._per_row_options(None), advance=False)
+        if not batch.done.all():  # rows that just ended read a harmless token; they restart next step
+            batch.advance(tokens)
+        return self._observations(), rewards, terminated, truncated, infos
+
+    def render(self) -> tuple[str, ...] | None:
+        if self.render_mode != "ansi":
+            return None
+        b = self.batch
+        return tuple(render_state(self.tokenizer, b.state_ids[i, : b.length[i]], self.vocab_size) for i in range(self.num_envs))
+
+    # ------------------------------------------------------------------ helpers
+    def _per_row_options(self, options: dict[str, Any] | None) -> list[tuple[float | None, int | None]]:
+        options = dict(options or {})
+        unknown = set(options) - {"budget", "index"}
+        if unknown:
+            raise ValueError(f"unknown reset options {sorted(unknown)}; expected 'budget' and/or 'index'")
+        parsed = []
+        for i in range(self.num_envs):
+            row = {}
+            for key in ("budget", "index"):
+                value = options.get(key)
+                if value is not None and np.ndim(value) > 0:
+                    if len(value) != self.num_envs:
+                        raise ValueError(f"reset option {key!r} has {len(value)} entries; expected {self.num_envs}")
+                    value = value[i]
+                row[key] = value
+            parsed.append(self._core._parse_options(row))
+        return parsed
+
+    def _start_rows(self, rows: np.ndarray, per_row, advance: bool) -> None:
+        prompts, budgets = [], []
+        for row in rows:
+            budget, index = self._core._draw(*per_row[row])
+            self._core.example_index[row] = index
+            prompts.append(self.encode_prompt(self.examples[index].source, budget))
+            budgets.append(budget)
+        self.batch.start(rows, prompts, np.array(budgets), advance=advance)
+
+    def _check_actions(self, actions) -> np.ndarray:
+        array = np.asarray(actions)
+        if array.shape != (self.num_envs,) or not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(
+                f"actions must be {self.num_envs} integers in [0, {self.vocab_size}], got shape {array.shape} "
+                f"and dtype {array.dtype}"
+            )
+        bad = (array < 0) | (array > self.vocab_size)
+        if bad.any():
+            raise ValueError(
+                f"actions {array[bad].tolist()} are outside [0, {self.vocab_size}]: tokens are "
+                f"0..{self.vocab_size - 1} and {self.vocab_size} is the teacher call <τ>"
+            )
+        return array.astype(np.int64)
+
+    def _observations(self) -> dict[str, np.ndarray]:
+        b = self.batch
+        return {
+            "prompt_ids": b.prompt_ids.copy(),
+            "prompt_length": b.prompt_length[:, None].copy(),
+            "state_ids": b.state_ids.copy(),
+            "state_length": b.length[:, None].copy(),
+            "budget": b.budget[:, None].astype(np.float32),
+        }
