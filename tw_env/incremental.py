@@ -93,11 +93,20 @@ class IncrementalDecoder:
     def step(
         self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Advance every row by one token; returns the final decoder states ``[B, d]``."""
+        """Advance every row by one token (``[B]`` ids or ``[B, d]`` embeddings): final states ``[B, d]``.
+
+        Inputs with an extra time axis (``[B, k]`` ids or ``[B, k, d]`` embeddings) advance every row
+        by k tokens in one forward, as a verifier or a catching-up teacher does; then ``[B, k, d]``.
+        """
         if self.encoder_states is None:
             raise RuntimeError("restart() must be called for every row before step()")
-        self.self_mask = F.pad(self.self_mask, (0, 1), value=1)
-        kwargs = {"input_ids": input_ids[:, None]} if inputs_embeds is None else {"inputs_embeds": inputs_embeds[:, None]}
+        single = (input_ids if inputs_embeds is None else inputs_embeds[..., 0]).dim() == 1
+        if inputs_embeds is None:
+            kwargs = {"input_ids": input_ids[:, None] if single else input_ids}
+        else:
+            kwargs = {"inputs_embeds": inputs_embeds[:, None] if single else inputs_embeds}
+        width = 1 if single else (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
+        self.self_mask = F.pad(self.self_mask, (0, width), value=1)
         out = self.model.get_decoder()(
             **kwargs,
             attention_mask=self.self_mask,
@@ -107,7 +116,29 @@ class IncrementalDecoder:
             use_cache=True,
         )
         self._compact()
-        return out.last_hidden_state[:, -1]
+        return out.last_hidden_state[:, -1] if single else out.last_hidden_state
+
+    def rollback(self, discard: torch.Tensor) -> None:
+        """Forget the newest ``discard[b]`` tokens of each row b (rejected drafts), per row.
+
+        T5's keys and values carry no position (the bias is relative and added at attention time),
+        so a row's cache can be rotated: its kept tokens move right to end at the newest column and
+        the discarded ones wrap round to the left, where they are masked. Every row then stays
+        contiguous, so distances, and hence outputs, are exactly those of a row that never drafted.
+        """
+        discard = torch.as_tensor(discard, dtype=torch.long, device=self.device)
+        if int(discard.max()) == 0:
+            return
+        clock = self.clock
+        columns = torch.arange(clock, device=self.device)
+        source = (columns[None, :] - discard[:, None]) % clock  # [B, clock]: where each column comes from
+        for layer in self.cache.self_attention_cache.layers:
+            index = source[:, None, :, None].expand_as(layer.keys)
+            layer.keys = layer.keys.gather(2, index)
+            layer.values = layer.values.gather(2, index)
+        self.self_mask = self.self_mask.gather(1, source)
+        self.self_mask[columns[None, :] < discard[:, None]] = 0
+        self.start = self.start + discard
 
     def logits(self, decoder_states: torch.Tensor) -> torch.Tensor:
         return lm_head_logits(self.model, decoder_states)

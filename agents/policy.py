@@ -1,0 +1,199 @@
+"""The student policy π over V ∪ {<τ>}, and the value network, both around a transformers seq2seq LM.
+
+- One extra output logit for <τ> (a linear head on the decoder's final state, next to the LM head).
+- X^(in) is embedded as in Eq. 15: a student token x as Embed(x), a teacher token t (stored as t + V)
+  as Embed(t) + β, with β a learnable vector.
+- Full teacher-forced forwards for training; :class:`PolicyRollout` for incremental decoding with a
+  KV cache while acting in the (vector) environment.
+- Saved with safetensors: the underlying LM through ``save_pretrained`` (loadable by plain
+  transformers) and the Training Wheels parameters (β, the <τ> head) beside it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from tw_env.incremental import IncrementalDecoder
+from tw_env.models import lm_head_logits, load_seq2seq, output_vocab_size
+
+EXTRA_WEIGHTS = "training_wheels.safetensors"
+EXTRA_CONFIG = "training_wheels.json"
+
+
+def decoder_inputs(state_ids: torch.Tensor, start_token_id: int) -> torch.Tensor:
+    """Shift X^(in) right: position i reads the token emitted at i−1 (the start token at 0).
+
+    Returns ``[B, T+1]`` so that position T gives the state after the last action (for values).
+    """
+    start = torch.full_like(state_ids[:, :1], start_token_id)
+    return torch.cat([start, state_ids], dim=1)
+
+
+class _StateEmbedding(nn.Module):
+    """Eq. 15: Embed(x) for student tokens, Embed(t) + β for teacher tokens (ids ≥ V)."""
+
+    def __init__(self, model: PreTrainedModel, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.beta = nn.Parameter(torch.zeros(model.config.d_model))
+
+    def forward(self, embed: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+        from_teacher = ids >= self.vocab_size
+        vectors = embed(torch.where(from_teacher, ids - self.vocab_size, ids))
+        return vectors + from_teacher.unsqueeze(-1).to(vectors.dtype) * self.beta.to(vectors.dtype)
+
+
+class _Seq2SeqStateModel(nn.Module):
+    """Shared plumbing: an LM that reads (Y, X^(in)) with the Eq. 15 embedding."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+        self.vocab_size = output_vocab_size(model)
+        self.state_embedding = _StateEmbedding(model, self.vocab_size)
+        self.start_token_id = int(model.config.decoder_start_token_id)
+
+    def decoder_states(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, state_ids: torch.Tensor, state_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Final decoder states ``[B, T+1, d]`` for every state s_0..s_T of the episodes."""
+        inputs = decoder_inputs(state_ids, self.start_token_id)
+        mask = torch.cat([torch.ones_like(state_mask[:, :1]), state_mask], dim=1).long()
+        embeds = self.state_embedding(self.model.get_input_embeddings(), inputs)
+        encoded = self.model.get_encoder()(input_ids=prompt_ids, attention_mask=prompt_mask).last_hidden_state
+        out = self.model.get_decoder()(
+            inputs_embeds=embeds, attention_mask=mask, encoder_hidden_states=encoded,
+            encoder_attention_mask=prompt_mask, use_cache=False,
+        )
+        return out.last_hidden_state
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+
+class StudentPolicy(_Seq2SeqStateModel):
+    """π(· | X^(in)_<i, Y) over V + 1 actions; action V is <τ>."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__(model)
+        self.call_head = nn.Linear(model.config.d_model, 1)
+        # Start with <τ> as likely as an average token would be under a flat head; phase 1 teaches it.
+        nn.init.zeros_(self.call_head.weight)
+        nn.init.zeros_(self.call_head.bias)
+
+    @property
+    def teacher_action(self) -> int:
+        return self.vocab_size
+
+    def head(self, decoder_states: torch.Tensor) -> torch.Tensor:
+        """Logits over V + 1 actions from final decoder states."""
+        token_logits = lm_head_logits(self.model, decoder_states)
+        call_logit = self.call_head(decoder_states.to(self.call_head.weight.dtype)).to(token_logits.dtype)
+        return torch.cat([token_logits, call_logit], dim=-1)
+
+    def forward(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, state_ids: torch.Tensor, state_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits ``[B, T, V+1]``: position i is π(· | X^(in)_<i, Y), i.e. the distribution of action i."""
+        states = self.decoder_states(prompt_ids, prompt_mask, state_ids, state_mask)
+        return self.head(states[:, :-1])
+
+    def rollout(self, num_rows: int, max_episode_len: int) -> PolicyRollout:
+        return PolicyRollout(self, num_rows, max_episode_len)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | Path) -> None:
+        """Write the LM (``save_pretrained``, safetensors) and β/<τ> head to ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory, safe_serialization=True)
+        extra = {
+            "beta": self.state_embedding.beta.detach().contiguous().cpu(),
+            "call_head.weight": self.call_head.weight.detach().contiguous().cpu(),
+            "call_head.bias": self.call_head.bias.detach().contiguous().cpu(),
+        }
+        save_file(extra, str(directory / EXTRA_WEIGHTS))
+        (directory / EXTRA_CONFIG).write_text(json.dumps({"vocab_size": self.vocab_size, "format": 1}))
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu", dtype=None) -> StudentPolicy:
+        """Load a policy written by :meth:`save`, or wrap a plain seq2seq LM directory (fresh β/<τ> head)."""
+        directory = Path(directory)
+        policy = cls(load_seq2seq(str(directory), role="student", device=device, dtype=dtype))
+        extra_path = directory / EXTRA_WEIGHTS
+        if extra_path.exists():
+            extra = load_file(str(extra_path))
+            with torch.no_grad():
+                policy.state_embedding.beta.copy_(extra["beta"])
+                policy.call_head.weight.copy_(extra["call_head.weight"])
+                policy.call_head.bias.copy_(extra["call_head.bias"])
+        return policy.to(policy.model.device)
+
+
+class ValueNetwork(_Seq2SeqStateModel):
+    """V(X^(in)_<i, Y): the student's architecture (a copy of its weights) with a scalar head."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__(model)
+        self.value_head = nn.Linear(model.config.d_model, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    @classmethod
+    def from_policy(cls, policy: StudentPolicy) -> ValueNetwork:
+        value = cls(copy.deepcopy(policy.model))
+        with torch.no_grad():
+            value.state_embedding.beta.copy_(policy.state_embedding.beta)
+        return value.to(policy.device)
+
+    def forward(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, state_ids: torch.Tensor, state_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Values ``[B, T+1]`` of the states s_0..s_T."""
+        states = self.decoder_states(prompt_ids, prompt_mask, state_ids, state_mask)
+        return self.value_head(states.to(self.value_head.weight.dtype)).squeeze(-1)
+
+
+def observation_tensors(obs: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """Batched env observations as tensors: prompt ids/mask trimmed to the longest prompt."""
+    prompt_length = torch.as_tensor(np.asarray(obs["prompt_length"]).reshape(-1), device=device).long()
+    width = max(int(prompt_length.max()), 1)
+    prompt_ids = torch.as_tensor(np.asarray(obs["prompt_ids"])[:, :width], device=device).long()
+    prompt_mask = (torch.arange(width, device=device)[None] < prompt_length[:, None]).long()
+    state_length = torch.as_tensor(np.asarray(obs["state_length"]).reshape(-1), device=device).long()
+    state_ids = torch.as_tensor(np.asarray(obs["state_ids"]), device=device).long()
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "state_ids": state_ids, "state_length": state_length}
+
+
+class PolicyRollout:
+    """Incremental π for acting: call :meth:`logits` exactly once per environment step.
+
+    Rows whose observation has ``state_length == 0`` start a new episode (a reset or a NEXT_STEP
+    autoreset): their encoder runs once; every other row feeds only its newest X^(in) token.
+    """
+
+    def __init__(self, policy: StudentPolicy, num_rows: int, max_episode_len: int):
+        self.policy = policy
+        self.decoder = IncrementalDecoder(policy.model, num_rows, max_episode_len)
+
+    @torch.no_grad()
+    def logits(self, obs: dict[str, np.ndarray]) -> torch.Tensor:
+        """``[N, V+1]`` action logits for the current observations."""
+        t = observation_tensors(obs, self.policy.device)
+        length = t["state_length"]
+        new = torch.nonzero(length == 0).squeeze(-1)
+        if len(new):
+            self.decoder.restart(new, t["prompt_ids"][new], t["prompt_mask"][new])
+        last = t["state_ids"].gather(1, (length - 1).clamp(min=0)[:, None]).squeeze(1)
+        tokens = torch.where(length == 0, torch.full_like(last, self.policy.start_token_id), last)
+        embeds = self.policy.state_embedding(self.policy.model.get_input_embeddings(), tokens)
+        return self.policy.head(self.decoder.step(inputs_embeds=embeds)).float()
