@@ -91,6 +91,9 @@ class EpisodeBatch:
         self.calls[rows] = 0
         self.budget[rows] = budgets
         self.done[rows] = False
+        if len(rows) == self.num_rows:
+            # Every row restarts: drop the old caches, so a full reset always starts from the same state.
+            self.decoder = IncrementalDecoder(self.teacher, self.num_rows, self.max_new_tokens)
         with torch.no_grad():
             self.decoder.restart(torch.from_numpy(rows), ids, mask)
         if advance:

@@ -59,7 +59,7 @@ class TeacherAssistedDecodingVectorEnv(VectorEnv):
         self.teacher, self.tokenizer, self.examples = core.teacher, core.tokenizer, core.examples
         self.instruction, self.metric, self.budgets = core.instruction, core.metric, core.budgets
         self.max_new_tokens, self.max_prompt_length = max_new_tokens, max_prompt_length
-        self.reward_stats, self.batch = core.reward_stats, core.batch
+        self.reward_stats, self.batch, self.student = core.reward_stats, core.batch, core.student
         self.render_mode = render_mode
         self.single_action_space = spaces.Discrete(self.vocab_size + 1)
         self.single_observation_space = observation_space(self.vocab_size, max_prompt_length, max_new_tokens)

@@ -1,0 +1,93 @@
+"""Typed configs that a JSON file or command-line flags can set (flags win over the file).
+
+Each command has one dataclass; every field has a one-line docstring-style comment, which becomes
+its ``--help`` text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _field_help(cls: type) -> dict[str, str]:
+    # "name: type = default  # help" lines in the class source become --help texts.
+    import inspect
+
+    helps = {}
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return helps
+    for line in source.splitlines():
+        stripped = line.strip()
+        if ":" in stripped and "#" in stripped and not stripped.startswith("#"):
+            name = stripped.split(":", 1)[0].strip()
+            helps[name] = stripped.split("#", 1)[1].strip()
+    return helps
+
+
+def _parser_for(tp: Any):
+    origin = typing.get_origin(tp)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        inner = _parser_for(args[0])
+        return lambda s: None if s.lower() in ("none", "null") else inner(s)
+    if tp is bool:
+        def parse_bool(s: str) -> bool:
+            if s.lower() in ("1", "true", "yes", "on"):
+                return True
+            if s.lower() in ("0", "false", "no", "off"):
+                return False
+            raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+        return parse_bool
+    if tp in (int, float, str):
+        return tp
+    if origin in (dict, list, tuple) or tp in (dict, list):
+        return json.loads
+    return str
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--field`` flag per dataclass field, plus ``--config FILE.json``."""
+    hints = typing.get_type_hints(cls)
+    helps = _field_help(cls)
+    parser.add_argument("--config", type=Path, help="JSON file of field values (flags override it)")
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        parser.add_argument(
+            flag, dest=f.name, type=_parser_for(hints[f.name]), default=argparse.SUPPRESS,
+            help=f"{helps.get(f.name, '')} (default: {default!r})",
+        )
+
+
+def config_from_namespace(cls: type[T], namespace: argparse.Namespace) -> T:
+    """Build ``cls`` from ``--config`` (if any) overlaid with the flags given."""
+    values: dict[str, Any] = {}
+    if getattr(namespace, "config", None):
+        path = Path(namespace.config)
+        if not path.exists():
+            raise FileNotFoundError(f"config file not found: '{path}'")
+        values.update(json.loads(path.read_text()))
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown config fields {sorted(unknown)} for {cls.__name__}; expected some of {sorted(names)}")
+    values.update({k: v for k, v in vars(namespace).items() if k in names})
+    config = cls(**values)
+    check = getattr(config, "validate", None)
+    if check is not None:
+        check()
+    return config
+
+
+def config_to_json(config: Any) -> str:
+    return json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True)

@@ -1,0 +1,55 @@
+"""Quality and teacher use of a trained student at each budget, with greedy teacher-help decoding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from agents.trajectories import tokenize_prompts
+from tw_env.metrics import quality
+
+
+@dataclass
+class BudgetResult:
+    budget: float
+    teacher_fraction: float  # calls / output tokens over the whole set (token level)
+    quality: float
+    examples: int
+
+
+def evaluate_budgets(
+    policy, env, examples, budgets, max_new_tokens: int, batch_size: int = 64,
+) -> list[BudgetResult]:
+    """Decode every example at every budget (greedy over V + 1, teacher on call) and score it."""
+    from agents.decoding import teacher_help_decode
+
+    results = []
+    was_training = policy.training
+    policy.eval()
+    for budget in budgets:
+        hypotheses, calls, tokens = [], 0, 0
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            ids, mask = tokenize_prompts(env, [e.source for e in chunk], [budget] * len(chunk), policy.device)
+            with torch.no_grad():
+                result = teacher_help_decode(policy, env.teacher, ids, mask, max_new_tokens)
+            calls += sum(result.teacher_calls)
+            tokens += sum(len(o) for o in result.output_ids)
+            hypotheses += [env.tokenizer.decode(o, skip_special_tokens=True) for o in result.output_ids]
+        score = quality(env.metric, hypotheses, [e.reference for e in examples])
+        results.append(BudgetResult(float(budget), calls / max(tokens, 1), score, len(examples)))
+    policy.train(was_training)
+    return results
+
+
+def meets_budgets(results: list[BudgetResult], delta: float) -> bool:
+    return all(abs(r.teacher_fraction - r.budget) <= delta for r in results)
+
+
+def worst_violation(results: list[BudgetResult]) -> float:
+    return max(abs(r.teacher_fraction - r.budget) for r in results)
+
+
+def mean_quality(results: list[BudgetResult]) -> float:
+    return sum(r.quality for r in results) / len(results)

@@ -1,0 +1,70 @@
+"""`tw`: the command line of Training Wheels.
+
+    tw train --config configs/synthetic.json     # phase 1 + phase 2 (+ checkpoint selection)
+    tw train --algo ppo --config ...              # the PPO ablation
+    tw eval  --config ...                         # quality, teacher use, latency of every method
+    tw plot  --results DIR                        # operating-point plots and the token view
+    tw bench env|decode ...                       # speed benchmarks (docs/benchmarks.md)
+
+Each subcommand has one typed config (a dataclass) that ``--config FILE.json`` and flags set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, config class, entry function)
+COMMANDS = {
+    "train": ("agents.train", "TrainConfig", "run"),
+    "train-ppo": ("agents.ppo", "PPOConfig", "run"),
+    "gkd": ("agents.gkd", "GKDConfig", "run"),
+    "eval": ("scripts.evaluate", "EvalConfig", "run"),
+    "plot": ("scripts.plot", "PlotConfig", "run"),
+    "bench-env": ("scripts.bench_env", "BenchEnvConfig", "run"),
+    "bench-decode": ("scripts.bench_decode", "BenchDecodeConfig", "run"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from agents.config import add_config_arguments, config_from_namespace
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `tw train --algo ppo` is the PPO ablation; `tw bench env` is bench-env.
+    if argv[:1] == ["train"] and "--algo" in argv:
+        i = argv.index("--algo")
+        algo = argv[i + 1] if i + 1 < len(argv) else ""
+        if algo not in ("pcl", "ppo"):
+            print(f"tw train: --algo must be 'pcl' or 'ppo', got {algo!r}", file=sys.stderr)
+            return 2
+        del argv[i : i + 2]
+        if algo == "ppo":
+            argv[0] = "train-ppo"
+    if argv[:1] == ["bench"] and len(argv) > 1:
+        argv = [f"bench-{argv[1]}"] + argv[2:]
+    parser = argparse.ArgumentParser(prog="tw", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, cls_name, _) in COMMANDS.items():
+        try:
+            cls = getattr(importlib.import_module(module), cls_name)
+        except (ImportError, AttributeError):
+            continue  # an optional command whose dependencies are missing
+        add_config_arguments(sub.add_parser(name, help=(cls.__doc__ or "").splitlines()[0]), cls)
+    args = parser.parse_args(argv)
+    module, cls_name, entry = COMMANDS[args.command]
+    mod = importlib.import_module(module)
+    try:
+        config = config_from_namespace(getattr(mod, cls_name), args)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    result = getattr(mod, entry)(config)
+    if isinstance(result, dict):
+        import json
+
+        print(json.dumps(result, indent=2, default=str)[:4000])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
