@@ -188,7 +188,7 @@ class TeacherAssistedDecodingEnv(gym.Env):
         """Set λ_b for some budgets; unknown budgets or negative/non-finite λ raise, changing nothing."""
         updates = {}
         for b, lam in multipliers.items():
-            match = [k for k in self.budgets if abs(k - float(b)) < 1e-9]
+            match = [k for k in self.budgets if abs(k - float(b)) < 1e-6]
             if not match:
                 raise ValueError(f"no budget {b} in this env; expected one of {list(self.budgets)}")
             if not np.isfinite(lam) or lam < 0:
@@ -244,13 +244,19 @@ class TeacherAssistedDecodingEnv(gym.Env):
             raise ValueError(f"unknown reset options {sorted(unknown)}; expected 'budget' and/or 'index'")
         budget = index = None
         if "budget" in options and options["budget"] is not None:
-            budget = check_budget(options["budget"])
-            keyword_for(budget)
+            budget = self._known_budget(check_budget(options["budget"]))
         if "index" in options and options["index"] is not None:
             index = int(options["index"])
             if not 0 <= index < len(self.examples):
                 raise ValueError(f"example index {index} out of range; expected 0 <= index < {len(self.examples)}")
         return budget, index
+
+    def _known_budget(self, budget: float) -> float:
+        # Snap to the env's own value (observations carry float32 budgets), or refuse.
+        for known in self.budgets:
+            if abs(known - budget) < 1e-6:
+                return known
+        raise ValueError(f"budget {budget} is not one of this env's budgets {list(self.budgets)}")
 
     def _draw(self, budget: float | None, index: int | None) -> tuple[float, int]:
         if budget is None:

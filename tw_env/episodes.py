@@ -96,8 +96,24 @@ class EpisodeBatch:
             self.decoder = IncrementalDecoder(self.teacher, self.num_rows, self.max_new_tokens)
         with torch.no_grad():
             self.decoder.restart(torch.from_numpy(rows), ids, mask)
-        if advance:
+        if advance and len(rows) == self.num_rows:
             self.advance(np.full(self.num_rows, self.decoder.decoder_start_token_id))
+        elif advance:
+            self._advance_subset(rows)
+
+    def _advance_subset(self, rows: np.ndarray) -> None:
+        # Only `rows` should read the start token now; the shared clock steps every row, so the
+        # others read a placeholder that is rolled back at once, and keep their distributions.
+        previous = self.teacher_logprobs
+        tokens = np.full(self.num_rows, self.decoder.decoder_start_token_id)
+        self.advance(tokens)
+        others = np.setdiff1d(np.arange(self.num_rows), rows)
+        discard = torch.zeros(self.num_rows, dtype=torch.long)
+        discard[torch.from_numpy(others)] = 1
+        self.decoder.rollback(discard)
+        if previous is not None and len(others):
+            index = torch.from_numpy(others).to(self.device)
+            self.teacher_logprobs[index] = previous[index]
 
     def advance(self, tokens: np.ndarray) -> None:
         """One batched teacher decoder step, every row reading its token; caches p(·|X^(out), Y)."""

@@ -124,6 +124,20 @@ class TeacherAssistedDecodingVectorEnv(VectorEnv):
             batch.advance(tokens)
         return self._observations(), rewards, terminated, truncated, infos
 
+    def reset_done_rows(self) -> dict[str, np.ndarray]:
+        """Start new episodes now in the rows whose episode has ended; returns all observations.
+
+        For wrappers that need same-step autoreset (Stable-Baselines3's VecEnv): after a step in
+        which rows ended, this starts them at once (with the env's RNG), so that the next ``step``
+        acts on every row. The other rows are untouched.
+        """
+        if not self._started:
+            raise RuntimeError("reset_done_rows() called before reset()")
+        done = np.flatnonzero(self.batch.done)
+        if len(done):
+            self._start_rows(done, self._per_row_options(None), advance=True)
+        return self._observations()
+
     def render(self) -> tuple[str, ...] | None:
         if self.render_mode != "ansi":
             return None
