@@ -1,0 +1,480 @@
+"""The maths of Knowledge Distillation with Training Wheels as small pure torch functions.
+
+Every function here is stateless and differentiable where it makes sense, so the trainers,
+the environment and the decoders can share one tested implementation.
+
+Conventions
+-----------
+* Tensors are batch-first: ``[B, T, ...]`` with ``B`` rows (episodes) and ``T`` positions.
+* ``V`` is the vocabulary size (the teacher's output layer).  The student's action space has
+  ``V + 1`` entries; index ``V`` is the teacher-call action ``<τ>``.
+* ``mask`` is a bool (or 0/1 float) ``[B, T]`` tensor of valid positions; padding after the end
+  of an episode is False.  Non-zero entries count as valid.
+
+Paper references (arXiv 2502.17717) and where the implementation follows
+``shared/docs/notes.md`` rather than the paper's literal equations are given per function.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "confidence_fallback",
+    "forward_kl",
+    "lagrange_step",
+    "lossy_speculative_accept_length",
+    "oracle_call_mask",
+    "pcl_consistency_error",
+    "pcl_loss",
+    "phase1_loss",
+    "phase1_loss_terms",
+    "reverse_kl",
+    "teacher_student_kl",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shape helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_2d(name: str, x: Tensor, shape: tuple[int, ...] | None = None) -> None:
+    """Raise ValueError unless ``x`` is 2-D (and of ``shape`` when given)."""
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D [B, T] tensor, got shape {tuple(x.shape)}")
+    if shape is not None and tuple(x.shape) != tuple(shape):
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)} (same as the other [B, T] inputs)"
+        )
+
+
+def _as_bool_mask(name: str, mask: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Check a ``[B, T]`` mask against ``shape`` and return it as bool (non-zero = valid)."""
+    _check_2d(name, mask, shape)
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _student_log_probs_over_vocab(student_logits: Tensor, vocab: int) -> Tensor:
+    """log π_V: the student's log-distribution renormalised over the first ``vocab`` entries.
+
+    ``student_logits`` is ``[..., V+1]`` (with the <τ> logit last) or ``[..., V]``.  Dropping the
+    <τ> logit *before* the log-softmax is exactly renormalising π over V (notes.md item 2).
+    """
+    if student_logits.shape[-1] not in (vocab, vocab + 1):
+        raise ValueError(
+            f"student logits have {student_logits.shape[-1]} entries in the last dimension, "
+            f"expected V={vocab} or V+1={vocab + 1} (teacher vocabulary V={vocab})"
+        )
+    return F.log_softmax(student_logits[..., :vocab], dim=-1)
+
+
+def _check_logits_pair(student_logits: Tensor, teacher_logits: Tensor) -> None:
+    """Student and teacher logits must agree on every dimension except the last."""
+    if student_logits.dim() < 1 or student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
+            "must have the same leading dimensions [B, T]"
+        )
+
+
+def _kl_from_log_probs(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Σ_v p_v (log p_v − log q_v) over the last dimension, with 0·log 0 = 0.
+
+    Entries with p_v = 0 (a −inf logit) contribute exactly 0 even where q_v = 0 too; without the
+    ``where`` that entry would be 0·(−inf − (−inf)) = NaN.
+    """
+    p = log_p.exp()
+    support = p > 0
+    zero = torch.zeros((), dtype=log_p.dtype, device=log_p.device)
+    diff = torch.where(support, log_p, zero) - torch.where(support, log_q, zero)
+    return (p * diff).sum(dim=-1)
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` over the True entries of ``mask``; 0 (not NaN) when nothing is valid."""
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    total = torch.where(mask, values, zero).sum()
+    return total / mask.sum().clamp(min=1).to(values.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Teacher–student KL (Phase 1 ranking and loss; notes.md item 2)
+# ---------------------------------------------------------------------------------------------
+
+
+def teacher_student_kl(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
+    """Per-position KL( p ‖ π_V ).
+
+    Args:
+        teacher_logits: ``[B, T, V]`` teacher logits; p = softmax(teacher_logits).
+        student_logits: ``[B, T, V+1]`` (last entry = <τ>) or ``[B, T, V]`` student logits.
+            π_V is the student's distribution renormalised over the V vocabulary entries,
+            i.e. the <τ> logit is dropped before the log-softmax.
+
+    Returns:
+        ``[B, T]`` tensor of KL divergences (nats), ≥ 0.  Gradients flow into both inputs.
+    """
+    _check_logits_pair(student_logits, teacher_logits)
+    vocab = teacher_logits.shape[-1]
+    log_p = F.log_softmax(teacher_logits, dim=-1)
+    log_q = _student_log_probs_over_vocab(student_logits, vocab)
+    return _kl_from_log_probs(log_p, log_q)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Oracle call positions (§2.4.1)
+# ---------------------------------------------------------------------------------------------
+
+
+def oracle_call_mask(kl: Tensor, mask: Tensor, budgets: Tensor | float) -> Tensor:
+    """Positions where the Phase-1 oracle calls the teacher: the top ⌊l·b⌋ valid positions by KL.
+
+    Args:
+        kl: ``[B, T]`` per-position KL (e.g. from :func:`teacher_student_kl`); NaN is rejected.
+        mask: ``[B, T]`` valid positions.
+        budgets: ``[B]`` teacher-use budget b ∈ [0, 1] per row (a float applies to every row).
+
+    Returns:
+        ``[B, T]`` bool tensor.  Per row with l valid positions, exactly ⌊l·b⌋ valid positions are
+        True: the highest KL first, ties broken by the earlier position.  Padding is never marked.
+
+    ⌊l·b⌋ is computed in float64 as ``floor(l·b + 1e-6·max(l, 1))``, so that 10 × 0.3
+    (= 3.0000000000000004) gives 3 and 10 × 0.7 (≈ 6.9999999) gives 7.  The tolerance grows with l
+    because a float32 budget (relative error ≤ 6e-8) times l = 1000 is already 6e-5 off.
+    """
+    _check_2d("kl", kl)
+    valid = _as_bool_mask("mask", mask, tuple(kl.shape))
+    rows = kl.shape[0]
+    b = torch.as_tensor(budgets, device=kl.device, dtype=torch.float64)
+    if b.dim() == 0:
+        b = b.expand(rows)
+    if tuple(b.shape) != (rows,):
+        raise ValueError(f"budgets must have shape [B]=({rows},) or be a scalar, got {tuple(b.shape)}")
+    if bool(((b < 0) | (b > 1) | b.isnan()).any()):
+        raise ValueError(f"budgets must lie in [0, 1], got {b.tolist()}")
+    if bool((kl.isnan() & valid).any()):
+        raise ValueError("kl contains NaN at valid positions; cannot rank positions")
+
+    length = valid.sum(dim=1).to(torch.float64)  # l per row
+    k = torch.floor(length * b + 1e-6 * length.clamp(min=1)).long()  # [B] how many calls
+
+    # Lexicographic order (valid first, then KL descending, then position ascending) from two
+    # stable sorts: sort by the secondary key, then stably by the primary key.
+    order = torch.sort(kl.detach(), dim=1, descending=True, stable=True).indices
+    valid_in_order = valid.gather(1, order).to(torch.int8)
+    order = order.gather(1, torch.sort(valid_in_order, dim=1, descending=True, stable=True).indices)
+
+    # Rank r in the combined order is selected iff r < k; scatter back to positions.  Since
+    # k ≤ l and valid positions come first in the order, padding can never be selected.
+    ranks = torch.arange(kl.shape[1], device=kl.device).expand_as(order)
+    chosen_in_order = ranks < k.unsqueeze(1)
+    out = torch.zeros_like(valid)
+    return out.scatter(1, order, chosen_in_order)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Phase 1 behaviour cloning (§2.4.1, following the text; notes.md items 1 and 2)
+# ---------------------------------------------------------------------------------------------
+
+
+def phase1_loss_terms(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Both per-position Phase-1 loss terms, before the oracle's choice between them.
+
+    Args:
+        student_logits: ``[B, T, V+1]``; index V is <τ>.
+        teacher_logits: ``[B, T, V]``.
+
+    Returns:
+        ``(call_nll, kl)``, each ``[B, T]``: ``call_nll = −log π(<τ>)`` with π over all V+1 actions,
+        and ``kl = KL(p ‖ π_V)`` as in :func:`teacher_student_kl`.
+    """
+    _check_logits_pair(student_logits, teacher_logits)
+    vocab = teacher_logits.shape[-1]
+    if student_logits.shape[-1] != vocab + 1:
+        raise ValueError(
+            f"Phase 1 needs the <τ> logit: student logits must have V+1={vocab + 1} entries, "
+            f"got {student_logits.shape[-1]}"
+        )
+    call_nll = -F.log_softmax(student_logits, dim=-1)[..., vocab]
+    return call_nll, teacher_student_kl(teacher_logits, student_logits)
+
+
+def phase1_loss(student_logits: Tensor, teacher_logits: Tensor, call_mask: Tensor, mask: Tensor) -> Tensor:
+    """Phase-1 behaviour-cloning loss (scalar).
+
+    Follows the text of §2.4.1 (Eq. 16 has its cases swapped, notes.md item 1): at oracle call
+    positions the student learns to emit <τ>, elsewhere it imitates the teacher.
+
+    Args:
+        student_logits: ``[B, T, V+1]`` student logits on the teacher trajectory (index V = <τ>).
+        teacher_logits: ``[B, T, V]``.
+        call_mask: ``[B, T]`` oracle call positions (e.g. :func:`oracle_call_mask`); entries at
+            padding are ignored.
+        mask: ``[B, T]`` valid positions.
+
+    Returns:
+        Scalar: mean over valid positions of ``−log π(<τ>)`` where ``call_mask`` else
+        ``KL(p ‖ π_V)``.  0 when no position is valid.
+    """
+    call_nll, kl = phase1_loss_terms(student_logits, teacher_logits)
+    shape = tuple(kl.shape)
+    valid = _as_bool_mask("mask", mask, shape)
+    calls = _as_bool_mask("call_mask", call_mask, shape)
+    # torch.where (not a 0/1 blend) so that an infinite unused term cannot turn into NaN.
+    per_position = torch.where(calls, call_nll, kl)
+    return _masked_mean(per_position, valid)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Path Consistency Learning (Nachum et al. 2017)
+# ---------------------------------------------------------------------------------------------
+
+
+def pcl_consistency_error(
+    log_pi: Tensor,
+    values: Tensor,
+    rewards: Tensor,
+    mask: Tensor,
+    tau: float,
+    gamma: float = 1.0,
+    horizon: int | None = None,
+    bootstrap: Tensor | None = None,
+) -> Tensor:
+    """Soft path-consistency error C_i for the sub-trajectory starting at every position i.
+
+        C_i = −V(s_i) + γ^{d_i} V(s_{i+d_i}) + Σ_{j=0}^{d_i−1} γ^j (r_{i+j} − τ log π(a_{i+j} | s_{i+j}))
+
+    with d_i = min(d, L − i), d = ``horizon`` (None = the whole remaining episode) and L the number
+    of valid positions of the row: sub-trajectories are truncated at the episode end, and the value
+    after the last valid step is ``bootstrap`` (default 0, i.e. a terminated episode; pass V of the
+    next state for an episode that was truncated instead).
+
+    Args:
+        log_pi: ``[B, T]`` log π(a_t | s_t) of the actions taken.
+        values: ``[B, T]`` V(s_t) of the state before each action.
+        rewards: ``[B, T]`` r_t.
+        mask: ``[B, T]`` valid positions; must be a prefix of each row (padding only at the end).
+        tau: entropy-regularisation temperature τ.
+        gamma: discount γ ∈ [0, 1].
+        horizon: sub-trajectory length d ≥ 1, or None for the rest of the episode.
+        bootstrap: optional ``[B]`` value after the last valid step (default 0).
+
+    Returns:
+        ``[B, T]`` C_i; 0 at invalid positions.  Nothing is detached: PCL trains π and V on the same
+        squared error (the two networks get separate learning rates in the optimiser).
+    """
+    _check_2d("log_pi", log_pi)
+    shape = tuple(log_pi.shape)
+    _check_2d("values", values, shape)
+    _check_2d("rewards", rewards, shape)
+    valid = _as_bool_mask("mask", mask, shape)
+    rows, steps = shape
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
+    if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1):
+        raise ValueError(f"horizon must be a positive int or None, got {horizon!r}")
+    if steps > 1 and bool((valid[:, 1:] & ~valid[:, :-1]).any()):
+        raise ValueError("mask must mark a prefix of each row as valid (padding only after the episode end)")
+    if bootstrap is not None and tuple(bootstrap.shape) != (rows,):
+        raise ValueError(f"bootstrap must have shape [B]=({rows},), got {tuple(bootstrap.shape)}")
+
+    d = steps if horizon is None else min(horizon, steps)
+    dtype, device = values.dtype, values.device
+    zero = torch.zeros((), dtype=dtype, device=device)
+
+    # Per-step soft reward; `where` (not multiplication) so that -inf/NaN in padding cannot leak.
+    # Zeros after the episode end make every window sum stop at the end automatically.
+    soft_reward = torch.where(valid, rewards - tau * log_pi, zero)
+
+    # Windowed discounted sums Σ_{j<d} γ^j u_{i+j} for all i at once as u @ Wᵀ with the banded
+    # matrix W[i, k] = γ^{k−i} for i ≤ k < i+d.  O(T²) but one matmul, and it avoids dividing a
+    # γ^k-weighted prefix sum by γ^i, which underflows for long episodes with γ < 1.
+    pos = torch.arange(steps, device=device)
+    offset = pos.unsqueeze(0) - pos.unsqueeze(1)  # offset[i, k] = k − i
+    in_window = (offset >= 0) & (offset < d)
+    window = torch.where(
+        in_window,
+        torch.pow(torch.tensor(gamma, dtype=dtype, device=device), offset.clamp(min=0).to(dtype)),
+        zero,
+    )
+    path_reward = soft_reward @ window.T  # [B, T]
+
+    # Value at the end of each window: V(s_{i+d}) inside the episode, the bootstrap at its end.
+    length = valid.sum(dim=1, keepdim=True)  # [B, 1] = L
+    end = torch.minimum(pos.unsqueeze(0) + d, length)  # [B, T] = i + d_i
+    padded_values = torch.cat([values, values.new_zeros(rows, 1)], dim=1)  # index T is a safe dummy
+    next_value = padded_values.gather(1, end)
+    tail = values.new_zeros(rows) if bootstrap is None else bootstrap.to(dtype)
+    next_value = torch.where(end < length, next_value, tail.unsqueeze(1))
+    steps_taken = (end - pos.unsqueeze(0)).clamp(min=0).to(dtype)  # d_i (≤ 0 only on padding)
+    discount = torch.pow(torch.tensor(gamma, dtype=dtype, device=device), steps_taken)
+
+    error = -values + discount * next_value + path_reward
+    return torch.where(valid, error, zero)
+
+
+def pcl_loss(
+    log_pi: Tensor,
+    values: Tensor,
+    rewards: Tensor,
+    mask: Tensor,
+    tau: float,
+    gamma: float = 1.0,
+    horizon: int | None = None,
+    bootstrap: Tensor | None = None,
+) -> Tensor:
+    """PCL loss (scalar): Σ_i ½ C_i² over the valid start positions of each row, averaged over rows.
+
+    Normalisation: the sum over positions is divided by B (the number of rows, including rows
+    with no valid positions), not by the number of valid positions, as in Nachum et al. (2017)
+    where each episode contributes the sum over its sub-trajectories.  Arguments and shapes are
+    those of :func:`pcl_consistency_error`.
+    """
+    error = pcl_consistency_error(log_pi, values, rewards, mask, tau, gamma, horizon, bootstrap)
+    return 0.5 * error.pow(2).sum() / max(error.shape[0], 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Lagrange multipliers per budget (§2.4.2; notes.md item 7)
+# ---------------------------------------------------------------------------------------------
+
+
+def lagrange_step(
+    lambdas: dict[float, float],
+    teacher_fractions: dict[float, float],
+    lr: float = 1e-2,
+    cap: float = 2.0,
+) -> dict[float, float]:
+    """One dual step per budget: λ_b ← clip(λ_b + lr·(f_b − b), 0, cap).
+
+    Args:
+        lambdas: current λ_b per budget b.
+        teacher_fractions: measured teacher fraction f_b ∈ [0, 1] of recent on-policy rollouts,
+            for some (or all) of the budgets in ``lambdas``.
+        lr: dual learning rate (paper: 1e-2).
+        cap: upper clip of λ (paper: 2).
+
+    Returns:
+        A new dict; budgets without a measured fraction keep their λ.  The inputs are not modified.
+    """
+    if lr < 0:
+        raise ValueError(f"lr must be ≥ 0, got {lr}")
+    if cap < 0:
+        raise ValueError(f"cap must be ≥ 0, got {cap}")
+    updated = dict(lambdas)
+    for budget, fraction in teacher_fractions.items():
+        if budget not in lambdas:
+            raise ValueError(
+                f"budget {budget!r} has a teacher fraction but no λ; known budgets: {sorted(lambdas)}"
+            )
+        # `not (0 <= f <= 1)` also rejects NaN.
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"teacher fraction for budget {budget!r} must lie in [0, 1], got {fraction!r}")
+        # Excess teacher use (f > b) raises λ, making teacher calls costlier in the Eq. 17 reward.
+        updated[budget] = min(max(lambdas[budget] + lr * (fraction - budget), 0.0), cap)
+    return updated
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Lossy greedy speculative decoding, acceptance (Appendix 5.3, Algorithm 1 line 6)
+# ---------------------------------------------------------------------------------------------
+
+
+def lossy_speculative_accept_length(
+    draft_teacher_logprobs: Tensor,
+    teacher_max_logprobs: Tensor,
+    lenience: float,
+    valid: Tensor | None = None,
+) -> Tensor:
+    """Number of accepted draft tokens: n = min({j : p(x_j) < l·p(x̂_j)} ∪ {K}).
+
+    Args:
+        draft_teacher_logprobs: ``[B, K]`` teacher log p(x_j) of each draft token.
+        teacher_max_logprobs: ``[B, K]`` teacher log p(x̂_j) of its argmax at the same position.
+        lenience: l ∈ [0, 1].  l = 0 accepts every draft; l = 1 accepts only teacher-argmax tokens.
+        valid: optional ``[B, K]`` bool, False for draft slots a row does not have; the first
+            invalid slot ends the draft, so n never exceeds the number of (leading) valid drafts.
+
+    Returns:
+        ``[B]`` int64 accept lengths in [0, K].  n = K means full acceptance (the caller then takes
+        the teacher's next token for free); otherwise the caller replaces draft n by x̂_n.
+
+    The test is done in log space, log p(x_j) < log l + log p(x̂_j), which is the probability-space
+    test without underflow.  log 1 = 0 exactly, so with l = 1 a draft that *is* the argmax (identical
+    log-prob) is accepted; log 0 = −inf, so with l = 0 nothing is rejected.
+    """
+    _check_2d("draft_teacher_logprobs", draft_teacher_logprobs)
+    shape = tuple(draft_teacher_logprobs.shape)
+    _check_2d("teacher_max_logprobs", teacher_max_logprobs, shape)
+    if not 0.0 <= lenience <= 1.0:
+        raise ValueError(f"lenience must lie in [0, 1], got {lenience}")
+    log_l = math.log(lenience) if lenience > 0 else -math.inf
+    reject = draft_teacher_logprobs < teacher_max_logprobs + log_l
+    if valid is not None:
+        reject = reject | ~_as_bool_mask("valid", valid, shape)
+    # Accept length = number of leading non-rejected slots.
+    return (~reject).long().cumprod(dim=1).sum(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Token-level KLs for the GKD / DistillSpec baselines
+# ---------------------------------------------------------------------------------------------
+
+
+def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
+    """Token-wise reverse KL( π ‖ p ) averaged over valid tokens (scalar).
+
+    Args:
+        student_logits: ``[B, T, V]`` (or ``[B, T, V+1]``: the <τ> logit is dropped and π
+            renormalised over V).
+        teacher_logits: ``[B, T, V]``.
+        mask: ``[B, T]`` valid positions.
+
+    Returns:
+        Scalar mean over valid positions of Σ_v π_v (log π_v − log p_v); 0 when nothing is valid.
+    """
+    _check_logits_pair(student_logits, teacher_logits)
+    vocab = teacher_logits.shape[-1]
+    log_q = _student_log_probs_over_vocab(student_logits, vocab)
+    log_p = F.log_softmax(teacher_logits, dim=-1)
+    per_token = _kl_from_log_probs(log_q, log_p)
+    return _masked_mean(per_token, _as_bool_mask("mask", mask, tuple(per_token.shape)))
+
+
+def forward_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
+    """Token-wise forward KL( p ‖ π ) averaged over valid tokens (scalar).
+
+    Same arguments as :func:`reverse_kl`; per token this is :func:`teacher_student_kl`.
+    """
+    per_token = teacher_student_kl(teacher_logits, student_logits)
+    return _masked_mean(per_token, _as_bool_mask("mask", mask, tuple(per_token.shape)))
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Big Little Decoder fallback
+# ---------------------------------------------------------------------------------------------
+
+
+def confidence_fallback(student_logprobs_over_V: Tensor, threshold: float) -> Tensor:
+    """Big Little Decoder's fallback rule: hand the token to the teacher when the student is unsure.
+
+    Args:
+        student_logprobs_over_V: ``[B, V]`` student log-probabilities over the vocabulary.
+        threshold: α ∈ [0, 1]; 0 never falls back, 1 always does unless the top probability is 1.
+
+    Returns:
+        ``[B]`` bool, True where max_v π_v < threshold.
+    """
+    if student_logprobs_over_V.dim() != 2:
+        raise ValueError(
+            f"student_logprobs_over_V must be [B, V], got shape {tuple(student_logprobs_over_V.shape)}"
+        )
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
+    # The top probability is ≥ 1/V, so exponentiating the max log-prob cannot underflow.
+    return student_logprobs_over_V.max(dim=-1).values.exp() < threshold
