@@ -1,0 +1,520 @@
+"""Test-time decoders, batched and greedy: Training Wheels, each model alone, lossy speculative
+decoding (Appendix 5.3, Algorithm 1) and Big Little Decoder's confidence fallback.
+
+Every decoder takes a batch of tokenised prompts (``input_ids [B, L]``, ``attention_mask [B, L]``)
+and ``max_new_tokens``, decodes greedily under ``torch.no_grad()`` with KV caches on both sides
+(:class:`~tw_env.incremental.IncrementalDecoder`; a prefix is never re-run), stops as soon as every
+row has produced EOS and returns a :class:`DecodeResult`.
+
+Where the time goes (what these functions count, so that latency can be compared):
+
+- Training Wheels (:func:`teacher_help_decode`): one student forward per output token. The teacher
+  is idle until some row emits <τ>; it then reads, in one forward, every X^(out) token it has not seen
+  yet (the same number for every row: rows advance in lock step) and the calling rows take its argmax.
+  No teacher call, no teacher compute (not even its encoder). No token is ever wasted.
+- Lossy speculative decoding (:func:`speculative_decode`): per cycle K student forwards and one
+  teacher forward over K+1 positions; rejected drafts are wasted and both caches are rolled back.
+- Confidence fallback (:func:`confidence_fallback_decode`): as Training Wheels, but the student's
+  top probability, not a learnt <τ> action, decides when the teacher takes over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from agents.objectives import confidence_fallback, lossy_speculative_accept_length
+from agents.policy import StudentPolicy
+from tw_env.incremental import IncrementalDecoder
+from tw_env.models import check_same_vocabulary, output_vocab_size
+
+# A budget b·n that is an integer in decimal (0.3·10) may be 3.0000000000000004 in binary floating point;
+# without this slack ⌈b·n⌉ would allow one call too many at such n.
+_BUDGET_SLACK = 1e-9
+
+
+@dataclass
+class DecodeResult:
+    """What a decoder produced, per row of the batch, and what it cost.
+
+    Attributes:
+        output_ids: per row, the output tokens X^(out) up to and including EOS (no decoder start
+            token, no padding).
+        from_teacher: per row and output token, whether the teacher produced it (a <τ> call, a
+            fallback, a speculative replacement or bonus token, or every token of the teacher alone).
+        teacher_calls: per row, the number of output tokens taken from the teacher.
+        teacher_forwards: teacher decoder forwards run for the whole batch (one per catch-up or
+            verification; one per token for the teacher alone); 0 when the teacher never ran.
+        wasted_tokens: per row, draft tokens the student produced that the teacher rejected (only
+            speculative decoding wastes any).
+        student_forwards: student decoder forwards run for the whole batch.
+    """
+
+    output_ids: list[list[int]]
+    from_teacher: list[list[bool]]
+    teacher_calls: list[int]
+    teacher_forwards: int
+    wasted_tokens: list[int]
+    student_forwards: int = 0
+
+    @property
+    def teacher_fraction(self) -> list[float]:
+        """Per row, teacher tokens / output length (0 for an empty output)."""
+        return [
+            calls / len(ids) if ids else 0.0
+            for calls, ids in zip(self.teacher_calls, self.output_ids, strict=True)
+        ]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.output_ids]
+
+
+def decode_text(result: DecodeResult, tokenizer) -> list[str]:
+    """The output of every row as text (special tokens such as EOS skipped)."""
+    return tokenizer.batch_decode(result.output_ids, skip_special_tokens=True)
+
+
+def budget_allowance(budget_cap: float, length: int) -> int:
+    """⌈b·n⌉: the most teacher calls a row of ``length`` output tokens may have under cap b."""
+    return math.ceil(budget_cap * length - _BUDGET_SLACK)
+
+
+# --------------------------------------------------------------------------------------------- plumbing
+
+
+def _as_model(model: PreTrainedModel | StudentPolicy) -> PreTrainedModel:
+    # A GKD student may come wrapped in a StudentPolicy; its LM head over V is the model's own.
+    return model.model if isinstance(model, StudentPolicy) else model
+
+
+def _eos_ids(model: PreTrainedModel, device: torch.device) -> torch.Tensor:
+    eos = model.config.eos_token_id
+    if eos is None:
+        raise ValueError("the model config has no eos_token_id")
+    return torch.as_tensor([eos] if isinstance(eos, int) else list(eos), dtype=torch.long, device=device)
+
+
+def _pad_id(model: PreTrainedModel) -> int:
+    pad = model.config.pad_token_id
+    return 0 if pad is None else int(pad)
+
+
+@contextlib.contextmanager
+def _eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Dropout off while decoding; every submodule's training flag is restored afterwards."""
+    flags = [(m, m.training) for module in modules for m in module.modules()]
+    try:
+        for module in modules:
+            module.eval()
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> None:
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"input_ids and attention_mask must both be [B, L], got {tuple(input_ids.shape)} "
+            f"and {tuple(attention_mask.shape)}"
+        )
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
+
+class _Outputs:
+    """Per-row output buffer ``[B, max_new_tokens]`` with lengths, teacher flags and EOS tracking."""
+
+    def __init__(self, batch_size: int, max_new_tokens: int, pad_id: int, eos: torch.Tensor):
+        device = eos.device
+        self.tokens = torch.full((batch_size, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        self.teacher = torch.zeros(batch_size, max_new_tokens, dtype=torch.bool, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.done = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.max_new_tokens = max_new_tokens
+        self.eos = eos
+        self.pad_id = pad_id
+
+    def append(self, token: torch.Tensor, from_teacher: torch.Tensor) -> None:
+        """Append one token ``[B]`` to every live row (rows advance in lock step)."""
+        self.append_block(token[:, None], torch.ones_like(token), from_teacher[:, None])
+
+    def append_block(self, block: torch.Tensor, count: torch.Tensor, from_teacher: torch.Tensor) -> None:
+        """Append the first ``count[b]`` tokens of ``block[b]`` (``[B, k]``) to every live row b.
+
+        The caller cuts ``count`` at the first EOS and at ``max_new_tokens``, so a row is finished
+        exactly when its last appended token is EOS or it has reached ``max_new_tokens``.
+        """
+        live = ~self.done
+        column = torch.arange(block.shape[1], device=block.device)
+        take = (column[None, :] < count[:, None]) & live[:, None]
+        rows, cols = torch.nonzero(take, as_tuple=True)
+        self.tokens[rows, self.lengths[rows] + cols] = block[rows, cols]
+        self.teacher[rows, self.lengths[rows] + cols] = from_teacher[rows, cols]
+        self.lengths += take.sum(dim=1)
+        last = block.gather(1, (count - 1).clamp(min=0)[:, None]).squeeze(1)
+        ended = torch.isin(last, self.eos) | (self.lengths >= self.max_new_tokens)
+        self.done |= live & (count > 0) & ended
+
+    def result(
+        self, teacher_forwards: int, student_forwards: int, wasted: torch.Tensor | None = None
+    ) -> DecodeResult:
+        lengths = self.lengths.tolist()
+        tokens, teacher = self.tokens.tolist(), self.teacher.tolist()
+        out = [row[:n] for row, n in zip(tokens, lengths, strict=True)]
+        flags = [row[:n] for row, n in zip(teacher, lengths, strict=True)]
+        wasted_list = [0] * len(out) if wasted is None else wasted.tolist()
+        return DecodeResult(
+            output_ids=out,
+            from_teacher=flags,
+            teacher_calls=[sum(f) for f in flags],
+            teacher_forwards=teacher_forwards,
+            wasted_tokens=wasted_list,
+            student_forwards=student_forwards,
+        )
+
+
+class _CatchUpTeacher:
+    """The teacher at test time: idle until asked, then one forward over everything it has not seen.
+
+    All rows advance together, so when output token n is wanted the teacher's decoder input is
+    ``[start, x_0, …, x_{n-1}]`` for every row (finished rows hold padding there) and the unseen part
+    has the same length for every row. The encoder runs at the first request only.
+    """
+
+    def __init__(
+        self, teacher: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_len: int
+    ):
+        self.teacher = teacher
+        self.input_ids, self.attention_mask = input_ids, attention_mask
+        self.max_len = max_len
+        self.decoder: IncrementalDecoder | None = None
+        self.start_id = int(teacher.config.decoder_start_token_id)
+        self.seen = 0  # decoder inputs consumed so far (the same for every row)
+        self.forwards = 0
+
+    def next_logits(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Teacher logits ``[B, V]`` for the token after ``outputs`` (``[B, n]`` X^(out) so far)."""
+        batch_size = outputs.shape[0]
+        if self.decoder is None:
+            self.decoder = IncrementalDecoder(self.teacher, batch_size, self.max_len + 1)
+            self.decoder.restart(torch.arange(batch_size), self.input_ids, self.attention_mask)
+        start = torch.full((batch_size, 1), self.start_id, dtype=torch.long, device=outputs.device)
+        decoder_inputs = torch.cat([start, outputs], dim=1)
+        unseen = decoder_inputs[:, self.seen :].to(self.decoder.device)
+        states = self.decoder.step(input_ids=unseen)  # [B, k, d], one forward however many tokens
+        self.seen = decoder_inputs.shape[1]
+        self.forwards += 1
+        return self.decoder.logits(states[:, -1]).float()
+
+
+# --------------------------------------------------------------------------------------------- Training Wheels
+
+
+@torch.no_grad()
+def teacher_help_decode(
+    policy: StudentPolicy,
+    teacher: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    budget_cap: float | None = None,
+) -> DecodeResult:
+    """Training Wheels at test time: the student decodes greedily over V+1 actions and calls the teacher.
+
+    Args:
+        policy: the trained :class:`~agents.policy.StudentPolicy` (action V = <τ>).
+        teacher: the teacher seq2seq LM (same output vocabulary).
+        input_ids, attention_mask: ``[B, L]`` prompts (including the budget keyword), right-padded.
+        max_new_tokens: the most output tokens per row.
+        budget_cap: optional hard cap b ∈ [0, 1]: at the step that would produce output token n
+            (1-based) <τ> is allowed only if calls_so_far + 1 ≤ ⌈b·n⌉ (otherwise the best token of V is
+            taken), so every prefix, and hence the whole output, has at most ⌈b·length⌉ calls.
+
+    One student forward per token for all rows; the student reads X^(in) (a teacher token t as t+V,
+    Eq. 15). When any row emits <τ>, the teacher catches up on X^(out) in one forward and the calling
+    rows take its argmax. ``wasted_tokens`` is 0 for every row.
+    """
+    _check_inputs(input_ids, attention_mask, max_new_tokens)
+    if budget_cap is not None and not 0.0 <= budget_cap <= 1.0:
+        raise ValueError(f"budget_cap must lie in [0, 1], got {budget_cap}")
+    model = policy.model
+    vocab = policy.vocab_size
+    check_same_vocabulary(teacher, vocab)
+    device = model.device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    batch_size = input_ids.shape[0]
+    out = _Outputs(batch_size, max_new_tokens, _pad_id(model), _eos_ids(model, device))
+    with _eval_mode(policy, teacher):
+        student = IncrementalDecoder(model, batch_size, max_new_tokens + 1)
+        student.restart(torch.arange(batch_size), input_ids, attention_mask)
+        helper = _CatchUpTeacher(
+            teacher, input_ids.to(teacher.device), attention_mask.to(teacher.device), max_new_tokens
+        )
+        embed = model.get_input_embeddings()
+        x_in = torch.full((batch_size,), policy.start_token_id, dtype=torch.long, device=device)
+        forwards = 0
+        for n in range(max_new_tokens):
+            if bool(out.done.all()):
+                break
+            logits = policy.head(
+                student.step(inputs_embeds=policy.state_embedding(embed, x_in))
+            ).float()  # [B, V+1]
+            forwards += 1
+            if budget_cap is not None:
+                # Every live row has produced n tokens, so the token now chosen is number n+1.
+                over = out.teacher.sum(dim=1) + 1 > budget_allowance(budget_cap, n + 1)
+                logits[:, vocab] = torch.where(
+                    over, torch.full_like(logits[:, vocab], -math.inf), logits[:, vocab]
+                )
+            action = logits.argmax(dim=-1)
+            call = (action == vocab) & ~out.done
+            token = action
+            if bool(call.any()):
+                teacher_token = helper.next_logits(out.tokens[:, :n]).argmax(dim=-1).to(device)
+                token = torch.where(call, teacher_token, action)
+            token = torch.where(out.done, torch.full_like(token, out.pad_id), token)
+            out.append(token, call)
+            x_in = torch.where(call, token + vocab, token)  # X^(in): a teacher token is stored as t + V
+    return out.result(helper.forwards, forwards)
+
+
+# --------------------------------------------------------------------------------------------- alone
+
+
+@torch.no_grad()
+def generate_alone(
+    model: PreTrainedModel | StudentPolicy,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    is_teacher: bool = False,
+) -> DecodeResult:
+    """The student alone or the teacher alone: transformers ``generate`` (greedy, one beam).
+
+    With ``is_teacher`` every token is marked as from the teacher and counted in ``teacher_calls``
+    and ``teacher_forwards``; otherwise the forwards count as ``student_forwards``. A StudentPolicy is
+    decoded over V only (its underlying LM; <τ> is not an action here).
+    """
+    _check_inputs(input_ids, attention_mask, max_new_tokens)
+    model = _as_model(model)
+    device = model.device
+    eos = set(_eos_ids(model, device).tolist())
+    if max_new_tokens == 0:
+        rows = [[] for _ in range(input_ids.shape[0])]
+        return DecodeResult(rows, [[] for _ in rows], [0] * len(rows), 0, [0] * len(rows))
+    with _eval_mode(model):
+        generated = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=0,
+        )
+    out: list[list[int]] = []
+    for row in generated[:, 1:].tolist():  # drop the decoder start token
+        # Cut at the first EOS only: the pad id may be an ordinary output token (T5: pad = start = 0).
+        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        out.append(row[:end])
+    steps = max((len(r) for r in out), default=0)
+    return DecodeResult(
+        output_ids=out,
+        from_teacher=[[is_teacher] * len(r) for r in out],
+        teacher_calls=[len(r) if is_teacher else 0 for r in out],
+        teacher_forwards=steps if is_teacher else 0,
+        wasted_tokens=[0] * len(out),
+        student_forwards=0 if is_teacher else steps,
+    )
+
+
+# --------------------------------------------------------------------------------------------- speculative
+
+
+@torch.no_grad()
+def speculative_decode(
+    draft_model: PreTrainedModel | StudentPolicy,
+    teacher: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    lenience: float,
+    draft_length: int,
+) -> DecodeResult:
+    """Lossy greedy speculative decoding (Appendix 5.3, Algorithm 1), batched.
+
+    Each cycle the draft model proposes K = ``draft_length`` greedy tokens per row (K incremental
+    steps), the teacher scores them in one forward over K+1 positions, and row b accepts the first
+    n_b drafts, n_b = min{j : p(x_j) < l·p(x̂_j)} ∪ {K}. The token after them is the teacher's argmax
+    x̂_{n_b}: a replacement of the first rejected draft (n_b < K) or a free bonus token (n_b = K).
+    Both KV caches are then rolled back per row to the accepted prefix. Lenience 1 gives the
+    teacher's greedy output; lenience 0 accepts every draft.
+
+    Returns a :class:`DecodeResult` where replacement and bonus tokens are teacher tokens and
+    ``wasted_tokens[b]`` counts the drafts of row b the teacher rejected: per rejection, the drafts
+    from the rejected one on, up to the row's own remaining length (a batch drafts for its longest
+    live row; the count is what the row would waste alone). Drafts cut off by EOS or by
+    ``max_new_tokens`` were not rejected and are not counted. ``teacher_forwards`` is the number of
+    cycles, ``student_forwards`` the draft steps. A row's accepted block is truncated at EOS and at
+    ``max_new_tokens``; the last cycle drafts no more tokens than the longest live row may still use.
+    """
+    _check_inputs(input_ids, attention_mask, max_new_tokens)
+    if draft_length < 1:
+        raise ValueError(f"draft_length must be >= 1, got {draft_length}")
+    if not 0.0 <= lenience <= 1.0:
+        raise ValueError(f"lenience must lie in [0, 1], got {lenience}")
+    drafter = _as_model(draft_model)
+    check_same_vocabulary(teacher, output_vocab_size(drafter), "draft model")
+    device = drafter.device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    batch_size = input_ids.shape[0]
+    pad = _pad_id(drafter)
+    out = _Outputs(batch_size, max_new_tokens, pad, _eos_ids(drafter, device))
+    wasted = torch.zeros(batch_size, dtype=torch.long, device=device)
+    rows = torch.arange(batch_size, device=device)
+    # A row's live content never exceeds start + max_new_tokens + 1 tokens; the margin keeps the
+    # compaction (which only drops columns masked for every row) from running every cycle.
+    max_len = max_new_tokens + 2 * draft_length + 4
+    teacher_forwards = student_forwards = 0
+    with _eval_mode(drafter, teacher):
+        draft = IncrementalDecoder(drafter, batch_size, max_len)
+        verify = IncrementalDecoder(teacher, batch_size, max_len)
+        draft.restart(rows, input_ids, attention_mask)
+        verify.restart(rows, input_ids.to(teacher.device), attention_mask.to(teacher.device))
+        # Tokens each model must read before it can predict the next one. The teacher always has one
+        # (the start token, then the last replacement/bonus token). The draft model has two after a
+        # full acceptance: its own last draft (never fed, it was the K-th) and the bonus token.
+        draft_pending = torch.full((batch_size, 2), pad, dtype=torch.long, device=device)
+        draft_pending[:, 0] = int(drafter.config.decoder_start_token_id)
+        two_pending = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        teacher_pending = torch.full(
+            (batch_size,), int(teacher.config.decoder_start_token_id), dtype=torch.long, device=device
+        )
+        while not bool(out.done.all()):
+            live = ~out.done
+            remaining = max_new_tokens - out.lengths
+            # Drafts beyond what any live row may still output would all be truncated.
+            k = min(draft_length, int(remaining[live].max()))
+
+            # ---- draft: k greedy tokens per row, the first step also reading any second pending token
+            two = two_pending & live
+            if bool(two.any()):
+                states = draft.step(input_ids=torch.where(live[:, None], draft_pending, pad))  # [B, 2, d]
+                draft.rollback((~two).long())  # rows with one pending token forget the padding slot
+                state = torch.where(two[:, None], states[:, 1], states[:, 0])
+            else:
+                state = draft.step(input_ids=torch.where(live, draft_pending[:, 0], pad))
+            drafts = [draft.logits(state).argmax(dim=-1)]
+            for _ in range(k - 1):
+                drafts.append(draft.logits(draft.step(input_ids=drafts[-1])).argmax(dim=-1))
+            student_forwards += k
+            drafts = torch.stack(drafts, dim=1)  # [B, k]
+
+            # ---- verify: one teacher forward over [pending, x_1 … x_k]
+            t_inputs = torch.cat([teacher_pending[:, None], drafts.to(teacher_pending.device)], dim=1)
+            t_logp = F.log_softmax(verify.logits(verify.step(input_ids=t_inputs)).float(), dim=-1).to(device)
+            teacher_forwards += 1
+            best_logp, best = t_logp.max(dim=-1)  # [B, k+1]: x̂_j and log p(x̂_j)
+            draft_logp = t_logp[:, :k].gather(-1, drafts[..., None]).squeeze(-1)  # [B, k]: log p(x_j)
+            # n_b in [0, k]: Algorithm 1, line 6
+            accepted = lossy_speculative_accept_length(draft_logp, best_logp[:, :k], lenience)
+
+            # ---- new tokens: x_1 … x_{n}, then x̂_n (replacement or bonus), cut at EOS / max_new_tokens
+            column = torch.arange(k + 1, device=device)[None, :]
+            padded_drafts = F.pad(drafts, (0, 1), value=pad)
+            block = torch.where(column < accepted[:, None], padded_drafts, best)  # valid up to column n
+            count = torch.minimum(accepted + 1, remaining)
+            is_eos = torch.isin(block, out.eos) & (column < count[:, None])
+            first_eos = torch.where(is_eos.any(dim=1), is_eos.float().argmax(dim=1) + 1, count)
+            count = torch.minimum(count, first_eos)
+            count = torch.where(live, count, torch.zeros_like(count))
+            # A rejection wastes the drafts from x_{n+1} on, if the row got as far as the replacement
+            # token. Only the drafts a row could use count (min(k, remaining)): the batch drafts k for
+            # its longest live row, and what a row wastes must not depend on the rows beside it.
+            rejected = (accepted < k) & (count == accepted + 1)
+            usable = torch.clamp(remaining, max=k)
+            wasted += torch.where(rejected, usable - accepted, torch.zeros_like(accepted))
+            out.append_block(block, count, column == accepted[:, None])
+
+            # ---- roll both caches back to each row's accepted prefix
+            # The teacher read [pending, x_1 … x_k] and keeps [pending, x_1 … x_n]. The draft model
+            # read its pending token(s) and x_1 … x_{k-1}; it keeps them up to x_n (n < k), or all of
+            # them, x_k then still to be read (n = k). Finished rows forget the whole cycle, so their
+            # start advances and the cache can be compacted.
+            finished = out.done
+            verify.rollback(torch.where(finished, k + 1, k - accepted).to(verify.device))
+            draft.rollback(torch.where(finished, k, (k - 1 - accepted).clamp(min=0)))
+            full = accepted == k
+            bonus_or_fix = best.gather(1, accepted[:, None]).squeeze(1)
+            draft_pending = torch.stack(
+                [torch.where(full, drafts[:, -1], bonus_or_fix), torch.where(full, bonus_or_fix, pad)], dim=1
+            )
+            two_pending = full
+            teacher_pending = bonus_or_fix.to(teacher_pending.device)
+    return out.result(teacher_forwards, student_forwards, wasted)
+
+
+# --------------------------------------------------------------------------------------------- fallback
+
+
+@torch.no_grad()
+def confidence_fallback_decode(
+    student_model: PreTrainedModel | StudentPolicy,
+    teacher: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    threshold: float,
+) -> DecodeResult:
+    """Big Little Decoder's fallback policy: the student decodes greedily and hands a token to the
+    teacher whenever its top probability is below ``threshold``.
+
+    The teacher is the same lazy catch-up teacher as in :func:`teacher_help_decode`. The student
+    needs no rollback: at each step it has only computed the distribution, so it next reads
+    whichever token was emitted (its own argmax or the teacher's). ``threshold`` 0 never falls back;
+    a threshold above 1 always does.
+    """
+    _check_inputs(input_ids, attention_mask, max_new_tokens)
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    model = _as_model(student_model)
+    check_same_vocabulary(teacher, output_vocab_size(model))
+    device = model.device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    batch_size = input_ids.shape[0]
+    out = _Outputs(batch_size, max_new_tokens, _pad_id(model), _eos_ids(model, device))
+    with _eval_mode(model, teacher):
+        student = IncrementalDecoder(model, batch_size, max_new_tokens + 1)
+        student.restart(torch.arange(batch_size), input_ids, attention_mask)
+        helper = _CatchUpTeacher(
+            teacher, input_ids.to(teacher.device), attention_mask.to(teacher.device), max_new_tokens
+        )
+        token = torch.full(
+            (batch_size,), int(model.config.decoder_start_token_id), dtype=torch.long, device=device
+        )
+        forwards = 0
+        for n in range(max_new_tokens):
+            if bool(out.done.all()):
+                break
+            logp = F.log_softmax(student.logits(student.step(input_ids=token)).float(), dim=-1)  # [B, V]
+            forwards += 1
+            if threshold > 1.0:  # max π ≤ 1 < threshold: always (the shared rule is defined on [0, 1])
+                fallback = torch.ones(batch_size, dtype=torch.bool, device=device)
+            else:
+                fallback = confidence_fallback(logp, threshold)
+            fallback = fallback & ~out.done
+            token = logp.argmax(dim=-1)
+            if bool(fallback.any()):
+                teacher_token = helper.next_logits(out.tokens[:, :n]).argmax(dim=-1).to(device)
+                token = torch.where(fallback, teacher_token, token)
+            token = torch.where(out.done, torch.full_like(token, out.pad_id), token)
+            out.append(token, fallback)
+    return out.result(helper.forwards, forwards)

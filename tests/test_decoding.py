@@ -1,0 +1,469 @@
+"""The test-time decoders of agents.decoding on tiny random T5s (seeded, built from configs).
+
+What is checked, and against what:
+- speculative decoding with lenience 1 against the teacher's greedy ``generate`` and against
+  transformers' assisted generation; with lenience 0 against full (no-cache) forwards of both models
+  on the output prefix, and the exact positions of the free bonus tokens;
+- Training Wheels with policies that never / always call against each model's ``generate``, a hard
+  budget cap at every prefix, and a teacher catch-up against a full teacher forward;
+- the confidence fallback at its two extreme thresholds against each model's ``generate``;
+- every batched decoder against the same prompts decoded one at a time (batched = batch size 1).
+
+The models: a teacher (d_model 64, 2+2 layers) and a student (d_model 32, 1+1 layers) with the same
+vocabulary of 128, decoder start 0, pad 0, EOS 1. transformers 5.x ties T5's LM head to the input
+embedding whatever the config says, and a random tied T5 then just copies its input token; each model
+gets its own random LM head instead, with the EOS row enlarged so that some rows stop early.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+from transformers import T5Config, T5ForConditionalGeneration
+
+from agents.decoding import (
+    DecodeResult,
+    budget_allowance,
+    confidence_fallback_decode,
+    decode_text,
+    generate_alone,
+    speculative_decode,
+    teacher_help_decode,
+)
+from agents.policy import StudentPolicy
+from tw_env.models import lm_head_logits
+
+VOCAB = 128
+EOS = 1
+MAX_NEW = 14
+PROMPT_LENGTHS = [5, 9, 3, 12]
+
+
+def tiny_t5(d_model: int, layers: int, seed: int) -> T5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=VOCAB,
+        d_model=d_model,
+        d_kv=16,
+        d_ff=2 * d_model,
+        num_layers=layers,
+        num_decoder_layers=layers,
+        num_heads=d_model // 16,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=EOS,
+        dropout_rate=0.0,
+    )
+    model = T5ForConditionalGeneration(config).eval()
+    head = torch.nn.Linear(d_model, VOCAB, bias=False)
+    with torch.no_grad():
+        head.weight.normal_(0.0, 1.0)
+        head.weight[EOS] *= 1.5  # EOS wins now and then: rows of one batch end at different steps
+    model.lm_head = head
+    return model
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return tiny_t5(64, 2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def student():
+    return tiny_t5(32, 1, seed=1)
+
+
+@pytest.fixture(scope="module")
+def close_drafter(teacher):
+    """The teacher with 2% noise on every weight: it agrees often but not always (partial acceptances)."""
+    model = copy.deepcopy(teacher)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.02 * p.std().clamp(min=1e-3))
+    return model
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    """Four right-padded prompts of different lengths, each ending in EOS: ``(ids, mask)`` ``[4, 12]``."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.zeros(len(PROMPT_LENGTHS), max(PROMPT_LENGTHS), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, length in enumerate(PROMPT_LENGTHS):
+        ids[i, : length - 1] = torch.randint(2, VOCAB, (length - 1,), generator=generator)
+        ids[i, length - 1] = EOS
+        mask[i, :length] = 1
+    return ids, mask
+
+
+def single_rows(prompts):
+    """Each prompt alone, unpadded: ``[(ids [1, L_i], mask [1, L_i])]``."""
+    ids, mask = prompts
+    return [(ids[i : i + 1, :n], mask[i : i + 1, :n]) for i, n in enumerate(mask.sum(dim=1).tolist())]
+
+
+def greedy(model, prompts, max_new_tokens: int = MAX_NEW) -> list[list[int]]:
+    return generate_alone(model, *prompts, max_new_tokens).output_ids
+
+
+def per_row(decode, prompts) -> DecodeResult:
+    """Run ``decode(ids, mask)`` on each prompt alone and gather the rows into one result."""
+    results = [decode(ids, mask) for ids, mask in single_rows(prompts)]
+    return DecodeResult(
+        output_ids=[r.output_ids[0] for r in results],
+        from_teacher=[r.from_teacher[0] for r in results],
+        teacher_calls=[r.teacher_calls[0] for r in results],
+        teacher_forwards=sum(r.teacher_forwards for r in results),
+        wasted_tokens=[r.wasted_tokens[0] for r in results],
+    )
+
+
+def assert_same_rows(batched: DecodeResult, single: DecodeResult) -> None:
+    assert batched.output_ids == single.output_ids
+    assert batched.from_teacher == single.from_teacher
+    assert batched.teacher_calls == single.teacher_calls
+    assert batched.wasted_tokens == single.wasted_tokens
+
+
+def check_well_formed(result: DecodeResult, max_new_tokens: int = MAX_NEW) -> None:
+    """Each row ends at its first EOS or at max_new_tokens; the bookkeeping is consistent."""
+    for ids, flags, calls in zip(result.output_ids, result.from_teacher, result.teacher_calls, strict=True):
+        assert 1 <= len(ids) <= max_new_tokens
+        assert EOS not in ids[:-1]
+        assert ids[-1] == EOS or len(ids) == max_new_tokens
+        assert len(flags) == len(ids) and calls == sum(flags)
+    assert result.teacher_fraction == [
+        c / len(i) for c, i in zip(result.teacher_calls, result.output_ids, strict=True)
+    ]
+
+
+@torch.no_grad()
+def full_argmax(model, prompt_ids, prompt_mask, outputs: list[int]) -> list[int]:
+    """Argmax of a full no-cache forward at every position: entry p predicts token p from outputs[:p]."""
+    decoder_inputs = torch.tensor([[model.config.decoder_start_token_id, *outputs[:-1]]])
+    logits = model(input_ids=prompt_ids, attention_mask=prompt_mask, decoder_input_ids=decoder_inputs).logits
+    return logits[0].argmax(dim=-1).tolist()
+
+
+def policy_with_call_bias(student, bias: float, weight_std: float = 0.0, seed: int = 0) -> StudentPolicy:
+    """A StudentPolicy around the student whose <τ> logit is ``w·h + bias`` (w ~ N(0, weight_std²))."""
+    policy = StudentPolicy(student).eval()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        policy.call_head.weight.normal_(0.0, weight_std) if weight_std else policy.call_head.weight.zero_()
+        policy.call_head.bias.fill_(bias)
+    return policy
+
+
+class ScheduledPolicy(StudentPolicy):
+    """Calls the teacher exactly at the given decoding steps, whatever the state (for catch-up checks)."""
+
+    def __init__(self, model, call_steps: set[int]):
+        super().__init__(model)
+        self.call_steps = call_steps
+        self.step = 0
+
+    def head(self, decoder_states):
+        logits = super().head(decoder_states).clone()
+        logits[..., -1] = 1e4 if self.step in self.call_steps else -1e4
+        self.step += 1
+        return logits
+
+
+class ForwardCounter:
+    """Counts forwards of the teacher's encoder and decoder (through hooks)."""
+
+    def __init__(self, model):
+        self.calls = {"encoder": 0, "decoder": 0}
+        self.handles = [
+            model.get_encoder().register_forward_hook(lambda *_: self._count("encoder")),
+            model.get_decoder().register_forward_hook(lambda *_: self._count("decoder")),
+        ]
+
+    def _count(self, name):
+        self.calls[name] += 1
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+# --------------------------------------------------------------------------------------------- alone
+
+
+def test_the_tiny_models_are_not_trivial(teacher, student, prompts):
+    teacher_out, student_out = greedy(teacher, prompts), greedy(student, prompts)
+    for out in (teacher_out, student_out):
+        assert len({len(o) for o in out}) > 1  # rows end at different steps
+        assert sum(EOS in o for o in out) >= 1 and any(len(set(o)) > 3 for o in out)
+    assert teacher_out != student_out
+
+
+def test_generate_alone(teacher, student, prompts):
+    alone = generate_alone(teacher, *prompts, MAX_NEW, is_teacher=True)
+    check_well_formed(alone)
+    assert all(all(f) for f in alone.from_teacher) and alone.teacher_fraction == [1.0] * 4
+    assert alone.teacher_forwards == max(alone.lengths)
+    student_alone = generate_alone(student, *prompts, MAX_NEW)
+    check_well_formed(student_alone)
+    assert student_alone.teacher_calls == [0] * 4 and student_alone.teacher_forwards == 0
+    # A StudentPolicy decodes over V through its LM: the same as the bare student.
+    assert generate_alone(StudentPolicy(student), *prompts, MAX_NEW).output_ids == student_alone.output_ids
+
+
+def test_decode_text_skips_special_tokens():
+    class Tokenizer:
+        def batch_decode(self, ids, skip_special_tokens=False):
+            return [
+                " ".join(str(t) for t in row if not (skip_special_tokens and t in (0, EOS))) for row in ids
+            ]
+
+    result = DecodeResult([[5, 6, EOS], [7]], [[False] * 3, [True]], [0, 1], 1, [0, 0])
+    assert decode_text(result, Tokenizer()) == ["5 6", "7"]
+
+
+# --------------------------------------------------------------------------------------------- speculative
+
+
+@pytest.mark.parametrize("drafter_name", ["student", "close_drafter"])
+@pytest.mark.parametrize("draft_length", [1, 2, 3, 5, 8])
+def test_speculative_lenience_one_is_the_teacher_greedy_output(
+    request, teacher, prompts, drafter_name, draft_length
+):
+    drafter = request.getfixturevalue(drafter_name)
+    expected = greedy(teacher, prompts)
+    batched = speculative_decode(drafter, teacher, *prompts, MAX_NEW, lenience=1.0, draft_length=draft_length)
+    check_well_formed(batched)
+    assert batched.output_ids == expected
+    single = per_row(
+        lambda i, m: speculative_decode(
+            drafter, teacher, i, m, MAX_NEW, lenience=1.0, draft_length=draft_length
+        ),
+        prompts,
+    )
+    assert_same_rows(batched, single)
+    if drafter_name == "student":
+        assert sum(batched.wasted_tokens) > 0  # a different model: most drafts are rejected
+    else:
+        assert any(0 < c < len(o) for c, o in zip(batched.teacher_calls, batched.output_ids, strict=True))
+
+
+def test_speculative_with_the_teacher_as_drafter_accepts_everything(teacher, prompts):
+    """Every draft accepted: the two-token catch-up of the draft model (last draft + bonus) each cycle."""
+    draft_length = 3
+    result = speculative_decode(teacher, teacher, *prompts, MAX_NEW, lenience=1.0, draft_length=draft_length)
+    assert result.output_ids == greedy(teacher, prompts)
+    assert result.wasted_tokens == [0] * 4
+    for flags in result.from_teacher:
+        assert flags == [p % (draft_length + 1) == draft_length for p in range(len(flags))]
+    assert result.teacher_forwards == math.ceil(max(result.lengths) / (draft_length + 1))
+
+
+@pytest.mark.parametrize("drafter_name", ["student", "close_drafter"])
+def test_speculative_matches_transformers_assisted_generation(request, teacher, prompts, drafter_name):
+    drafter = request.getfixturevalue(drafter_name)
+    for ids, mask in single_rows(prompts):
+        assisted = teacher.generate(
+            ids, attention_mask=mask, assistant_model=drafter, do_sample=False, max_new_tokens=MAX_NEW
+        )
+        ours = speculative_decode(drafter, teacher, ids, mask, MAX_NEW, lenience=1.0, draft_length=3)
+        assert ours.output_ids[0] == assisted[0, 1:].tolist()  # generate stops at EOS at batch size 1
+
+
+@pytest.mark.parametrize("draft_length", [2, 3, 4])
+def test_speculative_lenience_zero_accepts_every_draft(teacher, student, prompts, draft_length):
+    result = speculative_decode(student, teacher, *prompts, MAX_NEW, lenience=0.0, draft_length=draft_length)
+    check_well_formed(result)
+    assert result.wasted_tokens == [0] * 4
+    student_alone = greedy(student, prompts)
+    for (ids, mask), out, flags, alone in zip(
+        single_rows(prompts), result.output_ids, result.from_teacher, student_alone, strict=True
+    ):
+        # Bonus teacher tokens exactly at positions K, 2K+1, 3K+2, … (0-based): after every K drafts.
+        assert flags == [p % (draft_length + 1) == draft_length for p in range(len(out))]
+        # Before the first bonus token the output is the student's own greedy output.
+        assert out[:draft_length] == alone[:draft_length]
+        # Every token is the argmax of the model that produced it, given the output prefix.
+        student_argmax, teacher_argmax = (
+            full_argmax(student, ids, mask, out),
+            full_argmax(teacher, ids, mask, out),
+        )
+        for p, token in enumerate(out):
+            assert token == (teacher_argmax[p] if flags[p] else student_argmax[p])
+
+
+@pytest.mark.parametrize("drafter_name", ["student", "close_drafter"])
+def test_speculative_batched_equals_batch_size_one(request, teacher, prompts, drafter_name):
+    drafter = request.getfixturevalue(drafter_name)
+    batched = speculative_decode(drafter, teacher, *prompts, MAX_NEW, lenience=0.5, draft_length=3)
+    check_well_formed(batched)
+    single = per_row(
+        lambda i, m: speculative_decode(drafter, teacher, i, m, MAX_NEW, lenience=0.5, draft_length=3),
+        prompts,
+    )
+    assert_same_rows(batched, single)
+    # Lossy acceptance, checked independently: every drafted token has p ≥ 0.5·max p under the teacher.
+    for (ids, mask), out, flags in zip(
+        single_rows(prompts), batched.output_ids, batched.from_teacher, strict=True
+    ):
+        decoder_inputs = torch.tensor([[0, *out[:-1]]])
+        with torch.no_grad():
+            probs = (
+                teacher(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_inputs)
+                .logits[0]
+                .softmax(-1)
+            )
+        for p, token in enumerate(out):
+            if flags[p]:
+                assert token == int(probs[p].argmax())
+            else:
+                assert probs[p, token] >= 0.5 * probs[p].max() * (1 - 1e-5)
+
+
+# --------------------------------------------------------------------------------------------- Training Wheels
+
+
+def test_teacher_help_never_calling_is_the_student_and_never_runs_the_teacher(teacher, student, prompts):
+    policy = policy_with_call_bias(student, -1e4)
+    counter = ForwardCounter(teacher)
+    try:
+        result = teacher_help_decode(policy, teacher, *prompts, MAX_NEW)
+    finally:
+        counter.remove()
+    assert counter.calls == {"encoder": 0, "decoder": 0}
+    assert result.output_ids == greedy(student, prompts)
+    assert (
+        result.teacher_forwards == 0 and result.teacher_calls == [0] * 4 and result.wasted_tokens == [0] * 4
+    )
+    assert result.student_forwards == max(result.lengths)
+
+
+def test_teacher_help_always_calling_is_the_teacher(teacher, student, prompts):
+    policy = policy_with_call_bias(student, 1e4)
+    counter = ForwardCounter(teacher)
+    try:
+        result = teacher_help_decode(policy, teacher, *prompts, MAX_NEW)
+    finally:
+        counter.remove()
+    assert result.output_ids == greedy(teacher, prompts)
+    assert all(all(f) for f in result.from_teacher) and result.wasted_tokens == [0] * 4
+    # One catch-up per token, each a single decoder forward; the encoder ran once for the batch.
+    assert result.teacher_forwards == max(result.lengths) == counter.calls["decoder"]
+    assert counter.calls["encoder"] == 1
+
+
+def test_teacher_help_batched_equals_batch_size_one(teacher, student, prompts):
+    policy = policy_with_call_bias(student, 8.0, weight_std=2.0)
+    batched = teacher_help_decode(policy, teacher, *prompts, MAX_NEW)
+    check_well_formed(batched)
+    assert any(
+        0 < c < len(o) for c, o in zip(batched.teacher_calls, batched.output_ids, strict=True)
+    )  # a real mix
+    single = per_row(lambda i, m: teacher_help_decode(policy, teacher, i, m, MAX_NEW), prompts)
+    assert_same_rows(batched, single)
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.1, 0.5])
+def test_teacher_help_budget_cap_holds_at_every_prefix(teacher, student, prompts, budget):
+    always = teacher_help_decode(
+        policy_with_call_bias(student, 1e4), teacher, *prompts, MAX_NEW, budget_cap=budget
+    )
+    moderate = teacher_help_decode(
+        policy_with_call_bias(student, 8.0, weight_std=2.0), teacher, *prompts, MAX_NEW, budget_cap=budget
+    )
+    for result in (always, moderate):
+        check_well_formed(result)
+        for flags in result.from_teacher:
+            for n in range(1, len(flags) + 1):
+                assert sum(flags[:n]) <= math.ceil(Fraction(str(budget)) * n)
+    # A policy that always wants the teacher gets exactly the allowance at every prefix.
+    for flags in always.from_teacher:
+        assert [sum(flags[:n]) for n in range(1, len(flags) + 1)] == [
+            math.ceil(Fraction(str(budget)) * n) for n in range(1, len(flags) + 1)
+        ]
+
+
+def test_budget_allowance_is_exact_at_decimal_products():
+    for budget in (0.1, 0.2, 0.3, 0.4, 0.5, 0.7):
+        for n in range(1, 200):
+            assert budget_allowance(budget, n) == math.ceil(Fraction(str(budget)) * n)
+
+
+def test_teacher_catch_up_equals_a_full_teacher_forward(teacher, student, prompts):
+    """A policy that calls at steps 3 and 7 only: one teacher forward per call, over every unseen token."""
+    policy = ScheduledPolicy(student, {3, 7}).eval()
+    counter = ForwardCounter(teacher)
+    try:
+        result = teacher_help_decode(policy, teacher, *prompts, MAX_NEW)
+    finally:
+        counter.remove()
+    assert result.teacher_forwards == 2 == counter.calls["decoder"]
+    vocab = policy.vocab_size
+    for (ids, mask), out, flags in zip(
+        single_rows(prompts), result.output_ids, result.from_teacher, strict=True
+    ):
+        assert flags == [p in (3, 7) for p in range(len(out))]
+        teacher_argmax = full_argmax(teacher, ids, mask, out)
+        # The student side, independently: a full forward over X^(in) (teacher tokens stored as t + V).
+        x_in = torch.tensor([[t + vocab if f else t for t, f in zip(out, flags, strict=True)]])
+        with torch.no_grad():
+            states = policy.decoder_states(ids, mask, x_in, torch.ones_like(x_in))
+            student_argmax = lm_head_logits(student, states[0, :-1]).argmax(dim=-1).tolist()
+        for p, token in enumerate(out):
+            assert token == (teacher_argmax[p] if flags[p] else student_argmax[p])
+
+
+def test_teacher_help_restores_training_mode_and_checks_arguments(teacher, student, prompts):
+    policy = policy_with_call_bias(student, -1e4).train()
+    teacher_help_decode(policy, teacher, *prompts, 2)
+    assert policy.training and student.training
+    policy.eval()
+    with pytest.raises(ValueError, match="budget_cap"):
+        teacher_help_decode(policy, teacher, *prompts, 2, budget_cap=1.5)
+    empty = teacher_help_decode(policy, teacher, *prompts, 0)
+    assert empty.output_ids == [[]] * 4 and empty.teacher_fraction == [0.0] * 4
+
+
+# --------------------------------------------------------------------------------------------- fallback
+
+
+def test_confidence_fallback_extremes(teacher, student, prompts):
+    never = confidence_fallback_decode(student, teacher, *prompts, MAX_NEW, threshold=0.0)
+    assert never.output_ids == greedy(student, prompts) and never.teacher_forwards == 0
+    always = confidence_fallback_decode(student, teacher, *prompts, MAX_NEW, threshold=1.01)
+    assert always.output_ids == greedy(teacher, prompts)
+    assert all(all(f) for f in always.from_teacher)
+
+
+def test_confidence_fallback_batched_equals_batch_size_one(teacher, student, prompts):
+    batched = confidence_fallback_decode(student, teacher, *prompts, MAX_NEW, threshold=0.6)
+    check_well_formed(batched)
+    assert any(0 < c < len(o) for c, o in zip(batched.teacher_calls, batched.output_ids, strict=True))
+    single = per_row(
+        lambda i, m: confidence_fallback_decode(student, teacher, i, m, MAX_NEW, threshold=0.6), prompts
+    )
+    assert_same_rows(batched, single)
+    # The rule, independently: a token is the teacher's exactly where the student's top probability < 0.6.
+    for (ids, mask), out, flags in zip(
+        single_rows(prompts), batched.output_ids, batched.from_teacher, strict=True
+    ):
+        decoder_inputs = torch.tensor([[0, *out[:-1]]])
+        with torch.no_grad():
+            probs = (
+                student(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_inputs)
+                .logits[0]
+                .softmax(-1)
+            )
+        assert flags == (probs.max(dim=-1).values < 0.6).tolist()
+        teacher_argmax = full_argmax(teacher, ids, mask, out)
+        assert all(
+            t == (teacher_argmax[p] if f else int(probs[p].argmax()))
+            for p, (t, f) in enumerate(zip(out, flags, strict=True))
+        )
