@@ -1,0 +1,338 @@
+"""GKD distillation of the student: DistillSpec's draft model, the paper's baseline (§3.1–3.3, §5.2).
+
+Generalized Knowledge Distillation (Agarwal et al., 2023) as the paper uses it for DistillSpec:
+every batch mixes trajectories sampled from the student (on-policy, temperature 1) with the
+teacher's greedy outputs, and the student takes ``updates_per_batch`` gradient steps on the
+token-wise reverse KL( π ‖ p ) over those trajectories. Dropout is off, as for our approach.
+After training, the checkpoint with the best greedy output quality on ``eval_examples``
+validation examples is kept in ``OUTPUT_DIR/best`` as a plain transformers model (safetensors)
+with its tokenizer: the draft model of lossy speculative decoding (Appendix, Algorithm 1).
+
+The prompt. DistillSpec's draft model is not told a teacher-use budget: it drafts and the teacher
+verifies. Its prompt is the task's plain prompt without a budget keyword, ``"{instruction}:
+{source}"`` (e.g. ``"translate German to English: Das Haus ist klein."``), tokenised with the
+task's tokenizer and truncated to the task's ``max_prompt_length``. The teacher sees the same
+prompt, here and at decoding time; the speculative decoder must encode prompts with
+:func:`encode_prompts` and the same template (``summary.json`` records it).
+
+Reads top to bottom: the config, prompts, trajectories, the loss and one update, evaluation and
+checkpoint selection, then ``run``. ``tw gkd --config FILE`` runs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+import tw_env  # noqa: F401  (registers the tasks)
+from agents import checkpoint as ckpt
+from agents.objectives import reverse_kl
+from tw_env.metrics import quality
+from tw_env.models import check_same_vocabulary, load_seq2seq, output_vocab_size, resolve_device
+
+PLAIN_PROMPT = "{instruction}: {source}"
+
+
+@dataclass
+class GKDConfig:
+    """Everything `tw gkd` needs; defaults follow §3.3 and §5.2 of the paper."""
+
+    env_id: str = "TrainingWheels-Synthetic-v0"  # a registered Training Wheels task (its teacher, data, metric)
+    env_kwargs: dict = field(default_factory=dict)  # overrides for gym.make: teacher, student, tokenizer, data, ...
+    eval_env_kwargs: dict = field(default_factory=dict)  # extra overrides for the evaluation split only (e.g. its data file)
+    student: str | None = None  # the student LM to distil (hub id or directory); default: the task's student
+    output_dir: str = "runs/gkd"  # checkpoints, TensorBoard logs, best/ (the draft model), summary.json
+    prompt: str = PLAIN_PROMPT  # prompt template of draft and teacher: no budget keyword (DistillSpec)
+    seed: int = 0  # seeds data order, student sampling and the evaluation subset
+    device: str = "auto"  # "cpu", "cuda" or "auto"
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    max_new_tokens: int | None = None  # trajectory length (default: the task's)
+    batches: int = 5200  # trajectory-sampling batches (§3.3: 5200, i.e. 20800 updates)
+    batch_size: int = 32  # trajectories per batch
+    updates_per_batch: int = 4  # gradient updates on each batch of trajectories (§3.3)
+    student_fraction: float = 0.5  # share of student-sampled trajectories in a batch (GKD's λ); the rest are the teacher's
+    lr: float = 1e-5  # AdamW learning rate (§5.2)
+    weight_decay: float = 1e-5  # AdamW weight decay (§5.2)
+    grad_clip: float = 1.0  # gradient-norm clip (0: off)
+    eval_every: int = 250  # batches between validation evaluations (0: only at the end)
+    eval_examples: int = 512  # validation examples for checkpoint selection (a seeded random subset)
+    eval_split: str = "validation"  # split of the task used for selection
+    checkpoint_every: int = 50  # batches between resumable checkpoints
+    keep_checkpoints: int = 2  # resumable checkpoints kept on disk
+
+    def validate(self) -> None:
+        for name in ("batches", "eval_every", "threads", "batch_size", "updates_per_batch", "eval_examples",
+                     "checkpoint_every", "keep_checkpoints"):
+            minimum = 0 if name in ("batches", "eval_every", "threads") else 1
+            if getattr(self, name) < minimum:
+                raise ValueError(f"{name} must be >= {minimum}, got {getattr(self, name)}")
+        if not 0.0 <= self.student_fraction <= 1.0:
+            raise ValueError(f"student_fraction must lie in [0, 1], got {self.student_fraction}")
+        if not self.lr > 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError(f"need lr > 0, weight_decay >= 0 and grad_clip >= 0, got {self.lr}, "
+                             f"{self.weight_decay} and {self.grad_clip}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be None or >= 1, got {self.max_new_tokens}")
+        try:
+            self.prompt.format(instruction="", source="")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"prompt may only use the fields {{instruction}} and {{source}}, got {self.prompt!r}") from err
+        if "{source}" not in self.prompt:
+            raise ValueError(f"prompt must contain {{source}}, got {self.prompt!r}")
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+def encode_prompts(env, sources: list[str], template: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain prompts (no budget keyword) as right-padded ids and an attention mask."""
+    texts = [template.format(instruction=env.instruction, source=s) for s in sources]
+    encoded = env.tokenizer(texts, truncation=True, max_length=env.max_prompt_length)["input_ids"]
+    pad = env.tokenizer.pad_token_id if env.tokenizer.pad_token_id is not None else 0
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, e in enumerate(encoded):
+        ids[i, : len(e)] = torch.tensor(e, dtype=torch.long)
+        mask[i, : len(e)] = 1
+    return ids.to(device), mask.to(device)
+
+
+# ---------------------------------------------------------------------------------------------- trajectories
+@dataclass
+class Trajectories:
+    """B output sequences for their prompts; positions up to and including the first EOS are valid."""
+
+    prompt_ids: torch.Tensor  # [B, L] long
+    prompt_mask: torch.Tensor  # [B, L] long
+    tokens: torch.Tensor  # [B, T] long, 0 after the end
+    mask: torch.Tensor  # [B, T] bool
+    from_student: torch.Tensor  # [B] bool: sampled from the student (else the teacher's greedy output)
+
+
+@torch.no_grad()
+def generate(model, ids, mask, max_new_tokens: int, eos: int, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs of ``model`` (without the decoder start token) and their valid positions."""
+    # Pure ancestral sampling at temperature 1: top_k=0 and top_p=1 switch off the generation
+    # config's defaults (top_k=50), which would otherwise truncate the student's distribution.
+    options = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
+    sequences = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, num_beams=1,
+                               **options)
+    tokens = sequences[:, 1:]
+    is_eos = tokens == eos
+    # Valid up to and including the first EOS; generate pads finished rows after it.
+    valid = (torch.cumsum(is_eos.long(), dim=1) - is_eos.long()) == 0
+    return tokens.masked_fill(~valid, 0), valid
+
+
+def collect(student, teacher, ids, mask, n_student: int, max_new_tokens: int, eos: int) -> Trajectories:
+    """GKD's mixture: the first ``n_student`` prompts get a student sample, the others the teacher's output."""
+    parts = []
+    if n_student > 0:
+        parts.append((*generate(student, ids[:n_student], mask[:n_student], max_new_tokens, eos, sample=True), True))
+    if n_student < ids.shape[0]:
+        parts.append((*generate(teacher, ids[n_student:], mask[n_student:], max_new_tokens, eos, sample=False), False))
+    width = max(tokens.shape[1] for tokens, _, _ in parts)
+    pad = [torch.nn.functional.pad(tokens, (0, width - tokens.shape[1])) for tokens, _, _ in parts]
+    valid = [torch.nn.functional.pad(v, (0, width - v.shape[1])) for _, v, _ in parts]
+    from_student = torch.cat([torch.full((t.shape[0],), s, dtype=torch.bool) for t, _, s in parts])
+    return Trajectories(ids, mask, torch.cat(pad), torch.cat(valid), from_student.to(ids.device))
+
+
+def decoder_inputs(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Teacher forcing: the decoder start token followed by every output token but the last."""
+    start = torch.full_like(tokens[:, :1], model.config.decoder_start_token_id)
+    return torch.cat([start, tokens[:, :-1]], dim=1)
+
+
+def logits_on(model, batch: Trajectories) -> torch.Tensor:
+    """``[B, T, V]`` next-token logits of ``model`` at every position of the trajectories."""
+    return model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
+                 decoder_input_ids=decoder_inputs(model, batch.tokens)).logits
+
+
+# ---------------------------------------------------------------------------------------------- loss and update
+def gkd_loss(student, batch: Trajectories, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Token-wise reverse KL( π ‖ p ) averaged over the valid positions of every trajectory."""
+    return reverse_kl(logits_on(student, batch).float(), teacher_logits, batch.mask)
+
+
+def gkd_update(student, optimizer, batch: Trajectories, teacher_logits: torch.Tensor, grad_clip: float) -> float:
+    """One gradient step; the teacher's logits are computed once per batch and reused (it does not change)."""
+    loss = gkd_loss(student, batch, teacher_logits)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
+    optimizer.step()
+    return float(loss.item())
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(student, env, examples, template: str, max_new_tokens: int, batch_size: int) -> float:
+    """The task's metric of the student's greedy outputs alone: what the draft model knows by itself."""
+    hypotheses = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        ids, mask = encode_prompts(env, [e.source for e in chunk], template, student.device)
+        tokens, valid = generate(student, ids, mask, max_new_tokens, env.tokenizer.eos_token_id, sample=False)
+        hypotheses += env.tokenizer.batch_decode(tokens.masked_fill(~valid, 0), skip_special_tokens=True)
+    return quality(env.metric, hypotheses, [e.reference for e in examples])
+
+
+def publish_dir(tmp: Path, target: Path) -> None:
+    """Move a finished folder into place; the previous one stays (as .old) until the new one is there."""
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model_dir(student, tokenizer, target: Path, extra: dict | None = None) -> None:
+    """A plain transformers model directory (config, safetensors weights, tokenizer), written atomically."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    student.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if extra is not None:
+        (tmp / "selection.json").write_text(json.dumps(extra, indent=2))
+    publish_dir(tmp, target)
+
+
+def select(student, tokenizer, score: float, step: int, selection: dict, out: Path) -> dict:
+    """Keep the checkpoint with the best validation quality in OUTPUT_DIR/best (§3.3)."""
+    record = {"step": step, "quality": score}
+    best = selection["best"]
+    better = best is None or score > best["quality"]
+    if better:
+        save_model_dir(student, tokenizer, out / "best", record)
+    return {"best": record if better else best, "evaluations": selection["evaluations"] + [record]}
+
+
+# ---------------------------------------------------------------------------------------------- run
+def run(config: GKDConfig) -> dict:
+    """Distil the teacher into the student with GKD; returns a summary (also OUTPUT_DIR/summary.json)."""
+    config.validate()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    out, run_dir = Path(config.output_dir), Path(config.output_dir) / "checkpoints"
+    out.mkdir(parents=True, exist_ok=True)
+    # A kill between the two renames of publish_dir leaves the previous best as .best.old.
+    if not (out / "best").exists() and (out / ".best.old").exists():
+        os.replace(out / ".best.old", out / "best")
+    (out / "config.json").write_text(json.dumps(
+        {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}, indent=2, sort_keys=True, default=repr))
+
+    # The task: teacher, tokenizer, training examples, metric. GKD never steps the env, so a single
+    # env (one row) suffices; the evaluation split shares its loaded teacher.
+    env_kwargs = dict(config.env_kwargs)
+    env_kwargs.setdefault("device", str(device))
+    if config.max_new_tokens is not None:
+        env_kwargs["max_new_tokens"] = config.max_new_tokens
+    env = gym.make(config.env_id, disable_env_checker=True, **env_kwargs).unwrapped
+    eval_kwargs = {**env_kwargs, "teacher": env.teacher, "split": config.eval_split, **config.eval_env_kwargs}
+    eval_env = gym.make(config.env_id, disable_env_checker=True, **eval_kwargs).unwrapped
+    # A seeded random subset of the validation split (§3.3), the same for every evaluation.
+    subset = np.random.default_rng([config.seed, 1]).permutation(len(eval_env.examples))[: config.eval_examples]
+    eval_examples = [eval_env.examples[i] for i in sorted(subset)]
+    teacher, tokenizer, train_examples = env.teacher, env.tokenizer, env.examples
+    max_new_tokens, eos = env.max_new_tokens, tokenizer.eos_token_id
+
+    source = config.student or env.student
+    if source is None:
+        raise ValueError("no student model: pass --student (a hub id or a directory) or a task with a default student")
+    student = load_seq2seq(source, role="student", device=device)
+    vocab = check_same_vocabulary(teacher, output_vocab_size(student))
+    student.eval()  # dropout off (§5.2); gradients still flow
+
+    def make_optimizer(model):
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+    optimizer = make_optimizer(student)
+    rng = np.random.default_rng(config.seed)
+    torch.manual_seed(config.seed)
+    selection: dict = {"best": None, "evaluations": []}
+    start = 0
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is not None:  # resume exactly: student, optimiser, RNG states, step, best so far
+        student = load_seq2seq(latest / "student", role="student", device=device).eval()
+        optimizer = make_optimizer(student)
+        ckpt.load_optimizer(latest / "optimizer.pt", optimizer)
+        state = ckpt.load_json(latest / "state.json")
+        start, selection = state["step"], state["selection"]
+        ckpt.restore_rng_state(state["rng"], rng)  # last: loading must not move the restored RNGs
+
+    def checkpoint(step: int) -> None:
+        state = {"step": step, "selection": selection, "rng": ckpt.rng_state(rng)}
+
+        def write(folder: Path) -> None:
+            student.save_pretrained(folder / "student")
+            ckpt.save_optimizer(folder / "optimizer.pt", optimizer)
+            ckpt.save_json(folder / "state.json", state)
+        ckpt.write_checkpoint(run_dir, step, write, keep=config.keep_checkpoints)
+
+    writer = SummaryWriter(str(out / "tensorboard"))
+
+    def evaluate_and_select(step: int) -> dict:
+        score = evaluate(student, eval_env, eval_examples, config.prompt, max_new_tokens, config.batch_size)
+        writer.add_scalar("eval/quality", score, step)
+        return select(student, tokenizer, score, step, selection, out)
+
+    n_student = math.floor(config.student_fraction * config.batch_size + 0.5)
+    t0 = time.time()
+    progress = tqdm(range(start, config.batches), desc="GKD", initial=start, total=config.batches)
+    for step in progress:
+        # 1. Trajectories: student samples (on-policy) and teacher outputs for random training prompts.
+        index = rng.integers(len(train_examples), size=config.batch_size)
+        ids, mask = encode_prompts(env, [train_examples[i].source for i in index], config.prompt, device)
+        batch = collect(student, teacher, ids, mask, n_student, max_new_tokens, eos)
+        with torch.no_grad():
+            teacher_logits = logits_on(teacher, batch)[..., :vocab].float()
+        # 2. Several reverse-KL updates on the same trajectories.
+        losses = [gkd_update(student, optimizer, batch, teacher_logits, config.grad_clip)
+                  for _ in range(config.updates_per_batch)]
+        writer.add_scalar("gkd/loss", float(np.mean(losses)), step)
+        writer.add_scalar("gkd/loss_before_updates", losses[0], step)
+        lengths = batch.mask.sum(dim=1).float()
+        if batch.from_student.any():
+            writer.add_scalar("gkd/student_length", float(lengths[batch.from_student].mean()), step)
+        if (~batch.from_student).any():
+            writer.add_scalar("gkd/teacher_length", float(lengths[~batch.from_student].mean()), step)
+        progress.set_postfix(loss=f"{np.mean(losses):.4f}")
+        # 3. Checkpoint selection on validation, and resumable checkpoints.
+        if config.eval_every and (step + 1) % config.eval_every == 0:
+            selection = evaluate_and_select(step + 1)
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.batches:
+            checkpoint(step + 1)
+    # The final student is always evaluated (batches=0 evaluates the initial one), once.
+    if not selection["evaluations"] or selection["evaluations"][-1]["step"] != config.batches:
+        selection = evaluate_and_select(config.batches)
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is None or ckpt.load_json(latest / "state.json")["step"] != config.batches:
+        checkpoint(config.batches)  # a finished run re-run (or extended) resumes from here
+    save_model_dir(student, tokenizer, out / "final")
+    writer.close()
+    summary = {
+        "batches": config.batches, "updates": config.batches * config.updates_per_batch,
+        "seconds_this_run": time.time() - t0, "prompt": config.prompt, "eval_examples": len(eval_examples),
+        "metric": eval_env.metric, "best": selection["best"], "evaluations": selection["evaluations"],
+        "best_dir": str(out / "best"), "final_dir": str(out / "final"),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
