@@ -39,6 +39,7 @@ class TrainConfig:
 
     env_id: str = "TrainingWheels-Synthetic-v0"  # a registered Training Wheels task
     env_kwargs: dict = field(default_factory=dict)  # overrides for gym.make: teacher, student, tokenizer, data, ...
+    eval_env_kwargs: dict = field(default_factory=dict)  # further overrides for the selection split (e.g. its data file)
     student: str | None = None  # the student LM (hub id or directory); default: the task's student
     output_dir: str = "runs/tw"  # checkpoints, TensorBoard logs, the selected policy and results
     phase: str = "both"  # "bc" (phase 1 only), "pcl" (phase 2 only) or "both"
@@ -121,7 +122,7 @@ def make_setup(config: TrainConfig) -> Setup:
         budgets=config.budgets, **env_kwargs,
     )
     # The selection split shares the loaded teacher: nothing is loaded twice.
-    eval_kwargs = {**env_kwargs, "teacher": envs.teacher, "split": config.eval_split}
+    eval_kwargs = {**env_kwargs, "teacher": envs.teacher, "split": config.eval_split, **config.eval_env_kwargs}
     eval_env = gym.make(config.env_id, budgets=config.budgets, **eval_kwargs).unwrapped
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from tw_env.env import TeacherAssistedDecodingEnv
-from tw_env.tasks import WMT19, XSUM, Example, TaskSpec, load_examples
+from tw_env.tasks import WMT19, XSUM, TaskSpec, load_examples
 from tw_env.vector_env import TeacherAssistedDecodingVectorEnv
 
 FLAN_T5_XL = "google/flan-t5-xl"
@@ -60,15 +61,19 @@ def synthetic_task_kwargs(
     tokenizer: Any = None, data: str | None = None, limit: int | None = None,
 ) -> dict[str, Any]:
     """Arguments of the embedded task's env; trains and caches its models on first use (minutes, CPU)."""
-    from tw_env.synthetic import SYNTHETIC_INSTRUCTION, ensure_synthetic_models
+    from tw_env.synthetic import SYNTHETIC_INSTRUCTION
 
     if teacher is None or student is None or tokenizer is None or data is None:
+        from tw_env.synthetic import ensure_synthetic_models
+
         assets = ensure_synthetic_models(cache_dir=cache_dir, seed=seed)
         teacher = teacher if teacher is not None else str(assets.teacher_dir)
         student = student if student is not None else str(assets.student_dir)
         tokenizer = tokenizer if tokenizer is not None else str(assets.tokenizer_dir)
         data = data if data is not None else str(assets.data_dir / f"{split}.jsonl")
-    examples = [Example(e.source, e.reference) for e in load_examples(data, "source", "target", limit=limit)]
+    if Path(data).is_dir() and (Path(data) / f"{split}.jsonl").exists():
+        data = str(Path(data) / f"{split}.jsonl")  # a folder of splits, as the cache writes it
+    examples = load_examples(data, "source", "target", limit=limit)
     return dict(
         teacher=teacher, student=student, tokenizer=tokenizer, examples=examples,
         instruction=SYNTHETIC_INSTRUCTION, metric="bleu",

@@ -1,0 +1,114 @@
+"""The Training Wheels trainer end to end on a tiny task: phases run, checkpoints resume exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from agents.config import config_to_json
+from agents.train import TrainConfig, episode_rewards, run, trailing_fractions
+from agents.trajectories import Trajectories
+from tests.tiny_task import make_tiny_task
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_task(tmp_path_factory.mktemp("tiny"))
+
+
+def tiny_config(tiny, out: Path, **overrides) -> TrainConfig:
+    base = dict(
+        env_id="TrainingWheels-Synthetic-v0", env_kwargs=tiny.env_kwargs(), output_dir=str(out),
+        max_new_tokens=6, bc_batches=4, bc_batch_size=6, pcl_batches=4, num_envs=6, eval_every=0,
+        eval_examples=8, checkpoint_every=2, tau=0.1, policy_lr=1e-3, value_lr=1e-3, bc_lr=1e-3,
+        replay_per_update=4, threads=1, device="cpu",
+    )
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "model.safetensors")) | load_file(str(directory / "training_wheels.safetensors"))
+
+
+def test_both_phases_run_and_select_a_policy(tiny, tmp_path):
+    summary = run(tiny_config(tiny, tmp_path))
+    assert (tmp_path / "phase1" / "done.json").exists()
+    best = summary["phase2"]["selection"]["best"]
+    assert best is not None and len(best["results"]) == 6
+    assert (tmp_path / "best" / "selection.json").exists()
+    assert (tmp_path / "tensorboard").is_dir() and any((tmp_path / "tensorboard").iterdir())
+    # Phase 2 moved the weights away from the phase-1 policy.
+    before, after = weights(tmp_path / "phase1"), weights(tmp_path / "final")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_rewards_are_recomputed_with_current_lambda():
+    batch = Trajectories(
+        prompt_ids=torch.ones(1, 2, dtype=torch.long), prompt_mask=torch.ones(1, 2, dtype=torch.long),
+        state_ids=torch.tensor([[3, 4 + 10, 5]]), actions=torch.tensor([[3, 10, 5]]),
+        teacher_logprob=torch.tensor([[-1.0, -0.2, -3.0]]), is_call=torch.tensor([[False, True, False]]),
+        mask=torch.tensor([[True, True, False]]), budget=torch.tensor([0.3]), truncated=torch.tensor([False]),
+    )
+    rewards = episode_rewards(batch, {0.3: 0.5, 0.0: 0.0}, mu=-0.5, sigma=2.0)
+    # student token: (−1 − (−0.5))/2 + 0.5·0.3 = −0.1; call: 0.5·(0.3 − 1) = −0.35; padding: 0.
+    torch.testing.assert_close(rewards, torch.tensor([[-0.1, -0.35, 0.0]]))
+
+
+def test_trailing_fractions_are_token_level():
+    history = [{0.1: (1, 10), 0.3: (3, 9)}, {0.1: (3, 10)}]
+    assert trailing_fractions(history) == {0.1: 0.2, 0.3: 1 / 3}
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="phase"):
+        TrainConfig(phase="rl").validate()
+    with pytest.raises(ValueError, match="budgets"):
+        TrainConfig(budgets=[0.1, 1.5]).validate()
+
+
+def _launch(config: TrainConfig, config_path: Path) -> subprocess.Popen:
+    config_path.write_text(config_to_json(config))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "scripts.cli", "train", "--config", str(config_path)],
+        cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+
+
+def test_killed_run_resumes_exactly(tiny, tmp_path):
+    """SIGKILL a run right after its first phase-2 checkpoint; the resumed run ends bit-identical."""
+    overrides = dict(bc_batches=2, pcl_batches=8, checkpoint_every=2)
+    reference = tiny_config(tiny, tmp_path / "reference", **overrides)
+    proc = _launch(reference, tmp_path / "reference.json")
+    assert proc.wait(timeout=600) == 0, proc.stderr.read().decode()[-3000:]
+
+    interrupted = tiny_config(tiny, tmp_path / "interrupted", **overrides)
+    proc = _launch(interrupted, tmp_path / "interrupted.json")
+    pointer = tmp_path / "interrupted" / "phase2-checkpoints" / "latest"
+    deadline = time.time() + 600
+    while not pointer.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "interrupted" / "final").exists()
+    proc = _launch(interrupted, tmp_path / "interrupted.json")
+    assert proc.wait(timeout=600) == 0, proc.stderr.read().decode()[-3000:]
+
+    a, b = weights(tmp_path / "reference" / "final"), weights(tmp_path / "interrupted" / "final")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    summary_a = json.loads((tmp_path / "reference" / "summary.json").read_text())["phase2"]
+    summary_b = json.loads((tmp_path / "interrupted" / "summary.json").read_text())["phase2"]
+    assert summary_a["lambdas"] == summary_b["lambdas"]
