@@ -1,0 +1,410 @@
+"""`tw eval`: output quality, teacher use, wasted tokens and latency of every decoding method.
+
+The methods (the paper's §3.1 and Figures 1–2, plus two reference points):
+
+- ``student``: the plain student alone (greedy ``generate``), prompt ``"{instruction}: {source}"``.
+- ``teacher``: the teacher alone, same prompt.
+- ``training_wheels``: a trained :class:`~agents.policy.StudentPolicy` that calls the teacher with
+  <τ> (:func:`~agents.decoding.teacher_help_decode`), one row per budget, prompted with the budget
+  keyword of Table 1 (``"With {keyword} teacher use, {instruction}: {source}"``).
+- ``distillspec``: lossy greedy speculative decoding (Appendix 5.3, Algorithm 1) with the GKD
+  draft model (``tw gkd``), one row per draft length × lenience; plain prompt.
+- ``speculative``: the same decoder with the plain student as the draft (no GKD); run by default
+  only when no GKD draft is given.
+- ``fallback``: Big Little Decoder's confidence fallback, one row per threshold; plain prompt.
+
+What is measured for each method and setting:
+
+- ``quality``: the task's metric (BLEU or ROUGE-2) over ``examples`` examples, decoded in batches.
+- ``teacher_fraction``: Σ teacher tokens / Σ output tokens (token level, over the whole set).
+- ``wasted_per_example``: rejected draft tokens per example (speculative decoding only).
+- ``teacher_forwards_per_example``: teacher decoder forwards per example at batch size 1, over the
+  timed examples (blank when ``latency_examples`` is 0).
+- ``latency_ms_median``: median wall time of one example decoded alone (batch size 1), over
+  ``latency_examples`` examples after ``warmup`` untimed ones; prompts are tokenised beforehand and
+  ``torch.cuda.synchronize()`` runs before every clock read on a GPU.
+- ``batched_tokens_per_s`` / ``batched_examples_per_s``: throughput of the batched quality run at
+  ``batch_size`` (output tokens, including EOS, and examples per second of decoding).
+
+Files written to ``output_dir``: ``results.json`` (config, device, rows), ``results.csv`` (one row per
+method × setting), ``outputs.jsonl`` (every output text; per-token provenance, source and reference
+for the Training Wheels rows, which ``tw plot`` turns into the token view).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gymnasium as gym
+import torch
+from tqdm import tqdm
+
+import tw_env  # noqa: F401  (registers the tasks)
+from tw_env.budgets import BUDGETS, keyword_for
+from tw_env.metrics import quality
+from tw_env.models import load_seq2seq, resolve_device
+
+METHODS = ("student", "teacher", "training_wheels", "distillspec", "speculative", "fallback")
+PLAIN_PROMPT = "{instruction}: {source}"
+
+CSV_COLUMNS = [
+    "method", "setting", "budget", "lenience", "draft_length", "threshold", "quality", "metric",
+    "teacher_fraction", "wasted_per_example", "teacher_forwards_per_example", "latency_ms_median",
+    "batched_tokens_per_s", "examples", "device",
+    # Beyond the columns the figures need:
+    "batched_examples_per_s", "latency_ms_mean", "latency_examples", "output_tokens_per_example",
+    "student_forwards_per_example",
+]
+
+
+@dataclass
+class EvalConfig:
+    """Quality, teacher use, wasted tokens and latency of every method (`tw eval`)."""
+
+    env_id: str = "TrainingWheels-Synthetic-v0"  # a registered Training Wheels task (teacher, data, metric)
+    env_kwargs: dict = field(default_factory=dict)  # overrides for gym.make: teacher, student, tokenizer, data, dtype, ...
+    split: str = "test"  # the task's split to evaluate on
+    examples: int = 512  # how many examples: the first N of the split
+    device: str = "auto"  # "cpu", "cuda" or "auto"
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    max_new_tokens: int | None = None  # output length limit (None: the task's)
+    output_dir: str = "runs/eval"  # results.json, results.csv and outputs.jsonl go here
+    methods: list | None = None  # among student, teacher, training_wheels, distillspec, speculative, fallback (None: all available)
+    tw_policy: str | None = None  # a trained Training Wheels policy directory (e.g. runs/tw/best)
+    budgets: list = field(default_factory=lambda: list(BUDGETS))  # Training Wheels budgets (Table 1 keywords)
+    budget_cap: bool = False  # Training Wheels: forbid <τ> beyond ceil(b * n) calls in every prefix
+    student: str | None = None  # plain student for the student-alone and speculative rows (None: the task's student)
+    draft: str | None = None  # DistillSpec's GKD draft model directory (tw gkd's OUTPUT_DIR/best)
+    lenience: list = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])  # speculative lenience values l
+    draft_lengths: list = field(default_factory=lambda: [3, 5, 10])  # speculative draft lengths K
+    fallback_student: str | None = None  # model of the fallback decoder (None: the draft if given, else the student)
+    thresholds: list = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])  # fallback confidence thresholds
+    plain_prompt: str = PLAIN_PROMPT  # prompt of every method except Training Wheels (no budget keyword)
+    batch_size: int = 32  # batch size of the quality / teacher-use / throughput run
+    latency_examples: int = 64  # examples timed one at a time (batch size 1); 0 skips latency
+    warmup: int = 3  # untimed batch-size-1 examples before the timed ones
+
+    def validate(self) -> None:
+        if self.examples < 1 or self.batch_size < 1:
+            raise ValueError(f"examples and batch_size must be >= 1, got {self.examples} and {self.batch_size}")
+        if self.latency_examples < 0 or self.warmup < 0 or self.threads < 0:
+            raise ValueError("latency_examples, warmup and threads must be >= 0")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.methods is not None:
+            unknown = [m for m in self.methods if m not in METHODS]
+            if unknown or not self.methods:
+                raise ValueError(f"unknown methods {unknown}; expected a non-empty list from {list(METHODS)}")
+            if "training_wheels" in self.methods and not self.tw_policy:
+                raise ValueError("method 'training_wheels' needs --tw-policy DIR (a trained policy, e.g. runs/tw/best)")
+            if "distillspec" in self.methods and not self.draft:
+                raise ValueError("method 'distillspec' needs --draft DIR (the GKD draft model, e.g. runs/gkd/best)")
+        for b in self.budgets:
+            keyword_for(b)  # raises for a budget without a Table 1 keyword
+        if any(not 0.0 <= float(x) <= 1.0 for x in self.lenience):
+            raise ValueError(f"lenience values must lie in [0, 1], got {self.lenience}")
+        if any(int(k) < 1 for k in self.draft_lengths):
+            raise ValueError(f"draft lengths must be >= 1, got {self.draft_lengths}")
+        if any(float(t) < 0 for t in self.thresholds):
+            raise ValueError(f"thresholds must be >= 0, got {self.thresholds}")
+        if "{source}" not in self.plain_prompt:
+            raise ValueError(f"plain_prompt must contain '{{source}}', got {self.plain_prompt!r}")
+
+    def selected_methods(self) -> list[str]:
+        if self.methods is not None:
+            return list(self.methods)
+        methods = ["student", "teacher"]
+        if self.tw_policy:
+            methods.append("training_wheels")
+        methods.append("distillspec" if self.draft else "speculative")
+        methods.append("fallback")
+        return methods
+
+
+# ---------------------------------------------------------------------------------------------- settings
+@dataclass
+class Setting:
+    """One row of the results: a method with its parameters and how to decode a batch with it."""
+
+    method: str
+    setting: str  # a short label: "alone", "b=0.1", "K=5 l=0.3", "t=0.5"
+    decode: Callable  # (input_ids, attention_mask) -> DecodeResult
+    budget: float | None = None  # None: the plain prompt
+    lenience: float | None = None
+    draft_length: int | None = None
+    threshold: float | None = None
+
+
+def build_settings(config: EvalConfig, env, device: torch.device) -> list[Setting]:
+    """Load the models the selected methods need (each once) and list every method × setting."""
+    from agents.decoding import (
+        confidence_fallback_decode,
+        generate_alone,
+        speculative_decode,
+        teacher_help_decode,
+    )
+    from agents.policy import StudentPolicy
+
+    methods = config.selected_methods()
+    teacher, max_new = env.teacher, env.max_new_tokens
+    dtype = config.env_kwargs.get("dtype")
+    loaded: dict[str, torch.nn.Module] = {}
+
+    def model(source, role: str):
+        if isinstance(source, torch.nn.Module):
+            return source
+        if source is None:
+            raise ValueError(f"no {role} model: pass --{role.replace('_', '-')} (a directory or hub id)")
+        key = str(source)
+        if key not in loaded:
+            loaded[key] = load_seq2seq(key, role=role, device=device, dtype=dtype)
+        return loaded[key]
+
+    student_source = config.student or env.student
+    settings: list[Setting] = []
+    for method in methods:
+        if method == "student":
+            student = model(student_source, "student")
+            settings.append(Setting("student", "alone", lambda i, m, s=student: generate_alone(s, i, m, max_new)))
+        elif method == "teacher":
+            settings.append(Setting(
+                "teacher", "alone", lambda i, m: generate_alone(teacher, i, m, max_new, is_teacher=True)))
+        elif method == "training_wheels":
+            policy = StudentPolicy.load(config.tw_policy, device=device, dtype=dtype).eval()
+            for b in config.budgets:
+                cap = float(b) if config.budget_cap else None
+                settings.append(Setting(
+                    "training_wheels", f"b={float(b):g}",
+                    lambda i, m, cap=cap, p=policy: teacher_help_decode(p, teacher, i, m, max_new, budget_cap=cap),
+                    budget=float(b)))
+        elif method in ("distillspec", "speculative"):
+            draft = model(config.draft if method == "distillspec" else student_source,
+                          "draft" if method == "distillspec" else "student")
+            for k in config.draft_lengths:
+                for lenience in config.lenience:
+                    settings.append(Setting(
+                        method, f"K={int(k)} l={float(lenience):g}",
+                        lambda i, m, d=draft, k=int(k), lv=float(lenience): speculative_decode(
+                            d, teacher, i, m, max_new, lenience=lv, draft_length=k),
+                        lenience=float(lenience), draft_length=int(k)))
+        elif method == "fallback":
+            source = config.fallback_student or config.draft or student_source
+            fallback_model = model(source, "fallback_student")
+            for t in config.thresholds:
+                settings.append(Setting(
+                    "fallback", f"t={float(t):g}",
+                    lambda i, m, f=fallback_model, t=float(t): confidence_fallback_decode(
+                        f, teacher, i, m, max_new, threshold=t),
+                    threshold=float(t)))
+    return settings
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+def encode_plain(env, sources: list[str], template: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and mask of the plain prompts (no budget keyword), truncated like the env's."""
+    texts = [template.format(instruction=env.instruction, source=s) for s in sources]
+    encoded = env.tokenizer(texts, truncation=True, max_length=env.max_prompt_length)["input_ids"]
+    return _pad(encoded, env.tokenizer.pad_token_id or 0, device)
+
+
+def encode_budget(env, sources: list[str], budget: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Training Wheels prompts "With {keyword} teacher use, {instruction}: {source}"."""
+    from agents.trajectories import tokenize_prompts
+
+    return tokenize_prompts(env, sources, [budget] * len(sources), device)
+
+
+def _pad(encoded: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        ids[row, : len(e)] = torch.tensor(e, dtype=torch.long)
+        mask[row, : len(e)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def token_pieces(tokenizer, ids: list[int]) -> list[str]:
+    """Display text of each output token (SentencePiece / Metaspace "▁" becomes a space)."""
+    pieces = []
+    for token_id, piece in zip(ids, tokenizer.convert_ids_to_tokens(ids), strict=True):
+        pieces.append(f"<{token_id}>" if piece is None else piece.replace("\u2581", " "))
+    return pieces
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_batch_size_one(setting: Setting, prompts: list[tuple[torch.Tensor, torch.Tensor]], warmup: int,
+                        device: torch.device) -> dict:
+    """Median latency (ms) and per-example teacher/student forwards, one example at a time.
+
+    ``prompts`` are single-example batches; the first ``warmup`` are decoded untimed.
+    """
+    for ids, mask in prompts[:warmup]:
+        setting.decode(ids, mask)
+    times, teacher_forwards, student_forwards = [], [], []
+    for ids, mask in prompts[warmup:]:
+        _sync(device)
+        start = time.perf_counter()
+        result = setting.decode(ids, mask)
+        _sync(device)
+        times.append(1000.0 * (time.perf_counter() - start))
+        teacher_forwards.append(result.teacher_forwards)
+        student_forwards.append(result.student_forwards)
+    if not times:
+        return {"latency_ms_median": math.nan, "latency_ms_mean": math.nan,
+                "teacher_forwards_per_example": math.nan, "student_forwards_per_example": math.nan}
+    return {
+        "latency_ms_median": statistics.median(times), "latency_ms_mean": statistics.fmean(times),
+        "teacher_forwards_per_example": statistics.fmean(teacher_forwards),
+        "student_forwards_per_example": statistics.fmean(student_forwards),
+    }
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})"
+
+
+# ---------------------------------------------------------------------------------------------- run
+def make_env(config: EvalConfig, device: torch.device):
+    env_kwargs = dict(config.env_kwargs)
+    env_kwargs.setdefault("device", str(device))
+    if config.max_new_tokens is not None:
+        env_kwargs["max_new_tokens"] = config.max_new_tokens
+    env_kwargs["split"] = config.split
+    return gym.make(config.env_id, **env_kwargs).unwrapped
+
+
+def evaluate_setting(setting: Setting, env, examples, config: EvalConfig, device: torch.device,
+                     device_name: str) -> tuple[dict, list[dict]]:
+    """Decode every example in batches (quality, teacher use, throughput), then time a few alone."""
+    sources = [e.source for e in examples]
+
+    def encode(chunk: list[str]):
+        if setting.budget is None:
+            return encode_plain(env, chunk, config.plain_prompt, device)
+        return encode_budget(env, chunk, setting.budget, device)
+
+    outputs, texts, calls, tokens, wasted, seconds = [], [], 0, 0, 0, 0.0
+    batches = range(0, len(sources), config.batch_size)
+    for start in tqdm(batches, desc=f"{setting.method} {setting.setting}", leave=False):
+        ids, mask = encode(sources[start : start + config.batch_size])
+        _sync(device)
+        t0 = time.perf_counter()
+        result = setting.decode(ids, mask)
+        _sync(device)
+        seconds += time.perf_counter() - t0
+        calls += sum(result.teacher_calls)
+        tokens += sum(result.lengths)
+        wasted += sum(result.wasted_tokens)
+        texts += env.tokenizer.batch_decode(result.output_ids, skip_special_tokens=True)
+        outputs += list(zip(result.output_ids, result.from_teacher, strict=True))
+    n = len(examples)
+    timed = [encode([s]) for s in sources[: config.latency_examples]]
+    warm = [encode([s]) for s in sources[: min(config.warmup, n)]] if timed else []
+    timing = time_batch_size_one(setting, warm + timed, len(warm), device)
+    row = {
+        "method": setting.method, "setting": setting.setting, "budget": setting.budget,
+        "lenience": setting.lenience, "draft_length": setting.draft_length, "threshold": setting.threshold,
+        "quality": quality(env.metric, texts, [e.reference for e in examples]), "metric": env.metric,
+        "teacher_fraction": calls / max(tokens, 1), "wasted_per_example": wasted / n,
+        "teacher_forwards_per_example": timing["teacher_forwards_per_example"],
+        "latency_ms_median": timing["latency_ms_median"],
+        "batched_tokens_per_s": tokens / seconds if seconds > 0 else math.nan,
+        "examples": n, "device": device_name,
+        "batched_examples_per_s": n / seconds if seconds > 0 else math.nan,
+        "latency_ms_mean": timing["latency_ms_mean"], "latency_examples": len(timed),
+        "output_tokens_per_example": tokens / n,
+        "student_forwards_per_example": timing["student_forwards_per_example"],
+    }
+    records = []
+    for index, (example, text, (ids, flags)) in enumerate(zip(examples, texts, outputs, strict=True)):
+        record = {"method": setting.method, "setting": setting.setting, "index": index, "output": text}
+        if setting.method == "training_wheels":
+            record.update({
+                "budget": setting.budget, "source": example.source, "reference": example.reference,
+                "token_ids": ids, "tokens": token_pieces(env.tokenizer, ids), "from_teacher": flags,
+                "teacher_fraction": sum(flags) / len(flags) if flags else 0.0,
+            })
+        records.append(record)
+    return row, records
+
+
+def run(config: EvalConfig) -> dict:
+    """Evaluate every selected method × setting; write results.json/.csv and outputs.jsonl; return the results."""
+    config.validate()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    env = make_env(config, device)
+    examples = env.examples[: config.examples]
+    settings = build_settings(config, env, device)
+    device_name = describe_device(device)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with open(out / "outputs.jsonl", "w") as outputs_file:
+        for setting in tqdm(settings, desc="methods x settings"):
+            row, records = evaluate_setting(setting, env, examples, config, device, device_name)
+            rows.append(row)
+            outputs_file.writelines(json.dumps(r) + "\n" for r in records)
+    results = {
+        "config": dataclasses.asdict(config), "env_id": config.env_id, "split": config.split,
+        "metric": env.metric, "examples": len(examples), "max_new_tokens": env.max_new_tokens,
+        "device": device_name, "torch": torch.__version__, "rows": [_json_safe(r) for r in rows],
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_csv(out / "results.csv", rows)
+    print(format_table(rows))
+    print(f"wrote {out / 'results.json'}, {out / 'results.csv'} and {out / 'outputs.jsonl'}")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- output
+def _finite(value) -> bool:
+    return not (isinstance(value, float) and not math.isfinite(value))
+
+
+def _json_safe(row: dict) -> dict:
+    return {k: (v if _finite(v) else None) for k, v in row.items()}
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None or not _finite(row.get(k)) else row.get(k)) for k in CSV_COLUMNS})
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table of the main columns."""
+    header = ["method", "setting", "quality", "teacher%", "wasted/ex", "T-fwd/ex", "latency ms", "tok/s"]
+
+    def cell(value, fmt: str) -> str:
+        return "-" if value is None or not _finite(value) else format(value, fmt)
+
+    lines = [[r["method"], r["setting"], cell(r["quality"], ".2f"), cell(100 * r["teacher_fraction"], ".1f"),
+              cell(r["wasted_per_example"], ".2f"), cell(r["teacher_forwards_per_example"], ".2f"),
+              cell(r["latency_ms_median"], ".1f"), cell(r["batched_tokens_per_s"], ".0f")] for r in rows]
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *lines, strict=True)]
+    metric = rows[0]["metric"] if rows else ""
+    text = [f"quality: {metric}; latency: median ms per example at batch size 1; tok/s: batched throughput"]
+    for line in [header, *lines]:
+        text.append("  ".join(str(x).ljust(w) if i < 2 else str(x).rjust(w) for i, (x, w) in enumerate(zip(line, widths, strict=True))))
+    return "\n".join(text)

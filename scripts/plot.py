@@ -1,0 +1,247 @@
+"""`tw plot`: the operating-point figures and the token view from a `tw eval` results folder.
+
+- ``operating_points.png``: latency against quality for every method, as the paper's Figures 1–2
+  (X: quality, Y: median latency per example at batch size 1; lower right is best). Training Wheels
+  is one line over its budgets (each point labelled with b), DistillSpec / speculative decoding one
+  line per draft length over the lenience values, the fallback one line over its thresholds, the
+  student and the teacher alone one marker each.
+- ``quality_vs_teacher_use.png``: quality against the token-level teacher-use fraction, same methods.
+- ``token_view.html`` (and the terminal, with ANSI colours): a few Training Wheels outputs at each
+  budget with the tokens the student asked the teacher for highlighted.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+STYLES = {  # method -> (label, colour, marker)
+    "student": ("student alone", "tab:gray", "s"),
+    "teacher": ("teacher alone", "black", "*"),
+    "training_wheels": ("Training Wheels", "tab:red", "o"),
+    "distillspec": ("DistillSpec", "tab:blue", "^"),
+    "speculative": ("lossy speculative (plain student)", "tab:cyan", "v"),
+    "fallback": ("confidence fallback", "tab:green", "D"),
+}
+LINESTYLES = ["-", "--", ":", "-."]
+ANSI_TEACHER = "\033[1;30;43m"  # bold black on yellow
+ANSI_RESET = "\033[0m"
+HTML_TEACHER_BACKGROUND = "#ffd54f"
+
+
+@dataclass
+class PlotConfig:
+    """Operating-point plots and the token view from `tw eval` results (`tw plot`)."""
+
+    results: str = "runs/eval"  # a `tw eval` output folder or its results.json
+    output_dir: str | None = None  # where the figures go (None: the results folder)
+    token_view_examples: int = 5  # Training Wheels examples shown per budget in the token view
+    token_view_budget: float | None = None  # show only this budget in the token view (None: every budget)
+    terminal: bool = True  # also print the token view to the terminal with ANSI colours
+
+    def validate(self) -> None:
+        if self.token_view_examples < 0:
+            raise ValueError(f"token_view_examples must be >= 0, got {self.token_view_examples}")
+
+
+def load_results(path: str | Path) -> tuple[dict, Path]:
+    """results.json (given directly or inside a folder) and the folder it is in."""
+    path = Path(path)
+    file = path / "results.json" if path.is_dir() else path
+    if not file.exists():
+        raise FileNotFoundError(f"no results at '{file}': run `tw eval --output-dir DIR` first and pass DIR")
+    return json.loads(file.read_text()), file.parent
+
+
+def _number(value) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _series(rows: list[dict], y_key: str, x_key: str = "quality") -> list[dict]:
+    """Curves to draw: {method, label, points [(x, y, row)], annotate}, points without a value dropped."""
+    curves: list[dict] = []
+    by_method: dict[str, list[dict]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r)
+
+    def points(group: list[dict], order: str | None) -> list:
+        if order:
+            group = sorted(group, key=lambda r: _number(r.get(order)))
+        pts = [(_number(r.get(x_key)), _number(r.get(y_key)), r) for r in group]
+        return [p for p in pts if math.isfinite(p[0]) and math.isfinite(p[1])]
+
+    for method, group in by_method.items():
+        label = STYLES.get(method, (method, None, None))[0]
+        if method in ("distillspec", "speculative"):
+            for k in sorted({r.get("draft_length") for r in group}, key=lambda k: -1 if k is None else k):
+                curves.append({"method": method, "label": f"{label} K={k}", "variant": k,
+                               "points": points([r for r in group if r.get("draft_length") == k], "lenience")})
+        elif method == "training_wheels":
+            curves.append({"method": method, "label": label, "points": points(group, "budget"), "annotate": "budget"})
+        elif method == "fallback":
+            curves.append({"method": method, "label": label, "points": points(group, "threshold")})
+        else:
+            curves.append({"method": method, "label": label, "points": points(group, None)})
+    return curves
+
+
+def _draw(ax, curves: list[dict]) -> int:
+    variants: dict[str, list] = {}
+    drawn = 0
+    for curve in curves:
+        if not curve["points"]:
+            continue
+        _, colour, marker = STYLES.get(curve["method"], (None, None, "o"))
+        seen = variants.setdefault(curve["method"], [])
+        if curve.get("variant") not in seen:
+            seen.append(curve.get("variant"))
+        style = LINESTYLES[seen.index(curve.get("variant")) % len(LINESTYLES)]
+        xs = [p[0] for p in curve["points"]]
+        ys = [p[1] for p in curve["points"]]
+        single = curve["method"] in ("student", "teacher")
+        ax.plot(xs, ys, linestyle="none" if single else style, marker=marker, color=colour,
+                markersize=11 if single else 6, label=curve["label"])
+        drawn += len(xs)
+        if curve.get("annotate") == "budget":
+            for x, y, row in curve["points"]:
+                ax.annotate(f"b={_number(row.get('budget')):g}", (x, y), textcoords="offset points",
+                            xytext=(5, 5), fontsize=8, color=colour)
+    return drawn
+
+
+def _figure(curves: list[dict], xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    if _draw(ax, curves):
+        ax.legend(fontsize=8, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no values to plot (e.g. latency was not measured)", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_operating_points(results: dict, path: Path) -> None:
+    """Latency (ms per example, batch size 1) against quality: the paper's Figures 1–2."""
+    metric = _metric_name(results)
+    title = f"{results.get('env_id', '')}: latency vs quality ({results.get('device', '')})"
+    _figure(_series(results["rows"], "latency_ms_median"), metric,
+            "latency (ms per example, batch size 1, median)", title, path)
+
+
+def plot_quality_vs_teacher_use(results: dict, path: Path) -> None:
+    """Quality against the token-level teacher-use fraction."""
+    metric = _metric_name(results)
+    title = f"{results.get('env_id', '')}: quality vs teacher use"
+    _figure(_series(results["rows"], "quality", x_key="teacher_fraction"),
+            "teacher-use fraction (teacher tokens / output tokens)", metric, title, path)
+
+
+def _metric_name(results: dict) -> str:
+    metric = results.get("metric") or (results["rows"][0]["metric"] if results.get("rows") else "")
+    return {"bleu": "BLEU", "rouge2": "ROUGE-2"}.get(metric, metric or "quality")
+
+
+# ---------------------------------------------------------------------------------------------- token view
+def token_view_records(outputs_path: Path, per_budget: int, budget: float | None) -> dict[float, list[dict]]:
+    """The first ``per_budget`` Training Wheels records of each budget (or of ``budget`` only)."""
+    chosen: dict[float, list[dict]] = {}
+    if not outputs_path.exists():
+        return chosen
+    with open(outputs_path) as f:
+        for line in f:
+            record = json.loads(line)
+            if record.get("method") != "training_wheels" or "tokens" not in record:
+                continue
+            b = float(record["budget"])
+            if budget is not None and abs(b - float(budget)) > 1e-6:
+                continue
+            group = chosen.setdefault(b, [])
+            if len(group) < per_budget:
+                group.append(record)
+    return dict(sorted(chosen.items()))
+
+
+def render_ansi(chosen: dict[float, list[dict]]) -> str:
+    """The token view for a terminal: teacher tokens in bold black on yellow."""
+    if not chosen:
+        return "token view: no Training Wheels outputs (run `tw eval --tw-policy DIR`)"
+    lines = [f"token view: {ANSI_TEACHER}teacher tokens{ANSI_RESET} highlighted, the rest the student's own"]
+    for b, records in chosen.items():
+        lines.append(f"\n== budget b={b:g} ==")
+        for r in records:
+            text = "".join(f"{ANSI_TEACHER}{t}{ANSI_RESET}" if teacher else t
+                           for t, teacher in zip(r["tokens"], r["from_teacher"], strict=True))
+            lines.append(f"[{r['index']}] ({100 * r['teacher_fraction']:.0f}% teacher) {text.strip()}")
+    return "\n".join(lines)
+
+
+def render_html(chosen: dict[float, list[dict]], title: str) -> str:
+    """A standalone page: teacher tokens on a coloured background with a title attribute."""
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{esc(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.6}"
+        f".teacher{{background:{HTML_TEACHER_BACKGROUND};border-radius:3px}}"
+        ".out{font-family:monospace;white-space:pre-wrap}.meta{color:#555;font-size:90%}</style>",
+        "</head><body>", f"<h1>{esc(title)}</h1>",
+        f'<p>Tokens on a <span class="teacher" style="background:{HTML_TEACHER_BACKGROUND}" '
+        'title="teacher token">coloured background</span> came from the teacher (the student emitted '
+        "&lt;τ&gt;); the others are the student's own.</p>",
+    ]
+    if not chosen:
+        parts.append("<p>No Training Wheels outputs: run <code>tw eval --tw-policy DIR</code>.</p>")
+    for b, records in chosen.items():
+        parts.append(f"<h2>Budget b = {b:g}</h2>")
+        for r in records:
+            spans = []
+            for position, (token, teacher) in enumerate(zip(r["tokens"], r["from_teacher"], strict=True)):
+                if teacher:
+                    tip = esc(f"teacher token (output position {position})")
+                    spans.append(
+                        f'<span class="teacher" style="background:{HTML_TEACHER_BACKGROUND}" '
+                        f'title="{tip}">{esc(token)}</span>')
+                else:
+                    spans.append(esc(token))
+            parts.append(
+                f'<div class="example"><p class="meta">example {r["index"]}: '
+                f'{100 * r["teacher_fraction"]:.0f}% teacher tokens</p>'
+                f'<p class="meta">source: {esc(r.get("source", ""))}<br>reference: {esc(r.get("reference", ""))}</p>'
+                f'<p class="out">{"".join(spans).strip()}</p></div>'
+            )
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- run
+def run(config: PlotConfig) -> dict:
+    """Write operating_points.png, quality_vs_teacher_use.png and token_view.html; return their paths."""
+    config.validate()
+    results, folder = load_results(config.results)
+    out = Path(config.output_dir) if config.output_dir else folder
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "operating_points": out / "operating_points.png",
+        "quality_vs_teacher_use": out / "quality_vs_teacher_use.png",
+        "token_view": out / "token_view.html",
+    }
+    plot_operating_points(results, files["operating_points"])
+    plot_quality_vs_teacher_use(results, files["quality_vs_teacher_use"])
+    chosen = token_view_records(folder / "outputs.jsonl", config.token_view_examples, config.token_view_budget)
+    title = f"Where the student asked for help: {results.get('env_id', '')}"
+    files["token_view"].write_text(render_html(chosen, title), encoding="utf-8")
+    if config.terminal:
+        print(render_ansi(chosen))
+    return {name: str(path) for name, path in files.items()}

@@ -1,0 +1,188 @@
+"""`tw eval` and `tw plot` end to end on tiny random models (no download, a few seconds).
+
+The task is the synthetic language's real word-level tokenizer with a tiny random teacher and student
+T5 and a JSON-lines file; ``env_kwargs`` names all four, so the synthetic task trains nothing. Each
+model gets its own random LM head (transformers 5.x otherwise ties it to the input embedding and a
+random tied T5 just copies its input token), with the EOS row enlarged so that outputs end.
+The Training Wheels policy always wants to call (a large <τ> bias) and runs under the hard budget
+cap, so b = 0 never calls and b = 0.5 alternates between the teacher and the student.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from scripts.evaluate import CSV_COLUMNS, EvalConfig
+from scripts.evaluate import run as run_eval
+from scripts.plot import PlotConfig
+from scripts.plot import run as run_plot
+
+MAX_NEW = 8
+EXAMPLES = 6
+
+
+def _tiny_t5(vocab: int, d_model: int, layers: int, seed: int, path: Path) -> Path:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=vocab, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=layers, num_decoder_layers=layers,
+        num_heads=max(d_model // 8, 1), feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0,
+    )
+    model = T5ForConditionalGeneration(config).eval()
+    head = torch.nn.Linear(d_model, vocab, bias=False)
+    with torch.no_grad():
+        head.weight.normal_(0.0, 1.0)
+        head.weight[1] *= 1.5  # EOS now and then
+    model.lm_head = head
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory) -> dict:
+    from agents.policy import StudentPolicy
+    from tw_env.models import load_seq2seq
+    from tw_env.synthetic import SyntheticLanguage, build_tokenizer, padded_vocab_size
+
+    root = tmp_path_factory.mktemp("eval_task")
+    language = SyntheticLanguage(seed=0, n_words=40, n_target_words=40)
+    tokenizer = build_tokenizer(language)
+    tokenizer.save_pretrained(root / "tokenizer")
+    vocab = padded_vocab_size(tokenizer)
+    teacher = _tiny_t5(vocab, 32, 2, seed=1, path=root / "teacher")
+    student = _tiny_t5(vocab, 16, 1, seed=2, path=root / "student")
+    data = root / "test.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in language.sample(EXAMPLES, 3)))
+    policy = StudentPolicy(load_seq2seq(str(student)))
+    with torch.no_grad():
+        policy.call_head.bias.fill_(1e4)  # <τ> always wins; the budget cap decides
+    policy.save(root / "policy")
+    return {
+        "root": root, "student": str(student), "policy": str(root / "policy"),
+        "env_kwargs": {"teacher": str(teacher), "student": str(student), "tokenizer": str(root / "tokenizer"),
+                       "data": str(data), "max_prompt_length": 32},
+    }
+
+
+@pytest.fixture(scope="module")
+def evaluated(task) -> tuple[dict, Path]:
+    out = task["root"] / "results"
+    config = EvalConfig(
+        env_kwargs=task["env_kwargs"], examples=EXAMPLES, device="cpu", max_new_tokens=MAX_NEW, output_dir=str(out),
+        tw_policy=task["policy"], budgets=[0.0, 0.5], budget_cap=True, draft=task["student"],
+        lenience=[0.0, 1.0], draft_lengths=[3], thresholds=[0.0, 1.5], batch_size=4, latency_examples=2, warmup=1,
+    )
+    return run_eval(config), out
+
+
+def _csv_rows(out: Path) -> list[dict]:
+    with open(out / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_eval_writes_one_row_per_method_and_setting(evaluated):
+    results, out = evaluated
+    for name in ("results.json", "results.csv", "outputs.jsonl"):
+        assert (out / name).stat().st_size > 0
+    rows = _csv_rows(out)
+    assert list(rows[0]) == CSV_COLUMNS
+    settings = [(r["method"], r["setting"]) for r in rows]
+    assert settings == [
+        ("student", "alone"), ("teacher", "alone"), ("training_wheels", "b=0"), ("training_wheels", "b=0.5"),
+        ("distillspec", "K=3 l=0"), ("distillspec", "K=3 l=1"), ("fallback", "t=0"), ("fallback", "t=1.5"),
+    ]
+    assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
+    for r in rows:
+        assert int(r["examples"]) == EXAMPLES and r["metric"] == "bleu" and r["device"].startswith("cpu")
+        for key in ("quality", "teacher_fraction", "wasted_per_example", "teacher_forwards_per_example",
+                    "latency_ms_median", "batched_tokens_per_s"):
+            assert math.isfinite(float(r[key])), (r["method"], r["setting"], key)
+        assert 0.0 <= float(r["teacher_fraction"]) <= 1.0
+
+
+def test_eval_reference_points(evaluated):
+    results, out = evaluated
+    row = {(r["method"], r["setting"]): r for r in results["rows"]}
+    teacher, student = row["teacher", "alone"], row["student", "alone"]
+    assert teacher["teacher_fraction"] == 1.0 and student["teacher_fraction"] == 0.0
+    assert teacher["teacher_forwards_per_example"] > 0 and student["teacher_forwards_per_example"] == 0
+    # Lenience 1 reproduces the teacher's greedy output; lenience 0 accepts every draft.
+    assert row["distillspec", "K=3 l=1"]["quality"] == pytest.approx(teacher["quality"])
+    assert row["distillspec", "K=3 l=0"]["wasted_per_example"] == 0
+    # The fallback: threshold 0 never falls back, a threshold above 1 always does.
+    assert row["fallback", "t=0"]["teacher_fraction"] == 0.0
+    assert row["fallback", "t=1.5"]["teacher_fraction"] == 1.0
+    assert row["fallback", "t=1.5"]["quality"] == pytest.approx(teacher["quality"])
+    # Training Wheels under the cap: no calls at b = 0, at most ceil(b * n) calls per output at b = 0.5.
+    assert row["training_wheels", "b=0"]["teacher_fraction"] == 0.0
+    assert 0.0 < row["training_wheels", "b=0.5"]["teacher_fraction"] <= 0.5 + 1.0 / 2
+    for method in ("training_wheels", "fallback", "student", "teacher"):
+        assert all(r["wasted_per_example"] == 0 for r in results["rows"] if r["method"] == method)
+    outputs = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
+    assert len(outputs) == EXAMPLES * len(results["rows"])
+    texts = {(o["method"], o["setting"], o["index"]): o["output"] for o in outputs}
+    assert all(texts["distillspec", "K=3 l=1", i] == texts["teacher", "alone", i] for i in range(EXAMPLES))
+    tw = [o for o in outputs if o["method"] == "training_wheels"]
+    assert all(len(o["tokens"]) == len(o["from_teacher"]) == len(o["token_ids"]) for o in tw)
+    assert all(not any(o["from_teacher"]) for o in tw if o["budget"] == 0.0)
+    assert any(any(o["from_teacher"]) for o in tw if o["budget"] == 0.5)
+    assert all(sum(o["from_teacher"]) <= math.ceil(0.5 * len(o["tokens"])) for o in tw)
+
+
+def test_plot_writes_figures_and_token_view(evaluated, capsys):
+    _, out = evaluated
+    files = run_plot(PlotConfig(results=str(out), token_view_examples=2))
+    for key in ("operating_points", "quality_vs_teacher_use"):
+        data = Path(files[key]).read_bytes()
+        assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+    page = Path(files["token_view"]).read_text()
+    assert page.count('<span class="teacher"') > 1 and "title=" in page and "Budget b = 0.5" in page
+    printed = capsys.readouterr().out
+    assert "\033[1;30;43m" in printed and "budget b=0.5" in printed
+    # One budget only, figures into another folder, given the results.json path.
+    other = out.parent / "figures"
+    files = run_plot(PlotConfig(results=str(out / "results.json"), output_dir=str(other), token_view_budget=0.0,
+                                terminal=False))
+    page = Path(files["token_view"]).read_text()
+    assert "Budget b = 0<" in page and "Budget b = 0.5" not in page
+    assert page.count('<span class="teacher"') == 1  # the legend's: b = 0 never calls
+    # The command line: `tw plot --results DIR`.
+    from scripts.cli import main
+
+    assert main(["plot", "--results", str(out), "--output-dir", str(other), "--terminal", "false"]) == 0
+    assert (other / "operating_points.png").stat().st_size > 1000
+
+
+def test_token_view_escapes_html(tmp_path):
+    from scripts.plot import render_html
+
+    record = {"index": 0, "teacher_fraction": 0.5, "source": "<b>s</b>", "reference": "a & b",
+              "tokens": [" <script>", " x"], "from_teacher": [True, False]}
+    page = render_html({0.5: [record]}, "t")
+    assert "<script>" not in page and "&lt;script&gt;" in page and "&lt;b&gt;s&lt;/b&gt;" in page
+
+
+def test_cli_help_and_validation(task):
+    from scripts.cli import main
+
+    for command in ("eval", "plot"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+    with pytest.raises(ValueError, match="tw-policy"):
+        EvalConfig(methods=["training_wheels"]).validate()
+    with pytest.raises(ValueError, match="lenience"):
+        EvalConfig(lenience=[1.5]).validate()
+    with pytest.raises(ValueError, match="keyword"):
+        EvalConfig(budgets=[0.25]).validate()
+    assert EvalConfig().selected_methods() == ["student", "teacher", "speculative", "fallback"]
+    assert EvalConfig(tw_policy="p", draft="d").selected_methods() == [
+        "student", "teacher", "training_wheels", "distillspec", "fallback"]
