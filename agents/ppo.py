@@ -1,0 +1,243 @@
+"""The PPO ablation: phase 2 with Stable-Baselines3's PPO instead of PCL.
+
+Same environment, same Eq. 17 reward (computed by the env), same per-budget Lagrangian (λ stepped
+after every rollout from the trailing token-level teacher use), same starting point (the phase-1
+policy) and the same final evaluation as ``tw train``; only the policy-gradient algorithm differs.
+``tw train --algo ppo --config FILE`` (or ``tw train-ppo``) runs it.
+
+Layout of OUTPUT_DIR: ``config.json``; ``tensorboard/ppo_1`` (SB3's logs plus ``lagrange/*``);
+``ppo-checkpoints/step-NNNNNN`` (SB3's ``model.zip`` and ``state.json`` with λ, the λ window, the
+reward normalisers and the timestep count, published atomically; ``latest`` points at the newest;
+a rerun with the same OUTPUT_DIR resumes there); ``final`` (``StudentPolicy.save``) and
+``summary.json``. Use an OUTPUT_DIR of its own (``final``/``summary.json`` are also the names the PCL
+trainer writes) and point ``init`` at the PCL run's ``phase1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import tw_env  # noqa: F401  (registers the tasks)
+from agents import checkpoint as ckpt
+from agents.config import config_to_json
+from agents.evaluation import evaluate_budgets, mean_quality, meets_budgets, worst_violation
+from agents.sb3_adapter import (
+    LagrangeCallback,
+    LMActorCriticPolicy,
+    PeriodicCallback,
+    SB3VecEnvAdapter,
+    WallTimeCallback,
+)
+from tw_env.budgets import BUDGETS
+from tw_env.models import resolve_device
+
+CHECKPOINTS = "ppo-checkpoints"
+
+
+@dataclass
+class PPOConfig:
+    """The PPO ablation of phase 2 (Stable-Baselines3 PPO on the Eq. 17 reward with per-budget λ)."""
+
+    env_id: str = "TrainingWheels-Synthetic-v0"  # a registered Training Wheels task
+    env_kwargs: dict = field(default_factory=dict)  # overrides for gym.make: teacher, student, tokenizer, data, ...
+    init: str | None = None  # phase-1 policy directory (default: OUTPUT_DIR/phase1)
+    output_dir: str = "runs/tw-ppo"  # checkpoints, TensorBoard logs, the final policy and summary.json
+    seed: int = 0  # seeds SB3 (torch, action sampling) and the env's draws
+    device: str = "auto"  # "cpu", "cuda" or "auto"
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    num_envs: int = 32  # rows of the vector env
+    n_steps: int = 64  # env steps per row per rollout (a rollout is n_steps * num_envs timesteps)
+    batch_size: int = 256  # PPO minibatch size (timesteps)
+    n_epochs: int = 4  # PPO epochs over each rollout
+    learning_rate: float = 1e-5  # policy learning rate (§5.2's phase-2 rate)
+    weight_decay: float = 1e-5  # AdamW weight decay (§5.2)
+    value_model: str = "head"  # "head": MLP on the student's detached decoder state; "network": a ValueNetwork copy
+    value_hidden: list = field(default_factory=lambda: [256])  # hidden sizes of the value head
+    value_lr: float | None = None  # value learning rate (default: 1e-4 for "head", 1e-6 for "network" as in §5.2)
+    total_timesteps: int = 200_000  # env steps (tokens) to train on, summed over rows
+    wall_time_seconds: float | None = None  # stop training after this many seconds of this run (None: no limit)
+    ent_coef: float = 0.0  # entropy bonus
+    clip_range: float = 0.2  # PPO ratio clip
+    gamma: float = 1.0  # discount (episodes are short and the paper's return is undiscounted)
+    gae_lambda: float = 0.95  # GAE λ
+    vf_coef: float = 0.5  # value-loss weight
+    max_grad_norm: float = 1.0  # gradient-norm clip
+    target_kl: float | None = None  # early stop of an update's epochs at this KL (None: off)
+    lagrange_lr: float = 1e-2  # η of λ_b ← clip(λ_b + η(f_b − b), 0, cap) (§5.2)
+    lagrange_cap: float = 2.0  # upper bound of λ_b (§5.2)
+    lagrange_window: int = 4  # trailing rollouts whose teacher use drives λ
+    checkpoint_every: int = 20_000  # timesteps between resumable checkpoints (0: only at the end)
+    keep_checkpoints: int = 2  # resumable checkpoints kept on disk
+    max_new_tokens: int | None = None  # episode length (default: the task's)
+    budgets: list = field(default_factory=lambda: list(BUDGETS))  # the teacher-use budgets one model learns
+    eval_examples: int = 512  # examples of the eval split decoded at every budget at the end (0: no evaluation)
+    eval_split: str = "validation"  # split of the task used for the final evaluation
+    eval_env_kwargs: dict = field(default_factory=dict)  # further overrides for the eval split (e.g. its data file)
+    eval_batch_size: int = 64  # prompts per evaluation batch
+    delta: float = 0.02  # tolerance δ on |teacher fraction − b| reported in summary.json
+
+    def validate(self) -> None:
+        for name in ("num_envs", "n_steps", "batch_size", "n_epochs", "lagrange_window", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.total_timesteps < 0 or self.checkpoint_every < 0 or self.eval_examples < 0:
+            raise ValueError("total_timesteps, checkpoint_every and eval_examples must be >= 0")
+        if self.value_model not in ("head", "network"):
+            raise ValueError(f"value_model must be 'head' or 'network', got {self.value_model!r}")
+        if self.learning_rate <= 0 or (self.value_lr is not None and self.value_lr <= 0):
+            raise ValueError("learning_rate and value_lr must be positive")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
+            raise ValueError(f"gamma and gae_lambda must lie in [0, 1], got {self.gamma} and {self.gae_lambda}")
+        if self.wall_time_seconds is not None and self.wall_time_seconds <= 0:
+            raise ValueError(f"wall_time_seconds must be positive or None, got {self.wall_time_seconds}")
+        if not self.budgets or any(not 0 <= b <= 1 for b in self.budgets):
+            raise ValueError(f"budgets must be fractions in [0, 1], got {self.budgets}")
+
+    @property
+    def resolved_value_lr(self) -> float:
+        if self.value_lr is not None:
+            return self.value_lr
+        return 1e-4 if self.value_model == "head" else 1e-6
+
+
+def make_envs(config: PPOConfig, device: torch.device):
+    """The vector env (through ``gym.make_vec``) and its SB3 view (adapter + VecMonitor)."""
+    from stable_baselines3.common.vec_env import VecMonitor
+
+    env_kwargs = dict(config.env_kwargs)
+    env_kwargs.setdefault("device", str(device))
+    if config.max_new_tokens is not None:
+        env_kwargs["max_new_tokens"] = config.max_new_tokens
+    envs = gym.make_vec(
+        config.env_id, num_envs=config.num_envs, vectorization_mode="vector_entry_point",
+        budgets=config.budgets, **env_kwargs,
+    )
+    adapter = SB3VecEnvAdapter(envs)
+    return adapter, VecMonitor(adapter), env_kwargs
+
+
+def make_model(config: PPOConfig, venv, init: Path, device: torch.device, tensorboard: Path):
+    from stable_baselines3 import PPO
+
+    policy_kwargs = dict(
+        student=str(init), value_model=config.value_model, value_hidden=tuple(config.value_hidden),
+        value_lr_scale=config.resolved_value_lr / config.learning_rate,
+        optimizer_class=torch.optim.AdamW, optimizer_kwargs={"weight_decay": config.weight_decay},
+    )
+    return PPO(
+        LMActorCriticPolicy, venv, learning_rate=config.learning_rate, n_steps=config.n_steps,
+        batch_size=config.batch_size, n_epochs=config.n_epochs, gamma=config.gamma, gae_lambda=config.gae_lambda,
+        clip_range=config.clip_range, ent_coef=config.ent_coef, vf_coef=config.vf_coef,
+        max_grad_norm=config.max_grad_norm, target_kl=config.target_kl, tensorboard_log=str(tensorboard),
+        policy_kwargs=policy_kwargs, seed=config.seed, device=device, verbose=0,
+    )
+
+
+def run(config: PPOConfig) -> dict:
+    """Train (or resume), evaluate every budget, save ``final``; returns the summary (also summary.json)."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.callbacks import CallbackList
+
+    config.validate()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    out = Path(config.output_dir)
+    init = Path(config.init) if config.init else out / "phase1"
+    if not init.exists():
+        raise FileNotFoundError(
+            f"PPO starts from a phase-1 policy, but '{init}' does not exist; run phase 1 first "
+            "(tw train --phase bc) and pass --init RUN_DIR/phase1"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(config_to_json(config))
+    adapter, venv, env_kwargs = make_envs(config, device)
+    run_dir, tensorboard = out / CHECKPOINTS, out / "tensorboard"
+    lagrange = LagrangeCallback(config.budgets, lr=config.lagrange_lr, cap=config.lagrange_cap,
+                                window=config.lagrange_window)
+    rollout_size = config.n_steps * config.num_envs
+
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is None:
+        model = make_model(config, venv, init, device, tensorboard)
+    else:  # resume: weights, optimiser, counters from SB3; λ, its window and the normalisers from state.json
+        model = PPO.load(latest / "model.zip", env=venv, device=device, tensorboard_log=str(tensorboard))
+        state = ckpt.load_json(latest / "state.json")
+        lagrange.load_state_dict(state["lagrange"])
+        model.set_random_seed(config.seed + model.num_timesteps)  # fresh draws, not a replay of the start
+        model._last_obs = venv.reset()  # a seeded reset clears the normalisers: restore them after it
+        model._last_episode_starts = np.ones(venv.num_envs, dtype=bool)
+        adapter.reward_stats.load_state_dict(state["reward_stats"])
+
+    def save_checkpoint(model) -> None:
+        state = {
+            "num_timesteps": int(model.num_timesteps), "lagrange": lagrange.state_dict(),
+            "reward_stats": adapter.reward_stats.state_dict(),
+        }
+
+        def write(folder: Path) -> None:
+            model.save(folder / "model.zip")
+            ckpt.save_json(folder / "state.json", state)
+
+        # Numbered by rollout, so that folder names stay six digits and sort in order.
+        ckpt.write_checkpoint(run_dir, -(-model.num_timesteps // rollout_size), write, keep=config.keep_checkpoints)
+
+    wall = WallTimeCallback(config.wall_time_seconds)
+    t0 = time.time()
+    remaining = config.total_timesteps - model.num_timesteps
+    if remaining > 0:
+        callbacks = CallbackList([lagrange, PeriodicCallback(config.checkpoint_every, save_checkpoint), wall])
+        model.learn(remaining, callback=callbacks, reset_num_timesteps=latest is None, tb_log_name="ppo",
+                    log_interval=1)
+        save_checkpoint(model)
+    train_seconds = time.time() - t0
+
+    # Final evaluation (greedy over V + 1, teacher on call) on the eval split, sharing the loaded teacher.
+    student = model.policy.student
+    evaluation = None
+    if config.eval_examples:
+        base = adapter.env
+        eval_kwargs = {**env_kwargs, "teacher": base.teacher, "split": config.eval_split, **config.eval_env_kwargs}
+        eval_env = gym.make(config.env_id, budgets=config.budgets, **eval_kwargs).unwrapped
+        results = evaluate_budgets(student, eval_env, eval_env.examples[: config.eval_examples], config.budgets,
+                                   base.max_new_tokens, batch_size=config.eval_batch_size)
+        evaluation = {
+            "split": config.eval_split, "meets_budgets": meets_budgets(results, config.delta),
+            "worst_violation": worst_violation(results), "mean_quality": mean_quality(results),
+            "results": [dataclasses.asdict(r) for r in results],
+        }
+    _save_atomically(student, out / "final")
+    summary = {
+        "algo": "ppo",
+        "timesteps": int(model.num_timesteps),
+        "stopped_by_wall_time": wall.stopped,
+        "train_seconds_this_run": train_seconds,
+        "lambdas": {str(b): v for b, v in lagrange.lambdas.items()},
+        "train_teacher_fractions": {str(b): f for b, f in lagrange.fractions.items()},
+        "eval": evaluation,
+    }
+    tmp = out / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out / "summary.json")
+    venv.close()
+    return summary
+
+
+def _save_atomically(policy, target: Path) -> None:
+    tmp = target.parent / f".{target.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    policy.save(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)

@@ -1,0 +1,476 @@
+"""Stable-Baselines3 glue for the PPO ablation: a `VecEnv` over the native vector env, an
+`ActorCriticPolicy` around :class:`~agents.policy.StudentPolicy`, and the callbacks (λ, wall time,
+periodic checkpoints).
+
+Autoreset, and why no action is ever lost:
+
+- SB3 expects *same-step* autoreset: when ``step`` reports ``done`` for a row, the observation it
+  returns for that row is already the first observation of the next episode, the final observation
+  travels in ``info["terminal_observation"]``, and the next action SB3 picks for that row is the
+  first action of the new episode (it goes into the rollout buffer with its log-prob and advantage).
+- :class:`~tw_env.TeacherAssistedDecodingVectorEnv` autoresets in Gymnasium's NEXT_STEP mode: the
+  step after a row ended restarts it and *ignores its action*. Passed straight through, every
+  episode would begin with an action that PPO trains on but the env never applied.
+- Neither stepping once more (that advances every other row) nor restarting the row by hand (the
+  teacher's decoder advances all rows together in one batched forward with a shared clock, see
+  :class:`~tw_env.incremental.IncrementalDecoder`) works from outside. The env therefore offers the
+  hook :meth:`~tw_env.TeacherAssistedDecodingVectorEnv.reset_done_rows`: it starts new episodes in
+  exactly the rows that ended (their encoder runs; the teacher reads their start token in one extra
+  decoder step while the other rows read a placeholder that is rolled back, their cached
+  distributions restored) and returns the observations. The rows that did not end are untouched.
+- :meth:`SB3VecEnvAdapter.step_wait` steps the env, copies each ended row's observation into its
+  ``terminal_observation`` (with ``TimeLimit.truncated`` = truncated and not terminated), then calls
+  ``reset_done_rows()`` and returns its observations. After that no row is done, so the env's own
+  NEXT_STEP branch never runs and every action SB3 sends is applied to the episode it was chosen for.
+  ``tests/test_ppo.py`` checks this against a plain teacher forward over every prefix.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.vec_env import VecEnv
+from torch import nn
+
+from agents.objectives import lagrange_step
+from agents.policy import StudentPolicy, ValueNetwork
+
+# ---------------------------------------------------------------------------------------------- env
+
+
+def _keep_array_infos_as_objects(env) -> None:
+    """Work around the vector env's batching of ``output_ids`` (an array per ended row).
+
+    Gymnasium's ``VectorEnv._add_info`` batches an ndarray info into one fixed-shape array shaped
+    like the first row's, so two rows that end in the same step with different lengths raise
+    ``ValueError: could not broadcast``. Here such infos become object arrays (one array per row).
+    Harmless once the env does this itself.
+    """
+    if getattr(env, "_array_infos_as_objects", False):
+        return
+    add_info = env._add_info
+
+    def _add_info(vector_infos, env_info, env_num):
+        for key, value in env_info.items():
+            if isinstance(value, np.ndarray) and key not in vector_infos:
+                vector_infos[key] = np.full(env.num_envs, None, dtype=object)
+        return add_info(vector_infos, env_info, env_num)
+
+    env._add_info = _add_info
+    env._array_infos_as_objects = True
+
+
+def unbatch_infos(infos: Mapping[str, Any], num_envs: int) -> list[dict[str, Any]]:
+    """Gymnasium's dict-of-arrays infos (with ``_key`` masks) as SB3's list of per-row dicts."""
+    rows: list[dict[str, Any]] = [{} for _ in range(num_envs)]
+    for key, value in infos.items():
+        if key.startswith("_"):
+            continue
+        mask = infos.get(f"_{key}", np.ones(num_envs, dtype=bool))
+        if isinstance(value, Mapping):
+            nested = unbatch_infos(value, num_envs)
+            for i in np.flatnonzero(mask):
+                rows[i][key] = nested[i]
+            continue
+        for i in np.flatnonzero(mask):
+            item = value[i]
+            rows[i][key] = item.item() if isinstance(item, np.generic) else item
+    return rows
+
+
+class SB3VecEnvAdapter(VecEnv):
+    """An SB3 ``VecEnv`` over a :class:`~tw_env.TeacherAssistedDecodingVectorEnv` (same-step autoreset).
+
+    ``step_wait`` returns ``(obs, rewards, dones, infos)``: for a row that ended, ``obs`` is the new
+    episode's first observation (``state_length == 0``), its info holds ``terminal_observation``
+    and ``TimeLimit.truncated`` (True when truncated and not terminated), and the env's end-of-episode
+    keys (``teacher_fraction``, ``output_ids``, ``output_text``, ``reference``). The vector env is
+    one object: ``get_attr``/``env_method`` read it once and repeat the answer for every index.
+    """
+
+    def __init__(self, env):
+        env = getattr(env, "unwrapped", env)
+        if not callable(getattr(env, "reset_done_rows", None)):
+            raise TypeError(
+                f"SB3VecEnvAdapter needs a vector env with reset_done_rows() (a TeacherAssistedDecodingVectorEnv), "
+                f"got {type(env).__name__}"
+            )
+        _keep_array_infos_as_objects(env)
+        self.env = env
+        self._actions: np.ndarray | None = None
+        super().__init__(self.env.num_envs, self.env.single_observation_space, self.env.single_action_space)
+
+    # SB3 API ---------------------------------------------------------------------------------
+    def reset(self):
+        seed = next((s for s in self._seeds if s is not None), None)
+        obs, info = self.env.reset(seed=seed, options=self._batched_options())
+        self.reset_infos = unbatch_infos(info, self.num_envs)
+        self._reset_seeds()
+        self._reset_options()
+        return obs
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._actions = np.asarray(actions).reshape(self.num_envs).astype(np.int64)
+
+    def step_wait(self):
+        if self._actions is None:
+            raise RuntimeError("step_wait() called without step_async()")
+        actions, self._actions = self._actions, None
+        obs, rewards, terminated, truncated, infos = self.env.step(actions)
+        dones = np.asarray(terminated, dtype=bool) | np.asarray(truncated, dtype=bool)
+        info_list = unbatch_infos(infos, self.num_envs)
+        ended = np.flatnonzero(dones)
+        for i in ended:
+            info_list[i]["terminal_observation"] = {key: value[i].copy() for key, value in obs.items()}
+            info_list[i]["TimeLimit.truncated"] = bool(truncated[i] and not terminated[i])
+        if len(ended):
+            obs = self.env.reset_done_rows()
+        return obs, np.asarray(rewards, dtype=np.float32), dones, info_list
+
+    def close(self) -> None:
+        self.env.close()
+
+    def get_attr(self, attr_name: str, indices=None) -> list[Any]:
+        return [getattr(self.env, attr_name)] * len(self._indices(indices))
+
+    def set_attr(self, attr_name: str, value: Any, indices=None) -> None:
+        setattr(self.env, attr_name, value)
+
+    def env_method(self, method_name: str, *method_args, indices=None, **method_kwargs) -> list[Any]:
+        result = getattr(self.env, method_name)(*method_args, **method_kwargs)
+        return [result] * len(self._indices(indices))
+
+    def env_is_wrapped(self, wrapper_class, indices=None) -> list[bool]:
+        return [False] * len(self._indices(indices))
+
+    def get_images(self) -> Sequence[np.ndarray | None]:
+        return [None] * self.num_envs
+
+    # Training Wheels API ------------------------------------------------------------------------
+    @property
+    def lagrange_multipliers(self) -> dict[float, float]:
+        return self.env.lagrange_multipliers
+
+    def set_lagrange_multipliers(self, multipliers: Mapping[float, float]) -> None:
+        self.env.set_lagrange_multipliers(multipliers)
+
+    @property
+    def reward_stats(self):
+        return self.env.reward_stats
+
+    # helpers ---------------------------------------------------------------------------------
+    def _indices(self, indices) -> list[int]:
+        if indices is None:
+            return list(range(self.num_envs))
+        if isinstance(indices, int):
+            return [indices]
+        return list(indices)
+
+    def _batched_options(self) -> dict[str, Any] | None:
+        keys = sorted({k for options in self._options for k in (options or {})})
+        if not keys:
+            return None
+        return {k: [(options or {}).get(k) for options in self._options] for k in keys}
+
+
+# ---------------------------------------------------------------------------------------------- policy
+
+
+def _tokens(value: torch.Tensor) -> torch.Tensor:
+    """SB3 may hand Box observations over as floats; token ids are exact integers below 2^24."""
+    return value.long() if not torch.is_floating_point(value) else value.round().long()
+
+
+def observation_batch(obs: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch of Dict observations as LM inputs, trimmed to the longest prompt and state in it."""
+    prompt_length = _tokens(obs["prompt_length"]).reshape(-1).to(device)
+    state_length = _tokens(obs["state_length"]).reshape(-1).to(device)
+    width = max(int(prompt_length.max()), 1)
+    # At least one (masked) state column: StudentPolicy.decoder_states needs T >= 1 to place the start token.
+    steps = max(int(state_length.max()), 1)
+    prompt_ids = _tokens(obs["prompt_ids"])[:, :width].to(device)
+    state_ids = _tokens(obs["state_ids"])[:, :steps].to(device)
+    arange = torch.arange(max(width, steps), device=device)
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": (arange[None, :width] < prompt_length[:, None]).long(),
+        "state_ids": state_ids,
+        "state_mask": (arange[None, :steps] < state_length[:, None]).long(),
+        "state_length": state_length,
+    }
+
+
+class LMActorCriticPolicy(ActorCriticPolicy):
+    """π and V for SB3's PPO around a pretrained :class:`~agents.policy.StudentPolicy`.
+
+    The action distribution is Categorical over V + 1: the student's LM head plus its <τ> logit,
+    evaluated by one teacher-forced forward over each observation's (prompt, X^(in) prefix). Nothing
+    of SB3's MLP/action head is built. The value is either ``"head"`` (an MLP on the student's final
+    decoder state, detached, so that only the policy loss trains the LM) or ``"network"`` (a
+    :class:`~agents.policy.ValueNetwork`, a copy of the student with a scalar head).
+
+    Extra keyword arguments (``policy_kwargs``): ``student`` (a directory written by
+    ``StudentPolicy.save``, or a loaded StudentPolicy), ``value_model``, ``value_hidden`` (the head's
+    hidden sizes) and ``value_lr_scale`` (the value parameters' learning rate as a multiple of the
+    policy's; SB3 has one schedule, the scale is applied around every optimiser step).
+    The student is kept in eval mode (dropout off, as in §5.2) in training too, so PPO's ratio is
+    exactly 1 at the first epoch.
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Dict,
+        action_space: spaces.Discrete,
+        lr_schedule,
+        student: str | StudentPolicy | None = None,
+        value_model: str = "head",
+        value_hidden: Sequence[int] = (256,),
+        value_lr_scale: float = 1.0,
+        **kwargs,
+    ):
+        if student is None:
+            raise ValueError("LMActorCriticPolicy needs policy_kwargs={'student': <phase-1 policy directory>}")
+        if value_model not in ("head", "network"):
+            raise ValueError(f"value_model must be 'head' or 'network', got {value_model!r}")
+        if value_lr_scale <= 0:
+            raise ValueError(f"value_lr_scale must be positive, got {value_lr_scale}")
+        # Plain attributes only before nn.Module.__init__ (which ActorCriticPolicy calls); _build loads.
+        self._student_source = (student,)
+        self.value_model = value_model
+        self.value_hidden = tuple(int(h) for h in value_hidden)
+        self.value_lr_scale = float(value_lr_scale)
+        kwargs.setdefault("ortho_init", False)
+        super().__init__(observation_space, action_space, lr_schedule, **kwargs)
+
+    def _build(self, lr_schedule) -> None:
+        source = self._student_source[0]
+        student = source if isinstance(source, StudentPolicy) else StudentPolicy.load(source, device="cpu")
+        if student.vocab_size + 1 != self.action_space.n:
+            raise ValueError(
+                f"the student has V = {student.vocab_size} (so {student.vocab_size + 1} actions) but the env's "
+                f"action space has {self.action_space.n}; the student and the teacher must share the vocabulary"
+            )
+        self.student = student.eval()
+        if self.value_model == "network":
+            self.value_network = ValueNetwork.from_policy(student).eval()
+            value_parameters = list(self.value_network.parameters())
+        else:
+            layers: list[nn.Module] = []
+            width = student.model.config.d_model
+            for hidden in self.value_hidden:
+                layers += [nn.Linear(width, hidden), nn.Tanh()]
+                width = hidden
+            layers.append(nn.Linear(width, 1))
+            self.value_head = nn.Sequential(*layers)
+            if self.ortho_init:
+                for module in self.value_head[:-1]:
+                    module.apply(lambda m: self.init_weights(m, gain=np.sqrt(2)))
+                self.init_weights(self.value_head[-1], gain=1.0)
+            value_parameters = list(self.value_head.parameters())
+        groups = [
+            {"params": list(self.student.parameters()), "lr_scale": 1.0},
+            {"params": value_parameters, "lr_scale": self.value_lr_scale},
+        ]
+        self.optimizer = self.optimizer_class(groups, lr=lr_schedule(1), **self.optimizer_kwargs)
+        self.optimizer.register_step_pre_hook(_scale_lr)
+        self.optimizer.register_step_post_hook(_restore_lr)
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        source = self._student_source[0]
+        data.update(
+            student=source if not isinstance(source, nn.Module) else None, value_model=self.value_model,
+            value_hidden=self.value_hidden, value_lr_scale=self.value_lr_scale,
+        )
+        return data
+
+    def set_training_mode(self, mode: bool) -> None:
+        super().set_training_mode(mode)
+        self.student.eval()
+        if self.value_model == "network":
+            self.value_network.eval()
+
+    # distributions and values ------------------------------------------------------------------
+    def _evaluate(self, obs, need_values: bool = True, need_logits: bool = True):
+        """Action logits ``[B, V+1]`` and values ``[B, 1]`` at each observation's current state."""
+        t = observation_batch(obs, self.device)
+        index = t["state_length"]
+        rows = torch.arange(len(index), device=self.device)
+        logits = values = None
+        if need_logits or self.value_model == "head":
+            states = self.student.decoder_states(t["prompt_ids"], t["prompt_mask"], t["state_ids"], t["state_mask"])
+            current = states[rows, index]  # the state after the last action: position L of [B, T+1]
+            if need_logits:
+                logits = self.student.head(current).float()
+            if need_values and self.value_model == "head":
+                values = self.value_head(current.detach().to(self.value_head[0].weight.dtype)).float()
+        if need_values and self.value_model == "network":
+            all_values = self.value_network(t["prompt_ids"], t["prompt_mask"], t["state_ids"], t["state_mask"])
+            values = all_values[rows, index].float()[:, None]
+        return logits, values
+
+    def forward(self, obs, deterministic: bool = False):
+        logits, values = self._evaluate(obs)
+        distribution = self.action_dist.proba_distribution(action_logits=logits)
+        actions = distribution.get_actions(deterministic=deterministic)
+        return actions.reshape((-1, *self.action_space.shape)), values, distribution.log_prob(actions)
+
+    def evaluate_actions(self, obs, actions: torch.Tensor):
+        logits, values = self._evaluate(obs)
+        distribution = self.action_dist.proba_distribution(action_logits=logits)
+        return values, distribution.log_prob(actions), distribution.entropy()
+
+    def get_distribution(self, obs):
+        logits, _ = self._evaluate(obs, need_values=False)
+        return self.action_dist.proba_distribution(action_logits=logits)
+
+    def predict_values(self, obs) -> torch.Tensor:
+        return self._evaluate(obs, need_logits=False)[1]
+
+    def _predict(self, observation, deterministic: bool = False) -> torch.Tensor:
+        return self.get_distribution(observation).get_actions(deterministic=deterministic)
+
+
+def _scale_lr(optimizer, args, kwargs) -> None:
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"]
+        group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
+
+
+def _restore_lr(optimizer, args, kwargs) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group.pop("base_lr", group["lr"])
+
+
+# ---------------------------------------------------------------------------------------------- callbacks
+
+
+def _budget_key(budgets, budget: float) -> float:
+    return min(budgets, key=lambda b: abs(b - float(budget)))
+
+
+class LagrangeCallback(BaseCallback):
+    """One dual step per budget after every rollout, from the teacher use of the episodes that ended.
+
+    The teacher fraction of budget b is token-level: Σ calls / Σ tokens over the episodes of
+    budget b that ended in the last ``window`` rollouts (read from the episode-end infos:
+    ``teacher_fraction`` × ``len(output_ids)`` calls). Then λ ← ``lagrange_step`` (clip(λ + η(f − b),
+    0, cap)), set on the env for the next rollout, and logged as ``lagrange/lambda_b=…`` and
+    ``lagrange/teacher_fraction_b=…``.
+    """
+
+    def __init__(
+        self, budgets: Sequence[float], lr: float = 1e-2, cap: float = 2.0, window: int = 4,
+        lambdas: Mapping[float, float] | None = None, verbose: int = 0,
+    ):
+        super().__init__(verbose)
+        self.budgets = [float(b) for b in budgets]
+        self.lr, self.cap = lr, cap
+        self.lambdas = {b: 0.0 for b in self.budgets}
+        if lambdas:
+            self.lambdas.update({_budget_key(self.budgets, b): float(v) for b, v in lambdas.items()})
+        self.history: deque = deque(maxlen=window)
+        self._counts: dict[float, list[int]] = {}
+        self.fractions: dict[float, float] = {}
+
+    def _init_callback(self) -> None:
+        self._env().set_lagrange_multipliers(self.lambdas)
+
+    def _env(self):
+        return self.training_env.unwrapped
+
+    def _on_rollout_start(self) -> None:
+        self._counts = {}
+
+    def _on_step(self) -> bool:
+        for done, info in zip(self.locals["dones"], self.locals["infos"], strict=True):
+            if done and "teacher_fraction" in info:
+                tokens = len(info["output_ids"])
+                calls = int(round(float(info["teacher_fraction"]) * tokens))
+                acc = self._counts.setdefault(_budget_key(self.budgets, info["budget"]), [0, 0])
+                acc[0] += calls
+                acc[1] += tokens
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self.history.append({b: tuple(v) for b, v in self._counts.items()})
+        self._counts = {}
+        self.fractions = trailing_fractions(self.history)
+        self.lambdas = lagrange_step(self.lambdas, self.fractions, lr=self.lr, cap=self.cap)
+        self._env().set_lagrange_multipliers(self.lambdas)
+        for b in self.budgets:
+            self.logger.record(f"lagrange/lambda_b={b:.1f}", self.lambdas[b])
+            if b in self.fractions:
+                self.logger.record(f"lagrange/teacher_fraction_b={b:.1f}", self.fractions[b])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lambdas": [[b, v] for b, v in self.lambdas.items()],
+                "history": [[[b, list(v)] for b, v in h.items()] for h in self.history]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.lambdas = {float(b): float(v) for b, v in state["lambdas"]}
+        self.history.clear()
+        for h in state["history"]:
+            self.history.append({float(b): tuple(v) for b, v in h})
+
+
+def trailing_fractions(history) -> dict[float, float]:
+    """Token-level teacher fraction per budget over the rollouts in ``history`` ({b: (calls, tokens)} each)."""
+    totals: dict[float, list[int]] = {}
+    for counts in history:
+        for b, (calls, tokens) in counts.items():
+            acc = totals.setdefault(b, [0, 0])
+            acc[0] += calls
+            acc[1] += tokens
+    return {b: calls / tokens for b, (calls, tokens) in totals.items() if tokens > 0}
+
+
+class WallTimeCallback(BaseCallback):
+    """Stop ``learn`` once ``seconds`` have passed since it started (None: never)."""
+
+    def __init__(self, seconds: float | None, verbose: int = 0):
+        super().__init__(verbose)
+        self.seconds = seconds
+        self.stopped = False
+        self._start = time.monotonic()
+
+    def _on_training_start(self) -> None:
+        self._start = time.monotonic()
+
+    def _on_step(self) -> bool:
+        if self.seconds is not None and time.monotonic() - self._start > self.seconds:
+            self.stopped = True
+            return False
+        return True
+
+
+class PeriodicCallback(BaseCallback):
+    """Call ``action(model)`` at the start of a rollout once ``every`` timesteps passed since the last call.
+
+    At a rollout's start the previous update is done and λ is stepped, so the model, the
+    optimiser and λ are consistent with each other there.
+    """
+
+    def __init__(self, every: int, action, verbose: int = 0):
+        super().__init__(verbose)
+        self.every, self.action = every, action
+        self.last = 0
+
+    def _on_training_start(self) -> None:
+        self.last = self.model.num_timesteps
+
+    def _on_rollout_start(self) -> None:
+        if self.every and self.model.num_timesteps - self.last >= self.every:
+            self.last = self.model.num_timesteps
+            self.action(self.model)
+
+    def _on_step(self) -> bool:
+        return True
