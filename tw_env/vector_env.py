@@ -117,6 +117,8 @@ class TeacherAssistedDecodingVectorEnv(VectorEnv):
                 if batch.done[row]:
                     info.update(self._core._episode_end_info(row))
                     batch.finish(row)
+                    # Outputs differ in length: keep them as objects, not one fixed-shape array.
+                    infos.setdefault("output_ids", np.full(self.num_envs, None, dtype=object))
                 infos = self._add_info(infos, info, row)
         if len(resetting):
             self._start_rows(resetting, self._per_row_options(None), advance=False)
