@@ -1,0 +1,321 @@
+"""`TeacherAssistedDecodingVectorEnv`: N rows in lock step behave like N single envs.
+
+The vector env is built through ``gym.make_vec(..., vectorization_mode="vector_entry_point")`` and
+compared, row by row, with single envs from ``gym.make`` on the same examples and budgets, through
+several NEXT_STEP autoresets. Every teacher log-probability is also checked against an independent
+full (no-cache) forward of a separately loaded teacher.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from transformers import T5ForConditionalGeneration
+
+from tests.conftest import EXAMPLES, INSTRUCTION, WORDS
+from tw_env import TeacherAssistedDecodingVectorEnv, eq17_reward
+
+W = {w: i for i, w in enumerate(WORDS)}
+EOS = 1
+CONTENT = [W[w] for w in ("the", "dog", "cat", "house", "is", "big", "small", "red", "tree", "and", "der", "hund")]
+MAX_NEW = 6
+LAMBDAS = {0.0: 0.0, 0.1: 0.5, 0.2: 0.3, 0.3: 1.0, 0.4: 0.8, 0.5: 0.2}
+
+
+@pytest.fixture(scope="module")
+def reference_teacher(word_t5_dir):
+    return T5ForConditionalGeneration.from_pretrained(word_t5_dir).eval()
+
+
+@pytest.fixture
+def task_kwargs(word_t5_dir, word_tokenizer_dir, wmt_jsonl):
+    return dict(
+        teacher=str(word_t5_dir), student=str(word_t5_dir), tokenizer=str(word_tokenizer_dir), data=str(wmt_jsonl),
+        max_new_tokens=MAX_NEW, max_prompt_length=32,
+    )
+
+
+def make_vector(word_t5_dir, word_tokenizer_dir, num_envs: int, **kwargs) -> TeacherAssistedDecodingVectorEnv:
+    defaults = dict(examples=EXAMPLES, instruction=INSTRUCTION, max_new_tokens=MAX_NEW, max_prompt_length=32)
+    defaults.update(kwargs)
+    return TeacherAssistedDecodingVectorEnv(num_envs, teacher=str(word_t5_dir), tokenizer=str(word_tokenizer_dir), **defaults)
+
+
+@torch.no_grad()
+def last_logprobs(model, prompt: np.ndarray, outputs: list[int]) -> np.ndarray:
+    """log p(· | X^(out)_<i, Y) for the last position i of ``outputs``, from a full forward."""
+    ids = torch.as_tensor(np.asarray(prompt), dtype=torch.long)[None]
+    dec = torch.as_tensor([0, *outputs[:-1]], dtype=torch.long)[None]
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=dec).logits[0, -1]
+    return torch.log_softmax(logits.float(), dim=-1).numpy()
+
+
+def row_obs(obs: dict, row: int) -> dict:
+    return {k: v[row] for k, v in obs.items()}
+
+
+def assert_obs_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def choose_actions(rng: np.random.Generator, envs, p_eos: float = 0.2) -> np.ndarray:
+    """A seeded mix of content tokens, <τ> calls and EOS, so that rows end at different times
+    (and sometimes several rows, with different lengths, in the same step)."""
+    batch = envs.unwrapped.batch
+    n, V = len(batch.done), envs.unwrapped.vocab_size
+    draw = rng.random(n)
+    actions = np.where(draw < 0.3, V, rng.choice(CONTENT, size=n))
+    actions[draw > 1 - p_eos] = EOS
+    actions[batch.done] = EOS  # ignored: those rows are reset by this step
+    return actions.astype(np.int64)
+
+
+class FullForwardChecker:
+    """Checks every acting row's teacher_logprob against a full forward on its current episode."""
+
+    def __init__(self, model, vocab_size: int):
+        self.model, self.V, self.checked = model, vocab_size, 0
+
+    def __call__(self, obs, infos, acting: np.ndarray) -> None:
+        for r in acting:
+            n = int(obs["state_length"][r, 0])
+            state = obs["state_ids"][r, :n]
+            outputs = [int(t - self.V if t >= self.V else t) for t in state]
+            prompt = obs["prompt_ids"][r, : int(obs["prompt_length"][r, 0])]
+            lp = last_logprobs(self.model, prompt, outputs)
+            assert infos["_teacher_logprob"][r]
+            assert infos["teacher_logprob"][r] == pytest.approx(lp[outputs[-1]], abs=1e-4)
+            if state[-1] >= self.V:  # a greedy teacher call
+                assert outputs[-1] == lp.argmax()
+            self.checked += 1
+
+
+# ------------------------------------------------------------------------------------- semantics
+def test_same_semantics_as_single_envs_through_autoresets(task_kwargs, reference_teacher):
+    n = 4
+    envs = gym.make_vec("TrainingWheels-WMT19-v0", num_envs=n, vectorization_mode="vector_entry_point", **task_kwargs)
+    core = envs.unwrapped
+    assert isinstance(core, TeacherAssistedDecodingVectorEnv) and envs.num_envs == n
+    singles = [gym.make("TrainingWheels-WMT19-v0", **task_kwargs) for _ in range(n)]
+    V = core.vocab_size
+    for e in [envs.unwrapped, *(s.unwrapped for s in singles)]:
+        e.set_lagrange_multipliers(LAMBDAS)
+    budgets, indices = [0.0, 0.1, 0.3, 0.5], [3, 1, 0, 2]
+    obs, info = envs.reset(seed=0, options={"budget": budgets, "index": indices})
+    np.testing.assert_array_equal(info["budget"], budgets)
+    np.testing.assert_array_equal(info["example_index"], indices)
+    for r, single in enumerate(singles):
+        s_obs, s_info = single.reset(seed=r, options={"budget": budgets[r], "index": indices[r]})
+        assert s_info == {"budget": budgets[r], "example_index": indices[r]}
+        assert_obs_equal(row_obs(obs, r), s_obs)
+
+    check = FullForwardChecker(reference_teacher, V)
+    rng = np.random.default_rng(0)
+    episodes_done = np.zeros(n, dtype=int)
+    active_stats = False
+    same_step_ends = 0
+    for _ in range(26):
+        resetting = core.batch.done.copy()
+        actions = choose_actions(rng, envs)
+        mu, sigma = core.reward_stats.mu, core.reward_stats.sigma  # what this step's rewards use
+        active_stats |= (mu, sigma) != (0.0, 1.0)
+        obs, rewards, terminated, truncated, infos = envs.step(actions)
+        acting = np.flatnonzero(~resetting)
+        check(obs, infos, acting)
+        same_step_ends += (terminated | truncated).sum() > 1
+        for r, single in enumerate(singles):
+            if resetting[r]:
+                # NEXT_STEP autoreset: the action was ignored, the row holds a fresh episode
+                assert rewards[r] == 0.0 and not terminated[r] and not truncated[r]
+                assert obs["state_length"][r, 0] == 0
+                assert not infos.get("_teacher_logprob", np.zeros(n, bool))[r]
+                options = {"budget": float(obs["budget"][r, 0]), "index": int(core._core.example_index[r])}
+                s_obs, s_info = single.reset(options=options)
+                assert s_info["budget"] == core.batch.budget[r]  # the float32 observation snapped back
+                assert_obs_equal(row_obs(obs, r), s_obs)
+                continue
+            s_obs, s_reward, s_term, s_trunc, s_info = single.step(int(actions[r]))
+            assert_obs_equal(row_obs(obs, r), s_obs)
+            assert (terminated[r], truncated[r]) == (s_term, s_trunc)
+            assert infos["teacher_logprob"][r] == pytest.approx(s_info["teacher_logprob"], abs=1e-4)
+            assert infos["teacher_call"][r] == s_info["teacher_call"] == (actions[r] == V)
+            assert infos["budget"][r] == s_info["budget"] == core.batch.budget[r]
+            # the reward is Eq. 17 with the env's own normalisers (shared by the rows of the vector env)
+            expected = eq17_reward(s_info["teacher_logprob"], actions[r] == V, s_info["budget"],
+                                   LAMBDAS[s_info["budget"]], mu, sigma)
+            assert rewards[r] == pytest.approx(float(expected), abs=1e-4)
+            if (mu, sigma) == (0.0, 1.0):
+                assert rewards[r] == pytest.approx(s_reward, abs=1e-4)  # the single env's normalisers too
+            ended = s_term or s_trunc
+            assert infos.get("_output_ids", np.zeros(n, bool))[r] == ended
+            if ended:
+                episodes_done[r] += 1
+                np.testing.assert_array_equal(infos["output_ids"][r], s_info["output_ids"])
+                assert infos["teacher_fraction"][r] == pytest.approx(s_info["teacher_fraction"])
+                assert infos["output_text"][r] == s_info["output_text"]
+                assert infos["reference"][r] == s_info["reference"]
+    assert (episodes_done >= 2).all(), episodes_done  # every row went through at least one autoreset
+    assert active_stats  # rewards were also checked with non-trivial normalisers
+    assert same_step_ends >= 1  # several rows ended in one step at least once
+    assert check.checked >= 70
+
+
+def test_rows_reset_by_reset_done_rows_act_at_once(word_t5_dir, word_tokenizer_dir, reference_teacher):
+    envs = make_vector(word_t5_dir, word_tokenizer_dir, 3)
+    check = FullForwardChecker(reference_teacher, envs.vocab_size)
+    with pytest.raises(RuntimeError, match="before reset"):
+        envs.reset_done_rows()
+    envs.reset(seed=1, options={"index": [0, 1, 2]})
+    rng = np.random.default_rng(1)
+    restarted = 0
+    for _ in range(20):
+        actions = choose_actions(rng, envs)
+        obs, rewards, terminated, truncated, infos = envs.step(actions)
+        check(obs, infos, np.arange(3))  # every row acts: none is left for a NEXT_STEP reset
+        ended = terminated | truncated
+        obs = envs.reset_done_rows()
+        restarted += ended.sum()
+        assert not envs.batch.done.any()
+        assert (obs["state_length"][ended, 0] == 0).all()
+        assert (obs["state_length"][~ended, 0] > 0).all()
+    assert restarted >= 5
+    assert check.checked == 60
+
+
+def test_rows_ending_in_the_same_step_with_different_lengths(word_t5_dir, word_tokenizer_dir):
+    """Regression: the end-of-episode output_ids of rows ending together used to be batched into one
+    fixed-shape array, which crashed when their lengths differed."""
+    envs = make_vector(word_t5_dir, word_tokenizer_dir, 2, max_new_tokens=4)
+    envs.reset(seed=0)
+    dog, cat = W["dog"], W["cat"]
+    envs.step(np.array([dog, dog]))
+    envs.step(np.array([EOS, dog]))  # row 0 ends (2 tokens)
+    envs.step(np.array([cat, dog]))  # row 0 restarts; row 1 has 3 tokens
+    _, _, terminated, truncated, infos = envs.step(np.array([EOS, cat]))  # row 0: 1 token (EOS), row 1: truncated at 4
+    assert terminated.tolist() == [True, False] and truncated.tolist() == [False, True]
+    assert infos["output_ids"][0].tolist() == [EOS]
+    assert infos["output_ids"][1].tolist() == [dog, dog, dog, cat]
+
+
+# ------------------------------------------------------------------------------------- errors
+def snapshot(envs) -> dict:
+    b = envs.batch
+    return {
+        "obs": envs._observations(), "done": b.done.copy(), "length": b.length.copy(), "output_ids": b.output_ids.copy(),
+        "budget": b.budget.copy(), "clock": b.decoder.clock, "logprobs": b.teacher_logprobs.clone(),
+        "rng": copy.deepcopy(envs.np_random.bit_generator.state), "example_index": envs._core.example_index.copy(),
+        "stats": envs.reward_stats.state_dict(),
+    }
+
+
+def assert_snapshots_equal(a: dict, b: dict) -> None:
+    for k in a:
+        if isinstance(a[k], dict) and k == "obs":
+            assert_obs_equal(a[k], b[k])
+        elif isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+        elif isinstance(a[k], np.ndarray):
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        else:
+            assert a[k] == b[k], k
+
+
+def test_invalid_actions_raise_and_leave_the_vector_env_unchanged(word_t5_dir, word_tokenizer_dir):
+    envs = make_vector(word_t5_dir, word_tokenizer_dir, 3)
+    twin = make_vector(word_t5_dir, word_tokenizer_dir, 3)
+    V = envs.vocab_size
+    with pytest.raises(RuntimeError, match=r"before reset\(\); call envs.reset\(\)"):
+        envs.step(np.array([1, 2, 3]))
+    for e in (envs, twin):
+        e.reset(seed=3)
+        e.step(np.array([W["dog"], V, EOS]))  # row 2 ended: the next step resets it
+    before = snapshot(envs)
+    bad = [
+        (np.array([1, 2]), r"actions must be 3 integers in \[0, 64\], got shape \(2,\)"),
+        (np.array([[1, 2, 3]]), r"got shape \(1, 3\)"),
+        (np.array([1.0, 2.0, 3.0]), r"dtype float64"),
+        (np.array([1, V + 1, 3]), rf"actions \[{V + 1}\] are outside \[0, {V}\]"),
+        (np.array([-1, 2, -5]), rf"actions \[-1, -5\] are outside \[0, {V}\]"),
+        ([W["dog"], V, "x"], r"actions must be 3 integers"),
+        (5, r"got shape \(\)"),
+    ]
+    for actions, message in bad:
+        with pytest.raises(ValueError, match=message):
+            envs.step(actions)
+        assert_snapshots_equal(snapshot(envs), before)
+    for step in ([W["cat"], W["cat"], W["dog"]], [V, V, V], [W["is"], EOS, V]):
+        a, b = envs.step(np.array(step)), twin.step(np.array(step))
+        assert_obs_equal(a[0], b[0])
+        for x, y in zip(a[1:4], b[1:4], strict=True):
+            np.testing.assert_array_equal(x, y)
+        np.testing.assert_array_equal(a[4]["teacher_logprob"], b[4]["teacher_logprob"])
+
+
+def test_invalid_reset_options_raise_and_leave_the_vector_env_unchanged(word_t5_dir, word_tokenizer_dir):
+    envs = make_vector(word_t5_dir, word_tokenizer_dir, 3)
+    envs.reset(seed=0)
+    envs.step(np.array([W["dog"], W["cat"], envs.vocab_size]))
+    before = snapshot(envs)
+    bad = [
+        ({"budget": [0.1, 0.2]}, r"reset option 'budget' has 2 entries; expected 3"),
+        ({"index": [0, 1, 2, 3]}, r"reset option 'index' has 4 entries; expected 3"),
+        ({"budget": [0.1, 1.5, 0.2]}, r"in \[0, 1\], got 1.5"),
+        ({"budget": 0.25}, r"budget 0.25 is not one of this env's budgets"),
+        ({"index": [0, 9, 1]}, r"example index 9 out of range"),
+        ({"seed": 3}, r"unknown reset options \['seed'\]"),
+    ]
+    for options, message in bad:
+        with pytest.raises(ValueError, match=message):
+            envs.reset(seed=5, options=options)
+        assert_snapshots_equal(snapshot(envs), before)
+
+
+def test_seeded_reset_is_reproducible_and_scalar_options_broadcast(word_t5_dir, word_tokenizer_dir):
+    envs = make_vector(word_t5_dir, word_tokenizer_dir, 3)
+    first = envs.reset(seed=8)
+    envs.step(np.array([W["dog"], EOS, envs.vocab_size]))
+    again = envs.reset(seed=8)
+    assert_obs_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1]["budget"], again[1]["budget"])
+    np.testing.assert_array_equal(first[1]["example_index"], again[1]["example_index"])
+    obs, info = envs.reset(options={"budget": 0.2, "index": 4})
+    assert (info["budget"] == 0.2).all() and (info["example_index"] == 4).all()
+    assert (obs["budget"] == np.float32(0.2)).all()
+    assert envs.observation_space.contains(obs)
+
+
+def test_cache_stays_bounded_across_many_autoresets(word_t5_dir, word_tokenizer_dir):
+    max_new = 4
+    envs = make_vector(word_t5_dir, word_tokenizer_dir, 3, max_new_tokens=max_new)
+    envs.reset(seed=0)
+    rng = np.random.default_rng(5)
+    V = envs.vocab_size
+    resets, clocks = 0, []
+    for _ in range(80):
+        batch = envs.batch
+        resets += batch.done.sum()
+        actions = np.where(rng.random(3) < 0.3, V, rng.choice(CONTENT, size=3))
+        actions[rng.random(3) < 0.25] = EOS
+        envs.step(actions.astype(np.int64))
+        clocks.append(envs.batch.decoder.clock)
+        assert envs.batch.decoder.clock <= 2 * max_new + 2
+    assert resets >= 30
+    assert len(set(clocks)) > 3  # the rows are out of step: the cache is shared and compacted, not rebuilt
+
+
+def test_render_ansi_per_row(word_t5_dir, word_tokenizer_dir):
+    envs = make_vector(word_t5_dir, word_tokenizer_dir, 2, render_mode="ansi")
+    envs.reset(seed=0)
+    V = envs.vocab_size
+    envs.step(np.array([W["dog"], V]))
+    shown = envs.render()
+    assert isinstance(shown, tuple) and len(shown) == 2
+    assert shown[0] == "dog"
+    assert shown[1].startswith("[[") and shown[1].endswith("]]")
+    assert make_vector(word_t5_dir, word_tokenizer_dir, 1).render() is None
