@@ -116,13 +116,6 @@ def test_directory_without_weights_says_to_pass_a_local_directory(tiny_t5_dir, t
         load_seq2seq(str(no_weights), role="teacher")
 
 
-@pytest.mark.xfail(
-    raises=ValueError,
-    strict=True,
-    reason="tw_env/models.py load_seq2seq (the try around from_pretrained) wraps only OSError: a directory "
-    "without config.json makes transformers raise ValueError('Unrecognized model in DIR. Should have a "
-    "`model_type` key in its config.json'), which escapes unwrapped, without the role or the hint",
-)
 def test_directory_without_a_model_says_to_pass_a_local_directory(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -13,8 +13,9 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 OFFLINE_HINT = (
+    "Expected a directory written by save_pretrained (config.json and safetensors weights) or a hub id. "
     "If the Hugging Face Hub cannot be reached from this machine, download the model elsewhere "
-    "(`huggingface-cli download {name} --local-dir DIR`) and pass the local directory instead, "
+    "(`huggingface-cli download <hub id> --local-dir DIR`) and pass the local directory instead, "
     "e.g. gym.make(..., {role}='DIR')."
 )
 
@@ -71,7 +72,7 @@ def load_seq2seq(
             model = AutoModelForSeq2SeqLM.from_pretrained(
                 source, dtype=resolve_dtype(dtype), trust_remote_code=False, use_safetensors=True
             )
-        except OSError as err:
+        except (OSError, ValueError) as err:  # transformers raises ValueError for a folder without a model
             raise OSError(
                 f"could not load the {role} '{source}': {err}\n" + OFFLINE_HINT.format(name=source, role=role)
             ) from err
