@@ -181,6 +181,7 @@ class TeacherAssistedDecodingEnv(gym.Env):
             max_new_tokens, max_prompt_length, teacher_sampling, teacher_temperature, self.reward_stats,
         )
         self.example_index = np.zeros(num_rows, dtype=np.int64)
+        self._prompt_cache: dict[tuple[int, float], list[int]] = {}
         self._started = False
 
     # ------------------------------------------------------------------ public API
@@ -201,6 +202,16 @@ class TeacherAssistedDecodingEnv(gym.Env):
         text = make_prompt(self.instruction, source, budget)
         return self.tokenizer(text, truncation=True, max_length=self.max_prompt_length)["input_ids"]
 
+    def _example_prompt(self, index: int, budget: float) -> list[int]:
+        # Resets re-use prompts often (six budgets × a fixed dataset): tokenise each pair once.
+        key = (index, budget)
+        cached = self._prompt_cache.get(key)
+        if cached is None:
+            if len(self._prompt_cache) >= 65536:
+                self._prompt_cache.clear()
+            cached = self._prompt_cache[key] = self.encode_prompt(self.examples[index].source, budget)
+        return cached
+
     # ------------------------------------------------------------------ gym API
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         budget, index = self._parse_options(options)  # validate before touching any state
@@ -208,7 +219,7 @@ class TeacherAssistedDecodingEnv(gym.Env):
         if seed is not None:
             self.reward_stats.reset()  # a seeded reset reproduces the env exactly, normalisers included
         budget, index = self._draw(budget, index)
-        self.batch.start(np.array([0]), [self.encode_prompt(self.examples[index].source, budget)], np.array([budget]))
+        self.batch.start(np.array([0]), [self._example_prompt(index, budget)], np.array([budget]))
         self.example_index[0] = index
         self._started = True
         return self._observation(0), {"budget": budget, "example_index": index}

@@ -71,24 +71,32 @@ class RunningRewardStats:
         self.min_sigma = min_sigma
         self._teacher: deque[float] = deque(maxlen=window)
         self._student: deque[float] = deque(maxlen=window)
+        self._mu, self._sigma = 0.0, 1.0
 
     def update(self, teacher_token_logprobs: Iterable[float], student_token_logprobs: Iterable[float]) -> None:
         self._teacher.extend(float(x) for x in teacher_token_logprobs)
         self._student.extend(float(x) for x in student_token_logprobs)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        # Computed here, once per episode, because every env step reads them.
+        self._mu = float(np.mean(self._teacher)) if len(self._teacher) >= self.min_count else 0.0
+        self._sigma = (
+            max(float(np.std(self._student)), self.min_sigma) if len(self._student) >= self.min_count else 1.0
+        )
 
     @property
     def mu(self) -> float:
-        return float(np.mean(self._teacher)) if len(self._teacher) >= self.min_count else 0.0
+        return self._mu
 
     @property
     def sigma(self) -> float:
-        if len(self._student) < self.min_count:
-            return 1.0
-        return max(float(np.std(self._student)), self.min_sigma)
+        return self._sigma
 
     def reset(self) -> None:
         self._teacher.clear()
         self._student.clear()
+        self._refresh()
 
     def state_dict(self) -> dict:
         return {"teacher": list(self._teacher), "student": list(self._student)}
@@ -96,3 +104,4 @@ class RunningRewardStats:
     def load_state_dict(self, state: dict) -> None:
         self._teacher = deque(state["teacher"], maxlen=self.window)
         self._student = deque(state["student"], maxlen=self.window)
+        self._refresh()

@@ -170,7 +170,7 @@ class TeacherAssistedDecodingVectorEnv(VectorEnv):
         for row in rows:
             budget, index = self._core._draw(*per_row[row])
             self._core.example_index[row] = index
-            prompts.append(self.encode_prompt(self.examples[index].source, budget))
+            prompts.append(self._core._example_prompt(index, budget))
             budgets.append(budget)
         self.batch.start(rows, prompts, np.array(budgets), advance=advance)
 
