@@ -204,11 +204,21 @@ def phase1_loss_terms(student_logits: Tensor, teacher_logits: Tensor) -> tuple[T
     return call_nll, teacher_student_kl(teacher_logits, student_logits)
 
 
-def phase1_loss(student_logits: Tensor, teacher_logits: Tensor, call_mask: Tensor, mask: Tensor) -> Tensor:
+def phase1_loss(
+    student_logits: Tensor, teacher_logits: Tensor, call_mask: Tensor, mask: Tensor, literal: bool = False
+) -> Tensor:
     """Phase-1 behaviour-cloning loss (scalar).
 
     Follows the text of §2.4.1 (Eq. 16 has its cases swapped, notes.md item 1): at oracle call
     positions the student learns to emit <τ>, elsewhere it imitates the teacher.
+
+    Imitation is KL(p̃ ‖ π) over all V+1 actions, with p̃ the teacher's distribution extended by
+    zero mass on <τ>. That equals KL(p ‖ π_V) (the renormalised KL_i of notes.md item 2, which
+    ranks the positions) plus −log(1 − π(<τ>)). The extra term is why it is used: with KL(p ‖ π_V)
+    alone nothing tells the student *not* to call where the oracle does not, −log π(<τ>) at the
+    call positions is the only force on π(<τ>), and the clone drifts to calling everywhere (on
+    the embedded task it called on ~47% of tokens at every budget after 200 batches).
+    ``literal=True`` gives the paper's literal loss, KL(p ‖ π_V) alone.
 
     Args:
         student_logits: ``[B, T, V+1]`` student logits on the teacher trajectory (index V = <τ>).
@@ -216,15 +226,20 @@ def phase1_loss(student_logits: Tensor, teacher_logits: Tensor, call_mask: Tenso
         call_mask: ``[B, T]`` oracle call positions (e.g. :func:`oracle_call_mask`); entries at
             padding are ignored.
         mask: ``[B, T]`` valid positions.
+        literal: drop the −log(1 − π(<τ>)) term (the paper's literal reading).
 
     Returns:
         Scalar: mean over valid positions of ``−log π(<τ>)`` where ``call_mask`` else
-        ``KL(p ‖ π_V)``.  0 when no position is valid.
+        ``KL(p ‖ π_V) − log(1 − π(<τ>))``.  0 when no position is valid.
     """
     call_nll, kl = phase1_loss_terms(student_logits, teacher_logits)
     shape = tuple(kl.shape)
     valid = _as_bool_mask("mask", mask, shape)
     calls = _as_bool_mask("call_mask", call_mask, shape)
+    if not literal:
+        # log(1 − π(<τ>)) = logsumexp over the V token logits − logsumexp over all V+1.
+        log_no_call = torch.logsumexp(student_logits[..., :-1], dim=-1) - torch.logsumexp(student_logits, dim=-1)
+        kl = kl - log_no_call
     # torch.where (not a 0/1 blend) so that an infinite unused term cannot turn into NaN.
     per_position = torch.where(calls, call_nll, kl)
     return _masked_mean(per_position, valid)

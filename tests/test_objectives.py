@@ -179,21 +179,28 @@ KL0 = 0.5 * ln(0.5 / 0.4) + 0.5 * ln(0.5 / 0.6)  # π_V = [0.4, 0.6]
 KL1 = 0.9 * ln(0.9 / 0.75) + 0.1 * ln(0.1 / 0.25)  # π_V = [0.75, 0.25]
 
 
+# Imitation positions also pay −log(1 − π(<τ>)): −ln 0.5 at position 0, −ln 0.8 at position 1.
+STAY0, STAY1 = -ln(0.5), -ln(0.8)
+
+
 @pytest.mark.parametrize(
-    "call_mask, expected",
+    "call_mask, expected, literal",
     [
-        ([True, False], (-ln(0.5) + KL1) / 2),  # ≈ 0.382804: call at 0, imitate at 1
-        ([False, True], (KL0 + -ln(0.2)) / 2),
-        ([False, False], (KL0 + KL1) / 2),
-        ([True, True], (-ln(0.5) - ln(0.2)) / 2),
+        ([True, False], (-ln(0.5) + KL1 + STAY1) / 2, False),  # call at 0, imitate at 1
+        ([False, True], (KL0 + STAY0 + -ln(0.2)) / 2, False),
+        ([False, False], (KL0 + STAY0 + KL1 + STAY1) / 2, False),
+        ([True, True], (-ln(0.5) - ln(0.2)) / 2, False),
+        ([True, False], (-ln(0.5) + KL1) / 2, True),  # ≈ 0.382804: the paper's literal loss
+        ([False, False], (KL0 + KL1) / 2, True),
     ],
 )
-def test_phase1_loss_by_hand(call_mask, expected):
+def test_phase1_loss_by_hand(call_mask, expected, literal):
     loss = phase1_loss(
         torch.tensor([PH1_STUDENT]),
         torch.tensor([PH1_TEACHER]),
         torch.tensor([call_mask]),
         torch.ones(1, 2, dtype=torch.bool),
+        literal=literal,
     )
     assert loss.dim() == 0
     assert loss.item() == pytest.approx(expected, abs=1e-6)
@@ -206,7 +213,18 @@ def test_phase1_loss_hand_value_literal():
         torch.tensor([[True, False]]),
         torch.ones(1, 2),
     )
-    assert loss.item() == pytest.approx(0.382804, abs=1e-5)
+    assert loss.item() == pytest.approx((0.693147 + 0.072460 + 0.223144) / 2, abs=1e-5)
+
+
+def test_phase1_imitation_is_kl_to_the_teacher_extended_by_zero_mass_on_call():
+    """KL(p ‖ π_V) − log(1 − π(<τ>)) is exactly KL(p̃ ‖ π) with p̃ = (p, 0) over V+1."""
+    student = torch.tensor([PH1_STUDENT])
+    teacher = torch.tensor([PH1_TEACHER])
+    loss = phase1_loss(student, teacher, torch.tensor([[False, False]]), torch.ones(1, 2))
+    p_ext = torch.cat([torch.softmax(teacher, -1), torch.zeros(1, 2, 1)], dim=-1)
+    log_pi = torch.log_softmax(student, -1)
+    direct = (p_ext * (torch.log(p_ext.clamp_min(1e-30)) - log_pi)).sum(-1).mean()
+    assert loss.item() == pytest.approx(direct.item(), abs=1e-6)
 
 
 def test_phase1_loss_ignores_padding_even_if_call_mask_marks_it():
@@ -215,7 +233,7 @@ def test_phase1_loss_ignores_padding_even_if_call_mask_marks_it():
     loss = phase1_loss(
         student, teacher, torch.tensor([[True, False, True]]), torch.tensor([[True, True, False]])
     )
-    assert loss.item() == pytest.approx((-ln(0.5) + KL1) / 2, abs=1e-6)
+    assert loss.item() == pytest.approx((-ln(0.5) + KL1 + STAY1) / 2, abs=1e-6)
 
 
 def test_phase1_loss_terms_and_gradient():
