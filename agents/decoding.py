@@ -266,7 +266,7 @@ def teacher_help_decode(
             if bool(out.done.all()):
                 break
             logits = policy.head(
-                student.step(inputs_embeds=policy.state_embedding(embed, x_in))
+                student.step(inputs_embeds=policy.step_inputs(student, x_in))
             ).float()  # [B, V+1]
             forwards += 1
             if budget_cap is not None:

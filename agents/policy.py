@@ -52,14 +52,35 @@ class _StateEmbedding(nn.Module):
 
 
 class _Seq2SeqStateModel(nn.Module):
-    """Shared plumbing: an LM that reads (Y, X^(in)) with the Eq. 15 embedding."""
+    """Shared plumbing: an LM that reads (Y, X^(in)) with the Eq. 15 embedding.
+
+    Besides Eq. 15, every decoder input also receives a *prompt summary*: a learnt projection of
+    the mean encoder state, zero at initialisation (so the pretrained LM is unchanged at first).
+    Why: the budget lives in the prompt, and a small student's cross-attention is busy aligning
+    source words; on the embedded task a 60k-parameter student could not tell "no", "light",
+    "moderate-light" and "moderate" apart through cross-attention alone after phase 1 (its
+    π(<τ>) was identical for the four), while the summary gives every step a direct view of them.
+    """
 
     def __init__(self, model: PreTrainedModel):
         super().__init__()
         self.model = model
         self.vocab_size = output_vocab_size(model)
         self.state_embedding = _StateEmbedding(model, self.vocab_size)
+        self.prompt_summary = nn.Linear(model.config.d_model, model.config.d_model, bias=False)
+        nn.init.zeros_(self.prompt_summary.weight)
         self.start_token_id = int(model.config.decoder_start_token_id)
+
+    def prompt_vector(self, encoder_states: torch.Tensor, encoder_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, d]``: the projected mean of the encoder states over the prompt's tokens."""
+        weights = encoder_mask.to(encoder_states.dtype).unsqueeze(-1)
+        mean = (encoder_states * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return self.prompt_summary(mean.to(self.prompt_summary.weight.dtype)).to(encoder_states.dtype)
+
+    def step_inputs(self, decoder: IncrementalDecoder, ids: torch.Tensor) -> torch.Tensor:
+        """Decoder input embeddings ``[B, d]`` of X^(in) tokens ``ids`` for an incremental step."""
+        embeds = self.state_embedding(self.model.get_input_embeddings(), ids)
+        return embeds + self.prompt_vector(decoder.encoder_states, decoder.encoder_mask).to(embeds.dtype)
 
     def decoder_states(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, state_ids: torch.Tensor, state_mask: torch.Tensor
@@ -67,8 +88,9 @@ class _Seq2SeqStateModel(nn.Module):
         """Final decoder states ``[B, T+1, d]`` for every state s_0..s_T of the episodes."""
         inputs = decoder_inputs(state_ids, self.start_token_id)
         mask = torch.cat([torch.ones_like(state_mask[:, :1]), state_mask], dim=1).long()
-        embeds = self.state_embedding(self.model.get_input_embeddings(), inputs)
         encoded = self.model.get_encoder()(input_ids=prompt_ids, attention_mask=prompt_mask).last_hidden_state
+        embeds = self.state_embedding(self.model.get_input_embeddings(), inputs)
+        embeds = embeds + self.prompt_vector(encoded, prompt_mask)[:, None].to(embeds.dtype)
         out = self.model.get_decoder()(
             inputs_embeds=embeds, attention_mask=mask, encoder_hidden_states=encoded,
             encoder_attention_mask=prompt_mask, use_cache=False,
@@ -117,6 +139,7 @@ class StudentPolicy(_Seq2SeqStateModel):
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory, safe_serialization=True)
         extra = {
+            "prompt_summary.weight": self.prompt_summary.weight.detach().contiguous().cpu(),
             "beta": self.state_embedding.beta.detach().contiguous().cpu(),
             "call_head.weight": self.call_head.weight.detach().contiguous().cpu(),
             "call_head.bias": self.call_head.bias.detach().contiguous().cpu(),
@@ -136,6 +159,8 @@ class StudentPolicy(_Seq2SeqStateModel):
                 policy.state_embedding.beta.copy_(extra["beta"])
                 policy.call_head.weight.copy_(extra["call_head.weight"])
                 policy.call_head.bias.copy_(extra["call_head.bias"])
+                if "prompt_summary.weight" in extra:
+                    policy.prompt_summary.weight.copy_(extra["prompt_summary.weight"])
         return policy.to(policy.model.device)
 
 
@@ -153,6 +178,7 @@ class ValueNetwork(_Seq2SeqStateModel):
         value = cls(copy.deepcopy(policy.model))
         with torch.no_grad():
             value.state_embedding.beta.copy_(policy.state_embedding.beta)
+            value.prompt_summary.weight.copy_(policy.prompt_summary.weight)
         return value.to(policy.device)
 
     def forward(
@@ -195,5 +221,5 @@ class PolicyRollout:
             self.decoder.restart(new, t["prompt_ids"][new], t["prompt_mask"][new])
         last = t["state_ids"].gather(1, (length - 1).clamp(min=0)[:, None]).squeeze(1)
         tokens = torch.where(length == 0, torch.full_like(last, self.policy.start_token_id), last)
-        embeds = self.policy.state_embedding(self.policy.model.get_input_embeddings(), tokens)
+        embeds = self.policy.step_inputs(self.decoder, tokens)
         return self.policy.head(self.decoder.step(inputs_embeds=embeds)).float()

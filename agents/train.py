@@ -71,6 +71,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # gradient-norm clip for both networks (0: off)
     lagrange_lr: float = 1e-2  # η of λ_b ← clip(λ_b + η(f_b − b), 0, cap) (§5.2)
     lagrange_cap: float = 2.0  # upper bound of λ_b (§5.2)
+    reward_clip: float = 2.0  # Eq. 17 rewards are clipped to [−clip, clip] (§2.4.2)
     lagrange_window: int = 4  # trailing on-policy batches whose teacher use drives λ
     # Checkpoint selection (§3.3), logging, checkpointing
     eval_every: int = 250  # batches between validation evaluations (0: only at the end)
@@ -115,6 +116,7 @@ def make_setup(config: TrainConfig) -> Setup:
     device = resolve_device(config.device)
     env_kwargs = dict(config.env_kwargs)
     env_kwargs.setdefault("device", str(device))
+    env_kwargs.setdefault("reward_clip", config.reward_clip)
     if config.max_new_tokens is not None:
         env_kwargs["max_new_tokens"] = config.max_new_tokens
     envs = gym.make_vec(
@@ -217,12 +219,14 @@ def train_phase1(setup: Setup) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- phase 2
-def episode_rewards(batch: Trajectories, lambdas: dict[float, float], mu: float, sigma: float) -> torch.Tensor:
+def episode_rewards(
+    batch: Trajectories, lambdas: dict[float, float], mu: float, sigma: float, clip: float = 2.0
+) -> torch.Tensor:
     """Eq. 17 rewards of a batch, recomputed from its raw parts with the current λ and normalisers."""
     lam = np.array([lambdas[_budget_key(lambdas, b)] for b in batch.budget.tolist()])[:, None]
     rewards = eq17_reward(
         batch.teacher_logprob.cpu().numpy(), batch.is_call.cpu().numpy(), batch.budget.cpu().numpy()[:, None],
-        lam, mu, sigma,
+        lam, mu, sigma, clip=clip,
     )
     return torch.as_tensor(rewards, dtype=torch.float32, device=batch.mask.device) * batch.mask
 
@@ -310,6 +314,9 @@ def train_phase2(setup: Setup) -> dict:
         generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
     budgets_cycle = np.array(config.budgets, dtype=np.float64)
     t0 = time.time()
+    if start == 0 and config.eval_every:  # the phase-1 policy is a candidate too
+        results = evaluate_budgets(policy, envs, setup.eval_examples, config.budgets, setup.max_new_tokens)
+        selection = select_checkpoint(setup, policy, results, 0, selection)
     progress = tqdm(range(start, config.pcl_batches), desc="phase 2 (PCL)", initial=start, total=config.pcl_batches)
     for step in progress:
         # 1. One on-policy episode per prompt, budgets balanced over the batch.
@@ -331,7 +338,7 @@ def train_phase2(setup: Setup) -> dict:
             if replayed is not None:
                 parts.append(replayed.to(device))
             batch = Trajectories.concat(parts)
-            rewards = episode_rewards(batch, lambdas, mu, sigma)
+            rewards = episode_rewards(batch, lambdas, mu, sigma, config.reward_clip)
             losses.append(pcl_update(policy, value, batch, rewards, config, optimizers))
         replay.add(on_policy)
         replay.add(oracle)
@@ -343,7 +350,7 @@ def train_phase2(setup: Setup) -> dict:
         # Logging.
         w = setup.writer
         w.add_scalar("pcl/loss", float(np.mean(losses)), step)
-        on_rewards = episode_rewards(on_policy, lambdas, mu, sigma)
+        on_rewards = episode_rewards(on_policy, lambdas, mu, sigma, config.reward_clip)
         w.add_scalar("pcl/reward_per_token", float(on_rewards.sum() / on_policy.mask.sum()), step)
         w.add_scalar("pcl/reward_mu", mu, step)
         w.add_scalar("pcl/reward_sigma", sigma, step)

@@ -76,7 +76,7 @@ class TeacherAssistedDecodingEnv(gym.Env):
     ## Rewards
     Eq. 17 with λ_b the Lagrange multiplier of the episode's budget (set by the agent through
     ``set_lagrange_multipliers``): a student token x earns (log p(x) − μ_r)/σ_r + λ_b·b, a call earns
-    λ_b·(b − 1); the total is clipped to [−2, 2]. μ_r is the running mean teacher log-likelihood of
+    λ_b·(b − 1); the total is clipped to [−2, 2] (``reward_clip``). μ_r is the running mean teacher log-likelihood of
     the teacher's own tokens, σ_r the running std of the teacher log-likelihood of student tokens
     (updated at each episode end; a seeded reset clears them). ``info`` carries the raw parts:
     ``teacher_logprob`` (natural log, unnormalised, of the token emitted at this step; for a call,
@@ -104,6 +104,7 @@ class TeacherAssistedDecodingEnv(gym.Env):
       (temperature ``teacher_temperature``) from the env's seeded generator.
     - ``device``, ``dtype``: where and in which precision the teacher runs.
     - ``reward_window``: how many recent tokens the reward normalisers remember.
+    - ``reward_clip``: rewards are clipped to [−reward_clip, reward_clip] (2 in the paper).
     - ``render_mode``: ``"ansi"`` or None.
     """
 
@@ -125,13 +126,14 @@ class TeacherAssistedDecodingEnv(gym.Env):
         device: str = "cpu",
         dtype: str | None = None,
         reward_window: int = 4096,
+        reward_clip: float = 2.0,
         render_mode: str | None = None,
         _num_rows: int = 1,
     ):
         self._configure(
             teacher, tokenizer, examples, instruction, metric, budgets, student, max_new_tokens,
             max_prompt_length, teacher_sampling, teacher_temperature, device, dtype, reward_window,
-            render_mode, _num_rows,
+            render_mode, _num_rows, reward_clip,
         )
         self.action_space = spaces.Discrete(self.vocab_size + 1)
         self.observation_space = observation_space(self.vocab_size, max_prompt_length, max_new_tokens)
@@ -140,7 +142,7 @@ class TeacherAssistedDecodingEnv(gym.Env):
     def _configure(
         self, teacher, tokenizer, examples, instruction, metric, budgets, student, max_new_tokens,
         max_prompt_length, teacher_sampling, teacher_temperature, device, dtype, reward_window,
-        render_mode, num_rows,
+        render_mode, num_rows, reward_clip: float = 2.0,
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
@@ -148,6 +150,8 @@ class TeacherAssistedDecodingEnv(gym.Env):
             raise ValueError(
                 f"max_new_tokens must be >= 1 and max_prompt_length >= 2, got {max_new_tokens} and {max_prompt_length}"
             )
+        if reward_clip <= 0:
+            raise ValueError(f"reward_clip must be positive, got {reward_clip}")
         if teacher_temperature <= 0:
             raise ValueError(f"teacher_temperature must be positive, got {teacher_temperature}")
         self.budgets = tuple(check_budget(b) for b in budgets)
@@ -179,6 +183,7 @@ class TeacherAssistedDecodingEnv(gym.Env):
         self.batch = EpisodeBatch(
             self.teacher, num_rows, self.vocab_size, eos if eos is not None else self.teacher.config.eos_token_id,
             max_new_tokens, max_prompt_length, teacher_sampling, teacher_temperature, self.reward_stats,
+            reward_clip,
         )
         self.example_index = np.zeros(num_rows, dtype=np.int64)
         self._prompt_cache: dict[tuple[int, float], list[int]] = {}

@@ -43,6 +43,7 @@ class EpisodeBatch:
         teacher_sampling: bool,
         teacher_temperature: float,
         reward_stats: RunningRewardStats,
+        reward_clip: float = 2.0,
     ):
         self.teacher = teacher
         self.num_rows = num_rows
@@ -53,6 +54,7 @@ class EpisodeBatch:
         self.teacher_sampling = teacher_sampling
         self.teacher_temperature = teacher_temperature
         self.reward_stats = reward_stats
+        self.reward_clip = reward_clip
         self.device = teacher.device
         self.decoder = IncrementalDecoder(teacher, num_rows, max_new_tokens)
         n, m, p = num_rows, max_new_tokens, max_prompt_length
@@ -140,7 +142,9 @@ class EpisodeBatch:
         teacher_own = lp[index, teacher_greedy]
 
         stats = self.reward_stats
-        reward = eq17_reward(teacher_logprob, is_call, self.budget[rows], lagrange, stats.mu, stats.sigma)
+        reward = eq17_reward(
+            teacher_logprob, is_call, self.budget[rows], lagrange, stats.mu, stats.sigma, clip=self.reward_clip
+        )
 
         position = self.length[rows]
         self.output_ids[rows, position] = emitted

@@ -42,6 +42,7 @@ class TeacherAssistedDecodingVectorEnv(VectorEnv):
         device: str = "cpu",
         dtype: str | None = None,
         reward_window: int = 4096,
+        reward_clip: float = 2.0,
         render_mode: str | None = None,
     ):
         if int(num_envs) < 1:
@@ -52,7 +53,7 @@ class TeacherAssistedDecodingVectorEnv(VectorEnv):
         self._core._configure(
             teacher, tokenizer, examples, instruction, metric, budgets, student, max_new_tokens,
             max_prompt_length, teacher_sampling, teacher_temperature, device, dtype, reward_window,
-            render_mode, self.num_envs,
+            render_mode, self.num_envs, reward_clip,
         )
         core = self._core
         self.vocab_size, self.teacher_action = core.vocab_size, core.teacher_action
