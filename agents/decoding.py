@@ -259,7 +259,6 @@ def teacher_help_decode(
         helper = _CatchUpTeacher(
             teacher, input_ids.to(teacher.device), attention_mask.to(teacher.device), max_new_tokens
         )
-        embed = model.get_input_embeddings()
         x_in = torch.full((batch_size,), policy.start_token_id, dtype=torch.long, device=device)
         forwards = 0
         for n in range(max_new_tokens):

@@ -71,7 +71,7 @@ class Trajectories:
 
 def tokenize_prompts(env, sources: list[str], budgets: list[float], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode prompts Y with the env's template; returns right-padded ids and mask."""
-    encoded = [env.encode_prompt(s, b) for s, b in zip(sources, budgets)]
+    encoded = [env.encode_prompt(s, b) for s, b in zip(sources, budgets, strict=True)]
     width = max(len(e) for e in encoded)
     ids = torch.zeros(len(encoded), width, dtype=torch.long)
     for i, e in enumerate(encoded):

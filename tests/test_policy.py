@@ -65,6 +65,8 @@ def test_teacher_tokens_are_embedded_with_beta(policy):
 
 
 def test_incremental_rollout_equals_the_full_forward(policy):
+    with torch.no_grad():  # a trained prompt summary, so that its incremental path is exercised too
+        policy.prompt_summary.weight.normal_(std=0.3)
     prompt, prompt_mask, state, mask = batch()
     full = policy(prompt, prompt_mask, state, mask)
     rollout = policy.rollout(2, 5)

@@ -79,7 +79,7 @@ class EpisodeBatch:
         rows = np.asarray(rows, dtype=np.int64)
         ids = torch.zeros(len(rows), max(len(p) for p in prompts), dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for j, (row, prompt) in enumerate(zip(rows, prompts)):
+        for j, (row, prompt) in enumerate(zip(rows, prompts, strict=True)):
             ids[j, : len(prompt)] = torch.tensor(prompt)
             mask[j, : len(prompt)] = 1
             self.prompt_ids[row] = 0

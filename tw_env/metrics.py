@@ -20,7 +20,7 @@ def rouge2(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     scorer = rouge_scorer.RougeScorer(["rouge2"], use_stemmer=True)
     if not hypotheses:
         return 0.0
-    scores = [scorer.score(ref, hyp)["rouge2"].fmeasure for hyp, ref in zip(hypotheses, references)]
+    scores = [scorer.score(ref, hyp)["rouge2"].fmeasure for hyp, ref in zip(hypotheses, references, strict=True)]
     return 100.0 * sum(scores) / len(scores)
 
 
