@@ -39,6 +39,7 @@ from tqdm import tqdm
 import tw_env  # noqa: F401  (registers the tasks)
 from agents import checkpoint as ckpt
 from agents.objectives import reverse_kl
+from agents.trajectories import pad_prompts
 from tw_env.metrics import quality
 from tw_env.models import check_same_vocabulary, load_seq2seq, output_vocab_size, resolve_device
 
@@ -99,13 +100,7 @@ def encode_prompts(env, sources: list[str], template: str, device) -> tuple[torc
     texts = [template.format(instruction=env.instruction, source=s) for s in sources]
     encoded = env.tokenizer(texts, truncation=True, max_length=env.max_prompt_length)["input_ids"]
     pad = env.tokenizer.pad_token_id if env.tokenizer.pad_token_id is not None else 0
-    width = max(len(e) for e in encoded)
-    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for i, e in enumerate(encoded):
-        ids[i, : len(e)] = torch.tensor(e, dtype=torch.long)
-        mask[i, : len(e)] = 1
-    return ids.to(device), mask.to(device)
+    return pad_prompts(encoded, device, pad)
 
 
 # ---------------------------------------------------------------------------------------------- trajectories

@@ -69,21 +69,20 @@ class Trajectories:
         return result
 
 
+def pad_prompts(encoded: list[list[int]], device, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token-id lists into ``[B, L]`` ids and an attention mask."""
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, e in enumerate(encoded):
+        ids[i, : len(e)] = torch.tensor(e, dtype=torch.long)
+        mask[i, : len(e)] = 1
+    return ids.to(device), mask.to(device)
+
+
 def tokenize_prompts(env, sources: list[str], budgets: list[float], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode prompts Y with the env's template; returns right-padded ids and mask."""
-    encoded = [env.encode_prompt(s, b) for s, b in zip(sources, budgets, strict=True)]
-    width = max(len(e) for e in encoded)
-    ids = torch.zeros(len(encoded), width, dtype=torch.long)
-    for i, e in enumerate(encoded):
-        ids[i, : len(e)] = torch.tensor(e)
-    return ids.to(device), _mask(encoded, width, device)
-
-
-def _mask(encoded: list[list[int]], width: int, device) -> torch.Tensor:
-    mask = torch.zeros(len(encoded), width, dtype=torch.long)
-    for i, e in enumerate(encoded):
-        mask[i, : len(e)] = 1
-    return mask.to(device)
+    return pad_prompts([env.encode_prompt(s, b) for s, b in zip(sources, budgets, strict=True)], device)
 
 
 @dataclass

@@ -224,13 +224,9 @@ def encode_budget(env, sources: list[str], budget: float, device) -> tuple[torch
 
 
 def _pad(encoded: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(e) for e in encoded)
-    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, e in enumerate(encoded):
-        ids[row, : len(e)] = torch.tensor(e, dtype=torch.long)
-        mask[row, : len(e)] = 1
-    return ids.to(device), mask.to(device)
+    from agents.trajectories import pad_prompts
+
+    return pad_prompts(encoded, device, pad_id)
 
 
 def token_pieces(tokenizer, ids: list[int]) -> list[str]:
