@@ -31,7 +31,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from agents.objectives import confidence_fallback, lossy_speculative_accept_length
-from agents.policy import StudentPolicy
+from agents.policy import StudentPolicy, choose_actions
 from tw_env.incremental import IncrementalDecoder
 from tw_env.models import check_same_vocabulary, output_vocab_size
 
@@ -264,9 +264,7 @@ def teacher_help_decode(
         for n in range(max_new_tokens):
             if bool(out.done.all()):
                 break
-            logits = policy.head(
-                student.step(inputs_embeds=policy.step_inputs(student, x_in))
-            ).float()  # [B, V+1]
+            logits = policy.step_head(student, x_in).float()  # [B, V+1]
             forwards += 1
             if budget_cap is not None:
                 # Every live row has produced n tokens, so the token now chosen is number n+1.
@@ -274,7 +272,7 @@ def teacher_help_decode(
                 logits[:, vocab] = torch.where(
                     over, torch.full_like(logits[:, vocab], -math.inf), logits[:, vocab]
                 )
-            action = logits.argmax(dim=-1)
+            action = choose_actions(logits)  # greedy: call iff π(<τ>) > ½, else the top token
             call = (action == vocab) & ~out.done
             token = action
             if bool(call.any()):

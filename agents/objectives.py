@@ -131,13 +131,19 @@ def teacher_student_kl(teacher_logits: Tensor, student_logits: Tensor) -> Tensor
 # ---------------------------------------------------------------------------------------------
 
 
-def oracle_call_mask(kl: Tensor, mask: Tensor, budgets: Tensor | float) -> Tensor:
+def oracle_call_mask(
+    kl: Tensor, mask: Tensor, budgets: Tensor | float, round_up_draws: Tensor | None = None
+) -> Tensor:
     """Positions where the Phase-1 oracle calls the teacher: the top ⌊l·b⌋ valid positions by KL.
 
     Args:
         kl: ``[B, T]`` per-position KL (e.g. from :func:`teacher_student_kl`); NaN is rejected.
         mask: ``[B, T]`` valid positions.
         budgets: ``[B]`` teacher-use budget b ∈ [0, 1] per row (a float applies to every row).
+        round_up_draws: optional ``[B]`` uniform draws u ∈ [0, 1) for *stochastic rounding*: a row
+            then gets ⌊l·b⌋ + 1{u < l·b − ⌊l·b⌋} calls, whose expectation is exactly l·b. Why: with
+            short outputs the floor biases every budget down (l = 8: b = 0.1 gives no call at all,
+            so "no" and "light" teach the same thing). ``None`` (the default) is the paper's floor.
 
     Returns:
         ``[B, T]`` bool tensor.  Per row with l valid positions, exactly ⌊l·b⌋ valid positions are
@@ -161,7 +167,16 @@ def oracle_call_mask(kl: Tensor, mask: Tensor, budgets: Tensor | float) -> Tenso
         raise ValueError("kl contains NaN at valid positions; cannot rank positions")
 
     length = valid.sum(dim=1).to(torch.float64)  # l per row
-    k = torch.floor(length * b + 1e-6 * length.clamp(min=1)).long()  # [B] how many calls
+    exact = length * b
+    k = torch.floor(exact + 1e-6 * length.clamp(min=1))  # [B] how many calls
+    if round_up_draws is not None:
+        u = torch.as_tensor(round_up_draws, device=kl.device, dtype=torch.float64)
+        if tuple(u.shape) != (rows,) or bool(((u < 0) | (u >= 1) | u.isnan()).any()):
+            raise ValueError(f"round_up_draws must be [B]=({rows},) uniform draws in [0, 1), got {u.tolist()}")
+        remainder = exact - k
+        remainder = torch.where(remainder < 1e-6 * length.clamp(min=1), torch.zeros_like(remainder), remainder)
+        k = k + (u < remainder).to(k.dtype)  # a whole l·b (up to the tolerance above) never rounds up
+    k = k.long()
 
     # Lexicographic order (valid first, then KL descending, then position ascending) from two
     # stable sorts: sort by the secondary key, then stably by the primary key.
@@ -364,8 +379,9 @@ def lagrange_step(
     teacher_fractions: dict[float, float],
     lr: float = 1e-2,
     cap: float = 2.0,
+    floor: float = 0.0,
 ) -> dict[float, float]:
-    """One dual step per budget: λ_b ← clip(λ_b + lr·(f_b − b), 0, cap).
+    """One dual step per budget: λ_b ← clip(λ_b + lr·(f_b − b), floor, cap).
 
     Args:
         lambdas: current λ_b per budget b.
@@ -373,14 +389,18 @@ def lagrange_step(
             for some (or all) of the budgets in ``lambdas``.
         lr: dual learning rate (paper: 1e-2).
         cap: upper clip of λ (paper: 2).
+        floor: lower clip of λ. The paper's 0 treats b as a ceiling (f ≤ b); a negative floor
+            treats it as a target (f = b): under-use then lowers λ below 0 and Eq. 17 pays for
+            calls. Why: even at λ = 0 a call earns 0 while a confident, correct student token earns
+            (log p − μ_r)/σ_r > 0, so a policy can sit below a high budget with nothing pushing up.
 
     Returns:
         A new dict; budgets without a measured fraction keep their λ.  The inputs are not modified.
     """
     if lr < 0:
         raise ValueError(f"lr must be ≥ 0, got {lr}")
-    if cap < 0:
-        raise ValueError(f"cap must be ≥ 0, got {cap}")
+    if cap < 0 or floor > cap:
+        raise ValueError(f"need floor ≤ cap and cap ≥ 0, got floor={floor} and cap={cap}")
     updated = dict(lambdas)
     for budget, fraction in teacher_fractions.items():
         if budget not in lambdas:
@@ -391,7 +411,7 @@ def lagrange_step(
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"teacher fraction for budget {budget!r} must lie in [0, 1], got {fraction!r}")
         # Excess teacher use (f > b) raises λ, making teacher calls costlier in the Eq. 17 reward.
-        updated[budget] = min(max(lambdas[budget] + lr * (fraction - budget), 0.0), cap)
+        updated[budget] = min(max(lambdas[budget] + lr * (fraction - budget), floor), cap)
     return updated
 
 

@@ -71,10 +71,15 @@ class _Seq2SeqStateModel(nn.Module):
         nn.init.zeros_(self.prompt_summary.weight)
         self.start_token_id = int(model.config.decoder_start_token_id)
 
+    @staticmethod
+    def prompt_mean(encoder_states: torch.Tensor, encoder_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, d]``: the mean of the encoder states over the prompt's tokens."""
+        weights = encoder_mask.to(encoder_states.dtype).unsqueeze(-1)
+        return (encoder_states * weights).sum(1) / weights.sum(1).clamp(min=1)
+
     def prompt_vector(self, encoder_states: torch.Tensor, encoder_mask: torch.Tensor) -> torch.Tensor:
         """``[B, d]``: the projected mean of the encoder states over the prompt's tokens."""
-        weights = encoder_mask.to(encoder_states.dtype).unsqueeze(-1)
-        mean = (encoder_states * weights).sum(1) / weights.sum(1).clamp(min=1)
+        mean = self.prompt_mean(encoder_states, encoder_mask)
         return self.prompt_summary(mean.to(self.prompt_summary.weight.dtype)).to(encoder_states.dtype)
 
     def step_inputs(self, decoder: IncrementalDecoder, ids: torch.Tensor) -> torch.Tensor:
@@ -82,13 +87,21 @@ class _Seq2SeqStateModel(nn.Module):
         embeds = self.state_embedding(self.model.get_input_embeddings(), ids)
         return embeds + self.prompt_vector(decoder.encoder_states, decoder.encoder_mask).to(embeds.dtype)
 
+    def encode(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.get_encoder()(input_ids=prompt_ids, attention_mask=prompt_mask).last_hidden_state
+
     def decoder_states(
-        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, state_ids: torch.Tensor, state_mask: torch.Tensor
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, state_ids: torch.Tensor, state_mask: torch.Tensor,
+        encoded: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final decoder states ``[B, T+1, d]`` for every state s_0..s_T of the episodes."""
+        """Final decoder states ``[B, T+1, d]`` for every state s_0..s_T of the episodes.
+
+        ``encoded`` (the encoder's output for the prompts) is computed when not given.
+        """
         inputs = decoder_inputs(state_ids, self.start_token_id)
         mask = torch.cat([torch.ones_like(state_mask[:, :1]), state_mask], dim=1).long()
-        encoded = self.model.get_encoder()(input_ids=prompt_ids, attention_mask=prompt_mask).last_hidden_state
+        if encoded is None:
+            encoded = self.encode(prompt_ids, prompt_mask)
         embeds = self.state_embedding(self.model.get_input_embeddings(), inputs)
         embeds = embeds + self.prompt_vector(encoded, prompt_mask)[:, None].to(embeds.dtype)
         out = self.model.get_decoder()(
@@ -103,31 +116,60 @@ class _Seq2SeqStateModel(nn.Module):
 
 
 class StudentPolicy(_Seq2SeqStateModel):
-    """π(· | X^(in)_<i, Y) over V + 1 actions; action V is <τ>."""
+    """π(· | X^(in)_<i, Y) over V + 1 actions; action V is <τ>.
+
+    The <τ> logit is a sum of three linear reads, all zero at initialisation:
+
+    - of the decoder's final state (the paper's extra output logit);
+    - of the student's confidence in its own next token (max log-probability and entropy of its
+      distribution over V). Why: whether to ask is mostly "how unsure am I", a non-linear function
+      of the state that a linear head on a small decoder approximates poorly;
+    - of the prompt's mean encoder state. Why: the budget keyword shifts the threshold of that
+      decision, and this gives it a direct path from the prompt to the <τ> logit.
+    """
 
     def __init__(self, model: PreTrainedModel):
         super().__init__(model)
-        self.call_head = nn.Linear(model.config.d_model, 1)
+        d_model = model.config.d_model
+        self.call_head = nn.Linear(d_model, 1)
+        self.call_confidence = nn.Linear(2, 1, bias=False)
+        self.call_prompt = nn.Linear(d_model, 1, bias=False)
         # Start with <τ> as likely as an average token would be under a flat head; phase 1 teaches it.
-        nn.init.zeros_(self.call_head.weight)
+        for layer in (self.call_head, self.call_confidence, self.call_prompt):
+            nn.init.zeros_(layer.weight)
         nn.init.zeros_(self.call_head.bias)
 
     @property
     def teacher_action(self) -> int:
         return self.vocab_size
 
-    def head(self, decoder_states: torch.Tensor) -> torch.Tensor:
-        """Logits over V + 1 actions from final decoder states."""
+    def head(self, decoder_states: torch.Tensor, prompt_mean: torch.Tensor) -> torch.Tensor:
+        """Logits over V + 1 actions from final decoder states ``[B, (T,) d]``.
+
+        ``prompt_mean`` is ``[B, d]``, :meth:`prompt_mean` of the encoder states.
+        """
         token_logits = lm_head_logits(self.model, decoder_states)
-        call_logit = self.call_head(decoder_states.to(self.call_head.weight.dtype)).to(token_logits.dtype)
-        return torch.cat([token_logits, call_logit], dim=-1)
+        dtype = self.call_head.weight.dtype
+        log_probs = torch.log_softmax(token_logits.detach().to(dtype), dim=-1)
+        confidence = torch.stack([log_probs.max(dim=-1).values, -(log_probs.exp() * log_probs).sum(-1)], dim=-1)
+        prompt_part = self.call_prompt(prompt_mean.to(dtype))  # [B, 1]
+        if decoder_states.dim() == 3:
+            prompt_part = prompt_part[:, None]
+        call_logit = self.call_head(decoder_states.to(dtype)) + self.call_confidence(confidence) + prompt_part
+        return torch.cat([token_logits, call_logit.to(token_logits.dtype)], dim=-1)
 
     def forward(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, state_ids: torch.Tensor, state_mask: torch.Tensor
     ) -> torch.Tensor:
         """Logits ``[B, T, V+1]``: position i is π(· | X^(in)_<i, Y), i.e. the distribution of action i."""
-        states = self.decoder_states(prompt_ids, prompt_mask, state_ids, state_mask)
-        return self.head(states[:, :-1])
+        encoded = self.encode(prompt_ids, prompt_mask)
+        states = self.decoder_states(prompt_ids, prompt_mask, state_ids, state_mask, encoded)
+        return self.head(states[:, :-1], self.prompt_mean(encoded, prompt_mask))
+
+    def step_head(self, decoder: IncrementalDecoder, ids: torch.Tensor) -> torch.Tensor:
+        """``[B, V+1]`` logits of one incremental step that feeds X^(in) tokens ``ids`` to ``decoder``."""
+        states = decoder.step(inputs_embeds=self.step_inputs(decoder, ids))
+        return self.head(states, self.prompt_mean(decoder.encoder_states, decoder.encoder_mask))
 
     def rollout(self, num_rows: int, max_episode_len: int) -> PolicyRollout:
         return PolicyRollout(self, num_rows, max_episode_len)
@@ -143,6 +185,8 @@ class StudentPolicy(_Seq2SeqStateModel):
             "beta": self.state_embedding.beta.detach().contiguous().cpu(),
             "call_head.weight": self.call_head.weight.detach().contiguous().cpu(),
             "call_head.bias": self.call_head.bias.detach().contiguous().cpu(),
+            "call_confidence.weight": self.call_confidence.weight.detach().contiguous().cpu(),
+            "call_prompt.weight": self.call_prompt.weight.detach().contiguous().cpu(),
         }
         save_file(extra, str(directory / EXTRA_WEIGHTS))
         (directory / EXTRA_CONFIG).write_text(json.dumps({"vocab_size": self.vocab_size, "format": 1}))
@@ -159,8 +203,9 @@ class StudentPolicy(_Seq2SeqStateModel):
                 policy.state_embedding.beta.copy_(extra["beta"])
                 policy.call_head.weight.copy_(extra["call_head.weight"])
                 policy.call_head.bias.copy_(extra["call_head.bias"])
-                if "prompt_summary.weight" in extra:
-                    policy.prompt_summary.weight.copy_(extra["prompt_summary.weight"])
+                for name in ("prompt_summary.weight", "call_confidence.weight", "call_prompt.weight"):
+                    if name in extra:  # absent from policies saved before these parts existed: keep zeros
+                        policy.get_parameter(name).copy_(extra[name])
         return policy.to(policy.model.device)
 
 
@@ -187,6 +232,45 @@ class ValueNetwork(_Seq2SeqStateModel):
         """Values ``[B, T+1]`` of the states s_0..s_T."""
         states = self.decoder_states(prompt_ids, prompt_mask, state_ids, state_mask)
         return self.value_head(states.to(self.value_head.weight.dtype)).squeeze(-1)
+
+
+def choose_actions(logits: torch.Tensor, temperature: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Actions ``[N]`` from π's logits ``[N, V+1]``: first whether to call, then which token.
+
+    The call is drawn with probability π(<τ>) sharpened by the temperature T,
+    σ((z_τ − logsumexp z_V) / T); otherwise a token is drawn from softmax(z_V / T). At T = 1 this
+    is exactly a draw from softmax over all V + 1 actions. At T = 0 (greedy) it calls iff
+    π(<τ>) > ½ and otherwise takes the most likely token.
+
+    Why not argmax over V + 1: where the student's own distribution is flat (its top token at a few
+    per cent) a small π(<τ>) still wins the argmax, so a policy whose π(<τ>) averages 0.01 under
+    "no teacher use" would call at one token in eight. Deciding the call first keeps greedy teacher
+    use equal to the policy's calibrated call probability.
+    """
+    if logits.dim() != 2 or logits.shape[-1] < 2:
+        raise ValueError(f"logits must be [N, V+1] with the <τ> logit last, got shape {tuple(logits.shape)}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    logits = logits.float()
+    token_logits, call_logit = logits[:, :-1], logits[:, -1]
+    call_margin = call_logit - torch.logsumexp(token_logits, dim=-1)  # log π(<τ>) − log(1 − π(<τ>))
+    if temperature == 0:
+        call = call_margin > 0
+        token = token_logits.argmax(dim=-1)
+    else:
+        if generator is None:
+            raise ValueError("sampling (temperature > 0) needs a torch.Generator")
+        u = torch.rand(len(logits), generator=generator, device=generator.device).to(logits.device)
+        call = u < torch.sigmoid(call_margin / temperature)
+        token = _sample_categorical(token_logits / temperature, generator)
+    return torch.where(call, torch.full_like(token, logits.shape[-1] - 1), token)
+
+
+def _sample_categorical(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One draw per row from softmax(logits), by inverse CDF (much faster than multinomial on large V)."""
+    cdf = torch.cumsum(torch.softmax(logits.float(), dim=-1), dim=-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=generator.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u.to(cdf.device)).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
 def observation_tensors(obs: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -221,5 +305,4 @@ class PolicyRollout:
             self.decoder.restart(new, t["prompt_ids"][new], t["prompt_mask"][new])
         last = t["state_ids"].gather(1, (length - 1).clamp(min=0)[:, None]).squeeze(1)
         tokens = torch.where(length == 0, torch.full_like(last, self.policy.start_token_id), last)
-        embeds = self.policy.step_inputs(self.decoder, tokens)
-        return self.policy.head(self.decoder.step(inputs_embeds=embeds)).float()
+        return self.policy.step_head(self.decoder, tokens).float()

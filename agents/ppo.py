@@ -75,6 +75,7 @@ class PPOConfig:
     target_kl: float | None = None  # early stop of an update's epochs at this KL (None: off)
     lagrange_lr: float = 1e-2  # η of λ_b ← clip(λ_b + η(f_b − b), 0, cap) (§5.2)
     lagrange_cap: float = 2.0  # upper bound of λ_b (§5.2)
+    lagrange_floor: float = 0.0  # lower bound of λ_b: 0 makes b a ceiling (the paper), < 0 a target (f = b)
     lagrange_window: int = 4  # trailing rollouts whose teacher use drives λ
     checkpoint_every: int = 20_000  # timesteps between resumable checkpoints (0: only at the end)
     keep_checkpoints: int = 2  # resumable checkpoints kept on disk
@@ -164,7 +165,7 @@ def run(config: PPOConfig) -> dict:
     adapter, venv, env_kwargs = make_envs(config, device)
     run_dir, tensorboard = out / CHECKPOINTS, out / "tensorboard"
     lagrange = LagrangeCallback(config.budgets, lr=config.lagrange_lr, cap=config.lagrange_cap,
-                                window=config.lagrange_window)
+                                window=config.lagrange_window, floor=config.lagrange_floor)
     rollout_size = config.n_steps * config.num_envs
 
     latest = ckpt.latest_checkpoint(run_dir)

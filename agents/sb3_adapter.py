@@ -306,10 +306,13 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         rows = torch.arange(len(index), device=self.device)
         logits = values = None
         if need_logits or self.value_model == "head":
-            states = self.student.decoder_states(t["prompt_ids"], t["prompt_mask"], t["state_ids"], t["state_mask"])
+            encoded = self.student.encode(t["prompt_ids"], t["prompt_mask"])
+            states = self.student.decoder_states(
+                t["prompt_ids"], t["prompt_mask"], t["state_ids"], t["state_mask"], encoded
+            )
             current = states[rows, index]  # the state after the last action: position L of [B, T+1]
             if need_logits:
-                logits = self.student.head(current).float()
+                logits = self.student.head(current, self.student.prompt_mean(encoded, t["prompt_mask"])).float()
             if need_values and self.value_model == "head":
                 values = self.value_head(current.detach().to(self.value_head[0].weight.dtype)).float()
         if need_values and self.value_model == "network":
@@ -363,17 +366,17 @@ class LagrangeCallback(BaseCallback):
     The teacher fraction of budget b is token-level: Σ calls / Σ tokens over the episodes of
     budget b that ended in the last ``window`` rollouts (read from the episode-end infos:
     ``teacher_fraction`` × ``len(output_ids)`` calls). Then λ ← ``lagrange_step`` (clip(λ + η(f − b),
-    0, cap)), set on the env for the next rollout, and logged as ``lagrange/lambda_b=…`` and
+    floor, cap)), set on the env for the next rollout, and logged as ``lagrange/lambda_b=…`` and
     ``lagrange/teacher_fraction_b=…``.
     """
 
     def __init__(
-        self, budgets: Sequence[float], lr: float = 1e-2, cap: float = 2.0, window: int = 4,
+        self, budgets: Sequence[float], lr: float = 1e-2, cap: float = 2.0, window: int = 4, floor: float = 0.0,
         lambdas: Mapping[float, float] | None = None, verbose: int = 0,
     ):
         super().__init__(verbose)
         self.budgets = [float(b) for b in budgets]
-        self.lr, self.cap = lr, cap
+        self.lr, self.cap, self.floor = lr, cap, floor
         self.lambdas = {b: 0.0 for b in self.budgets}
         if lambdas:
             self.lambdas.update({_budget_key(self.budgets, b): float(v) for b, v in lambdas.items()})
@@ -404,7 +407,7 @@ class LagrangeCallback(BaseCallback):
         self.history.append({b: tuple(v) for b, v in self._counts.items()})
         self._counts = {}
         self.fractions = trailing_fractions(self.history)
-        self.lambdas = lagrange_step(self.lambdas, self.fractions, lr=self.lr, cap=self.cap)
+        self.lambdas = lagrange_step(self.lambdas, self.fractions, lr=self.lr, cap=self.cap, floor=self.floor)
         self._env().set_lagrange_multipliers(self.lambdas)
         for b in self.budgets:
             self.logger.record(f"lagrange/lambda_b={b:.1f}", self.lambdas[b])

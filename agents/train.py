@@ -54,6 +54,7 @@ class TrainConfig:
     bc_batch_size: int = 32  # prompts per phase-1 batch
     bc_lr: float = 1e-4  # phase-1 learning rate
     bc_weight_decay: float = 1e-5  # phase-1 weight decay
+    oracle_rounding: str = "floor"  # ⌊l·b⌋ oracle calls ("floor", the paper) or "stochastic" (expectation l·b)
     # Phase 2 (§2.4.2)
     pcl_batches: int = 5000  # PCL batches (one on-policy and one oracle episode per prompt each)
     num_envs: int = 32  # prompts per PCL batch = rows of the vector env
@@ -71,6 +72,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # gradient-norm clip for both networks (0: off)
     lagrange_lr: float = 1e-2  # η of λ_b ← clip(λ_b + η(f_b − b), 0, cap) (§5.2)
     lagrange_cap: float = 2.0  # upper bound of λ_b (§5.2)
+    lagrange_floor: float = 0.0  # lower bound of λ_b: 0 makes b a ceiling (the paper), < 0 a target (f = b)
     reward_clip: float = 2.0  # Eq. 17 rewards are clipped to [−clip, clip] (§2.4.2)
     lagrange_window: int = 4  # trailing on-policy batches whose teacher use drives λ
     # Checkpoint selection (§3.3), logging, checkpointing
@@ -91,6 +93,8 @@ class TrainConfig:
             raise ValueError(f"horizon must be None or >= 1, got {self.horizon}")
         if self.tau < 0 or not 0 <= self.gamma <= 1:
             raise ValueError(f"tau must be >= 0 and gamma in [0, 1], got {self.tau} and {self.gamma}")
+        if self.oracle_rounding not in ("floor", "stochastic"):
+            raise ValueError(f"oracle_rounding must be 'floor' or 'stochastic', got {self.oracle_rounding!r}")
         if not self.budgets or any(not 0 <= b <= 1 for b in self.budgets):
             raise ValueError(f"budgets must be fractions in [0, 1], got {self.budgets}")
 
@@ -156,6 +160,13 @@ def run(config: TrainConfig) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- phase 1
+def round_up_draws(config: TrainConfig, rng: np.random.Generator, rows: int, device) -> torch.Tensor | None:
+    """Uniform draws for the oracle's stochastic rounding, or None for the paper's floor."""
+    if config.oracle_rounding == "floor":
+        return None
+    return torch.as_tensor(rng.random(rows), device=device)
+
+
 def train_phase1(setup: Setup) -> dict:
     """Behaviour cloning of the oracle: −log π(<τ>) at the top ⌊l·b⌋ KL positions, KL elsewhere."""
     config, run_dir = setup.config, setup.out / "phase1-checkpoints"
@@ -187,7 +198,7 @@ def train_phase1(setup: Setup) -> dict:
         )
         oracle = oracle_batch(
             setup.teacher, policy, ids, mask, torch.as_tensor(budgets, device=setup.device),
-            setup.max_new_tokens, eos,
+            setup.max_new_tokens, eos, round_up_draws(config, rng, config.bc_batch_size, setup.device),
         )
         traj = oracle.trajectories
         logits = policy(ids, mask, traj.state_ids, traj.mask.long())
@@ -327,7 +338,7 @@ def train_phase2(setup: Setup) -> dict:
         # 2. One oracle (off-policy) episode per prompt.
         oracle = oracle_batch(
             setup.teacher, policy, on_policy.prompt_ids, on_policy.prompt_mask, on_policy.budget,
-            setup.max_new_tokens, envs.tokenizer.eos_token_id,
+            setup.max_new_tokens, envs.tokenizer.eos_token_id, round_up_draws(config, rng, config.num_envs, device),
         ).trajectories
         # 3. Four updates on a mix of replay, oracle and on-policy episodes.
         losses = []
@@ -346,7 +357,7 @@ def train_phase2(setup: Setup) -> dict:
         history.append(on_policy.teacher_fraction_by_budget())
         fractions = trailing_fractions(history)
         lambdas = lagrange_step(lambdas, {_budget_key(lambdas, b): f for b, f in fractions.items()},
-                                lr=config.lagrange_lr, cap=config.lagrange_cap)
+                                lr=config.lagrange_lr, cap=config.lagrange_cap, floor=config.lagrange_floor)
         # Logging.
         w = setup.writer
         w.add_scalar("pcl/loss", float(np.mean(losses)), step)

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from agents.objectives import oracle_call_mask, teacher_student_kl
-from agents.policy import StudentPolicy
+from agents.policy import StudentPolicy, choose_actions
 
 
 @dataclass
@@ -96,7 +96,7 @@ class OracleBatch:
 @torch.no_grad()
 def oracle_batch(
     teacher, policy: StudentPolicy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, budgets: torch.Tensor,
-    max_new_tokens: int, eos_token_id: int,
+    max_new_tokens: int, eos_token_id: int, round_up_draws: torch.Tensor | None = None,
 ) -> OracleBatch:
     """The oracle of §2.4.1 on the teacher's greedy trajectories.
 
@@ -121,7 +121,7 @@ def oracle_batch(
     truncated = ~is_eos.any(dim=1)
     student_logits = policy(prompt_ids, prompt_mask, output, mask.long())
     kl = teacher_student_kl(teacher_logits, student_logits)
-    calls = oracle_call_mask(kl, mask, budgets)
+    calls = oracle_call_mask(kl, mask, budgets, round_up_draws)
     teacher_logprob = torch.log_softmax(teacher_logits, dim=-1).gather(-1, output[..., None]).squeeze(-1)
     trajectories = Trajectories(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask,
@@ -132,13 +132,6 @@ def oracle_batch(
     )
     assert trajectories.state_ids.shape[1] == width
     return OracleBatch(trajectories, teacher_logits)
-
-
-def sample_categorical(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One draw per row from softmax(logits), by inverse CDF (much faster than multinomial on large V)."""
-    cdf = torch.cumsum(torch.softmax(logits.float(), dim=-1), dim=-1)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=generator.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u.to(cdf.device)).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -162,8 +155,7 @@ def collect_on_policy(
     finals: list[dict | None] = [None] * n
     was_truncated = np.zeros(n, dtype=bool)
     while not done.all():
-        logits = rollout.logits(obs) / temperature
-        actions = sample_categorical(logits, generator).cpu().numpy()
+        actions = choose_actions(rollout.logits(obs), temperature, generator).cpu().numpy()
         obs, _, terminated, truncated, info = envs.step(actions)
         steps.append((actions, info["teacher_logprob"].copy(), done.copy()))
         for row in np.flatnonzero((terminated | truncated) & ~done):

@@ -168,6 +168,34 @@ def test_oracle_call_mask_rejects_bad_inputs(kl_shape, mask_shape, budgets):
         oracle_call_mask(torch.zeros(kl_shape), torch.ones(mask_shape), torch.tensor(budgets))
 
 
+def test_oracle_call_mask_stochastic_rounding_by_hand():
+    # l = 8, b = 0.1: l·b = 0.8 -> floor 0; a draw below 0.8 adds the single highest-KL position.
+    kl = torch.tensor([[0.1, 0.7, 0.2, 0.9, 0.3, 0.4, 0.5, 0.6]]).repeat(2, 1)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    out = oracle_call_mask(kl, mask, torch.tensor([0.1, 0.1]), round_up_draws=torch.tensor([0.79, 0.81]))
+    assert out.int().tolist() == [[0, 0, 0, 1, 0, 0, 0, 0], [0] * 8]
+    # l = 10, b = 0.3 is already whole: no draw adds a call.
+    kl10 = torch.linspace(0, 1, 10).unsqueeze(0)
+    out = oracle_call_mask(kl10, torch.ones(1, 10), torch.tensor([0.3]), round_up_draws=torch.tensor([0.0]))
+    assert int(out.sum()) == 3
+
+
+def test_oracle_call_mask_stochastic_rounding_is_unbiased():
+    g = torch.Generator().manual_seed(0)
+    rows, length, budget = 20000, 8, 0.1
+    kl = torch.rand(rows, length, generator=g)
+    out = oracle_call_mask(kl, torch.ones(rows, length), torch.full((rows,), budget),
+                           round_up_draws=torch.rand(rows, generator=g))
+    assert abs(out.float().mean().item() - budget) < 0.005  # the floor would give exactly 0
+    assert set(out.sum(1).tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize("draws", [[0.5], [0.5, 1.0], [-0.1, 0.2], [float("nan"), 0.2]])
+def test_oracle_call_mask_rejects_bad_round_up_draws(draws):
+    with pytest.raises(ValueError, match="round_up_draws"):
+        oracle_call_mask(torch.zeros(2, 4), torch.ones(2, 4), torch.tensor([0.1, 0.2]), round_up_draws=torch.tensor(draws))
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. phase1_loss
 # ---------------------------------------------------------------------------------------------
@@ -449,6 +477,18 @@ def test_lagrange_step_update_and_clipping():
     assert out[0.2] == 0.7  # no fraction measured -> unchanged
     assert lambdas == before  # pure
     assert out is not lambdas
+
+
+def test_lagrange_step_with_a_negative_floor_treats_the_budget_as_a_target():
+    out = lagrange_step({0.5: 0.0, 0.1: -1.99}, {0.5: 0.3, 0.1: 0.0}, lr=0.5, cap=2.0, floor=-2.0)
+    assert out[0.5] == pytest.approx(0.0 + 0.5 * (0.3 - 0.5))  # -0.1: under-use pushes λ below 0
+    assert out[0.1] == -2.0  # -1.99 - 0.05 clipped at the floor
+
+
+@pytest.mark.parametrize("cap, floor", [(-1.0, -2.0), (1.0, 1.5)])
+def test_lagrange_step_rejects_bad_bounds(cap, floor):
+    with pytest.raises(ValueError, match="floor"):
+        lagrange_step({0.1: 0.0}, {0.1: 0.2}, cap=cap, floor=floor)
 
 
 def test_lagrange_step_exact_budget_leaves_lambda():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM
 
-from agents.policy import StudentPolicy, ValueNetwork, decoder_inputs
+from agents.policy import StudentPolicy, ValueNetwork, choose_actions, decoder_inputs
 from tests.tiny_task import tiny_t5
 
 V = 64
@@ -24,6 +24,8 @@ def policy():
         policy.state_embedding.beta.normal_()
         policy.call_head.weight.normal_()
         policy.call_head.bias.fill_(0.5)
+        policy.call_confidence.weight.normal_()
+        policy.call_prompt.weight.normal_()
     return policy
 
 
@@ -98,3 +100,85 @@ def test_value_network_scores_every_state(policy):
     assert torch.count_nonzero(values) == 0  # the head starts at zero
     # Separate parameters: training the value network leaves the policy alone.
     assert not any(p is q for p in value.parameters() for q in policy.parameters())
+
+
+def test_call_logit_is_the_sum_of_its_three_reads(policy):
+    """z_τ = call_head(h) + call_confidence([max log π_V, entropy of π_V]) + call_prompt(mean encoder state)."""
+    prompt, prompt_mask, state, mask = batch()
+    logits = policy(prompt, prompt_mask, state, mask)
+    encoded = policy.encode(prompt, prompt_mask)
+    h = policy.decoder_states(prompt, prompt_mask, state, mask, encoded)[:, :-1]
+    log_pi_v = torch.log_softmax(logits[..., :V], dim=-1)
+    confidence = torch.stack([log_pi_v.max(-1).values, -(log_pi_v.exp() * log_pi_v).sum(-1)], -1)
+    weights = prompt_mask.unsqueeze(-1).float()
+    mean = (encoded * weights).sum(1) / weights.sum(1)
+    expected = (
+        h @ policy.call_head.weight[0] + policy.call_head.bias
+        + confidence @ policy.call_confidence.weight[0] + (mean @ policy.call_prompt.weight[0])[:, None]
+    )
+    torch.testing.assert_close(logits[..., V], expected, atol=1e-5, rtol=1e-5)
+    # Padding of the prompt does not enter the mean: changing a masked-out id changes nothing.
+    changed = prompt.clone()
+    changed[1, 5] = (changed[1, 5] + 1) % V
+    torch.testing.assert_close(policy(changed, prompt_mask, state, mask), logits)
+
+
+def test_a_fresh_policy_keeps_the_lm_and_starts_all_call_reads_at_zero():
+    model = tiny_t5(V, d_model=32, layers=2, seed=3)
+    fresh = StudentPolicy(model).eval()
+    prompt, prompt_mask, state, mask = batch()
+    logits = fresh(prompt, prompt_mask, state % V, mask)
+    assert torch.count_nonzero(logits[..., V]) == 0
+
+
+def test_a_policy_saved_without_the_newer_call_reads_loads_with_them_at_zero(policy, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    policy.save(tmp_path / "p")
+    extra = load_file(str(tmp_path / "p" / "training_wheels.safetensors"))
+    old = {k: v for k, v in extra.items() if k in ("beta", "call_head.weight", "call_head.bias")}
+    save_file(old, str(tmp_path / "p" / "training_wheels.safetensors"))
+    loaded = StudentPolicy.load(tmp_path / "p")
+    assert torch.count_nonzero(loaded.call_confidence.weight) == 0
+    assert torch.count_nonzero(loaded.call_prompt.weight) == 0
+    torch.testing.assert_close(loaded.call_head.weight, policy.call_head.weight)
+
+
+# choose_actions ---------------------------------------------------------------------------------
+def test_greedy_calls_only_when_the_call_probability_exceeds_one_half():
+    # Row 0: <τ> is the single largest logit but π(<τ>) = e^1 / (e^1 + 4·e^0.9) < ½ → the top token.
+    # Row 1: π(<τ>) = e^2 / (e^2 + 2) > ½ → call.  Row 2: exactly ½ → no call.
+    logits = torch.tensor([
+        [0.9, 0.9, 0.9, 0.95, 1.0],
+        [0.0, 0.0, -50.0, -50.0, 2.0],
+        [0.0, -1e9, -1e9, -1e9, 0.0],
+    ])
+    assert choose_actions(logits).tolist() == [3, 4, 0]
+    assert logits.argmax(-1).tolist()[0] == 4  # plain argmax would have called in row 0
+
+
+def test_sampling_at_temperature_one_is_the_softmax_over_all_actions():
+    logits = torch.tensor([[0.2, -0.5, 1.0, 0.3]]).repeat(40000, 1)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(choose_actions(logits, 1.0, g), minlength=4).float() / len(logits)
+    torch.testing.assert_close(counts, torch.softmax(logits[0], -1), atol=0.01, rtol=0)
+
+
+def test_sampling_sharpens_towards_greedy_as_temperature_falls():
+    logits = torch.tensor([[0.0, 0.3, 0.5]]).repeat(20000, 1)  # π(<τ>) ≈ 0.41, top token 1
+    g = torch.Generator().manual_seed(0)
+    cold = choose_actions(logits, 0.05, g)
+    assert (cold == 1).float().mean() > 0.95
+    warm = choose_actions(logits, 1.0, g)
+    assert 0.35 < (warm == 2).float().mean() < 0.47
+
+
+@pytest.mark.parametrize("logits, temperature", [(torch.zeros(3), 0.0), (torch.zeros(2, 1), 0.0), (torch.zeros(2, 3), -1.0)])
+def test_choose_actions_rejects_bad_input(logits, temperature):
+    with pytest.raises(ValueError, match="logits must be|temperature"):
+        choose_actions(logits, temperature, torch.Generator())
+
+
+def test_sampling_needs_a_generator():
+    with pytest.raises(ValueError, match="Generator"):
+        choose_actions(torch.zeros(2, 3), 0.5)
