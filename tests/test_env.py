@@ -455,13 +455,15 @@ def test_set_lagrange_multipliers_validates_everything_before_changing_anything(
     before = dict(env.lagrange_multipliers)
     with pytest.raises(ValueError, match=r"no budget 0.7 in this env; expected one of \[0.0, 0.1"):
         env.set_lagrange_multipliers({0.1: 2.0, 0.7: 1.0})
-    with pytest.raises(ValueError, match=r"multiplier for budget 0.3 must be finite and >= 0, got -0.5"):
-        env.set_lagrange_multipliers({0.1: 2.0, 0.3: -0.5})
+    with pytest.raises(ValueError, match=r"multiplier for budget 0.3 must be a finite number, got inf"):
+        env.set_lagrange_multipliers({0.1: 2.0, 0.3: float("inf")})
     with pytest.raises(ValueError, match="finite"):
         env.set_lagrange_multipliers({0.2: float("nan")})
     with pytest.raises(ValueError, match="finite"):
         env.set_lagrange_multipliers({0.2: float("inf")})
     assert env.lagrange_multipliers == before
+    env.set_lagrange_multipliers({0.3: -0.5})  # a negative λ (budget as a target) is allowed
+    assert env.lagrange_multipliers[0.3] == -0.5
 
 
 def test_different_vocabularies_are_refused_naming_both_sizes(tiny_t5_dir, mismatched_t5_dir, word_tokenizer_dir):

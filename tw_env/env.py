@@ -191,14 +191,18 @@ class TeacherAssistedDecodingEnv(gym.Env):
 
     # ------------------------------------------------------------------ public API
     def set_lagrange_multipliers(self, multipliers: Mapping[float, float]) -> None:
-        """Set λ_b for some budgets; unknown budgets or negative/non-finite λ raise, changing nothing."""
+        """Set λ_b for some budgets; unknown budgets or non-finite λ raise, changing nothing.
+
+        λ_b ≥ 0 treats b as a ceiling (the paper); a negative λ_b (a trainer with a negative
+        ``lagrange_floor``) treats it as a target and makes Eq. 17 pay for calls.
+        """
         updates = {}
         for b, lam in multipliers.items():
             match = [k for k in self.budgets if abs(k - float(b)) < 1e-6]
             if not match:
                 raise ValueError(f"no budget {b} in this env; expected one of {list(self.budgets)}")
-            if not np.isfinite(lam) or lam < 0:
-                raise ValueError(f"Lagrange multiplier for budget {b} must be finite and >= 0, got {lam}")
+            if not np.isfinite(lam):
+                raise ValueError(f"Lagrange multiplier for budget {b} must be a finite number, got {lam}")
             updates[match[0]] = float(lam)
         self.lagrange_multipliers.update(updates)
 
