@@ -227,6 +227,8 @@ def teacher_help_decode(
     attention_mask: torch.Tensor,
     max_new_tokens: int,
     budget_cap: float | None = None,
+    teacher_input_ids: torch.Tensor | None = None,
+    teacher_attention_mask: torch.Tensor | None = None,
 ) -> DecodeResult:
     """Training Wheels at test time: the student decodes greedily over V+1 actions and calls the teacher.
 
@@ -238,6 +240,8 @@ def teacher_help_decode(
         budget_cap: optional hard cap b ∈ [0, 1]: at the step that would produce output token n
             (1-based) <τ> is allowed only if calls_so_far + 1 ≤ ⌈b·n⌉ (otherwise the best token of V is
             taken), so every prefix, and hence the whole output, has at most ⌈b·length⌉ calls.
+        teacher_input_ids, teacher_attention_mask: the teacher's own prompts C^(T) (e.g. without the
+            budget keyword; see the env's ``teacher_prompt``); by default the teacher reads ``input_ids``.
 
     One student forward per token for all rows; the student reads X^(in) (a teacher token t as t+V,
     Eq. 15). When any row emits <τ>, the teacher catches up on X^(out) in one forward and the calling
@@ -251,13 +255,23 @@ def teacher_help_decode(
     check_same_vocabulary(teacher, vocab)
     device = model.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    if (teacher_input_ids is None) != (teacher_attention_mask is None):
+        raise ValueError("pass both teacher_input_ids and teacher_attention_mask, or neither")
+    if teacher_input_ids is None:
+        teacher_input_ids, teacher_attention_mask = input_ids, attention_mask
+    else:
+        _check_inputs(teacher_input_ids, teacher_attention_mask, max_new_tokens)
+        if teacher_input_ids.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"teacher prompts have {teacher_input_ids.shape[0]} rows, expected {input_ids.shape[0]} (one per prompt)"
+            )
     batch_size = input_ids.shape[0]
     out = _Outputs(batch_size, max_new_tokens, _pad_id(model), _eos_ids(model, device))
     with _eval_mode(policy, teacher):
         student = IncrementalDecoder(model, batch_size, max_new_tokens + 1)
         student.restart(torch.arange(batch_size), input_ids, attention_mask)
         helper = _CatchUpTeacher(
-            teacher, input_ids.to(teacher.device), attention_mask.to(teacher.device), max_new_tokens
+            teacher, teacher_input_ids.to(teacher.device), teacher_attention_mask.to(teacher.device), max_new_tokens
         )
         x_in = torch.full((batch_size,), policy.start_token_id, dtype=torch.long, device=device)
         forwards = 0

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from agents.trajectories import tokenize_prompts
+from agents.trajectories import tokenize_prompts, tokenize_teacher_prompts
 from tw_env.metrics import quality
 
 
@@ -31,9 +31,12 @@ def evaluate_budgets(
         hypotheses, calls, tokens = [], 0, 0
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
-            ids, mask = tokenize_prompts(env, [e.source for e in chunk], [budget] * len(chunk), policy.device)
+            sources, chunk_budgets = [e.source for e in chunk], [budget] * len(chunk)
+            ids, mask = tokenize_prompts(env, sources, chunk_budgets, policy.device)
+            teacher_ids, teacher_mask = tokenize_teacher_prompts(env, sources, chunk_budgets, policy.device)
             with torch.no_grad():
-                result = teacher_help_decode(policy, env.teacher, ids, mask, max_new_tokens)
+                result = teacher_help_decode(policy, env.teacher, ids, mask, max_new_tokens,
+                                             teacher_input_ids=teacher_ids, teacher_attention_mask=teacher_mask)
             calls += sum(result.teacher_calls)
             tokens += sum(len(o) for o in result.output_ids)
             hypotheses += [env.tokenizer.decode(o, skip_special_tokens=True) for o in result.output_ids]

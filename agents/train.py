@@ -27,7 +27,14 @@ from agents.config import config_to_json
 from agents.evaluation import BudgetResult, evaluate_budgets, mean_quality, meets_budgets, worst_violation
 from agents.objectives import lagrange_step, pcl_loss, phase1_loss
 from agents.policy import StudentPolicy, ValueNetwork
-from agents.trajectories import ReplayBuffer, Trajectories, collect_on_policy, oracle_batch, tokenize_prompts
+from agents.trajectories import (
+    ReplayBuffer,
+    Trajectories,
+    collect_on_policy,
+    oracle_batch,
+    tokenize_prompts,
+    tokenize_teacher_prompts,
+)
 from tw_env.budgets import BUDGETS
 from tw_env.models import resolve_device
 from tw_env.rewards import eq17_reward
@@ -193,12 +200,12 @@ def train_phase1(setup: Setup) -> dict:
     for step in progress:
         index = rng.integers(len(setup.train_examples), size=config.bc_batch_size)
         budgets = rng.choice(np.array(config.budgets, dtype=np.float64), size=config.bc_batch_size)
-        ids, mask = tokenize_prompts(
-            setup.envs, [setup.train_examples[i].source for i in index], budgets.tolist(), setup.device
-        )
+        sources = [setup.train_examples[i].source for i in index]
+        ids, mask = tokenize_prompts(setup.envs, sources, budgets.tolist(), setup.device)
         oracle = oracle_batch(
             setup.teacher, policy, ids, mask, torch.as_tensor(budgets, device=setup.device),
             setup.max_new_tokens, eos, round_up_draws(config, rng, config.bc_batch_size, setup.device),
+            tokenize_teacher_prompts(setup.envs, sources, budgets.tolist(), setup.device),
         )
         traj = oracle.trajectories
         logits = policy(ids, mask, traj.state_ids, traj.mask.long())
@@ -339,6 +346,7 @@ def train_phase2(setup: Setup) -> dict:
         oracle = oracle_batch(
             setup.teacher, policy, on_policy.prompt_ids, on_policy.prompt_mask, on_policy.budget,
             setup.max_new_tokens, envs.tokenizer.eos_token_id, round_up_draws(config, rng, config.num_envs, device),
+            tokenize_teacher_prompts(envs, [setup.train_examples[i].source for i in index], budgets.tolist(), device),
         ).trajectories
         # 3. Four updates on a mix of replay, oracle and on-policy episodes.
         losses = []

@@ -85,6 +85,11 @@ def tokenize_prompts(env, sources: list[str], budgets: list[float], device) -> t
     return pad_prompts([env.encode_prompt(s, b) for s, b in zip(sources, budgets, strict=True)], device)
 
 
+def tokenize_teacher_prompts(env, sources: list[str], budgets: list[float], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode the teacher's prompts C^(T) as the env does (Y itself unless the env has a ``teacher_prompt``)."""
+    return pad_prompts([env.encode_teacher_prompt(s, b) for s, b in zip(sources, budgets, strict=True)], device)
+
+
 @dataclass
 class OracleBatch:
     """Teacher trajectories with the oracle's call positions, and what phase 1 and PCL need of them."""
@@ -97,6 +102,7 @@ class OracleBatch:
 def oracle_batch(
     teacher, policy: StudentPolicy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, budgets: torch.Tensor,
     max_new_tokens: int, eos_token_id: int, round_up_draws: torch.Tensor | None = None,
+    teacher_prompts: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> OracleBatch:
     """The oracle of §2.4.1 on the teacher's greedy trajectories.
 
@@ -104,10 +110,15 @@ def oracle_batch(
     (renormalised over V) ranks the positions, and the top ⌊l·b⌋ become <τ> calls (notes.md 1–2).
     The student's distribution for the ranking is read with every token as its own (no call
     markers): which positions become calls is what is being decided.
+
+    ``round_up_draws`` switches ⌊l·b⌋ to stochastic rounding (see
+    :func:`~agents.objectives.oracle_call_mask`); ``teacher_prompts`` (ids, mask) are the teacher's
+    prompts C^(T), by default the student's.
     """
     vocab = policy.vocab_size
+    teacher_ids, teacher_mask = teacher_prompts if teacher_prompts is not None else (prompt_ids, prompt_mask)
     generated = teacher.generate(
-        input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens, do_sample=False,
+        input_ids=teacher_ids, attention_mask=teacher_mask, max_new_tokens=max_new_tokens, do_sample=False,
         num_beams=1, output_logits=True, return_dict_in_generate=True,
     )
     output = generated.sequences[:, 1:]  # drop the decoder start token

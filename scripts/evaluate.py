@@ -137,7 +137,7 @@ class Setting:
 
     method: str
     setting: str  # a short label: "alone", "b=0.1", "K=5 l=0.3", "t=0.5"
-    decode: Callable  # (input_ids, attention_mask) -> DecodeResult
+    decode: Callable  # (input_ids, attention_mask[, teacher_input_ids, teacher_attention_mask]) -> DecodeResult
     budget: float | None = None  # None: the plain prompt
     lenience: float | None = None
     draft_length: int | None = None
@@ -184,7 +184,8 @@ def build_settings(config: EvalConfig, env, device: torch.device) -> list[Settin
                 cap = float(b) if config.budget_cap else None
                 settings.append(Setting(
                     "training_wheels", f"b={float(b):g}",
-                    lambda i, m, cap=cap, p=policy: teacher_help_decode(p, teacher, i, m, max_new, budget_cap=cap),
+                    lambda i, m, ti, tm, cap=cap, p=policy: teacher_help_decode(
+                        p, teacher, i, m, max_new, budget_cap=cap, teacher_input_ids=ti, teacher_attention_mask=tm),
                     budget=float(b)))
         elif method in ("distillspec", "speculative"):
             draft = model(config.draft if method == "distillspec" else student_source,
@@ -216,11 +217,13 @@ def encode_plain(env, sources: list[str], template: str, device) -> tuple[torch.
     return _pad(encoded, env.tokenizer.pad_token_id or 0, device)
 
 
-def encode_budget(env, sources: list[str], budget: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Training Wheels prompts "With {keyword} teacher use, {instruction}: {source}"."""
-    from agents.trajectories import tokenize_prompts
+def encode_budget(env, sources: list[str], budget: float, device) -> tuple[torch.Tensor, ...]:
+    """The Training Wheels prompts "With {keyword} teacher use, {instruction}: {source}" (ids, mask),
+    then the teacher's prompts C^(T) as the env builds them (ids, mask)."""
+    from agents.trajectories import tokenize_prompts, tokenize_teacher_prompts
 
-    return tokenize_prompts(env, sources, [budget] * len(sources), device)
+    budgets = [budget] * len(sources)
+    return (*tokenize_prompts(env, sources, budgets, device), *tokenize_teacher_prompts(env, sources, budgets, device))
 
 
 def _pad(encoded: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,19 +246,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_batch_size_one(setting: Setting, prompts: list[tuple[torch.Tensor, torch.Tensor]], warmup: int,
+def time_batch_size_one(setting: Setting, prompts: list[tuple[torch.Tensor, ...]], warmup: int,
                         device: torch.device) -> dict:
     """Median latency (ms) and per-example teacher/student forwards, one example at a time.
 
     ``prompts`` are single-example batches; the first ``warmup`` are decoded untimed.
     """
-    for ids, mask in prompts[:warmup]:
-        setting.decode(ids, mask)
+    for inputs in prompts[:warmup]:
+        setting.decode(*inputs)
     times, teacher_forwards, student_forwards = [], [], []
-    for ids, mask in prompts[warmup:]:
+    for inputs in prompts[warmup:]:
         _sync(device)
         start = time.perf_counter()
-        result = setting.decode(ids, mask)
+        result = setting.decode(*inputs)
         _sync(device)
         times.append(1000.0 * (time.perf_counter() - start))
         teacher_forwards.append(result.teacher_forwards)
@@ -299,10 +302,10 @@ def evaluate_setting(setting: Setting, env, examples, config: EvalConfig, device
     outputs, texts, calls, tokens, wasted, seconds = [], [], 0, 0, 0, 0.0
     batches = range(0, len(sources), config.batch_size)
     for start in tqdm(batches, desc=f"{setting.method} {setting.setting}", leave=False):
-        ids, mask = encode(sources[start : start + config.batch_size])
+        inputs = encode(sources[start : start + config.batch_size])
         _sync(device)
         t0 = time.perf_counter()
-        result = setting.decode(ids, mask)
+        result = setting.decode(*inputs)
         _sync(device)
         seconds += time.perf_counter() - t0
         calls += sum(result.teacher_calls)

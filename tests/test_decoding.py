@@ -359,6 +359,31 @@ def test_teacher_help_always_calling_is_the_teacher(teacher, student, prompts):
     assert counter.calls["encoder"] == 1
 
 
+def test_teacher_help_gives_the_teacher_its_own_prompts(teacher, student, prompts):
+    """The teacher reads C^(T) when given: always calling is then the teacher's greedy output for
+    C^(T), never calling is still the student's for Y, and a mixed policy's teacher tokens are the
+    teacher's argmax under C^(T) given the output so far."""
+    ids, mask = prompts
+    teacher_prompts = (torch.roll(ids, 1, dims=0), torch.roll(mask, 1, dims=0))  # another row's prompt
+    always = teacher_help_decode(policy_with_call_bias(student, 1e4), teacher, ids, mask, MAX_NEW,
+                                 teacher_input_ids=teacher_prompts[0], teacher_attention_mask=teacher_prompts[1])
+    assert always.output_ids == greedy(teacher, teacher_prompts)
+    assert always.output_ids != greedy(teacher, prompts)
+    never = teacher_help_decode(policy_with_call_bias(student, -1e4), teacher, ids, mask, MAX_NEW,
+                                teacher_input_ids=teacher_prompts[0], teacher_attention_mask=teacher_prompts[1])
+    assert never.output_ids == greedy(student, prompts)
+    mixed = teacher_help_decode(policy_with_call_bias(student, 8.0, weight_std=2.0), teacher, ids, mask, MAX_NEW,
+                                teacher_input_ids=teacher_prompts[0], teacher_attention_mask=teacher_prompts[1])
+    for (t_ids, t_mask), out, flags in zip(single_rows(teacher_prompts), mixed.output_ids, mixed.from_teacher, strict=True):
+        teacher_argmax = full_argmax(teacher, t_ids, t_mask, out)
+        assert all(out[p] == teacher_argmax[p] for p in range(len(out)) if flags[p])
+    with pytest.raises(ValueError, match="both teacher_input_ids and teacher_attention_mask"):
+        teacher_help_decode(policy_with_call_bias(student, 0.0), teacher, ids, mask, MAX_NEW, teacher_input_ids=ids)
+    with pytest.raises(ValueError, match="teacher prompts have 2 rows, expected 4"):
+        teacher_help_decode(policy_with_call_bias(student, 0.0), teacher, ids, mask, MAX_NEW,
+                            teacher_input_ids=ids[:2], teacher_attention_mask=mask[:2])
+
+
 def test_teacher_help_batched_equals_batch_size_one(teacher, student, prompts):
     policy = policy_with_call_bias(student, 8.0, weight_std=2.0)
     batched = teacher_help_decode(policy, teacher, *prompts, MAX_NEW)

@@ -650,3 +650,45 @@ def test_real_tokenizer_t5_env_matches_a_full_forward(t5_tokenizer_dir, tiny_t5_
 def test_tokenizer_larger_than_the_teacher_vocabulary_is_refused(t5_tokenizer_dir, word_t5_dir):
     with pytest.raises(ValueError, match=r"tokenizer has 32100 entries but the teacher's output layer only 64 rows"):
         make_env(str(word_t5_dir), str(t5_tokenizer_dir))
+
+
+# ------------------------------------------------------------------------------------- teacher prompt C^(T)
+def test_the_teacher_reads_its_own_prompt_when_given_one(word_t5_dir, word_tokenizer_dir, word_tokenizer, reference_teacher):
+    """With ``teacher_prompt`` the teacher scores and produces tokens given C^(T), the student still observes Y."""
+    template = "{instruction}: {source}"
+    env = make_env(str(word_t5_dir), str(word_tokenizer_dir), teacher_prompt=template)
+    obs, _ = env.reset(seed=0, options={"budget": 0.3, "index": 1})
+    source = EXAMPLES[1][0]
+    assert prompt_of(obs).tolist() == word_tokenizer(make_prompt(INSTRUCTION, source, 0.3))["input_ids"]
+    teacher_ids = word_tokenizer(template.format(instruction=INSTRUCTION, source=source))["input_ids"]
+    assert env.encode_teacher_prompt(source, 0.3) == teacher_ids
+    steps = play(env, script_actions(env))
+    out = steps[-1][4]["output_ids"]
+    lp = full_logprobs(reference_teacher, np.array(teacher_ids), out)
+    np.testing.assert_allclose([s[4]["teacher_logprob"] for s in steps], lp[np.arange(len(out)), out], atol=1e-4)
+    calls = [i for i, a in enumerate(script_actions(env)) if a == env.teacher_action]
+    assert all(out[i] == lp[i].argmax() for i in calls)  # a call gives the teacher's token under C^(T)
+    # ... and C^(T) matters: under Y the same tokens score differently.
+    lp_y = full_logprobs(reference_teacher, prompt_of(obs), out)
+    assert not np.allclose(lp[np.arange(len(out)), out], lp_y[np.arange(len(out)), out], atol=1e-3)
+
+
+def test_without_a_teacher_prompt_the_teacher_reads_the_students_prompt(env):
+    assert env.teacher_prompt is None
+    assert env.encode_teacher_prompt("der hund", 0.2) == env.encode_prompt("der hund", 0.2)
+
+
+@pytest.mark.parametrize("template", ["{instruction}: text", "{source} {budget}", "{source", 42])
+def test_a_bad_teacher_prompt_is_refused(word_t5_dir, word_tokenizer_dir, template):
+    with pytest.raises(ValueError, match="teacher_prompt .* is not usable.*expected None or a template"):
+        make_env(str(word_t5_dir), str(word_tokenizer_dir), teacher_prompt=template)
+
+
+def test_registered_tasks_give_the_teacher_a_budget_free_prompt():
+    from tw_env.registration import HUB_TEACHER_PROMPT, SYNTHETIC_TEACHER_PROMPT
+
+    for env_id in ("TrainingWheels-XSum-v0", "TrainingWheels-WMT19-v0"):
+        assert gym.spec(env_id).entry_point is not None
+    assert "teacher use" not in HUB_TEACHER_PROMPT.format(instruction="summarize", source="x")
+    # The embedded teacher was trained on budget prompts only: it reads the fixed "no" one.
+    assert SYNTHETIC_TEACHER_PROMPT.format(instruction="i", source="s") == make_prompt("i", "s", 0.0)

@@ -86,7 +86,8 @@ def test_adapter_follows_the_sb3_vecenv_contract_and_loses_no_action(assets):
     from transformers import T5ForConditionalGeneration
 
     teacher = T5ForConditionalGeneration.from_pretrained(assets.teacher).eval()
-    adapter = SB3VecEnvAdapter(make_envs(assets))
+    # The teacher reads the observed prompt Y here, so its scores can be checked from the observation.
+    adapter = SB3VecEnvAdapter(make_envs(assets, teacher_prompt=None))
     assert isinstance(adapter, VecEnv) and adapter.num_envs == NUM_ENVS
     V = adapter.action_space.n - 1
     adapter.seed(3)

@@ -52,6 +52,21 @@ def test_both_phases_run_and_select_a_policy(tiny, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_negative_lagrange_floor_lets_under_used_budgets_pay_for_calls(tiny, tmp_path):
+    """A fresh student almost never calls: b = 0.5 is under-used, so its λ goes below 0 (down to
+    the floor) when the floor allows it, and stays at 0 with the paper's floor."""
+    common = dict(bc_batches=0, pcl_batches=3, lagrange_lr=5.0, oracle_rounding="stochastic", rollout_temperature=1.0)
+    run(tiny_config(tiny, tmp_path / "bc", bc_batches=1, pcl_batches=0, phase="bc"))
+    init = str(tmp_path / "bc" / "phase1")
+    target = run(tiny_config(tiny, tmp_path / "target", phase="pcl", init=init, lagrange_floor=-1.0, **common))
+    ceiling = run(tiny_config(tiny, tmp_path / "ceiling", phase="pcl", init=init, **common))
+    lam_target = {float(b): v for b, v in target["phase2"]["lambdas"].items()}
+    lam_ceiling = {float(b): v for b, v in ceiling["phase2"]["lambdas"].items()}
+    assert -1.0 <= lam_target[0.5] < 0
+    assert lam_ceiling[0.5] == 0.0
+    assert lam_target[0.0] >= 0  # no budget is below zero use
+
+
 def test_rewards_are_recomputed_with_current_lambda():
     batch = Trajectories(
         prompt_ids=torch.ones(1, 2, dtype=torch.long), prompt_mask=torch.ones(1, 2, dtype=torch.long),
@@ -87,7 +102,7 @@ def _launch(config: TrainConfig, config_path: Path) -> subprocess.Popen:
 
 def test_killed_run_resumes_exactly(tiny, tmp_path):
     """SIGKILL a run right after its first phase-2 checkpoint; the resumed run ends bit-identical."""
-    overrides = dict(bc_batches=2, pcl_batches=8, checkpoint_every=2)
+    overrides = dict(bc_batches=2, pcl_batches=8, checkpoint_every=2, oracle_rounding="stochastic", lagrange_floor=-1.0)
     reference = tiny_config(tiny, tmp_path / "reference", **overrides)
     proc = _launch(reference, tmp_path / "reference.json")
     assert proc.wait(timeout=600) == 0, proc.stderr.read().decode()[-3000:]

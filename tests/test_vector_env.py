@@ -36,6 +36,7 @@ def task_kwargs(word_t5_dir, word_tokenizer_dir, wmt_jsonl):
     return dict(
         teacher=str(word_t5_dir), student=str(word_t5_dir), tokenizer=str(word_tokenizer_dir), data=str(wmt_jsonl),
         max_new_tokens=MAX_NEW, max_prompt_length=32,
+        teacher_prompt=None,  # the teacher reads the observed prompt, so FullForwardChecker can score it
     )
 
 
@@ -319,3 +320,22 @@ def test_render_ansi_per_row(word_t5_dir, word_tokenizer_dir):
     assert shown[0] == "dog"
     assert shown[1].startswith("[[") and shown[1].endswith("]]")
     assert make_vector(word_t5_dir, word_tokenizer_dir, 1).render() is None
+
+
+def test_every_row_scores_against_its_own_teacher_prompt(word_t5_dir, word_tokenizer_dir, word_tokenizer, reference_teacher):
+    template = "{instruction}: {source}"
+    envs = make_vector(word_t5_dir, word_tokenizer_dir, 3, teacher_prompt=template)
+    envs.reset(seed=2, options={"index": [0, 1, 2], "budget": [0.0, 0.3, 0.5]})
+    teacher_prompts = [
+        np.array(word_tokenizer(template.format(instruction=INSTRUCTION, source=EXAMPLES[i][0]))["input_ids"])
+        for i in range(3)
+    ]
+    rng = np.random.default_rng(0)
+    outputs: list[list[int]] = [[], [], []]
+    for _ in range(3):  # no EOS, fewer steps than MAX_NEW: every row stays in its first episode
+        obs, _, terminated, truncated, infos = envs.step(choose_actions(rng, envs, p_eos=0.0))
+        assert not (terminated | truncated).any()
+        for row in range(3):
+            outputs[row].append(int(obs["state_ids"][row, obs["state_length"][row, 0] - 1]) % envs.vocab_size)
+            expected = last_logprobs(reference_teacher, teacher_prompts[row], outputs[row])[outputs[row][-1]]
+            assert infos["teacher_logprob"][row] == pytest.approx(expected, abs=1e-4)

@@ -37,6 +37,25 @@ def as_examples(examples: Sequence[Any]) -> list[Example]:
     return out
 
 
+def check_teacher_prompt(template: str | None) -> None:
+    """A teacher prompt is None or a template with ``{source}`` and at most ``{instruction}`` besides."""
+    if template is None:
+        return
+    problem = None
+    if not isinstance(template, str) or "{source}" not in template:
+        problem = "it has no {source} field"
+    else:
+        try:
+            template.format(instruction="", source="")
+        except (KeyError, IndexError, ValueError) as error:
+            problem = f"formatting it failed ({type(error).__name__}: {error})"
+    if problem:
+        raise ValueError(
+            f"teacher_prompt {template!r} is not usable: {problem}; expected None or a template such as "
+            "'{instruction}: {source}'"
+        )
+
+
 def student_vocab_size(student: str | PreTrainedModel) -> int:
     """The student's output-layer size, read from its config when given a name (no weights loaded)."""
     if isinstance(student, PreTrainedModel):
@@ -56,9 +75,12 @@ class TeacherAssistedDecodingEnv(gym.Env):
     the teacher (part of the environment's dynamics) for that token. Two sequences are kept
     (Eq. 13–14): X^(out), the output text, and X^(in), the student's internal state, in which a
     teacher-produced token t is stored as t + V so that the student can see where it asked for help.
-    The teacher reads (X^(out), Y): its encoder runs once per episode and its decoder advances one
-    token per step with a KV cache, so its distribution p(·|X^(out)_<i, Y) is always at hand, both to
-    score a student token and to produce a teacher token.
+    The teacher reads (X^(out), C^(T)): its encoder runs once per episode and its decoder advances
+    one token per step with a KV cache, so its distribution p(·|X^(out)_<i, C^(T)) is always at
+    hand, both to score a student token and to produce a teacher token. C^(T) is the teacher's own
+    prompt (the paper's §2.3 names the two prefixes C^(S) and C^(T)): by default Y itself; with
+    ``teacher_prompt`` a budget-free template, so that an instruction meant for the student does
+    not move the teacher.
 
     ## Action Space
     ``Discrete(V + 1)``: actions 0..V−1 are vocabulary tokens (V is the number of rows of the teacher's
@@ -105,6 +127,8 @@ class TeacherAssistedDecodingEnv(gym.Env):
     - ``device``, ``dtype``: where and in which precision the teacher runs.
     - ``reward_window``: how many recent tokens the reward normalisers remember.
     - ``reward_clip``: rewards are clipped to [−reward_clip, reward_clip] (2 in the paper).
+    - ``teacher_prompt``: None (the teacher reads Y) or a template with ``{source}`` (and optionally
+      ``{instruction}``) for the teacher's prompt C^(T), e.g. ``"{instruction}: {source}"``.
     - ``render_mode``: ``"ansi"`` or None.
     """
 
@@ -127,13 +151,14 @@ class TeacherAssistedDecodingEnv(gym.Env):
         dtype: str | None = None,
         reward_window: int = 4096,
         reward_clip: float = 2.0,
+        teacher_prompt: str | None = None,
         render_mode: str | None = None,
         _num_rows: int = 1,
     ):
         self._configure(
             teacher, tokenizer, examples, instruction, metric, budgets, student, max_new_tokens,
             max_prompt_length, teacher_sampling, teacher_temperature, device, dtype, reward_window,
-            render_mode, _num_rows, reward_clip,
+            render_mode, _num_rows, reward_clip, teacher_prompt,
         )
         self.action_space = spaces.Discrete(self.vocab_size + 1)
         self.observation_space = observation_space(self.vocab_size, max_prompt_length, max_new_tokens)
@@ -142,7 +167,7 @@ class TeacherAssistedDecodingEnv(gym.Env):
     def _configure(
         self, teacher, tokenizer, examples, instruction, metric, budgets, student, max_new_tokens,
         max_prompt_length, teacher_sampling, teacher_temperature, device, dtype, reward_window,
-        render_mode, num_rows, reward_clip: float = 2.0,
+        render_mode, num_rows, reward_clip: float = 2.0, teacher_prompt: str | None = None,
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
@@ -154,6 +179,7 @@ class TeacherAssistedDecodingEnv(gym.Env):
             raise ValueError(f"reward_clip must be positive, got {reward_clip}")
         if teacher_temperature <= 0:
             raise ValueError(f"teacher_temperature must be positive, got {teacher_temperature}")
+        check_teacher_prompt(teacher_prompt)
         self.budgets = tuple(check_budget(b) for b in budgets)
         if not self.budgets:
             raise ValueError("budgets must name at least one teacher-use budget")
@@ -172,6 +198,7 @@ class TeacherAssistedDecodingEnv(gym.Env):
             )
         self.student = student
         self.instruction = instruction
+        self.teacher_prompt = teacher_prompt
         self.metric = metric
         self.max_new_tokens = max_new_tokens
         self.max_prompt_length = max_prompt_length
@@ -211,14 +238,22 @@ class TeacherAssistedDecodingEnv(gym.Env):
         text = make_prompt(self.instruction, source, budget)
         return self.tokenizer(text, truncation=True, max_length=self.max_prompt_length)["input_ids"]
 
-    def _example_prompt(self, index: int, budget: float) -> list[int]:
+    def encode_teacher_prompt(self, source: str, budget: float) -> list[int]:
+        """Token ids of the teacher's prompt C^(T) for ``source`` (Y itself without ``teacher_prompt``)."""
+        if self.teacher_prompt is None:
+            return self.encode_prompt(source, budget)
+        text = self.teacher_prompt.format(instruction=self.instruction, source=source)
+        return self.tokenizer(text, truncation=True, max_length=self.max_prompt_length)["input_ids"]
+
+    def _example_prompt(self, index: int, budget: float, teacher: bool = False) -> list[int]:
         # Resets re-use prompts often (six budgets × a fixed dataset): tokenise each pair once.
-        key = (index, budget)
+        key = (index, budget, teacher)
         cached = self._prompt_cache.get(key)
         if cached is None:
             if len(self._prompt_cache) >= 65536:
                 self._prompt_cache.clear()
-            cached = self._prompt_cache[key] = self.encode_prompt(self.examples[index].source, budget)
+            encode = self.encode_teacher_prompt if teacher else self.encode_prompt
+            cached = self._prompt_cache[key] = encode(self.examples[index].source, budget)
         return cached
 
     # ------------------------------------------------------------------ gym API
@@ -228,7 +263,10 @@ class TeacherAssistedDecodingEnv(gym.Env):
         if seed is not None:
             self.reward_stats.reset()  # a seeded reset reproduces the env exactly, normalisers included
         budget, index = self._draw(budget, index)
-        self.batch.start(np.array([0]), [self._example_prompt(index, budget)], np.array([budget]))
+        self.batch.start(
+            np.array([0]), [self._example_prompt(index, budget)], np.array([budget]),
+            teacher_prompts=[self._example_prompt(index, budget, teacher=True)],
+        )
         self.example_index[0] = index
         self._started = True
         return self._observation(0), {"budget": budget, "example_index": index}

@@ -71,17 +71,26 @@ class EpisodeBatch:
         self._episode_teacher_lp: list[list[float]] = [[] for _ in range(n)]
 
     # ------------------------------------------------------------------ starting
-    def start(self, rows: np.ndarray, prompts: list[list[int]], budgets: np.ndarray, advance: bool = True) -> None:
+    def start(
+        self, rows: np.ndarray, prompts: list[list[int]], budgets: np.ndarray, advance: bool = True,
+        teacher_prompts: list[list[int]] | None = None,
+    ) -> None:
         """Begin episodes in ``rows``; with ``advance`` the teacher reads the decoder start token now.
 
         Without ``advance`` (the vector env) the start token joins the next batched step instead.
+        ``prompts`` are the student's (observed) prompts Y; the teacher's encoder reads
+        ``teacher_prompts`` (C^(T)) when given, else Y.
         """
         rows = np.asarray(rows, dtype=np.int64)
-        ids = torch.zeros(len(rows), max(len(p) for p in prompts), dtype=torch.long)
+        teacher_prompts = prompts if teacher_prompts is None else teacher_prompts
+        if len(teacher_prompts) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(teacher_prompts)} teacher prompts")
+        ids = torch.zeros(len(rows), max(len(p) for p in teacher_prompts), dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for j, (row, prompt) in enumerate(zip(rows, prompts, strict=True)):
-            ids[j, : len(prompt)] = torch.tensor(prompt)
-            mask[j, : len(prompt)] = 1
+        for j, teacher_prompt in enumerate(teacher_prompts):
+            ids[j, : len(teacher_prompt)] = torch.tensor(teacher_prompt)
+            mask[j, : len(teacher_prompt)] = 1
+        for row, prompt in zip(rows, prompts, strict=True):
             self.prompt_ids[row] = 0
             self.prompt_ids[row, : len(prompt)] = prompt
             self.prompt_length[row] = len(prompt)

@@ -11,6 +11,10 @@ from tw_env.vector_env import TeacherAssistedDecodingVectorEnv
 
 FLAN_T5_XL = "google/flan-t5-xl"
 FLAN_T5_SMALL = "google/flan-t5-small"
+# The teacher's prompt C^(T): the task without the student's budget clause, which is not meant for it.
+HUB_TEACHER_PROMPT = "{instruction}: {source}"
+# The embedded teacher was trained on budget prompts only, so it reads the "no teacher use" one.
+SYNTHETIC_TEACHER_PROMPT = "With no teacher use, {instruction}: {source}"
 
 
 def _hub_task_kwargs(
@@ -36,16 +40,18 @@ def _hub_factory(spec: TaskSpec, vector: bool, max_new_tokens: int, max_prompt_l
         teacher: Any = FLAN_T5_XL, student: Any = FLAN_T5_SMALL, tokenizer: Any = None, data: str | None = None,
         split: str | None = None, config: str | None = None, limit: int | None = None,
         source_field: str | None = None, reference_field: str | None = None,
-        max_new_tokens: int = max_new_tokens, max_prompt_length: int = max_prompt_length, **kwargs: Any,
+        max_new_tokens: int = max_new_tokens, max_prompt_length: int = max_prompt_length,
+        teacher_prompt: str | None = HUB_TEACHER_PROMPT, **kwargs: Any,
     ):
         task = _hub_task_kwargs(spec, teacher, student, tokenizer, data, split, config, limit, source_field, reference_field)
         cls = TeacherAssistedDecodingVectorEnv if vector else TeacherAssistedDecodingEnv
-        return cls(**task, max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length, **kwargs)
+        return cls(**task, max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length,
+                   teacher_prompt=teacher_prompt, **kwargs)
 
     make.__doc__ = (
         f"Make the {spec.name} task ({'vector' if vector else 'single'} env). Defaults: teacher {FLAN_T5_XL}, "
         f"student {FLAN_T5_SMALL} (its tokenizer too), data {spec.default_data}; pass local directories/files "
-        "to override any of them."
+        f"to override any of them. The teacher reads {HUB_TEACHER_PROMPT!r} (teacher_prompt=None: the student's prompt)."
     )
     return make
 
@@ -83,19 +89,22 @@ def synthetic_task_kwargs(
 def make_synthetic_env(
     split: str = "train", cache_dir: str | None = None, seed: int = 0, teacher: Any = None, student: Any = None,
     tokenizer: Any = None, data: str | None = None, limit: int | None = None, max_new_tokens: int = 20,
-    max_prompt_length: int = 32, **kwargs: Any,
+    max_prompt_length: int = 32, teacher_prompt: str | None = SYNTHETIC_TEACHER_PROMPT, **kwargs: Any,
 ) -> TeacherAssistedDecodingEnv:
     """The embedded task (no download): a synthetic translation language, see :mod:`tw_env.synthetic`."""
     task = synthetic_task_kwargs(split, cache_dir, seed, teacher, student, tokenizer, data, limit)
-    return TeacherAssistedDecodingEnv(**task, max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length, **kwargs)
+    return TeacherAssistedDecodingEnv(**task, max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length,
+                                      teacher_prompt=teacher_prompt, **kwargs)
 
 
 def make_synthetic_vector_env(
     num_envs: int, split: str = "train", cache_dir: str | None = None, seed: int = 0, teacher: Any = None,
     student: Any = None, tokenizer: Any = None, data: str | None = None, limit: int | None = None,
-    max_new_tokens: int = 20, max_prompt_length: int = 32, **kwargs: Any,
+    max_new_tokens: int = 20, max_prompt_length: int = 32, teacher_prompt: str | None = SYNTHETIC_TEACHER_PROMPT,
+    **kwargs: Any,
 ) -> TeacherAssistedDecodingVectorEnv:
     task = synthetic_task_kwargs(split, cache_dir, seed, teacher, student, tokenizer, data, limit)
     return TeacherAssistedDecodingVectorEnv(
-        num_envs, **task, max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length, **kwargs
+        num_envs, **task, max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length,
+        teacher_prompt=teacher_prompt, **kwargs
     )

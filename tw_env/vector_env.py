@@ -43,6 +43,7 @@ class TeacherAssistedDecodingVectorEnv(VectorEnv):
         dtype: str | None = None,
         reward_window: int = 4096,
         reward_clip: float = 2.0,
+        teacher_prompt: str | None = None,
         render_mode: str | None = None,
     ):
         if int(num_envs) < 1:
@@ -53,12 +54,13 @@ class TeacherAssistedDecodingVectorEnv(VectorEnv):
         self._core._configure(
             teacher, tokenizer, examples, instruction, metric, budgets, student, max_new_tokens,
             max_prompt_length, teacher_sampling, teacher_temperature, device, dtype, reward_window,
-            render_mode, self.num_envs, reward_clip,
+            render_mode, self.num_envs, reward_clip, teacher_prompt,
         )
         core = self._core
         self.vocab_size, self.teacher_action = core.vocab_size, core.teacher_action
         self.teacher, self.tokenizer, self.examples = core.teacher, core.tokenizer, core.examples
         self.instruction, self.metric, self.budgets = core.instruction, core.metric, core.budgets
+        self.teacher_prompt = core.teacher_prompt
         self.max_new_tokens, self.max_prompt_length = max_new_tokens, max_prompt_length
         self.reward_stats, self.batch, self.student = core.reward_stats, core.batch, core.student
         self.render_mode = render_mode
@@ -77,6 +79,9 @@ class TeacherAssistedDecodingVectorEnv(VectorEnv):
 
     def encode_prompt(self, source: str, budget: float) -> list[int]:
         return self._core.encode_prompt(source, budget)
+
+    def encode_teacher_prompt(self, source: str, budget: float) -> list[int]:
+        return self._core.encode_teacher_prompt(source, budget)
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None):
         """Reset every row. ``options`` may hold ``budget`` and ``index``, each a scalar or one per row."""
@@ -167,13 +172,14 @@ class TeacherAssistedDecodingVectorEnv(VectorEnv):
         return parsed
 
     def _start_rows(self, rows: np.ndarray, per_row, advance: bool) -> None:
-        prompts, budgets = [], []
+        prompts, teacher_prompts, budgets = [], [], []
         for row in rows:
             budget, index = self._core._draw(*per_row[row])
             self._core.example_index[row] = index
             prompts.append(self._core._example_prompt(index, budget))
+            teacher_prompts.append(self._core._example_prompt(index, budget, teacher=True))
             budgets.append(budget)
-        self.batch.start(rows, prompts, np.array(budgets), advance=advance)
+        self.batch.start(rows, prompts, np.array(budgets), advance=advance, teacher_prompts=teacher_prompts)
 
     def _check_actions(self, actions) -> np.ndarray:
         array = np.asarray(actions)
