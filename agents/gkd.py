@@ -2,7 +2,7 @@
 
 Generalized Knowledge Distillation (Agarwal et al., 2023) as the paper uses it for DistillSpec:
 every batch mixes trajectories sampled from the student (on-policy, temperature 1) with the
-teacher's greedy outputs, and the student takes ``updates_per_batch`` gradient steps on the
+teacher's greedy outputs, by default one of each for every prompt of the batch (§5.2), and the student takes ``updates_per_batch`` gradient steps on the
 token-wise reverse KL( π ‖ p ) over those trajectories. Dropout is off, as for our approach.
 After training, the checkpoint with the best greedy output quality on ``eval_examples``
 validation examples is kept in ``OUTPUT_DIR/best`` as a plain transformers model (safetensors)
@@ -63,7 +63,8 @@ class GKDConfig:
     batches: int = 5200  # trajectory-sampling batches (§3.3: 5200, i.e. 20800 updates)
     batch_size: int = 32  # trajectories per batch
     updates_per_batch: int = 4  # gradient updates on each batch of trajectories (§3.3)
-    student_fraction: float = 0.5  # share of student-sampled trajectories in a batch (GKD's λ); the rest are the teacher's
+    pairing: str = "per_prompt"  # "per_prompt": each prompt gets a student sample and the teacher's output (§5.2); "split": see student_fraction
+    student_fraction: float = 0.5  # with pairing "split": share of prompts with a student sample (GKD's λ), the rest get the teacher's
     lr: float = 1e-5  # AdamW learning rate (§5.2)
     weight_decay: float = 1e-5  # AdamW weight decay (§5.2)
     grad_clip: float = 1.0  # gradient-norm clip (0: off)
@@ -79,6 +80,8 @@ class GKDConfig:
             minimum = 0 if name in ("batches", "eval_every", "threads") else 1
             if getattr(self, name) < minimum:
                 raise ValueError(f"{name} must be >= {minimum}, got {getattr(self, name)}")
+        if self.pairing not in ("per_prompt", "split"):
+            raise ValueError(f"pairing must be 'per_prompt' or 'split', got {self.pairing!r}")
         if not 0.0 <= self.student_fraction <= 1.0:
             raise ValueError(f"student_fraction must lie in [0, 1], got {self.student_fraction}")
         if not self.lr > 0 or self.weight_decay < 0 or self.grad_clip < 0:
@@ -128,6 +131,14 @@ def generate(model, ids, mask, max_new_tokens: int, eos: int, sample: bool) -> t
     # Valid up to and including the first EOS; generate pads finished rows after it.
     valid = (torch.cumsum(is_eos.long(), dim=1) - is_eos.long()) == 0
     return tokens.masked_fill(~valid, 0), valid
+
+
+def pair_prompts(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Each prompt twice, for one student sample and one teacher output per prompt (§5.2).
+
+    Returns the doubled ids and mask and ``n_student`` for :func:`collect` (the first copy of every prompt).
+    """
+    return torch.cat([ids, ids]), torch.cat([mask, mask]), ids.shape[0]
 
 
 def collect(student, teacher, ids, mask, n_student: int, max_new_tokens: int, eos: int) -> Trajectories:
@@ -296,6 +307,8 @@ def run(config: GKDConfig) -> dict:
         # 1. Trajectories: student samples (on-policy) and teacher outputs for random training prompts.
         index = rng.integers(len(train_examples), size=config.batch_size)
         ids, mask = encode_prompts(env, [train_examples[i].source for i in index], config.prompt, device)
+        if config.pairing == "per_prompt":
+            ids, mask, n_student = pair_prompts(ids, mask)
         batch = collect(student, teacher, ids, mask, n_student, max_new_tokens, eos)
         with torch.no_grad():
             teacher_logits = logits_on(teacher, batch)[..., :vocab].float()

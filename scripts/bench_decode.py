@@ -19,7 +19,8 @@ for context.
 
 The default policy: a :class:`~agents.policy.StudentPolicy` around the student whose <τ> head has
 zero weight and a bias b, so that its <τ> logit is the constant b and it calls the teacher exactly
-where the student's top token logit is below b (its least confident positions). b is set by
+where the logsumexp of the student's token logits is below b, i.e. π(<τ>) > ½ (its flattest,
+least confident positions). b is set by
 bisection, on the batched prompts, so that Training Wheels decoding calls the teacher on the target
 fraction of the tokens (``call_rates``); the fraction measured at batch size 1 is the one reported
 and used. ``--policy DIR`` measures a trained policy instead (its own rate at ``budget``).
@@ -111,7 +112,8 @@ def calibrated_policy(student, teacher, ids: torch.Tensor, mask: torch.Tensor, n
     from agents.policy import StudentPolicy
 
     policy = StudentPolicy(student).to(student.device).eval()
-    # The student's top-token logits on its own greedy outputs bound the useful biases.
+    # Greedy decoding calls iff π(<τ>) > ½, i.e. iff the bias exceeds the logsumexp of the token
+    # logits; its values on the student's own greedy outputs bound the useful biases.
     alone = generate_alone(student, ids, mask, new_tokens)
     width = max(max(alone.lengths), 1)
     state = torch.zeros(len(alone.output_ids), width, dtype=torch.long, device=student.device)
@@ -121,7 +123,7 @@ def calibrated_policy(student, teacher, ids: torch.Tensor, mask: torch.Tensor, n
         valid[row, : len(out)] = True
     with torch.no_grad():
         logits = policy(ids.to(student.device), mask.to(student.device), state, valid.long()).float()
-    top = logits[..., : policy.vocab_size].max(dim=-1).values[valid]
+    top = torch.logsumexp(logits[..., : policy.vocab_size], dim=-1)[valid]
     lo, hi = float(top.min()) - 1.0, float(top.max()) + 1.0
     if rate <= 0:
         _set_call_bias(policy, -1e4)

@@ -119,6 +119,21 @@ def test_gkd_end_to_end_writes_a_loadable_draft_model(task, tmp_path):
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step-000003"
 
 
+def test_per_prompt_pairing_gives_every_prompt_a_student_sample_and_the_teachers_output(task):
+    env = gym.make(ENV_ID, disable_env_checker=True, **task["env_kwargs"]).unwrapped
+    student = gkd.load_seq2seq(task["env_kwargs"]["student"]).eval()
+    torch.manual_seed(0)
+    ids, mask = gkd.encode_prompts(env, [e.source for e in env.examples[:5]], gkd.PLAIN_PROMPT, "cpu")
+    paired_ids, paired_mask, n_student = gkd.pair_prompts(ids, mask)
+    assert n_student == 5 and torch.equal(paired_ids[:5], ids) and torch.equal(paired_ids[5:], ids)
+    batch = gkd.collect(student, env.teacher, paired_ids, paired_mask, n_student, env.max_new_tokens,
+                        env.tokenizer.eos_token_id)
+    assert batch.from_student.tolist() == [True] * 5 + [False] * 5
+    teacher_alone = gkd.generate(env.teacher, ids, mask, env.max_new_tokens, env.tokenizer.eos_token_id, sample=False)
+    width = teacher_alone[0].shape[1]
+    assert torch.equal(batch.tokens[5:, :width] * batch.mask[5:, :width], teacher_alone[0] * teacher_alone[1])
+
+
 def test_reverse_kl_updates_reduce_the_kl_on_a_fixed_batch(task):
     env = gym.make(ENV_ID, disable_env_checker=True, **task["env_kwargs"]).unwrapped
     student = gkd.load_seq2seq(task["env_kwargs"]["student"]).eval()
@@ -199,6 +214,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(task, tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(student_fraction=1.5), "student_fraction"),
+    (dict(pairing="both"), "pairing"),
     (dict(batch_size=0), "batch_size"),
     (dict(updates_per_batch=0), "updates_per_batch"),
     (dict(batches=-1), "batches"),
