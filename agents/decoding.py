@@ -270,6 +270,7 @@ def teacher_help_decode(
     with _eval_mode(policy, teacher):
         student = IncrementalDecoder(model, batch_size, max_new_tokens + 1)
         student.restart(torch.arange(batch_size), input_ids, attention_mask)
+        prompt = policy.prompt_features(student.encoder_states, student.encoder_mask)  # once, not per step
         helper = _CatchUpTeacher(
             teacher, teacher_input_ids.to(teacher.device), teacher_attention_mask.to(teacher.device), max_new_tokens
         )
@@ -278,7 +279,7 @@ def teacher_help_decode(
         for n in range(max_new_tokens):
             if bool(out.done.all()):
                 break
-            logits = policy.step_head(student, x_in).float()  # [B, V+1]
+            logits = policy.step_head(student, x_in, prompt).float()  # [B, V+1]
             forwards += 1
             if budget_cap is not None:
                 # Every live row has produced n tokens, so the token now chosen is number n+1.
@@ -286,7 +287,8 @@ def teacher_help_decode(
                 logits[:, vocab] = torch.where(
                     over, torch.full_like(logits[:, vocab], -math.inf), logits[:, vocab]
                 )
-            action = choose_actions(logits)  # greedy: call iff π(<τ>) > ½, else the top token
+            # Greedy: call iff π(<τ>) > ½, else the top token (a capped row's <τ> logit is −inf).
+            action = choose_actions(logits)
             call = (action == vocab) & ~out.done
             token = action
             if bool(call.any()):

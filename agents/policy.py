@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,22 @@ from tw_env.incremental import IncrementalDecoder
 from tw_env.models import lm_head_logits, load_seq2seq, output_vocab_size
 
 EXTRA_WEIGHTS = "training_wheels.safetensors"
+
+
+@dataclass
+class PromptFeatures:
+    """What the policy reads from the prompt, computed once per episode (not at every step).
+
+    ``summary`` ``[B, d]`` is added to every decoder input; ``call_bias`` ``[B, 1]`` to the <τ> logit.
+    """
+
+    summary: torch.Tensor
+    call_bias: torch.Tensor
+
+    def assign(self, rows: torch.Tensor, other: PromptFeatures) -> None:
+        """Overwrite ``rows`` with ``other``'s features (rows whose episodes restarted)."""
+        self.summary[rows] = other.summary.to(self.summary.dtype)
+        self.call_bias[rows] = other.call_bias.to(self.call_bias.dtype)
 EXTRA_CONFIG = "training_wheels.json"
 
 
@@ -82,11 +100,6 @@ class _Seq2SeqStateModel(nn.Module):
         mean = self.prompt_mean(encoder_states, encoder_mask)
         return self.prompt_summary(mean.to(self.prompt_summary.weight.dtype)).to(encoder_states.dtype)
 
-    def step_inputs(self, decoder: IncrementalDecoder, ids: torch.Tensor) -> torch.Tensor:
-        """Decoder input embeddings ``[B, d]`` of X^(in) tokens ``ids`` for an incremental step."""
-        embeds = self.state_embedding(self.model.get_input_embeddings(), ids)
-        return embeds + self.prompt_vector(decoder.encoder_states, decoder.encoder_mask).to(embeds.dtype)
-
     def encode(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         return self.model.get_encoder()(input_ids=prompt_ids, attention_mask=prompt_mask).last_hidden_state
 
@@ -143,19 +156,21 @@ class StudentPolicy(_Seq2SeqStateModel):
     def teacher_action(self) -> int:
         return self.vocab_size
 
-    def head(self, decoder_states: torch.Tensor, prompt_mean: torch.Tensor) -> torch.Tensor:
-        """Logits over V + 1 actions from final decoder states ``[B, (T,) d]``.
+    def prompt_features(self, encoder_states: torch.Tensor, encoder_mask: torch.Tensor) -> PromptFeatures:
+        """The per-episode prompt reads: the decoder-input summary and the <τ> logit's prompt part."""
+        mean = self.prompt_mean(encoder_states, encoder_mask)
+        summary = self.prompt_summary(mean.to(self.prompt_summary.weight.dtype)).to(encoder_states.dtype)
+        return PromptFeatures(summary, self.call_prompt(mean.to(self.call_prompt.weight.dtype)))
 
-        ``prompt_mean`` is ``[B, d]``, :meth:`prompt_mean` of the encoder states.
-        """
+    def head(self, decoder_states: torch.Tensor, prompt: PromptFeatures) -> torch.Tensor:
+        """Logits over V + 1 actions from final decoder states ``[B, (T,) d]`` and the prompt's features."""
         token_logits = lm_head_logits(self.model, decoder_states)
         dtype = self.call_head.weight.dtype
         log_probs = torch.log_softmax(token_logits.detach().to(dtype), dim=-1)
-        confidence = torch.stack([log_probs.max(dim=-1).values, -(log_probs.exp() * log_probs).sum(-1)], dim=-1)
-        prompt_part = self.call_prompt(prompt_mean.to(dtype))  # [B, 1]
-        if decoder_states.dim() == 3:
-            prompt_part = prompt_part[:, None]
-        call_logit = self.call_head(decoder_states.to(dtype)) + self.call_confidence(confidence) + prompt_part
+        entropy = -torch.linalg.vecdot(log_probs.exp(), log_probs)
+        confidence = torch.stack([log_probs.max(dim=-1).values, entropy], dim=-1)
+        call_bias = prompt.call_bias if decoder_states.dim() == 2 else prompt.call_bias[:, None]
+        call_logit = self.call_head(decoder_states.to(dtype)) + self.call_confidence(confidence) + call_bias
         return torch.cat([token_logits, call_logit.to(token_logits.dtype)], dim=-1)
 
     def forward(
@@ -164,12 +179,16 @@ class StudentPolicy(_Seq2SeqStateModel):
         """Logits ``[B, T, V+1]``: position i is π(· | X^(in)_<i, Y), i.e. the distribution of action i."""
         encoded = self.encode(prompt_ids, prompt_mask)
         states = self.decoder_states(prompt_ids, prompt_mask, state_ids, state_mask, encoded)
-        return self.head(states[:, :-1], self.prompt_mean(encoded, prompt_mask))
+        return self.head(states[:, :-1], self.prompt_features(encoded, prompt_mask))
 
-    def step_head(self, decoder: IncrementalDecoder, ids: torch.Tensor) -> torch.Tensor:
-        """``[B, V+1]`` logits of one incremental step that feeds X^(in) tokens ``ids`` to ``decoder``."""
-        states = decoder.step(inputs_embeds=self.step_inputs(decoder, ids))
-        return self.head(states, self.prompt_mean(decoder.encoder_states, decoder.encoder_mask))
+    def step_head(self, decoder: IncrementalDecoder, ids: torch.Tensor, prompt: PromptFeatures) -> torch.Tensor:
+        """``[B, V+1]`` logits of one incremental step that feeds X^(in) tokens ``ids`` to ``decoder``.
+
+        ``prompt`` is :meth:`prompt_features` of the decoder's encoder states (computed once per episode).
+        """
+        embeds = self.state_embedding(self.model.get_input_embeddings(), ids)
+        states = decoder.step(inputs_embeds=embeds + prompt.summary.to(embeds.dtype))
+        return self.head(states, prompt)
 
     def rollout(self, num_rows: int, max_episode_len: int) -> PolicyRollout:
         return PolicyRollout(self, num_rows, max_episode_len)
@@ -252,18 +271,18 @@ def choose_actions(logits: torch.Tensor, temperature: float = 0.0, generator: to
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     logits = logits.float()
-    token_logits, call_logit = logits[:, :-1], logits[:, -1]
-    call_margin = call_logit - torch.logsumexp(token_logits, dim=-1)  # log π(<τ>) − log(1 − π(<τ>))
+    token_logits = logits[:, :-1]
     if temperature == 0:
-        call = call_margin > 0
+        call = torch.log_softmax(logits, dim=-1)[:, -1] > -math.log(2.0)  # π(<τ>) > ½, in one fused op
         token = token_logits.argmax(dim=-1)
     else:
+        call_margin = logits[:, -1] - torch.logsumexp(token_logits, dim=-1)  # log π(<τ>) − log(1 − π(<τ>))
         if generator is None:
             raise ValueError("sampling (temperature > 0) needs a torch.Generator")
         u = torch.rand(len(logits), generator=generator, device=generator.device).to(logits.device)
         call = u < torch.sigmoid(call_margin / temperature)
         token = _sample_categorical(token_logits / temperature, generator)
-    return torch.where(call, torch.full_like(token, logits.shape[-1] - 1), token)
+    return token.masked_fill(call, logits.shape[-1] - 1)
 
 
 def _sample_categorical(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -294,6 +313,7 @@ class PolicyRollout:
     def __init__(self, policy: StudentPolicy, num_rows: int, max_episode_len: int):
         self.policy = policy
         self.decoder = IncrementalDecoder(policy.model, num_rows, max_episode_len)
+        self.prompt: PromptFeatures | None = None  # per row, refreshed when a row's episode starts
 
     @torch.no_grad()
     def logits(self, obs: dict[str, np.ndarray]) -> torch.Tensor:
@@ -303,6 +323,13 @@ class PolicyRollout:
         new = torch.nonzero(length == 0).squeeze(-1)
         if len(new):
             self.decoder.restart(new, t["prompt_ids"][new], t["prompt_mask"][new])
+            fresh = self.policy.prompt_features(self.decoder.encoder_states[new], self.decoder.encoder_mask[new])
+            if self.prompt is None:
+                if len(new) != len(length):
+                    raise RuntimeError("the first observation must start an episode in every row")
+                self.prompt = fresh
+            else:
+                self.prompt.assign(new, fresh)
         last = t["state_ids"].gather(1, (length - 1).clamp(min=0)[:, None]).squeeze(1)
         tokens = torch.where(length == 0, torch.full_like(last, self.policy.start_token_id), last)
-        return self.policy.step_head(self.decoder, tokens).float()
+        return self.policy.step_head(self.decoder, tokens, self.prompt).float()

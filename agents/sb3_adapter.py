@@ -312,7 +312,7 @@ class LMActorCriticPolicy(ActorCriticPolicy):
             )
             current = states[rows, index]  # the state after the last action: position L of [B, T+1]
             if need_logits:
-                logits = self.student.head(current, self.student.prompt_mean(encoded, t["prompt_mask"])).float()
+                logits = self.student.head(current, self.student.prompt_features(encoded, t["prompt_mask"])).float()
             if need_values and self.value_model == "head":
                 values = self.value_head(current.detach().to(self.value_head[0].weight.dtype)).float()
         if need_values and self.value_model == "network":

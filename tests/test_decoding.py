@@ -170,8 +170,8 @@ class ScheduledPolicy(StudentPolicy):
         self.call_steps = call_steps
         self.step = 0
 
-    def head(self, decoder_states, prompt_mean):
-        logits = super().head(decoder_states, prompt_mean).clone()
+    def head(self, decoder_states, prompt):
+        logits = super().head(decoder_states, prompt).clone()
         logits[..., -1] = 1e4 if self.step in self.call_steps else -1e4
         self.step += 1
         return logits

@@ -182,3 +182,4 @@ def test_choose_actions_rejects_bad_input(logits, temperature):
 def test_sampling_needs_a_generator():
     with pytest.raises(ValueError, match="Generator"):
         choose_actions(torch.zeros(2, 3), 0.5)
+
