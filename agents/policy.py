@@ -1,6 +1,8 @@
 """The student policy π over V ∪ {<τ>}, and the value network, both around a transformers seq2seq LM.
 
-- One extra output logit for <τ> (a linear head on the decoder's final state, next to the LM head).
+- One extra output logit for <τ>: a linear read of the decoder's final state (next to the LM head),
+  of the student's confidence in its own next token, and of the prompt (see :class:`StudentPolicy`).
+- :func:`choose_actions`: how the policy acts, deciding the call first and then the token.
 - X^(in) is embedded as in Eq. 15: a student token x as Embed(x), a teacher token t (stored as t + V)
   as Embed(t) + β, with β a learnable vector.
 - Full teacher-forced forwards for training; :class:`PolicyRollout` for incremental decoding with a
@@ -27,6 +29,7 @@ from tw_env.incremental import IncrementalDecoder
 from tw_env.models import lm_head_logits, load_seq2seq, output_vocab_size
 
 EXTRA_WEIGHTS = "training_wheels.safetensors"
+EXTRA_CONFIG = "training_wheels.json"
 
 
 @dataclass
@@ -43,7 +46,6 @@ class PromptFeatures:
         """Overwrite ``rows`` with ``other``'s features (rows whose episodes restarted)."""
         self.summary[rows] = other.summary.to(self.summary.dtype)
         self.call_bias[rows] = other.call_bias.to(self.call_bias.dtype)
-EXTRA_CONFIG = "training_wheels.json"
 
 
 def decoder_inputs(state_ids: torch.Tensor, start_token_id: int) -> torch.Tensor:

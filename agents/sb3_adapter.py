@@ -41,7 +41,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
 from agents.objectives import lagrange_step
-from agents.policy import StudentPolicy, ValueNetwork
+from agents.policy import StudentPolicy, ValueNetwork, choose_actions
 
 # ---------------------------------------------------------------------------------------------- env
 
@@ -323,7 +323,7 @@ class LMActorCriticPolicy(ActorCriticPolicy):
     def forward(self, obs, deterministic: bool = False):
         logits, values = self._evaluate(obs)
         distribution = self.action_dist.proba_distribution(action_logits=logits)
-        actions = distribution.get_actions(deterministic=deterministic)
+        actions = choose_actions(logits) if deterministic else distribution.get_actions()
         return actions.reshape((-1, *self.action_space.shape)), values, distribution.log_prob(actions)
 
     def evaluate_actions(self, obs, actions: torch.Tensor):
@@ -339,7 +339,11 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         return self._evaluate(obs, need_logits=False)[1]
 
     def _predict(self, observation, deterministic: bool = False) -> torch.Tensor:
-        return self.get_distribution(observation).get_actions(deterministic=deterministic)
+        # Deterministic means the greedy rule of every decoder here (call iff π(<τ>) > ½, else the
+        # top token), not SB3's argmax over V + 1; sampling is the categorical over V + 1 either way.
+        if deterministic:
+            return choose_actions(self._evaluate(observation, need_values=False)[0])
+        return self.get_distribution(observation).get_actions()
 
 
 def _scale_lr(optimizer, args, kwargs) -> None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tw_env  # noqa: F401  (registers the tasks)
-from agents.policy import StudentPolicy
+from agents.policy import StudentPolicy, choose_actions
 from agents.sb3_adapter import LagrangeCallback, LMActorCriticPolicy, SB3VecEnvAdapter
 
 MAX_NEW_TOKENS = 6
@@ -198,6 +198,10 @@ def test_policy_distribution_is_the_students_log_softmax(assets):
         torch.testing.assert_close(log_prob, expected.gather(1, actions[:, None]).squeeze(1), atol=1e-5, rtol=1e-5)
         assert values.shape == (len(lengths), 1) and entropy.shape == (len(lengths),)
         assert policy.predict_values(tensors).shape == (len(lengths), 1)
+        # Deterministic actions follow the decoders' greedy rule (call iff π(<τ>) > ½), in both paths.
+        greedy = choose_actions(expected)
+        assert torch.equal(policy._predict(tensors, deterministic=True), greedy)
+        assert torch.equal(policy(tensors, deterministic=True)[0], greedy)
 
     # With a separate ValueNetwork (a copy of the student) the distribution is the same.
     network = LMActorCriticPolicy(adapter.observation_space, adapter.action_space, lambda _: 1e-4,
