@@ -77,7 +77,7 @@ class TrainConfig:
     value_lr: float = 1e-6  # value-network learning rate (§5.2)
     value_weight_decay: float = 1e-6  # value-network weight decay (§5.2)
     grad_clip: float = 1.0  # gradient-norm clip for both networks (0: off)
-    lagrange_lr: float = 1e-2  # η of λ_b ← clip(λ_b + η(f_b − b), 0, cap) (§5.2)
+    lagrange_lr: float = 1e-2  # η of λ_b ← clip(λ_b + η(f_b − b), floor, cap) (§5.2)
     lagrange_cap: float = 2.0  # upper bound of λ_b (§5.2)
     lagrange_floor: float = 0.0  # lower bound of λ_b: 0 makes b a ceiling (the paper), < 0 a target (f = b)
     reward_clip: float = 2.0  # Eq. 17 rewards are clipped to [−clip, clip] (§2.4.2)

@@ -341,6 +341,8 @@ def _env_episode(envs, options: dict, action: int, new_tokens: int) -> None:
 
 def _rollout_episode(envs, policy, options: dict, new_tokens: int, eos: int, generator: torch.Generator) -> None:
     """One on-policy episode as phase 2 collects it (sampled actions), kept to exactly N steps."""
+    from agents.policy import choose_actions
+
     obs, _ = envs.reset(options=options)
     base = envs.unwrapped
     vocab = policy.vocab_size
@@ -350,8 +352,7 @@ def _rollout_episode(envs, policy, options: dict, new_tokens: int, eos: int, gen
         logits[:, eos] = -math.inf
         teacher_eos = base.batch.teacher_logprobs.argmax(dim=-1).to(logits.device) == eos
         logits[:, vocab] = torch.where(teacher_eos, -math.inf, logits[:, vocab])
-        probs = torch.softmax(logits, dim=-1)
-        actions = torch.multinomial(probs, 1, generator=generator).squeeze(-1).cpu().numpy()
+        actions = choose_actions(logits, 1.0, generator).cpu().numpy()  # as the trainer samples
         obs, _, terminated, _, _ = envs.step(actions)
         if terminated.any():
             raise RuntimeError("a rollout episode ended early")
