@@ -107,18 +107,21 @@ class _Seq2SeqStateModel(nn.Module):
 
     def decoder_states(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, state_ids: torch.Tensor, state_mask: torch.Tensor,
-        encoded: torch.Tensor | None = None,
+        encoded: torch.Tensor | None = None, summary: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final decoder states ``[B, T+1, d]`` for every state s_0..s_T of the episodes.
 
-        ``encoded`` (the encoder's output for the prompts) is computed when not given.
+        ``encoded`` (the encoder's output for the prompts) and ``summary`` (:meth:`prompt_vector`
+        of it) are computed when not given.
         """
         inputs = decoder_inputs(state_ids, self.start_token_id)
         mask = torch.cat([torch.ones_like(state_mask[:, :1]), state_mask], dim=1).long()
         if encoded is None:
             encoded = self.encode(prompt_ids, prompt_mask)
+        if summary is None:
+            summary = self.prompt_vector(encoded, prompt_mask)
         embeds = self.state_embedding(self.model.get_input_embeddings(), inputs)
-        embeds = embeds + self.prompt_vector(encoded, prompt_mask)[:, None].to(embeds.dtype)
+        embeds = embeds + summary[:, None].to(embeds.dtype)
         out = self.model.get_decoder()(
             inputs_embeds=embeds, attention_mask=mask, encoder_hidden_states=encoded,
             encoder_attention_mask=prompt_mask, use_cache=False,
@@ -180,8 +183,9 @@ class StudentPolicy(_Seq2SeqStateModel):
     ) -> torch.Tensor:
         """Logits ``[B, T, V+1]``: position i is π(· | X^(in)_<i, Y), i.e. the distribution of action i."""
         encoded = self.encode(prompt_ids, prompt_mask)
-        states = self.decoder_states(prompt_ids, prompt_mask, state_ids, state_mask, encoded)
-        return self.head(states[:, :-1], self.prompt_features(encoded, prompt_mask))
+        prompt = self.prompt_features(encoded, prompt_mask)
+        states = self.decoder_states(prompt_ids, prompt_mask, state_ids, state_mask, encoded, prompt.summary)
+        return self.head(states[:, :-1], prompt)
 
     def step_head(self, decoder: IncrementalDecoder, ids: torch.Tensor, prompt: PromptFeatures) -> torch.Tensor:
         """``[B, V+1]`` logits of one incremental step that feeds X^(in) tokens ``ids`` to ``decoder``.
@@ -326,9 +330,7 @@ class PolicyRollout:
         if len(new):
             self.decoder.restart(new, t["prompt_ids"][new], t["prompt_mask"][new])
             fresh = self.policy.prompt_features(self.decoder.encoder_states[new], self.decoder.encoder_mask[new])
-            if self.prompt is None:
-                if len(new) != len(length):
-                    raise RuntimeError("the first observation must start an episode in every row")
+            if self.prompt is None:  # the first restart covers every row (the decoder insists on it)
                 self.prompt = fresh
             else:
                 self.prompt.assign(new, fresh)

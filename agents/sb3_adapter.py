@@ -307,12 +307,13 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         logits = values = None
         if need_logits or self.value_model == "head":
             encoded = self.student.encode(t["prompt_ids"], t["prompt_mask"])
+            prompt = self.student.prompt_features(encoded, t["prompt_mask"])
             states = self.student.decoder_states(
-                t["prompt_ids"], t["prompt_mask"], t["state_ids"], t["state_mask"], encoded
+                t["prompt_ids"], t["prompt_mask"], t["state_ids"], t["state_mask"], encoded, prompt.summary
             )
             current = states[rows, index]  # the state after the last action: position L of [B, T+1]
             if need_logits:
-                logits = self.student.head(current, self.student.prompt_features(encoded, t["prompt_mask"])).float()
+                logits = self.student.head(current, prompt).float()
             if need_values and self.value_model == "head":
                 values = self.value_head(current.detach().to(self.value_head[0].weight.dtype)).float()
         if need_values and self.value_model == "network":

@@ -685,10 +685,17 @@ def test_a_bad_teacher_prompt_is_refused(word_t5_dir, word_tokenizer_dir, templa
 
 
 def test_registered_tasks_give_the_teacher_a_budget_free_prompt():
+    import inspect
+
+    from tw_env import registration
     from tw_env.registration import HUB_TEACHER_PROMPT, SYNTHETIC_TEACHER_PROMPT
 
     for env_id in ("TrainingWheels-XSum-v0", "TrainingWheels-WMT19-v0"):
         assert gym.spec(env_id).entry_point is not None
+    for factory in (registration.make_xsum_env, registration.make_wmt19_vector_env):
+        assert inspect.signature(factory).parameters["teacher_prompt"].default == HUB_TEACHER_PROMPT
+    for factory in (registration.make_synthetic_env, registration.make_synthetic_vector_env):
+        assert inspect.signature(factory).parameters["teacher_prompt"].default == SYNTHETIC_TEACHER_PROMPT
     assert "teacher use" not in HUB_TEACHER_PROMPT.format(instruction="summarize", source="x")
     # The embedded teacher was trained on budget prompts only: it reads the fixed "no" one.
     assert SYNTHETIC_TEACHER_PROMPT.format(instruction="i", source="s") == make_prompt("i", "s", 0.0)
