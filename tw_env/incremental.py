@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-from tw_env.models import lm_head_logits
+from tw_env.models import cache_keyword, lm_head_logits
 
 
 class IncrementalDecoder:
@@ -40,6 +40,7 @@ class IncrementalDecoder:
         self.self_mask = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)  # [B, clock]
         self.start = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # episode start per row
         self.cache: EncoderDecoderCache | None = None
+        self._cache_keyword = cache_keyword(model.get_decoder())
 
     # ------------------------------------------------------------------ restarts
     def restart(self, rows: torch.Tensor | list[int], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
@@ -112,8 +113,8 @@ class IncrementalDecoder:
             attention_mask=self.self_mask,
             encoder_hidden_states=self.encoder_states,
             encoder_attention_mask=self.encoder_mask,
-            past_key_values=self.cache,
             use_cache=True,
+            **{self._cache_keyword: self.cache},
         )
         self._compact()
         return out.last_hidden_state[:, -1] if single else out.last_hidden_state

@@ -6,7 +6,9 @@ transformers ships are loaded, and weights come from safetensors files.
 
 from __future__ import annotations
 
+import inspect
 import os
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -107,6 +109,21 @@ def check_same_vocabulary(teacher: PreTrainedModel, student_vocab_size: int, stu
             "(e.g. FLAN-T5-small with FLAN-T5-XL, both 32,128)."
         )
     return teacher_v
+
+
+@cache
+def _cache_keyword_of(forward_signature: inspect.Signature) -> str:
+    return "cache" if "cache" in forward_signature.parameters else "past_key_values"
+
+
+def cache_keyword(module: torch.nn.Module) -> str:
+    """The name under which ``module.forward`` takes a KV cache: ``cache`` or ``past_key_values``.
+
+    transformers 5.2x renamed ``past_key_values`` to ``cache`` (the old name warns and goes in 5.40);
+    the oldest release we support only knows the old one. Reading the signature keeps our calls on
+    the current name without a version table.
+    """
+    return _cache_keyword_of(inspect.signature(module.forward))
 
 
 def lm_head_logits(model: PreTrainedModel, decoder_hidden: torch.Tensor) -> torch.Tensor:
