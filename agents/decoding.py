@@ -30,14 +30,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from agents.objectives import confidence_fallback, lossy_speculative_accept_length
+from agents.objectives import (
+    CAP_RULES,
+    budget_allowance,
+    confidence_fallback,
+    lossy_speculative_accept_length,
+)
 from agents.policy import StudentPolicy, choose_actions
 from tw_env.incremental import IncrementalDecoder
 from tw_env.models import check_same_vocabulary, output_vocab_size
-
-# A budget b·n that is an integer in decimal (0.3·10) may be 3.0000000000000004 in binary floating point;
-# without this slack ⌈b·n⌉ would allow one call too many at such n.
-_BUDGET_SLACK = 1e-9
 
 
 @dataclass
@@ -80,11 +81,6 @@ class DecodeResult:
 def decode_text(result: DecodeResult, tokenizer) -> list[str]:
     """The output of every row as text (special tokens such as EOS skipped)."""
     return tokenizer.batch_decode(result.output_ids, skip_special_tokens=True)
-
-
-def budget_allowance(budget_cap: float, length: int) -> int:
-    """⌈b·n⌉: the most teacher calls a row of ``length`` output tokens may have under cap b."""
-    return math.ceil(budget_cap * length - _BUDGET_SLACK)
 
 
 # --------------------------------------------------------------------------------------------- plumbing
@@ -229,6 +225,8 @@ def teacher_help_decode(
     budget_cap: float | None = None,
     teacher_input_ids: torch.Tensor | None = None,
     teacher_attention_mask: torch.Tensor | None = None,
+    *,
+    cap_rule: str = "rounded_up",
 ) -> DecodeResult:
     """Training Wheels at test time: the student decodes greedily over V+1 actions and calls the teacher.
 
@@ -238,10 +236,22 @@ def teacher_help_decode(
         input_ids, attention_mask: ``[B, L]`` prompts (including the budget keyword), right-padded.
         max_new_tokens: the most output tokens per row.
         budget_cap: optional hard cap b ∈ [0, 1]: at the step that would produce output token n
-            (1-based) <τ> is allowed only if calls_so_far + 1 ≤ ⌈b·n⌉ (otherwise the best token of V is
-            taken), so every prefix, and hence the whole output, has at most ⌈b·length⌉ calls.
+            (1-based) <τ> is allowed only if calls_so_far + 1 ≤ A(b, n), the allowance of ``cap_rule``
+            (:func:`~agents.objectives.budget_allowance`); otherwise the best token of V is taken. So
+            every prefix, and hence the whole output, has at most A(b, length) calls. ``None``: no cap.
         teacher_input_ids, teacher_attention_mask: the teacher's own prompts C^(T) (e.g. without the
             budget keyword; see the env's ``teacher_prompt``); by default the teacher reads ``input_ids``.
+        cap_rule: which allowance the cap uses (ignored without ``budget_cap``; checked anyway):
+
+            - ``"rounded_up"`` (the default): A = ⌈b·n⌉. A cap on the rate that lets every b > 0 call
+              at the first token, but not a guarantee per output: an output of n tokens may exceed b
+              by less than one call (teacher fraction < b + 1/n; b = 0.1 and 9 tokens: 1 call, 11%).
+            - ``"guaranteed"``: A = ⌊b·n⌋. Every output's teacher fraction is ≤ b, whatever its
+              length and whatever token ends it (the cap holds at every prefix, and each decision is
+              taken before it is known whether the next token is the last); no call is possible
+              before b·n reaches 1.
+
+            Both agree where b·n is an integer (up to a 1e-9 float slack: 0.3·10 counts as 3).
 
     One student forward per token for all rows; the student reads X^(in) (a teacher token t as t+V,
     Eq. 15). When any row emits <τ>, the teacher catches up on X^(out) in one forward and the calling
@@ -250,6 +260,8 @@ def teacher_help_decode(
     _check_inputs(input_ids, attention_mask, max_new_tokens)
     if budget_cap is not None and not 0.0 <= budget_cap <= 1.0:
         raise ValueError(f"budget_cap must lie in [0, 1], got {budget_cap}")
+    if cap_rule not in CAP_RULES:
+        raise ValueError(f"cap_rule must be one of {list(CAP_RULES)}, got {cap_rule!r}")
     model = policy.model
     vocab = policy.vocab_size
     check_same_vocabulary(teacher, vocab)
@@ -283,7 +295,7 @@ def teacher_help_decode(
             forwards += 1
             if budget_cap is not None:
                 # Every live row has produced n tokens, so the token now chosen is number n+1.
-                over = out.teacher.sum(dim=1) + 1 > budget_allowance(budget_cap, n + 1)
+                over = out.teacher.sum(dim=1) + 1 > budget_allowance(budget_cap, n + 1, cap_rule)
                 logits[:, vocab] = torch.where(
                     over, torch.full_like(logits[:, vocab], -math.inf), logits[:, vocab]
                 )

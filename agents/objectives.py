@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "CAP_RULES",
+    "budget_allowance",
     "confidence_fallback",
     "forward_kl",
     "lagrange_step",
@@ -513,3 +515,59 @@ def confidence_fallback(student_logprobs_over_V: Tensor, threshold: float) -> Te
         raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
     # The top probability is ≥ 1/V, so exponentiating the max log-prob cannot underflow.
     return student_logprobs_over_V.max(dim=-1).values.exp() < threshold
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. The test-time budget cap (agents.decoding.teacher_help_decode)
+# ---------------------------------------------------------------------------------------------
+
+CAP_RULES = ("rounded_up", "guaranteed")
+"""The two hard budget caps: ``"rounded_up"`` allows ⌈b·n⌉ calls, ``"guaranteed"`` ⌊b·n⌋."""
+
+# b·n that is an integer in decimal (0.3·10) may be 3.0000000000000004 or 2.9999999999999996 in
+# binary floating point; within this slack of an integer it is taken as that integer, so that
+# ⌈b·n⌉ allows no call too many and ⌊b·n⌋ none too few.
+_BUDGET_SLACK = 1e-9
+
+
+def budget_allowance(budget_cap: float, length: int, cap_rule: str = "rounded_up") -> int:
+    """The most teacher calls a prefix of ``length`` output tokens may hold under the hard cap b.
+
+    A capped decoder allows <τ> at the step that would produce output token n (1-based) only if
+    calls_so_far + 1 ≤ ``budget_allowance(b, n)``, so every prefix, and hence the whole output,
+    holds at most the allowance of its length. The two rules (:data:`CAP_RULES`):
+
+    - ``"rounded_up"``: ⌈b·n⌉. Any b > 0 allows a call at the very first token, and an output of n
+      tokens may exceed b by less than one call: teacher fraction < b + 1/n (b = 0.1 and a 9-token
+      output: 1 call, 11%). A cap on the *rate*, not a guarantee on each output.
+    - ``"guaranteed"``: ⌊b·n⌋. Every output of any length n has calls ≤ ⌊b·n⌋ ≤ b·n, i.e. teacher
+      fraction ≤ b, whatever token ends it: the cap holds at every prefix, and the decision at token
+      n + 1 is taken before it is known whether that token is the last. The price: no call before
+      b·n reaches 1 (b = 0.1: none in the first 9 tokens).
+
+    Both agree wherever b·n is an integer. A b·n within ``_BUDGET_SLACK`` (1e-9) of an integer is
+    taken as that integer (b = 0.3, n = 10 gives 3 under both rules, although 0.3·10 is
+    3.0000000000000004 in binary floating point).
+
+    Args:
+        budget_cap: b ∈ [0, 1].
+        length: n ≥ 0, the prefix length in output tokens.
+        cap_rule: ``"rounded_up"`` (the default) or ``"guaranteed"``.
+
+    Returns:
+        The allowance, an int in [0, n].
+
+    Examples (by hand): b = 0.1: n = 9 → 1 rounded up, 0 guaranteed; n = 10 → 1 and 1. b = 0.3,
+    n = 7 → 3 and 2. b = 0 → 0 and b = 1 → n under both rules.
+    """
+    if cap_rule not in CAP_RULES:
+        raise ValueError(f"cap_rule must be one of {list(CAP_RULES)}, got {cap_rule!r}")
+    # `not (0 <= b <= 1)` also rejects NaN.
+    if not 0.0 <= budget_cap <= 1.0:
+        raise ValueError(f"budget_cap must lie in [0, 1], got {budget_cap!r}")
+    if length < 0:
+        raise ValueError(f"length must be >= 0, got {length}")
+    exact = budget_cap * length
+    if cap_rule == "rounded_up":
+        return math.ceil(exact - _BUDGET_SLACK)
+    return math.floor(exact + _BUDGET_SLACK)

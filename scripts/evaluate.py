@@ -6,7 +6,11 @@ The methods (the paper's §3.1 and Figures 1–2, plus two reference points):
 - ``teacher``: the teacher alone, same prompt.
 - ``training_wheels``: a trained :class:`~agents.policy.StudentPolicy` that calls the teacher with
   <τ> (:func:`~agents.decoding.teacher_help_decode`), one row per budget, prompted with the budget
-  keyword of Table 1 (``"With {keyword} teacher use, {instruction}: {source}"``).
+  keyword of Table 1 (``"With {keyword} teacher use, {instruction}: {source}"``). ``budget_cap``
+  optionally adds a hard cap at b: ``"rounded_up"`` (⌈b·n⌉ calls in every prefix; a short output
+  may exceed b by less than one call) or ``"guaranteed"`` (⌊b·n⌋; every output's teacher fraction
+  ≤ b). The rule is the ``budget_cap`` column of every Training Wheels row, and a guaranteed cap
+  is also in its setting label (``"b=0.1 guaranteed cap"``).
 - ``distillspec``: lossy greedy speculative decoding (Appendix 5.3, Algorithm 1) with the GKD
   draft model (``tw gkd``), one row per draft length × lenience; plain prompt.
 - ``speculative``: the same decoder with the plain student as the draft (no GKD); run by default
@@ -54,6 +58,9 @@ from tw_env.metrics import quality
 from tw_env.models import load_seq2seq, resolve_device
 
 METHODS = ("student", "teacher", "training_wheels", "distillspec", "speculative", "fallback")
+BUDGET_CAPS = ("off", "rounded_up", "guaranteed")  # "off", then agents.objectives.CAP_RULES
+# Configs written when budget_cap was a bool (JSON true/false, or `--budget-cap true` on the command line).
+_LEGACY_BUDGET_CAPS = {True: "rounded_up", False: "off", "true": "rounded_up", "false": "off"}
 PLAIN_PROMPT = "{instruction}: {source}"
 
 CSV_COLUMNS = [
@@ -62,7 +69,7 @@ CSV_COLUMNS = [
     "batched_tokens_per_s", "examples", "device",
     # Beyond the columns the figures need:
     "batched_examples_per_s", "latency_ms_mean", "latency_examples", "output_tokens_per_example",
-    "student_forwards_per_example",
+    "student_forwards_per_example", "budget_cap",
 ]
 
 
@@ -81,7 +88,7 @@ class EvalConfig:
     methods: list | None = None  # among student, teacher, training_wheels, distillspec, speculative, fallback (None: all available)
     tw_policy: str | None = None  # a trained Training Wheels policy directory (e.g. runs/tw/best)
     budgets: list = field(default_factory=lambda: list(BUDGETS))  # Training Wheels budgets (Table 1 keywords)
-    budget_cap: bool = False  # Training Wheels: forbid <τ> beyond ceil(b * n) calls in every prefix
+    budget_cap: str = "off"  # Training Wheels hard cap at b: "off"; "rounded_up" (<= ceil(b*n) calls in every prefix, a short output may exceed b by under one call); "guaranteed" (<= floor(b*n): every output's teacher fraction <= b). true/false mean rounded_up/off
     student: str | None = None  # plain student for the student-alone and speculative rows (None: the task's student)
     draft: str | None = None  # DistillSpec's GKD draft model directory (tw gkd's OUTPUT_DIR/best)
     lenience: list = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])  # speculative lenience values l
@@ -93,7 +100,19 @@ class EvalConfig:
     latency_examples: int = 64  # examples timed one at a time (batch size 1); 0 skips latency
     warmup: int = 3  # untimed batch-size-1 examples before the timed ones
 
+    def __post_init__(self) -> None:
+        # Booleans of configs older than the two rules; anything else is left to validate().
+        if isinstance(self.budget_cap, bool) or str(self.budget_cap).lower() in ("true", "false"):
+            self.budget_cap = _LEGACY_BUDGET_CAPS[
+                self.budget_cap if isinstance(self.budget_cap, bool) else self.budget_cap.lower()
+            ]
+
     def validate(self) -> None:
+        if self.budget_cap not in BUDGET_CAPS:
+            raise ValueError(
+                f"budget_cap must be one of {list(BUDGET_CAPS)} (or true/false for rounded_up/off), "
+                f"got {self.budget_cap!r}"
+            )
         if self.examples < 1 or self.batch_size < 1:
             raise ValueError(f"examples and batch_size must be >= 1, got {self.examples} and {self.batch_size}")
         if self.latency_examples < 0 or self.warmup < 0 or self.threads < 0:
@@ -142,6 +161,7 @@ class Setting:
     lenience: float | None = None
     draft_length: int | None = None
     threshold: float | None = None
+    budget_cap: str | None = None  # Training Wheels: "off", "rounded_up" or "guaranteed"; None for the other methods
 
 
 def build_settings(config: EvalConfig, env, device: torch.device) -> list[Setting]:
@@ -180,13 +200,17 @@ def build_settings(config: EvalConfig, env, device: torch.device) -> list[Settin
                 "teacher", "alone", lambda i, m: generate_alone(teacher, i, m, max_new, is_teacher=True)))
         elif method == "training_wheels":
             policy = StudentPolicy.load(config.tw_policy, device=device, dtype=dtype).eval()
+            capped = config.budget_cap != "off"
+            rule = config.budget_cap if capped else "rounded_up"  # the rule is unused without a cap
+            suffix = " guaranteed cap" if config.budget_cap == "guaranteed" else ""
             for b in config.budgets:
-                cap = float(b) if config.budget_cap else None
+                cap = float(b) if capped else None
                 settings.append(Setting(
-                    "training_wheels", f"b={float(b):g}",
-                    lambda i, m, ti, tm, cap=cap, p=policy: teacher_help_decode(
-                        p, teacher, i, m, max_new, budget_cap=cap, teacher_input_ids=ti, teacher_attention_mask=tm),
-                    budget=float(b)))
+                    "training_wheels", f"b={float(b):g}{suffix}",
+                    lambda i, m, ti, tm, cap=cap, p=policy, r=rule: teacher_help_decode(
+                        p, teacher, i, m, max_new, budget_cap=cap, teacher_input_ids=ti, teacher_attention_mask=tm,
+                        cap_rule=r),
+                    budget=float(b), budget_cap=config.budget_cap))
         elif method in ("distillspec", "speculative"):
             draft = model(config.draft if method == "distillspec" else student_source,
                           "draft" if method == "distillspec" else "student")
@@ -330,13 +354,15 @@ def evaluate_setting(setting: Setting, env, examples, config: EvalConfig, device
         "latency_ms_mean": timing["latency_ms_mean"], "latency_examples": len(timed),
         "output_tokens_per_example": tokens / n,
         "student_forwards_per_example": timing["student_forwards_per_example"],
+        "budget_cap": setting.budget_cap,
     }
     records = []
     for index, (example, text, (ids, flags)) in enumerate(zip(examples, texts, outputs, strict=True)):
         record = {"method": setting.method, "setting": setting.setting, "index": index, "output": text}
         if setting.method == "training_wheels":
             record.update({
-                "budget": setting.budget, "source": example.source, "reference": example.reference,
+                "budget": setting.budget, "budget_cap": setting.budget_cap,
+                "source": example.source, "reference": example.reference,
                 "token_ids": ids, "tokens": token_pieces(env.tokenizer, ids), "from_teacher": flags,
                 "teacher_fraction": sum(flags) / len(flags) if flags else 0.0,
             })

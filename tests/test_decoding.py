@@ -5,7 +5,8 @@ What is checked, and against what:
   transformers' assisted generation; with lenience 0 against full (no-cache) forwards of both models
   on the output prefix, and the exact positions of the free bonus tokens;
 - Training Wheels with policies that never / always call against each model's ``generate``, a hard
-  budget cap at every prefix, and a teacher catch-up against a full teacher forward;
+  budget cap at every prefix (rounded up, ⌈b·n⌉, and guaranteed, ⌊b·n⌋: every output within b over
+  many short outputs), and a teacher catch-up against a full teacher forward;
 - the confidence fallback at its two extreme thresholds against each model's ``generate``;
 - every batched decoder against the same prompts decoded one at a time (batched = batch size 1).
 
@@ -419,6 +420,96 @@ def test_budget_allowance_is_exact_at_decimal_products():
     for budget in (0.1, 0.2, 0.3, 0.4, 0.5, 0.7):
         for n in range(1, 200):
             assert budget_allowance(budget, n) == math.ceil(Fraction(str(budget)) * n)
+
+
+def many_prompts(count: int = 24, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` right-padded random prompts of 2 to 12 tokens, each ending in EOS."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 13, (count,), generator=generator).tolist()
+    ids = torch.zeros(count, max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, length in enumerate(lengths):
+        ids[i, : length - 1] = torch.randint(2, VOCAB, (length - 1,), generator=generator)
+        ids[i, length - 1] = EOS
+        mask[i, :length] = 1
+    return ids, mask
+
+
+CAP_BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.5)
+
+
+def test_guaranteed_cap_keeps_every_short_output_within_b(teacher, student):
+    """Over many short outputs (max_new_tokens 1..12, EOS ending some earlier), with a policy that
+    always wants the teacher and one that often does: under the guaranteed cap every row's teacher
+    fraction is ≤ b (exactly, in fractions); under the rounded-up cap some short rows exceed b."""
+    prompts = many_prompts()
+    always, often = policy_with_call_bias(student, 1e4), policy_with_call_bias(student, 8.0, weight_std=2.0)
+    rows = 0
+    lengths: set[int] = set()
+    exceeded_rounded_up: set[float] = set()
+    guaranteed_calls = 0
+    for budget in CAP_BUDGETS:
+        b = Fraction(str(budget))
+        for max_new in range(1, 13):
+            for policy in (always, often):
+                guaranteed = teacher_help_decode(
+                    policy, teacher, *prompts, max_new, budget_cap=budget, cap_rule="guaranteed"
+                )
+                rounded_up = teacher_help_decode(
+                    policy, teacher, *prompts, max_new, budget_cap=budget, cap_rule="rounded_up"
+                )
+                for result in (guaranteed, rounded_up):
+                    check_well_formed(result, max_new)
+                for flags in guaranteed.from_teacher:
+                    rows += 1
+                    lengths.add(len(flags))
+                    assert Fraction(sum(flags), len(flags)) <= b, (budget, max_new, flags)
+                    # Every prefix too: ⌊b·n⌋ calls at most (the decoder cannot know which token is last).
+                    assert all(sum(flags[:n]) <= math.floor(b * n) for n in range(1, len(flags) + 1))
+                    guaranteed_calls += sum(flags)
+                for flags in rounded_up.from_teacher:
+                    assert all(sum(flags[:n]) <= math.ceil(b * n) for n in range(1, len(flags) + 1))
+                    if Fraction(sum(flags), len(flags)) > b:
+                        exceeded_rounded_up.add(budget)
+                if policy is always:
+                    # The always-calling policy gets exactly the allowance at every prefix: the
+                    # guaranteed rule still calls as soon as b·n reaches 1, not never.
+                    for result, allowance in ((guaranteed, math.floor), (rounded_up, math.ceil)):
+                        for flags in result.from_teacher:
+                            assert [sum(flags[:n]) for n in range(1, len(flags) + 1)] == [
+                                allowance(b * n) for n in range(1, len(flags) + 1)
+                            ]
+    assert rows == len(CAP_BUDGETS) * 12 * 2 * prompts[0].shape[0] and lengths == set(range(1, 13))
+    # The difference the guarantee makes: the rounded-up cap goes over b on short rows at every budget.
+    assert exceeded_rounded_up == set(CAP_BUDGETS)
+    assert guaranteed_calls > 0
+
+
+def test_guaranteed_cap_calls_once_b_times_n_reaches_one(teacher, student, prompts):
+    """b = 0.1 and 10 tokens: one call, at token 10; b = 0.5: calls at tokens 2, 4, 6, …"""
+    always = policy_with_call_bias(student, 1e4)
+    tenth = teacher_help_decode(always, teacher, *prompts, 10, budget_cap=0.1, cap_rule="guaranteed")
+    for flags in tenth.from_teacher:
+        assert flags == [n == 10 for n in range(1, len(flags) + 1)]
+    assert any(len(flags) == 10 for flags in tenth.from_teacher)  # some row gets there
+    half = teacher_help_decode(always, teacher, *prompts, MAX_NEW, budget_cap=0.5, cap_rule="guaranteed")
+    for flags in half.from_teacher:
+        assert flags == [n % 2 == 0 for n in range(1, len(flags) + 1)]
+    assert sum(half.teacher_calls) > 0
+
+
+def test_cap_rule_default_is_rounded_up_and_is_checked(teacher, student, prompts):
+    policy = policy_with_call_bias(student, 8.0, weight_std=2.0)
+    default = teacher_help_decode(policy, teacher, *prompts, MAX_NEW, budget_cap=0.1)
+    explicit = teacher_help_decode(policy, teacher, *prompts, MAX_NEW, budget_cap=0.1, cap_rule="rounded_up")
+    assert_same_rows(default, explicit)
+    # Without a cap the rule changes nothing.
+    uncapped = teacher_help_decode(policy, teacher, *prompts, MAX_NEW)
+    assert_same_rows(uncapped, teacher_help_decode(policy, teacher, *prompts, MAX_NEW, cap_rule="guaranteed"))
+    with pytest.raises(ValueError, match=r"cap_rule must be one of \['rounded_up', 'guaranteed'\], got 'floor'"):
+        teacher_help_decode(policy, teacher, *prompts, MAX_NEW, budget_cap=0.1, cap_rule="floor")
+    with pytest.raises(ValueError, match="cap_rule"):
+        teacher_help_decode(policy, teacher, *prompts, MAX_NEW, cap_rule="ceil")  # checked even uncapped
 
 
 def test_teacher_catch_up_equals_a_full_teacher_forward(teacher, student, prompts):

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
 
 from agents.objectives import (
+    CAP_RULES,
+    budget_allowance,
     confidence_fallback,
     forward_kl,
     lagrange_step,
@@ -655,3 +658,58 @@ def test_confidence_fallback_rejects_bad_inputs():
         confidence_fallback(CONF.unsqueeze(0), 0.5)
     with pytest.raises(ValueError):
         confidence_fallback(CONF, 1.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. budget_allowance (the test-time hard cap: rounded up vs guaranteed)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "budget, length, rounded_up, guaranteed",
+    [
+        (0.1, 9, 1, 0),  # the short output that goes over b under the rounded-up cap: 1/9 = 11%
+        (0.1, 10, 1, 1),
+        (0.1, 1, 1, 0),
+        (0.1, 19, 2, 1),
+        (0.3, 7, 3, 2),  # 2.1
+        (0.3, 10, 3, 3),  # 0.3 * 10 = 3.0000000000000004 in floating point
+        (0.7, 10, 7, 7),  # 0.7 * 10 = 7.000000000000001
+        (0.05, 20, 1, 1),
+        (0.05, 19, 1, 0),
+        (0.5, 3, 2, 1),
+        (0.0, 12, 0, 0),
+        (1.0, 7, 7, 7),
+        (0.5, 0, 0, 0),
+    ],
+)
+def test_budget_allowance_by_hand(budget, length, rounded_up, guaranteed):
+    assert budget_allowance(budget, length, "rounded_up") == rounded_up
+    assert budget_allowance(budget, length, "guaranteed") == guaranteed
+    assert budget_allowance(budget, length) == rounded_up  # the default rule is unchanged
+
+
+def test_budget_allowance_rules_are_exact_and_guaranteed_never_exceeds_b():
+    assert CAP_RULES == ("rounded_up", "guaranteed")
+    for budget in (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0):
+        exact_b = Fraction(str(budget))
+        previous = {rule: 0 for rule in CAP_RULES}
+        for n in range(0, 300):
+            up, floor = budget_allowance(budget, n, "rounded_up"), budget_allowance(budget, n, "guaranteed")
+            assert up == math.ceil(exact_b * n) and floor == math.floor(exact_b * n)
+            assert floor <= exact_b * n < floor + 1 and up - 1 < exact_b * n <= up  # calls/n ≤ b; < b + 1/n
+            # Each step adds at most one call, so a policy that always asks meets the allowance exactly.
+            for rule, value in (("rounded_up", up), ("guaranteed", floor)):
+                assert 0 <= value - previous[rule] <= 1
+                previous[rule] = value
+            assert isinstance(up, int) and isinstance(floor, int)
+
+
+def test_budget_allowance_rejects_bad_inputs():
+    with pytest.raises(ValueError, match=r"cap_rule must be one of \['rounded_up', 'guaranteed'\], got 'floor'"):
+        budget_allowance(0.1, 10, "floor")
+    for budget in (-0.1, 1.5, math.nan):
+        with pytest.raises(ValueError, match="budget_cap must lie in"):
+            budget_allowance(budget, 10, "guaranteed")
+    with pytest.raises(ValueError, match="length must be >= 0"):
+        budget_allowance(0.1, -1)
