@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from tw_env.atomic import write_json
+
 LATEST = "latest"
 
 
@@ -59,7 +61,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_json(path: Path, data: Any) -> None:
-    Path(path).write_text(json.dumps(data, indent=1, sort_keys=True))
+    write_json(path, data, indent=1, sort_keys=True)
 
 
 def load_json(path: Path) -> Any:

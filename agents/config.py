@@ -90,4 +90,5 @@ def config_from_namespace(cls: type[T], namespace: argparse.Namespace) -> T:
 
 
 def config_to_json(config: Any) -> str:
-    return json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True)
+    """The one format of every command's ``config.json`` (objects passed in code appear as their repr)."""
+    return json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True, default=repr)

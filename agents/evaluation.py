@@ -46,12 +46,29 @@ def evaluate_budgets(
     return results
 
 
-def meets_budgets(results: list[BudgetResult], delta: float) -> bool:
-    return all(abs(r.teacher_fraction - r.budget) <= delta for r in results)
+def budget_violation(teacher_fraction: float, budget: float, ceiling: bool) -> float:
+    """How far a teacher fraction breaks its budget: f − b above a ceiling (0 below it), |f − b| for a target.
+
+    Which one applies follows the Lagrangian (§3.3 keeps checkpoints that satisfy the constraint
+    within δ): with λ ≥ 0 (``lagrange_floor`` ≥ 0, the paper) b is a ceiling and using less teacher
+    is allowed; with a negative floor λ also pays for calls and b is a target.
+    """
+    excess = teacher_fraction - budget
+    return max(excess, 0.0) if ceiling else abs(excess)
 
 
-def worst_violation(results: list[BudgetResult]) -> float:
-    return max(abs(r.teacher_fraction - r.budget) for r in results)
+def budgets_are_ceilings(lagrange_floor: float) -> bool:
+    """λ ≥ 0 treats every budget as a ceiling; a floor below 0 makes them targets."""
+    return lagrange_floor >= 0
+
+
+def worst_violation(results: list[BudgetResult], ceiling: bool) -> float:
+    return max(budget_violation(r.teacher_fraction, r.budget, ceiling) for r in results)
+
+
+def meets_budgets(results: list[BudgetResult], delta: float, ceiling: bool) -> bool:
+    """Every budget satisfied within δ: f ≤ b + δ for ceilings, |f − b| ≤ δ for targets."""
+    return worst_violation(results, ceiling) <= delta
 
 
 def mean_quality(results: list[BudgetResult]) -> float:

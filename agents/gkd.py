@@ -21,11 +21,7 @@ checkpoint selection, then ``run``. ``tw gkd --config FILE`` runs it.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +34,10 @@ from tqdm import tqdm
 
 import tw_env  # noqa: F401  (registers the tasks)
 from agents import checkpoint as ckpt
+from agents.config import config_to_json
 from agents.objectives import reverse_kl
 from agents.trajectories import pad_prompts
+from tw_env.atomic import publish_dir, write_json, write_text
 from tw_env.metrics import quality
 from tw_env.models import check_same_vocabulary, load_seq2seq, output_vocab_size, resolve_device
 
@@ -197,27 +195,16 @@ def evaluate(student, env, examples, template: str, max_new_tokens: int, batch_s
     return quality(env.metric, hypotheses, [e.reference for e in examples])
 
 
-def publish_dir(tmp: Path, target: Path) -> None:
-    """Move a finished folder into place; the previous one stays (as .old) until the new one is there."""
-    old = target.with_name(f".{target.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_model_dir(student, tokenizer, target: Path, extra: dict | None = None) -> None:
-    """A plain transformers model directory (config, safetensors weights, tokenizer), written atomically."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    student.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if extra is not None:
-        (tmp / "selection.json").write_text(json.dumps(extra, indent=2))
-    publish_dir(tmp, target)
+    """A plain transformers model directory (config, safetensors weights, tokenizer), published atomically."""
+
+    def build(folder: Path) -> None:
+        student.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        if extra is not None:
+            write_json(folder / "selection.json", extra)
+
+    publish_dir(target, build)
 
 
 def select(student, tokenizer, score: float, step: int, selection: dict, out: Path) -> dict:
@@ -239,11 +226,7 @@ def run(config: GKDConfig) -> dict:
     device = resolve_device(config.device)
     out, run_dir = Path(config.output_dir), Path(config.output_dir) / "checkpoints"
     out.mkdir(parents=True, exist_ok=True)
-    # A kill between the two renames of publish_dir leaves the previous best as .best.old.
-    if not (out / "best").exists() and (out / ".best.old").exists():
-        os.replace(out / ".best.old", out / "best")
-    (out / "config.json").write_text(json.dumps(
-        {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}, indent=2, sort_keys=True, default=repr))
+    write_text(out / "config.json", config_to_json(config))
 
     # The task: teacher, tokenizer, training examples, metric. GKD never steps the env, so a single
     # env (one row) suffices; the evaluation split shares its loaded teacher.
@@ -342,5 +325,5 @@ def run(config: GKDConfig) -> dict:
         "metric": eval_env.metric, "best": selection["best"], "evaluations": selection["evaluations"],
         "best_dir": str(out / "best"), "final_dir": str(out / "final"),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     return summary

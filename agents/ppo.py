@@ -16,9 +16,6 @@ trainer writes) and point ``init`` at the PCL run's ``phase1``.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +27,13 @@ import torch
 import tw_env  # noqa: F401  (registers the tasks)
 from agents import checkpoint as ckpt
 from agents.config import config_to_json
-from agents.evaluation import evaluate_budgets, mean_quality, meets_budgets, worst_violation
+from agents.evaluation import (
+    budgets_are_ceilings,
+    evaluate_budgets,
+    mean_quality,
+    meets_budgets,
+    worst_violation,
+)
 from agents.sb3_adapter import (
     LagrangeCallback,
     LMActorCriticPolicy,
@@ -38,6 +41,7 @@ from agents.sb3_adapter import (
     SB3VecEnvAdapter,
     WallTimeCallback,
 )
+from tw_env.atomic import publish_dir, write_json, write_text
 from tw_env.budgets import BUDGETS
 from tw_env.models import resolve_device
 
@@ -85,7 +89,7 @@ class PPOConfig:
     eval_split: str = "validation"  # split of the task used for the final evaluation
     eval_env_kwargs: dict = field(default_factory=dict)  # further overrides for the eval split (e.g. its data file)
     eval_batch_size: int = 64  # prompts per evaluation batch
-    delta: float = 0.02  # tolerance δ on |teacher fraction − b| reported in summary.json
+    delta: float = 0.02  # tolerance δ of the budget check in summary.json: f ≤ b + δ (ceiling, floor ≥ 0) or |f − b| ≤ δ (target)
 
     def validate(self) -> None:
         for name in ("num_envs", "n_steps", "batch_size", "n_epochs", "lagrange_window", "keep_checkpoints"):
@@ -161,7 +165,7 @@ def run(config: PPOConfig) -> dict:
             "(tw train --phase bc) and pass --init RUN_DIR/phase1"
         )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(config_to_json(config))
+    write_text(out / "config.json", config_to_json(config))
     adapter, venv, env_kwargs = make_envs(config, device)
     run_dir, tensorboard = out / CHECKPOINTS, out / "tensorboard"
     lagrange = LagrangeCallback(config.budgets, lr=config.lagrange_lr, cap=config.lagrange_cap,
@@ -210,14 +214,16 @@ def run(config: PPOConfig) -> dict:
         base = adapter.env
         eval_kwargs = {**env_kwargs, "teacher": base.teacher, "split": config.eval_split, **config.eval_env_kwargs}
         eval_env = gym.make(config.env_id, budgets=config.budgets, **eval_kwargs).unwrapped
+        ceiling = budgets_are_ceilings(config.lagrange_floor)
         results = evaluate_budgets(student, eval_env, eval_env.examples[: config.eval_examples], config.budgets,
                                    base.max_new_tokens, batch_size=config.eval_batch_size)
         evaluation = {
-            "split": config.eval_split, "meets_budgets": meets_budgets(results, config.delta),
-            "worst_violation": worst_violation(results), "mean_quality": mean_quality(results),
+            "split": config.eval_split, "meets_budgets": meets_budgets(results, config.delta, ceiling),
+            "worst_violation": worst_violation(results, ceiling), "mean_quality": mean_quality(results),
+            "budget_rule": "ceiling" if ceiling else "target",
             "results": [dataclasses.asdict(r) for r in results],
         }
-    _save_atomically(student, out / "final")
+    publish_dir(out / "final", student.save)
     summary = {
         "algo": "ppo",
         "timesteps": int(model.num_timesteps),
@@ -227,18 +233,7 @@ def run(config: PPOConfig) -> dict:
         "train_teacher_fractions": {str(b): f for b, f in lagrange.fractions.items()},
         "eval": evaluation,
     }
-    tmp = out / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "summary.json")
+    write_json(out / "summary.json", summary)
     venv.close()
     return summary
 
-
-def _save_atomically(policy, target: Path) -> None:
-    tmp = target.parent / f".{target.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    policy.save(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)

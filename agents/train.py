@@ -24,7 +24,14 @@ from tqdm import tqdm
 import tw_env  # noqa: F401  (registers the tasks)
 from agents import checkpoint as ckpt
 from agents.config import config_to_json
-from agents.evaluation import BudgetResult, evaluate_budgets, mean_quality, meets_budgets, worst_violation
+from agents.evaluation import (
+    BudgetResult,
+    budgets_are_ceilings,
+    evaluate_budgets,
+    mean_quality,
+    meets_budgets,
+    worst_violation,
+)
 from agents.objectives import lagrange_step, pcl_loss, phase1_loss
 from agents.policy import StudentPolicy, ValueNetwork
 from agents.trajectories import (
@@ -35,6 +42,7 @@ from agents.trajectories import (
     tokenize_prompts,
     tokenize_teacher_prompts,
 )
+from tw_env.atomic import publish_dir, write_json, write_text
 from tw_env.budgets import BUDGETS
 from tw_env.models import resolve_device
 from tw_env.rewards import eq17_reward
@@ -71,6 +79,7 @@ class TrainConfig:
     horizon: int | None = None  # PCL sub-trajectory length d (None: the whole remaining episode)
     tau: float = 1.0  # entropy weight τ of the soft consistency (τ = 1 is Eq. 2; smaller is more stable)
     gamma: float = 1.0  # discount γ
+    bootstrap_truncated: bool = False  # value V(s_L) after a truncated episode (False: 0, max_new_tokens is the horizon)
     rollout_temperature: float = 1.0  # sampling temperature of on-policy rollouts
     policy_lr: float = 1e-5  # policy learning rate (§5.2)
     policy_weight_decay: float = 1e-5  # policy weight decay (§5.2)
@@ -86,7 +95,8 @@ class TrainConfig:
     eval_every: int = 250  # batches between validation evaluations (0: only at the end)
     eval_examples: int = 512  # validation examples for checkpoint selection
     eval_split: str = "validation"  # split of the task used for selection
-    delta: float = 0.02  # tolerance δ on |teacher fraction − b| for every budget
+    allow_selection_on_training_data: bool = False  # select on the training examples when both read one source (warns)
+    delta: float = 0.02  # tolerance δ: f ≤ b + δ per budget (a ceiling, floor ≥ 0) or |f − b| ≤ δ (a target, floor < 0)
     checkpoint_every: int = 50  # batches between resumable checkpoints
     keep_checkpoints: int = 2  # resumable checkpoints kept on disk
 
@@ -125,6 +135,27 @@ def make_setup(config: TrainConfig) -> Setup:
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
+    # Checkpoint selection must not read the training examples: compare the two sources before loading.
+    from tw_env.tasks import env_data_source
+
+    train_source = env_data_source(config.env_kwargs)
+    selection_source = env_data_source({**config.env_kwargs, "split": config.eval_split, **config.eval_env_kwargs})
+    if train_source == selection_source:
+        problem = (
+            f"checkpoint selection would run on the training examples: training and selection (split "
+            f"'{config.eval_split}') both read {train_source}"
+        )
+        if not config.allow_selection_on_training_data:
+            raise ValueError(
+                f"{problem}. Expected selection data apart from the training data: pass a folder with "
+                "train.jsonl and validation.jsonl as env_kwargs 'data' (each split reads its own file), or "
+                'the selection file as eval_env_kwargs: {"data": "validation.jsonl"}; set '
+                "allow_selection_on_training_data to select on the training examples anyway."
+            )
+        import sys
+
+        print(f"WARNING: {problem}; selected checkpoints are scored on examples they were trained on "
+              "(allow_selection_on_training_data is set).", file=sys.stderr, flush=True)
     env_kwargs = dict(config.env_kwargs)
     env_kwargs.setdefault("device", str(device))
     env_kwargs.setdefault("reward_clip", config.reward_clip)
@@ -139,7 +170,7 @@ def make_setup(config: TrainConfig) -> Setup:
     eval_env = gym.make(config.env_id, budgets=config.budgets, **eval_kwargs).unwrapped
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(config_to_json(config))
+    write_text(out / "config.json", config_to_json(config))
     return Setup(
         config, envs, envs.teacher, envs.examples, eval_env.examples[: config.eval_examples],
         envs.max_new_tokens, device, out, SummaryWriter(str(out / "tensorboard")),
@@ -161,7 +192,7 @@ def run(config: TrainConfig) -> dict:
         summary["phase1"] = train_phase1(setup)
     if config.phase in ("pcl", "both"):
         summary["phase2"] = train_phase2(setup)
-    (setup.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(setup.out / "summary.json", summary)
     setup.writer.close()
     return summary
 
@@ -224,15 +255,12 @@ def train_phase1(setup: Setup) -> dict:
                 ckpt.save_json(folder / "state.json", {"step": step + 1, "rng": ckpt.rng_state(rng)})
             ckpt.write_checkpoint(run_dir, step + 1, write, keep=config.keep_checkpoints)
     summary = {"batches": config.bc_batches, "seconds_this_run": time.time() - t0}
-    tmp = setup.out / ".phase1.tmp"
-    policy.save(tmp)
-    (tmp / "done.json").write_text(json.dumps(summary))
-    import os
-    import shutil
 
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    os.replace(tmp, final_dir)
+    def build(folder: Path) -> None:
+        policy.save(folder)
+        write_json(folder / "done.json", summary)
+
+    publish_dir(final_dir, build)
     return summary
 
 
@@ -262,9 +290,14 @@ def pcl_update(
     logits = policy(batch.prompt_ids, batch.prompt_mask, batch.state_ids, mask.long()).float()
     log_pi = torch.log_softmax(logits, dim=-1).gather(-1, batch.actions[..., None]).squeeze(-1)
     values = value(batch.prompt_ids, batch.prompt_mask, batch.state_ids, mask.long()).float()  # [B, T+1]
-    lengths = mask.sum(dim=1)
-    # A truncated episode continues past the window: bootstrap with the value after its last step.
-    bootstrap = torch.where(batch.truncated, values.gather(1, lengths[:, None]).squeeze(1), torch.zeros_like(lengths, dtype=values.dtype))
+    # max_new_tokens is the decoding horizon at training and at test time, so nothing is earned after
+    # it: a truncated episode ends with value 0, like a terminated one. `bootstrap_truncated` takes
+    # V(s_L) instead, for a horizon shorter than the decoding one.
+    bootstrap = None
+    if config.bootstrap_truncated:
+        lengths = mask.sum(dim=1)
+        after_last = values.gather(1, lengths[:, None]).squeeze(1)
+        bootstrap = torch.where(batch.truncated, after_last, torch.zeros_like(after_last))
     loss = pcl_loss(log_pi, values[:, :-1], rewards, mask, config.tau, config.gamma, config.horizon, bootstrap)
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
@@ -296,10 +329,14 @@ def train_phase2(setup: Setup) -> dict:
     if not init.exists():
         raise FileNotFoundError(f"phase 2 starts from a phase-1 policy, but '{init}' does not exist; run phase 1 "
                                 "first (--phase bc or both) or pass --init DIR")
+    # Every random stream of phase 2 comes from the run's seed: the trainer's draws, the rollout
+    # sampler, the value head's initialisation and the env's own generator (teacher sampling).
+    torch.manual_seed(config.seed + 1)
     policy = StudentPolicy.load(init, device=device).eval()
     value = ValueNetwork.from_policy(policy).eval()
     rng = np.random.default_rng(config.seed + 1)
     generator = torch.Generator().manual_seed(config.seed + 1)
+    envs.np_random = np.random.default_rng(config.seed + 2)
     lambdas = {float(b): 0.0 for b in config.budgets}
     history: deque = deque(maxlen=config.lagrange_window)
     replay = ReplayBuffer(config.replay_capacity)
@@ -328,6 +365,7 @@ def train_phase2(setup: Setup) -> dict:
         history = deque([{float(b): tuple(v) for b, v in h} for h in state["history"]], maxlen=config.lagrange_window)
         selection = state["selection"]
         envs.reward_stats.load_state_dict(state["reward_stats"])
+        envs.np_random.bit_generator.state = state["env_rng"]
         ckpt.restore_rng_state(state["rng"], rng)
         generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
     budgets_cycle = np.array(config.budgets, dtype=np.float64)
@@ -391,6 +429,7 @@ def train_phase2(setup: Setup) -> dict:
                 "step": step + 1, "lambdas": list(lambdas.items()),
                 "history": [list(h.items()) for h in history], "selection": selection,
                 "reward_stats": envs.reward_stats.state_dict(), "rng": ckpt.rng_state(rng),
+                "env_rng": envs.np_random.bit_generator.state,
                 "generator": generator.get_state().tolist(),
             }
 
@@ -402,21 +441,26 @@ def train_phase2(setup: Setup) -> dict:
                 replay.save(folder / "replay.safetensors")
                 ckpt.save_json(folder / "state.json", state)
             ckpt.write_checkpoint(run_dir, step + 1, write, keep=config.keep_checkpoints)
-    policy.save(setup.out / "final")
-    return {"batches": config.pcl_batches, "seconds_this_run": time.time() - t0,
-            "lambdas": lambdas, "selection": selection}
+    publish_dir(setup.out / "final", policy.save)
+    return {"batches": config.pcl_batches, "seconds_this_run": time.time() - t0, "lambdas": lambdas,
+            "reward_normalisers": {"mu": envs.reward_stats.mu, "sigma": envs.reward_stats.sigma}, "selection": selection}
 
 
 def select_checkpoint(setup: Setup, policy: StudentPolicy, results: list[BudgetResult], step: int, selection: dict) -> dict:
     """Keep the policy that meets every budget within δ with the best mean quality (§3.3).
 
+    "Meets" follows the Lagrangian's semantics (:func:`~agents.evaluation.budget_violation`): with
+    ``lagrange_floor`` ≥ 0 a budget is a ceiling (f ≤ b + δ), below 0 a target (|f − b| ≤ δ).
+
     Until some evaluation meets every budget, the one with the smallest worst violation is kept,
     so a run always leaves a usable ``best`` policy; ``summary.json`` says which rule chose it.
     """
     config = setup.config
+    ceiling = budgets_are_ceilings(config.lagrange_floor)
     record = {
-        "step": step, "meets_budgets": meets_budgets(results, config.delta),
-        "worst_violation": worst_violation(results), "mean_quality": mean_quality(results),
+        "step": step, "meets_budgets": meets_budgets(results, config.delta, ceiling),
+        "worst_violation": worst_violation(results, ceiling), "mean_quality": mean_quality(results),
+        "budget_rule": "ceiling" if ceiling else "target",
         "results": [dataclasses.asdict(r) for r in results],
     }
     for r in results:
@@ -431,16 +475,9 @@ def select_checkpoint(setup: Setup, policy: StudentPolicy, results: list[BudgetR
     )
     selection = {"best": record if better else best, "evaluations": selection["evaluations"] + [record]}
     if better:
-        import os
-        import shutil
+        def build(folder: Path) -> None:
+            policy.save(folder)
+            write_json(folder / "selection.json", record)
 
-        tmp = setup.out / ".best.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        policy.save(tmp)
-        (tmp / "selection.json").write_text(json.dumps(record, indent=2))
-        target = setup.out / "best"
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        publish_dir(setup.out / "best", build)
     return selection

@@ -152,12 +152,13 @@ def collect_on_policy(
 ) -> tuple[Trajectories, list[dict]]:
     """One episode per row of the vector env, sampled from π; returns the batch and the end infos.
 
-    Rows that finish early are autoreset by the env (NEXT_STEP) and keep stepping until every row
-    has finished its first episode; those extra steps are discarded.
+    The env runs without autoreset for this batch (one episode per row): a row that finishes early
+    waits, its actions ignored, until the slowest row ends. No episode is started that would be
+    discarded, so nothing outside the batch reaches the env's reward normalisers or its RNG.
     """
     device = policy.device
     n = envs.num_envs
-    obs, _ = envs.reset(options={"budget": list(budgets), "index": list(indices)})
+    obs, _ = envs.reset(options={"budget": list(budgets), "index": list(indices), "autoreset": False})
     prompt_length = obs["prompt_length"][:, 0].copy()
     prompt_ids = obs["prompt_ids"][:, : max(int(prompt_length.max()), 1)].copy()
     rollout = policy.rollout(n, envs.max_new_tokens)

@@ -1,4 +1,4 @@
-"""`tw bench decode`: Training Wheels decode latency and batched throughput against its neighbours.
+"""`tw bench-decode`: Training Wheels decode latency and batched throughput against its neighbours.
 
 Batch size 1, per example (medians over interleaved repeats, then the mean over examples):
 
@@ -29,7 +29,6 @@ and used. ``--policy DIR`` measures a trained policy instead (its own rate at ``
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import statistics
 from collections.abc import Callable
@@ -49,6 +48,7 @@ from scripts.bench_env import (
     task_prompts,
     timed,
 )
+from tw_env.atomic import write_json
 
 LATENCY_GOAL = 1.1  # tw / (student + f × teacher) at batch size 1, at most
 THROUGHPUT_GOAL = 5.0  # batched Training Wheels tokens/s / assisted generation (batch 1) tokens/s, at least
@@ -292,7 +292,7 @@ def run(config: BenchDecodeConfig) -> dict[str, Any]:
     _print_decode_tables(result, config)
     if config.output:
         Path(config.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(config.output).write_text(json.dumps(result, indent=2, default=str))
+        write_json(config.output, result)
     return result
 
 

@@ -1,4 +1,4 @@
-"""`tw bench env`: vector-env steps per second against the teacher's own ``generate``.
+"""`tw bench-env`: vector-env steps per second against the teacher's own ``generate``.
 
 What is compared (every figure is output tokens per second, B rows × N tokens per episode):
 
@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from tw_env.atomic import write_json
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 T5_TOKENIZER_DIR = SHARED / "models" / "t5-tokenizer"
@@ -472,7 +474,7 @@ def run(config: BenchEnvConfig) -> dict[str, Any]:
         result["profile"] = _print_profile(variants[config.profile])
     if config.output:
         Path(config.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(config.output).write_text(json.dumps(result, indent=2, default=str))
+        write_json(config.output, result)
     envs.close()
     return result
 

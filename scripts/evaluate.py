@@ -53,6 +53,7 @@ import torch
 from tqdm import tqdm
 
 import tw_env  # noqa: F401  (registers the tasks)
+from tw_env.atomic import write_json
 from tw_env.budgets import BUDGETS, keyword_for
 from tw_env.metrics import quality
 from tw_env.models import load_seq2seq, resolve_device
@@ -393,7 +394,7 @@ def run(config: EvalConfig) -> dict:
         "metric": env.metric, "examples": len(examples), "max_new_tokens": env.max_new_tokens,
         "device": device_name, "torch": torch.__version__, "rows": [_json_safe(r) for r in rows],
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_json(out / "results.json", results)
     write_csv(out / "results.csv", rows)
     print(format_table(rows))
     print(f"wrote {out / 'results.json'}, {out / 'results.csv'} and {out / 'outputs.jsonl'}")

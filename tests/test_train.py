@@ -17,12 +17,39 @@ from safetensors.torch import load_file
 from agents.config import config_to_json
 from agents.train import TrainConfig, episode_rewards, run, trailing_fractions
 from agents.trajectories import Trajectories
-from tests.tiny_task import make_tiny_task
+from tests.tiny_task import make_eager_to_end_student, make_tiny_task
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return make_tiny_task(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def early_end_kwargs(tiny, tmp_path_factory) -> dict:
+    """Env overrides with a student whose sampled episodes end at different times (the autoreset path)."""
+    student = make_eager_to_end_student(tiny.student_dir, tmp_path_factory.mktemp("eager") / "student")
+    return {**tiny.env_kwargs(), "student": str(student)}
+
+
+def test_the_early_end_student_ends_rows_at_different_times(early_end_kwargs):
+    import gymnasium as gym
+
+    from agents.policy import StudentPolicy
+    from agents.trajectories import collect_on_policy
+
+    envs = gym.make_vec("TrainingWheels-Synthetic-v0", num_envs=6, vectorization_mode="vector_entry_point",
+                        max_new_tokens=12, **early_end_kwargs)
+    policy = StudentPolicy.load(early_end_kwargs["student"])
+    envs.reward_stats.reset()
+    lengths, tokens = set(), 0
+    for k in range(3):
+        batch, _ = collect_on_policy(envs, policy, [0.1] * 6, list(range(6 * k, 6 * k + 6)), torch.Generator().manual_seed(k))
+        lengths |= set(batch.mask.sum(dim=1).tolist())
+        tokens += int(batch.mask.sum())
+    assert len(lengths) >= 3 and min(lengths) < 12, lengths
+    # One episode per row: the normalisers saw the batches' tokens and nothing of a discarded episode.
+    assert len(envs.reward_stats.state_dict()["teacher"]) == tokens
 
 
 def tiny_config(tiny, out: Path, **overrides) -> TrainConfig:
@@ -52,19 +79,65 @@ def test_both_phases_run_and_select_a_policy(tiny, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_a_negative_lagrange_floor_lets_under_used_budgets_pay_for_calls(tiny, tmp_path):
+def _lambdas_by_hand(batches: list[Trajectories], budgets, lr: float, floor: float, cap: float,
+                     window: int) -> dict[float, float]:
+    """λ_b ← clip(λ_b + lr·(f_b − b), floor, cap) after each on-policy batch, from λ = 0, with f_b the
+    token-level teacher fraction of budget b over the last ``window`` batches, counted here from
+    the batches' actions."""
+    lam = {float(b): 0.0 for b in budgets}
+    counts: list[dict[float, tuple[int, int]]] = []
+    for batch in batches:
+        per_budget = {}
+        for b in lam:
+            rows = (batch.budget - b).abs() < 1e-6
+            per_budget[b] = (int((batch.is_call & batch.mask)[rows].sum()), int(batch.mask[rows].sum()))
+        counts = (counts + [per_budget])[-window:]
+        for b in lam:
+            calls, tokens = (sum(c[b][i] for c in counts) for i in (0, 1))
+            if tokens:
+                lam[b] = min(max(lam[b] + lr * (calls / tokens - b), floor), cap)
+    return lam
+
+
+def test_a_negative_lagrange_floor_lets_under_used_budgets_pay_for_calls(tiny, tmp_path, monkeypatch):
     """A fresh student almost never calls: b = 0.5 is under-used, so its λ goes below 0 (down to
-    the floor) when the floor allows it, and stays at 0 with the paper's floor."""
+    the floor) when the floor allows it, and stays at 0 with the paper's floor.  Every λ is the
+    dual step applied by hand to the teacher use of the on-policy batches; b = 0 cannot be
+    under-used, so even with the negative floor its λ only rises (with each call at b = 0)."""
+    import agents.train as train_module
+
+    collected: list[Trajectories] = []
+    real_collect = train_module.collect_on_policy
+
+    def recording_collect(*args, **kwargs):
+        batch, infos = real_collect(*args, **kwargs)
+        collected.append(batch)
+        return batch, infos
+
+    monkeypatch.setattr(train_module, "collect_on_policy", recording_collect)
     common = dict(bc_batches=0, pcl_batches=3, lagrange_lr=5.0, oracle_rounding="stochastic", rollout_temperature=1.0)
     run(tiny_config(tiny, tmp_path / "bc", bc_batches=1, pcl_batches=0, phase="bc"))
     init = str(tmp_path / "bc" / "phase1")
-    target = run(tiny_config(tiny, tmp_path / "target", phase="pcl", init=init, lagrange_floor=-1.0, **common))
-    ceiling = run(tiny_config(tiny, tmp_path / "ceiling", phase="pcl", init=init, **common))
+    target_config = tiny_config(tiny, tmp_path / "target", phase="pcl", init=init, lagrange_floor=-1.0, **common)
+    target = run(target_config)
+    target_batches, collected[:] = list(collected), []
+    ceiling_config = tiny_config(tiny, tmp_path / "ceiling", phase="pcl", init=init, **common)
+    ceiling = run(ceiling_config)
+    ceiling_batches = list(collected)
+    assert len(target_batches) == len(ceiling_batches) == 3
     lam_target = {float(b): v for b, v in target["phase2"]["lambdas"].items()}
     lam_ceiling = {float(b): v for b, v in ceiling["phase2"]["lambdas"].items()}
     assert -1.0 <= lam_target[0.5] < 0
     assert lam_ceiling[0.5] == 0.0
-    assert lam_target[0.0] >= 0  # no budget is below zero use
+    for config, batches, lam in ((target_config, target_batches, lam_target),
+                                 (ceiling_config, ceiling_batches, lam_ceiling)):
+        by_hand = _lambdas_by_hand(batches, config.budgets, config.lagrange_lr, config.lagrange_floor,
+                                   config.lagrange_cap, config.lagrange_window)
+        assert lam == pytest.approx(by_hand, abs=1e-9)
+    # b = 0 with the target floor: λ_0 = lr × (sum of its trailing teacher fractions), never below 0,
+    # and above 0 as soon as the student has called at b = 0.
+    calls_at_0 = sum(int((b.is_call & b.mask)[b.budget.abs() < 1e-6].sum()) for b in target_batches)
+    assert (lam_target[0.0] > 0) == (calls_at_0 > 0)
 
 
 def test_rewards_are_recomputed_with_current_lambda():
@@ -100,9 +173,25 @@ def _launch(config: TrainConfig, config_path: Path) -> subprocess.Popen:
     )
 
 
-def test_killed_run_resumes_exactly(tiny, tmp_path):
-    """SIGKILL a run right after its first phase-2 checkpoint; the resumed run ends bit-identical."""
-    overrides = dict(bc_batches=2, pcl_batches=8, checkpoint_every=2, oracle_rounding="stochastic", lagrange_floor=-1.0)
+def test_same_seed_twice_gives_identical_phase2(tiny, early_end_kwargs, tmp_path):
+    """Rows end at different times (the early-end path); two runs of one config agree exactly."""
+    overrides = dict(env_kwargs=early_end_kwargs, max_new_tokens=12, bc_batches=2, pcl_batches=4, eval_every=2,
+                     oracle_rounding="stochastic", lagrange_floor=-1.0, lagrange_lr=0.5)
+    first = run(tiny_config(tiny, tmp_path / "first", **overrides))["phase2"]
+    second = run(tiny_config(tiny, tmp_path / "second", **overrides))["phase2"]
+    assert first["lambdas"] == second["lambdas"]
+    assert first["reward_normalisers"] == second["reward_normalisers"]
+    assert first["selection"]["evaluations"] == second["selection"]["evaluations"]
+    a, b = weights(tmp_path / "first" / "final"), weights(tmp_path / "second" / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_killed_run_resumes_exactly(tiny, early_end_kwargs, tmp_path):
+    """SIGKILL a run right after its first phase-2 checkpoint; the resumed run ends bit-identical.
+
+    The student ends its episodes at different times, so the early-end path is exercised."""
+    overrides = dict(bc_batches=2, pcl_batches=8, checkpoint_every=2, oracle_rounding="stochastic", lagrange_floor=-1.0,
+                     env_kwargs=early_end_kwargs, max_new_tokens=12)
     reference = tiny_config(tiny, tmp_path / "reference", **overrides)
     proc = _launch(reference, tmp_path / "reference.json")
     assert proc.wait(timeout=600) == 0, proc.stderr.read().decode()[-3000:]
@@ -127,3 +216,4 @@ def test_killed_run_resumes_exactly(tiny, tmp_path):
     summary_a = json.loads((tmp_path / "reference" / "summary.json").read_text())["phase2"]
     summary_b = json.loads((tmp_path / "interrupted" / "summary.json").read_text())["phase2"]
     assert summary_a["lambdas"] == summary_b["lambdas"]
+    assert summary_a["reward_normalisers"] == summary_b["reward_normalisers"]

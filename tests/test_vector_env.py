@@ -204,6 +204,37 @@ def test_rows_ending_in_the_same_step_with_different_lengths(word_t5_dir, word_t
     assert infos["output_ids"][1].tolist() == [dog, dog, dog, cat]
 
 
+def test_without_autoreset_ended_rows_wait_and_feed_nothing(word_t5_dir, word_tokenizer_dir):
+    """reset(options={"autoreset": False}): one episode per row. A row that ended early stays ended
+    (reward 0, no flags, unchanged observation), starts no episode, draws nothing from the env's RNG,
+    and only the episodes of the batch reach the reward normalisers."""
+    envs = make_vector(word_t5_dir, word_tokenizer_dir, 3, max_new_tokens=4)
+    envs.reset(seed=0)  # seeded once; the batch below passes its own budgets and examples
+    envs.reward_stats.reset()
+    rng_before = copy.deepcopy(envs.np_random.bit_generator.state)
+    obs, _ = envs.reset(options={"budget": [0.1, 0.2, 0.3], "index": [0, 1, 2], "autoreset": False})
+    dog = W["dog"]
+    envs.step(np.array([EOS, dog, dog]))  # row 0 ends after 1 token
+    obs_after_end, rewards, terminated, truncated, _ = envs.step(np.array([dog, EOS, dog]))  # row 1 ends (2 tokens)
+    assert terminated.tolist() == [False, True, False]
+    assert rewards[0] == 0.0 and obs_after_end["state_length"][0, 0] == 1  # row 0 waits: not restarted
+    for _ in range(2):  # row 2 is truncated at 4 tokens; rows 0 and 1 keep waiting
+        obs, rewards, terminated, truncated, infos = envs.step(np.array([dog, dog, dog]))
+        assert rewards[:2].tolist() == [0.0, 0.0] and not terminated[:2].any() and not truncated[:2].any()
+    assert truncated.tolist() == [False, False, True]
+    assert obs["state_length"][:, 0].tolist() == [1, 2, 4]
+    assert envs.np_random.bit_generator.state == rng_before  # no autoreset drew an example or a budget
+    # The normalisers saw exactly the 1 + 2 + 4 tokens of the three episodes, nothing else.
+    assert len(envs.reward_stats.state_dict()["teacher"]) == 7
+    with pytest.raises(ValueError, match="autoreset"):
+        envs.reset(options={"autoreset": "no"})
+    # A plain reset brings NEXT_STEP autoreset back.
+    envs.reset(options={"index": 0})
+    envs.step(np.array([EOS, dog, dog]))
+    obs, *_ = envs.step(np.array([dog, dog, dog]))
+    assert obs["state_length"][0, 0] == 0  # row 0 was reset by this step
+
+
 # ------------------------------------------------------------------------------------- errors
 def snapshot(envs) -> dict:
     b = envs.batch

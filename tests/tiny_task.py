@@ -51,3 +51,22 @@ def make_tiny_task(root: Path, n_train: int = 200, n_validation: int = 40) -> Ti
     for path, n, seed in ((task.train_file, n_train, 1), (task.validation_file, n_validation, 2)):
         path.write_text("".join(json.dumps(row) + "\n" for row in language.sample(n, seed)))
     return task
+
+
+def make_eager_to_end_student(student_dir: Path, target: Path, eos_token_id: int = 1) -> Path:
+    """A copy of a tiny student whose EOS probability swings with its decoder state, so that sampled
+    episodes end after 1, 3, 7 or 12 tokens: rows of one batch end at different times.
+
+    The final layer norm keeps one dimension h₀ (sign and size vary with the context) and the LM
+    head reads only that dimension, into the EOS logit alone: π(EOS) ≈ 1 where −6·h₀ is large,
+    and every other token is equally likely.
+    """
+    model = T5ForConditionalGeneration.from_pretrained(student_dir)
+    with torch.no_grad():
+        norm = model.decoder.final_layer_norm.weight
+        norm.zero_()
+        norm[0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[eos_token_id, 0] = -6.0
+    model.save_pretrained(target)
+    return Path(target)

@@ -69,6 +69,7 @@ class TeacherAssistedDecodingVectorEnv(VectorEnv):
         self.action_space = batch_space(self.single_action_space, self.num_envs)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self._started = False
+        self._autoreset = True
 
     @property
     def lagrange_multipliers(self) -> dict[float, float]:
@@ -84,7 +85,19 @@ class TeacherAssistedDecodingVectorEnv(VectorEnv):
         return self._core.encode_teacher_prompt(source, budget)
 
     def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None):
-        """Reset every row. ``options`` may hold ``budget`` and ``index``, each a scalar or one per row."""
+        """Reset every row. ``options`` may hold ``budget`` and ``index``, each a scalar or one per row,
+        and ``autoreset`` (default True).
+
+        ``autoreset=False`` runs exactly one episode per row until the next ``reset``: a row whose
+        episode has ended stays ended (its action is ignored, its reward is 0, its observation and
+        flags stay as they were, no new episode starts and the env's RNG is not drawn from). A
+        trainer that wants one episode per row uses it, so that no episode it would discard feeds
+        the reward normalisers or consumes random draws.
+        """
+        options = dict(options or {})
+        autoreset = options.pop("autoreset", True)
+        if not isinstance(autoreset, (bool, np.bool_)):
+            raise ValueError(f"reset option 'autoreset' must be True or False, got {autoreset!r}")
         per_row = self._per_row_options(options)
         if isinstance(seed, list):
             seed = seed[0] if seed else None
@@ -95,6 +108,7 @@ class TeacherAssistedDecodingVectorEnv(VectorEnv):
         rows = np.arange(self.num_envs)
         self._start_rows(rows, per_row, advance=True)
         self._started = True
+        self._autoreset = bool(autoreset)
         info = {"budget": self.batch.budget.copy(), "example_index": self._core.example_index.copy()}
         return self._observations(), info
 
@@ -103,7 +117,8 @@ class TeacherAssistedDecodingVectorEnv(VectorEnv):
             raise RuntimeError("step() called before reset(); call envs.reset() to start the episodes")
         actions = self._check_actions(actions)
         batch = self.batch
-        resetting = np.flatnonzero(batch.done)  # rows that ended last step: NEXT_STEP autoreset
+        # Rows that ended last step: NEXT_STEP autoreset, unless this batch runs one episode per row.
+        resetting = np.flatnonzero(batch.done) if self._autoreset else np.zeros(0, dtype=np.int64)
         acting = np.flatnonzero(~batch.done)
         rewards = np.zeros(self.num_envs, dtype=np.float64)
         terminated = np.zeros(self.num_envs, dtype=bool)
