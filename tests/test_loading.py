@@ -45,12 +45,14 @@ def test_load_examples_other_fields(xsum_jsonl):
     assert load_examples(str(xsum_jsonl), "document", "summary") == EXPECTED
 
 
-def test_load_examples_folder_reads_every_file_in_name_order(tmp_path):
+def test_load_examples_folder_reads_the_split_file(tmp_path):
+    # (more in tests/test_data_splits.py: a folder holds one file per split, other files are not read)
     rows = [{"de": s, "en": r} for s, r in EXAMPLES]
-    write_jsonl(tmp_path / "b.jsonl", rows[3:])
-    write_jsonl(tmp_path / "a.jsonl", rows[:3])
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "other.jsonl", rows[:1])
     (tmp_path / "README.md").write_text("not data")
     assert load_examples(str(tmp_path), "de", "en") == EXPECTED
+    assert load_examples(str(tmp_path), "de", "en", split="other") == EXPECTED[:1]
 
 
 def test_load_examples_nested_translation_fields_and_limit(tmp_path):
@@ -171,6 +173,161 @@ def test_hub_ids_fail_offline_with_a_hint_to_pass_local_files(tmp_path):
     assert "google/flan-t5-small" in errors[0] and "pass the local directory" in errors[0]
     assert "EdinburghNLP/xsum" in errors[1] and "pass a local JSON-lines or parquet file" in errors[1]
     assert "'document' and 'summary'" in errors[1]
+
+
+# ------------------------------------------------------------------------------------- hub unavailable
+NO_MODEL = "tw-tests-nobody/no-such-model"  # well-formed hub ids that are in no cache
+NO_DATA = "tw-tests-nobody/no-such-data"
+
+
+@pytest.fixture
+def loaders_unreached(monkeypatch):
+    """The real hub loaders, replaced to record their calls (and to fail should one be reached)."""
+    import datasets
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    calls = []
+
+    def record(name):
+        def loader(*args, **kwargs):
+            calls.append((name, args, kwargs))
+            raise OSError(f"{name} reached")
+
+        return loader
+
+    monkeypatch.setattr(AutoModelForSeq2SeqLM, "from_pretrained", record("model"))
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", record("tokenizer"))
+    monkeypatch.setattr(datasets, "load_dataset", record("dataset"))
+    return calls
+
+
+@pytest.fixture
+def hub_online(monkeypatch):
+    """Offline mode off (the test session turns it on); the probe is what each test says."""
+    from huggingface_hub import constants
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://huggingface.co")
+
+
+def _fails_at_once(call) -> str:
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(OSError) as err:
+        call()
+    assert time.perf_counter() - t0 < 1.0
+    return str(err.value)
+
+
+def test_hub_ids_fail_at_once_when_offline(monkeypatch, loaders_unreached):
+    import tw_env.models as models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(models, "_can_connect", lambda host, port: pytest.fail("probed while offline"))
+    for call, role in ((lambda: load_seq2seq(NO_MODEL, role="teacher"), "teacher"),
+                       (lambda: load_tokenizer(NO_MODEL), "tokenizer")):
+        message = _fails_at_once(call)
+        assert f"cannot load the {role} '{NO_MODEL}'" in message
+        assert "Hugging Face Hub is offline (HF_HUB_OFFLINE is set)" in message
+        assert "pass the local directory instead" in message and f"{role}='DIR'" in message
+    message = _fails_at_once(lambda: load_examples(NO_DATA, "document", "summary", split="test"))
+    assert f"cannot load the dataset '{NO_DATA}'" in message and "split='test'" in message
+    assert "Hugging Face Hub is offline (HF_HUB_OFFLINE and HF_DATASETS_OFFLINE are set)" in message
+    assert "pass a local JSON-lines or parquet file with the fields 'document' and 'summary'" in message
+    assert loaders_unreached == []
+
+
+def test_hub_ids_fail_at_once_when_the_hub_does_not_answer(monkeypatch, hub_online, loaders_unreached):
+    import gymnasium as gym
+
+    import tw_env  # noqa: F401  (registers the tasks)
+    import tw_env.models as models
+
+    probes = []
+    monkeypatch.setattr(models, "_can_connect", lambda host, port: probes.append((host, port)) or False)
+    message = _fails_at_once(lambda: load_seq2seq(NO_MODEL, role="student"))
+    assert f"cannot load the student '{NO_MODEL}'" in message
+    assert "Hugging Face Hub is unreachable (https://huggingface.co, huggingface.co:443, did not answer within 3 s)" in message
+    assert "pass the local directory instead" in message
+    # gym.make of a hub task with its default data: the dataset id, at once, no retries.
+    message = _fails_at_once(lambda: gym.make("TrainingWheels-XSum-v0"))
+    assert "cannot load the dataset 'EdinburghNLP/xsum'" in message and "unreachable" in message
+    assert "pass a local JSON-lines or parquet file" in message
+    assert probes and set(probes) == {("huggingface.co", 443)}
+    assert loaders_unreached == []
+
+
+def test_a_reachable_hub_keeps_the_real_loaders(monkeypatch, hub_online, loaders_unreached):
+    import tw_env.models as models
+
+    monkeypatch.setattr(models, "_can_connect", lambda host, port: True)
+    with pytest.raises(OSError, match=f"could not load the teacher '{NO_MODEL}': model reached"):
+        load_seq2seq(NO_MODEL, role="teacher")
+    with pytest.raises(OSError, match=f"could not load the dataset '{NO_DATA}'.*dataset reached"):
+        load_examples(NO_DATA, "de", "en", split="validation", config="de-en")
+    (_, model_args, model_kwargs), (_, data_args, data_kwargs) = loaders_unreached
+    assert model_args == (NO_MODEL,) and "local_files_only" not in model_kwargs
+    assert data_args == (NO_DATA, "de-en") and data_kwargs == {"split": "validation"}
+
+
+def test_a_cached_hub_id_loads_from_the_cache_without_the_hub(monkeypatch, loaders_unreached):
+    import tw_env.models as models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(models, "in_hub_cache", lambda *args, **kwargs: True)
+    with pytest.raises(OSError, match="model reached"):
+        load_seq2seq(NO_MODEL)
+    with pytest.raises(OSError, match="tokenizer reached"):
+        load_tokenizer(NO_MODEL)
+    assert [(name, kwargs["local_files_only"]) for name, _, kwargs in loaders_unreached] == [
+        ("model", True), ("tokenizer", True)
+    ]
+
+
+def test_a_cached_hub_dataset_goes_to_datasets_when_offline(monkeypatch, tmp_path, loaders_unreached):
+    from datasets import config as datasets_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets_config, "HF_DATASETS_CACHE", tmp_path)
+    with pytest.raises(OSError, match="not in the local datasets cache"):
+        load_examples(NO_DATA, "de", "en")
+    # a prepared copy, where datasets looks for one offline: NAMESPACE___NAME/CONFIG/VERSION/HASH
+    (tmp_path / "tw-tests-nobody___no-such-data" / "default" / "0.0.0" / "abc123").mkdir(parents=True)
+    with pytest.raises(OSError, match="dataset reached"):
+        load_examples(NO_DATA, "de", "en")
+    assert [(name, args) for name, args, _ in loaders_unreached] == [("dataset", (NO_DATA, None))]
+
+
+def test_the_hub_probe_connects_once_to_the_endpoint_or_its_proxy(monkeypatch):
+    import socket
+
+    from huggingface_hub import constants
+
+    import tw_env.models as models
+
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.example.org:8443")
+    connects = []
+
+    def refuse(address, timeout):
+        connects.append((address, timeout))
+        raise ConnectionRefusedError(address)
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    models._can_connect.cache_clear()
+    try:
+        assert models.hub_reachable() is False and models.hub_reachable() is False
+        assert connects == [(("hub.example.org", 8443), 3.0)]  # probed once per process
+        monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example.org:3128")
+        assert models.hub_reachable() is False
+        assert connects[-1] == (("proxy.example.org", 3128), 3.0)
+    finally:
+        models._can_connect.cache_clear()
 
 
 # ------------------------------------------------------------------------------------- ../shared

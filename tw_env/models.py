@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import inspect
 import os
+import socket
+import urllib.request
 from functools import cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -47,7 +50,88 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "")
 
 
-def _check_source(name: str, role: str) -> str:
+HUB_PROBE_TIMEOUT_S = 3.0  # one TCP connect to the hub endpoint (or its proxy), once per process
+_TRUE = {"1", "ON", "YES", "TRUE"}  # what huggingface_hub reads as a true environment variable
+
+
+@cache
+def _can_connect(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def _probe_target() -> tuple[str, int]:
+    """The host and port a hub request connects to: the endpoint's, or its proxy's when one is set."""
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    host, scheme = url.hostname or "huggingface.co", url.scheme or "https"
+    proxy = urllib.request.getproxies().get(scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        proxy_url = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        if proxy_url.hostname:
+            return proxy_url.hostname, proxy_url.port or (443 if proxy_url.scheme == "https" else 80)
+    return host, url.port or (443 if scheme == "https" else 80)
+
+
+def hub_reachable() -> bool:
+    """Whether the hub endpoint (``huggingface_hub.constants.ENDPOINT``) accepts a TCP connection within
+    HUB_PROBE_TIMEOUT_S; probed once per process."""
+    return _can_connect(*_probe_target())
+
+
+def hub_unavailable_reason(extra_offline_vars: tuple[str, ...] = ()) -> str | None:
+    """Why hub ids cannot be downloaded now, ``"offline (...)"`` or ``"unreachable (...)"``, or None."""
+    from huggingface_hub import constants
+
+    flags = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", *extra_offline_vars)
+    set_flags = [v for v in flags if os.environ.get(v, "").upper() in _TRUE]
+    if constants.HF_HUB_OFFLINE or set_flags:
+        set_flags = set_flags or ["HF_HUB_OFFLINE"]
+        return f"offline ({' and '.join(set_flags)} {'is' if len(set_flags) == 1 else 'are'} set)"
+    if not hub_reachable():
+        host, port = _probe_target()
+        return f"unreachable ({constants.ENDPOINT}, {host}:{port}, did not answer within {HUB_PROBE_TIMEOUT_S:g} s)"
+    return None
+
+
+def in_hub_cache(repo_id: str, filenames: tuple[str, ...] = ("config.json",), repo_type: str = "model") -> bool:
+    """Whether a hub repository is in the local cache, so that it loads without the hub.
+
+    Models and tokenizers: one of ``filenames`` in the huggingface_hub cache. Datasets: a prepared
+    copy in the datasets cache (what ``datasets`` falls back to offline).
+    """
+    try:
+        if repo_type == "dataset":
+            import glob
+
+            from datasets import config as datasets_config
+
+            try:  # how datasets names its cache folders ("EdinburghNLP/xsum" -> "EdinburghNLP___xsum")
+                from datasets.utils.py_utils import camelcase_to_snakecase
+            except ImportError:
+                camelcase_to_snakecase = str
+
+            parts = repo_id.split("/")
+            parts[-1] = camelcase_to_snakecase(parts[-1])
+            root = Path(datasets_config.HF_DATASETS_CACHE).expanduser() / "___".join(parts)
+            return any(Path(p).is_dir() for p in glob.glob(str(root / "*" / "*" / "*")))
+        from huggingface_hub import try_to_load_from_cache
+
+        return any(isinstance(try_to_load_from_cache(repo_id, f, repo_type=repo_type), str) for f in filenames)
+    except Exception:  # an invalid repo id, an unreadable cache: not cached
+        return False
+
+
+def _is_hub_id(source: str) -> bool:
+    return not Path(source).expanduser().exists() and not _looks_like_path(source)
+
+
+def _check_source(name: str, role: str, cache_files: tuple[str, ...] = ("config.json",)) -> str:
+    """The local path, or the hub id when the hub can be used (or the id is cached); raises at once otherwise."""
     path = Path(name).expanduser()
     if path.exists():
         return str(path)
@@ -56,7 +140,19 @@ def _check_source(name: str, role: str) -> str:
             f"{role} not found: no directory or file at '{name}'. Expected a local directory written by "
             f"save_pretrained (config.json plus weights) or a hub id such as 'google/flan-t5-small'."
         )
+    reason = hub_unavailable_reason()
+    if reason is not None and not in_hub_cache(name, cache_files):
+        raise OSError(
+            f"cannot load the {role} '{name}': it is a hub id, the Hugging Face Hub is {reason} and "
+            "it is not in the local cache.\n"
+            + OFFLINE_HINT.format(name=name, role=role)
+        )
     return name
+
+
+def _offline_kwargs(source: str) -> dict:
+    # A cached hub id while the hub cannot be used: read the cache only, without retrying the network.
+    return {"local_files_only": True} if _is_hub_id(source) and hub_unavailable_reason() is not None else {}
 
 
 def load_seq2seq(
@@ -72,7 +168,8 @@ def load_seq2seq(
         source = _check_source(str(name_or_path), role)
         try:
             model = AutoModelForSeq2SeqLM.from_pretrained(
-                source, dtype=resolve_dtype(dtype), trust_remote_code=False, use_safetensors=True
+                source, dtype=resolve_dtype(dtype), trust_remote_code=False, use_safetensors=True,
+                **_offline_kwargs(source),
             )
         except (OSError, ValueError) as err:  # transformers raises ValueError for a folder without a model
             raise OSError(
@@ -85,9 +182,9 @@ def load_tokenizer(name_or_path: str | PreTrainedTokenizerBase, role: str = "tok
     """Load a tokenizer from a hub id or a local directory."""
     if isinstance(name_or_path, PreTrainedTokenizerBase):
         return name_or_path
-    source = _check_source(str(name_or_path), role)
+    source = _check_source(str(name_or_path), role, cache_files=("tokenizer_config.json", "config.json"))
     try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False, **_offline_kwargs(source))
     except OSError as err:
         raise OSError(
             f"could not load the {role} '{source}': {err}\n" + OFFLINE_HINT.format(name=source, role=role)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from tw_env.env import TeacherAssistedDecodingEnv
@@ -66,7 +65,10 @@ def synthetic_task_kwargs(
     split: str = "train", cache_dir: str | None = None, seed: int = 0, teacher: Any = None, student: Any = None,
     tokenizer: Any = None, data: str | None = None, limit: int | None = None,
 ) -> dict[str, Any]:
-    """Arguments of the embedded task's env; trains and caches its models on first use (minutes, CPU)."""
+    """Arguments of the embedded task's env; trains and caches its models on first use (minutes, CPU).
+
+    ``data``: a folder reads its ``{split}`` file (as the cache writes them), a file is read whole.
+    """
     from tw_env.synthetic import SYNTHETIC_INSTRUCTION
 
     if teacher is None or student is None or tokenizer is None or data is None:
@@ -76,10 +78,8 @@ def synthetic_task_kwargs(
         teacher = teacher if teacher is not None else str(assets.teacher_dir)
         student = student if student is not None else str(assets.student_dir)
         tokenizer = tokenizer if tokenizer is not None else str(assets.tokenizer_dir)
-        data = data if data is not None else str(assets.data_dir / f"{split}.jsonl")
-    if Path(data).is_dir() and (Path(data) / f"{split}.jsonl").exists():
-        data = str(Path(data) / f"{split}.jsonl")  # a folder of splits, as the cache writes it
-    examples = load_examples(data, "source", "target", limit=limit)
+        data = data if data is not None else str(assets.data_dir)  # a folder of split files
+    examples = load_examples(data, "source", "target", split=split, limit=limit)
     return dict(
         teacher=teacher, student=student, tokenizer=tokenizer, examples=examples,
         instruction=SYNTHETIC_INSTRUCTION, metric="bleu",

@@ -1,7 +1,9 @@
 """Tasks: source/reference pairs plus an instruction, loaded through `datasets`.
 
-A task's data is a hub dataset id (the default users get) or a local JSON-lines / JSON / parquet
-file or a folder of them (what tests and offline machines use). Nothing is read at import.
+A task's data is a hub dataset id (the default users get), a local JSON-lines / JSON / parquet file
+(read whole: a file has no splits), or a local folder of split files ``train.jsonl``,
+``validation.jsonl``, ``test.jsonl`` (or ``.json``/``.parquet``), of which a split reads its own
+(what tests and offline machines use). Nothing is read at import.
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ WMT19 = TaskSpec("wmt19", "translate German to English", "bleu", "de", "en", "wm
 
 _LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
+DATA_OFFLINE_HINT = (
+    "If the Hugging Face Hub cannot be reached, pass a local JSON-lines or parquet file with the fields "
+    "'{source_field}' and '{reference_field}', e.g. gym.make(..., data='pairs.jsonl'), or a folder of split "
+    "files (train.jsonl, validation.jsonl, test.jsonl)."
+)
+
 
 def _field(row: dict[str, Any], name: str) -> str:
     # WMT rows on the hub nest the pair under "translation"; local files keep it flat.
@@ -46,6 +54,118 @@ def _field(row: dict[str, Any], name: str) -> str:
     raise KeyError(name)
 
 
+def _split_file(folder: Path, data: str, split: str) -> Path:
+    """The folder's file for ``split``: ``{split}.jsonl``, ``{split}.json`` or ``{split}.parquet``."""
+    found = [folder / f"{split}{suffix}" for suffix in _LOCAL_FORMATS if (folder / f"{split}{suffix}").is_file()]
+    if len(found) > 1:
+        raise ValueError(
+            f"the data folder '{data}' has several files for the split '{split}': "
+            f"{[p.name for p in found]}; expected exactly one"
+        )
+    if not found:
+        present = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in _LOCAL_FORMATS)
+        if not present:
+            raise FileNotFoundError(
+                f"no .jsonl/.json/.parquet files in the data folder '{data}'; expected one file per split "
+                f"({split}.jsonl, {split}.json or {split}.parquet for the split '{split}')"
+            )
+        raise FileNotFoundError(
+            f"the data folder '{data}' has no file for the split '{split}': expected {split}.jsonl, "
+            f"{split}.json or {split}.parquet; the data files there are {present}. A folder holds "
+            "one file per split (train.jsonl, validation.jsonl, ...); pass a file to read it whole."
+        )
+    return found[0]
+
+
+def _local_file(data: str, split: str) -> Path | None:
+    """The local file ``data`` and ``split`` read (resolved), or None when ``data`` is a hub id."""
+    path = Path(data).expanduser()
+    if path.is_dir():
+        return _split_file(path, data, split).resolve()
+    if path.exists():
+        if path.suffix not in _LOCAL_FORMATS:
+            raise ValueError(
+                f"data file '{data}' has suffix {path.suffix!r}; expected one of {sorted(_LOCAL_FORMATS)}"
+            )
+        return path.resolve()
+    if data.startswith((".", "/", "~")) or data.endswith(tuple(_LOCAL_FORMATS)):
+        raise FileNotFoundError(
+            f"data not found: no file or folder at '{data}'. Expected a local .jsonl/.json/.parquet file "
+            "or folder, or a hub dataset id."
+        )
+    return None
+
+
+def resolve_data_source(data: str, split: str = "train", config: str | None = None) -> str:
+    """What ``load_examples(data, ..., split=split, config=config)`` reads, as a string.
+
+    A local file or a folder's split file gives its absolute path (a file is the same whatever the
+    split); a hub id gives ``"hub:ID[CONFIG]:SPLIT"`` (``"hub:ID:SPLIT"`` without a config). Two
+    (data, split) choices read the same examples exactly when their sources are equal. Raises as
+    ``load_examples`` does for a missing path or a folder without the split's file.
+    """
+    file = _local_file(data, split)
+    if file is not None:
+        return str(file)
+    return f"hub:{data}{f'[{config}]' if config else ''}:{split}"
+
+
+def env_data_source(env_kwargs: dict[str, Any], default_split: str = "train") -> str:
+    """:func:`resolve_data_source` of the ``data``/``split``/``config`` overrides a registered task is made
+    with. Without ``data`` the task's default applies (its hub dataset, or the embedded task's cache),
+    which is split-aware: ``"the task's default data, split 'SPLIT'"``. Reads no examples."""
+    split = env_kwargs.get("split") or default_split
+    data = env_kwargs.get("data")
+    if data is None:
+        return f"the task's default data, split '{split}'"
+    return resolve_data_source(str(data), split, env_kwargs.get("config"))
+
+
+def _has_no_rows(file: Path) -> bool:
+    if file.stat().st_size == 0:
+        return True
+    if file.suffix == ".parquet":
+        import pyarrow.parquet as pq  # a dependency of datasets
+
+        return pq.ParquetFile(file).metadata.num_rows == 0
+    with file.open("rb") as f:  # JSON: nothing but white space (stops at the first non-blank line)
+        return all(not line.strip() for line in f)
+
+
+def _read_local(file: Path):
+    import datasets
+
+    empty = ValueError(f"the data file '{file}' holds no rows; expected one record per example")
+    if _has_no_rows(file):
+        raise empty
+    try:
+        return datasets.load_dataset(_LOCAL_FORMATS[file.suffix], data_files=[str(file)], split="train")
+    except StopIteration:  # what datasets raises for a JSON file without records
+        raise empty from None
+    except ValueError as err:
+        if "corresponds to no data" in str(err):  # a JSON file that holds an empty list
+            raise empty from None
+        raise
+
+
+def _read_hub(data: str, split: str, config: str | None, source_field: str, reference_field: str):
+    import datasets  # imported here so that `import tw_env` stays light
+
+    from tw_env.models import hub_unavailable_reason, in_hub_cache
+
+    hint = DATA_OFFLINE_HINT.format(source_field=source_field, reference_field=reference_field)
+    reason = hub_unavailable_reason(extra_offline_vars=("HF_DATASETS_OFFLINE",))
+    if reason is not None and not in_hub_cache(data, repo_type="dataset"):
+        raise OSError(
+            f"cannot load the dataset '{data}' ({config=}, {split=}): it is a hub id, the Hugging Face Hub "
+            f"is {reason} and it is not in the local datasets cache.\n{hint}"
+        )
+    try:
+        return datasets.load_dataset(data, config, split=split)
+    except Exception as err:  # datasets raises several types when offline
+        raise OSError(f"could not load the dataset '{data}' ({config=}, {split=}): {err}\n{hint}") from err
+
+
 def load_examples(
     data: str,
     source_field: str,
@@ -54,45 +174,28 @@ def load_examples(
     config: str | None = None,
     limit: int | None = None,
 ) -> list[Example]:
-    """Read (source, reference) pairs from a hub dataset or a local file/folder.
+    """Read (source, reference) pairs from a hub dataset, a local file or a local folder of split files.
 
     Args:
-        data: hub id (``"EdinburghNLP/xsum"``) or a local ``.jsonl``/``.json``/``.parquet`` file or folder.
+        data: a hub id (``"EdinburghNLP/xsum"``); a local ``.jsonl``/``.json``/``.parquet`` file, which
+            is read whole whatever ``split`` says (a file has no splits); or a local folder, of which
+            the split's file ``{split}.jsonl``, ``{split}.json`` or ``{split}.parquet`` is read
+            (FileNotFoundError, naming the files there, when it has none).
         source_field, reference_field: column names (looked up under ``translation`` too).
-        split: the hub split; a local file is read whole.
+        split: the hub split, or which file of a local folder.
         config: the hub configuration (``"de-en"`` for WMT19).
         limit: keep only the first ``limit`` rows.
-    """
-    import datasets  # imported here so that `import tw_env` stays light
 
-    path = Path(data).expanduser()
-    if path.exists():
-        if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix in _LOCAL_FORMATS)
-            if not files:
-                raise FileNotFoundError(f"no .jsonl/.json/.parquet files in the data folder '{data}'")
-        else:
-            files = [path]
-        suffix = files[0].suffix
-        if suffix not in _LOCAL_FORMATS:
-            raise ValueError(f"data file '{data}' has suffix {suffix!r}; expected one of {sorted(_LOCAL_FORMATS)}")
-        dataset = datasets.load_dataset(
-            _LOCAL_FORMATS[suffix], data_files=[str(f) for f in files], split="train"
-        )
-    elif data.startswith((".", "/", "~")) or data.endswith(tuple(_LOCAL_FORMATS)):
-        raise FileNotFoundError(
-            f"data not found: no file or folder at '{data}'. Expected a local .jsonl/.json/.parquet file "
-            "or folder, or a hub dataset id."
-        )
+    A hub id fails at once (OSError) when the hub is offline (``HF_HUB_OFFLINE``) or does not answer
+    and the dataset is not cached; an empty local file raises ValueError. See
+    :func:`resolve_data_source` for which file a (data, split) pair reads.
+    """
+    file = _local_file(data, split)
+    if file is not None:
+        dataset = _read_local(file)
+        data = str(file) if Path(data).expanduser().is_dir() else data  # name the split file in messages
     else:
-        try:
-            dataset = datasets.load_dataset(data, config, split=split)
-        except Exception as err:  # datasets raises several types when offline
-            raise OSError(
-                f"could not load the dataset '{data}' ({config=}, {split=}): {err}\nIf the Hugging Face Hub "
-                "cannot be reached, pass a local JSON-lines or parquet file with the fields "
-                f"'{source_field}' and '{reference_field}', e.g. gym.make(..., data='pairs.jsonl')."
-            ) from err
+        dataset = _read_hub(data, split, config, source_field, reference_field)
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     examples = []
