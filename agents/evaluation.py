@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
+import numpy as np
 import torch
 
 from agents.trajectories import tokenize_prompts, tokenize_teacher_prompts
 from tw_env.metrics import quality
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -44,6 +49,16 @@ def evaluate_budgets(
         results.append(BudgetResult(float(budget), calls / max(tokens, 1), score, len(examples)))
     policy.train(was_training)
     return results
+
+
+def seeded_subset(examples: Sequence[T], count: int, seed: int) -> list[T]:
+    """``count`` examples drawn at random without replacement (seeded), kept in their original order.
+
+    The paper selects checkpoints on 512 validation examples sampled at random (§3.3); the first
+    512 of a file are often one source or one length band.
+    """
+    chosen = np.random.default_rng([seed, 1]).permutation(len(examples))[:count]
+    return [examples[i] for i in sorted(chosen)]
 
 
 def budget_violation(teacher_fraction: float, budget: float, ceiling: bool) -> float:

@@ -35,6 +35,7 @@ from tqdm import tqdm
 import tw_env  # noqa: F401  (registers the tasks)
 from agents import checkpoint as ckpt
 from agents.config import config_to_json
+from agents.evaluation import seeded_subset
 from agents.objectives import reverse_kl
 from agents.trajectories import pad_prompts
 from tw_env.atomic import publish_dir, write_json, write_text
@@ -238,8 +239,7 @@ def run(config: GKDConfig) -> dict:
     eval_kwargs = {**env_kwargs, "teacher": env.teacher, "split": config.eval_split, **config.eval_env_kwargs}
     eval_env = gym.make(config.env_id, disable_env_checker=True, **eval_kwargs).unwrapped
     # A seeded random subset of the validation split (§3.3), the same for every evaluation.
-    subset = np.random.default_rng([config.seed, 1]).permutation(len(eval_env.examples))[: config.eval_examples]
-    eval_examples = [eval_env.examples[i] for i in sorted(subset)]
+    eval_examples = seeded_subset(eval_env.examples, config.eval_examples, config.seed)
     teacher, tokenizer, train_examples = env.teacher, env.tokenizer, env.examples
     max_new_tokens, eos = env.max_new_tokens, tokenizer.eos_token_id
 

@@ -32,6 +32,7 @@ from agents.evaluation import (
     evaluate_budgets,
     mean_quality,
     meets_budgets,
+    seeded_subset,
     worst_violation,
 )
 from agents.sb3_adapter import (
@@ -85,7 +86,7 @@ class PPOConfig:
     keep_checkpoints: int = 2  # resumable checkpoints kept on disk
     max_new_tokens: int | None = None  # episode length (default: the task's)
     budgets: list = field(default_factory=lambda: list(BUDGETS))  # the teacher-use budgets one model learns
-    eval_examples: int = 512  # examples of the eval split decoded at every budget at the end (0: no evaluation)
+    eval_examples: int = 512  # examples of the eval split (a seeded random subset) decoded at every budget at the end (0: none)
     eval_split: str = "validation"  # split of the task used for the final evaluation
     eval_env_kwargs: dict = field(default_factory=dict)  # further overrides for the eval split (e.g. its data file)
     eval_batch_size: int = 64  # prompts per evaluation batch
@@ -215,7 +216,7 @@ def run(config: PPOConfig) -> dict:
         eval_kwargs = {**env_kwargs, "teacher": base.teacher, "split": config.eval_split, **config.eval_env_kwargs}
         eval_env = gym.make(config.env_id, budgets=config.budgets, **eval_kwargs).unwrapped
         ceiling = budgets_are_ceilings(config.lagrange_floor)
-        results = evaluate_budgets(student, eval_env, eval_env.examples[: config.eval_examples], config.budgets,
+        results = evaluate_budgets(student, eval_env, seeded_subset(eval_env.examples, config.eval_examples, config.seed), config.budgets,
                                    base.max_new_tokens, batch_size=config.eval_batch_size)
         evaluation = {
             "split": config.eval_split, "meets_budgets": meets_budgets(results, config.delta, ceiling),

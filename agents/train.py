@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from agents.evaluation import (
     evaluate_budgets,
     mean_quality,
     meets_budgets,
+    seeded_subset,
     worst_violation,
 )
 from agents.objectives import lagrange_step, pcl_loss, phase1_loss
@@ -46,6 +48,7 @@ from tw_env.atomic import publish_dir, write_json, write_text
 from tw_env.budgets import BUDGETS
 from tw_env.models import resolve_device
 from tw_env.rewards import eq17_reward
+from tw_env.tasks import env_data_source
 
 
 @dataclass
@@ -93,7 +96,7 @@ class TrainConfig:
     lagrange_window: int = 4  # trailing on-policy batches whose teacher use drives λ
     # Checkpoint selection (§3.3), logging, checkpointing
     eval_every: int = 250  # batches between validation evaluations (0: only at the end)
-    eval_examples: int = 512  # validation examples for checkpoint selection
+    eval_examples: int = 512  # validation examples for checkpoint selection (a seeded random subset, §3.3)
     eval_split: str = "validation"  # split of the task used for selection
     allow_selection_on_training_data: bool = False  # select on the training examples when both read one source (warns)
     delta: float = 0.02  # tolerance δ: f ≤ b + δ per budget (a ceiling, floor ≥ 0) or |f − b| ≤ δ (a target, floor < 0)
@@ -130,32 +133,37 @@ class Setup:
     writer: SummaryWriter
 
 
+def check_selection_data(config: TrainConfig) -> None:
+    """Refuse (or, when asked, loudly allow) checkpoint selection on the training examples.
+
+    The two sources are compared before anything is loaded: a local file has no splits, so a run
+    whose training and selection data are one file would select on what it trained on.
+    """
+    train_source = env_data_source(config.env_kwargs)
+    selection_source = env_data_source({**config.env_kwargs, "split": config.eval_split, **config.eval_env_kwargs})
+    if train_source != selection_source:
+        return
+    problem = (
+        f"checkpoint selection would run on the training examples: training and selection (split "
+        f"'{config.eval_split}') both read {train_source}"
+    )
+    if not config.allow_selection_on_training_data:
+        raise ValueError(
+            f"{problem}. Expected selection data apart from the training data: pass a folder with "
+            "train.jsonl and validation.jsonl as env_kwargs 'data' (each split reads its own file), or "
+            'the selection file as eval_env_kwargs: {"data": "validation.jsonl"}; set '
+            "allow_selection_on_training_data to select on the training examples anyway."
+        )
+    print(f"WARNING: {problem}; selected checkpoints are scored on examples they were trained on "
+          "(allow_selection_on_training_data is set).", file=sys.stderr, flush=True)
+
+
 def make_setup(config: TrainConfig) -> Setup:
     config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
-    # Checkpoint selection must not read the training examples: compare the two sources before loading.
-    from tw_env.tasks import env_data_source
-
-    train_source = env_data_source(config.env_kwargs)
-    selection_source = env_data_source({**config.env_kwargs, "split": config.eval_split, **config.eval_env_kwargs})
-    if train_source == selection_source:
-        problem = (
-            f"checkpoint selection would run on the training examples: training and selection (split "
-            f"'{config.eval_split}') both read {train_source}"
-        )
-        if not config.allow_selection_on_training_data:
-            raise ValueError(
-                f"{problem}. Expected selection data apart from the training data: pass a folder with "
-                "train.jsonl and validation.jsonl as env_kwargs 'data' (each split reads its own file), or "
-                'the selection file as eval_env_kwargs: {"data": "validation.jsonl"}; set '
-                "allow_selection_on_training_data to select on the training examples anyway."
-            )
-        import sys
-
-        print(f"WARNING: {problem}; selected checkpoints are scored on examples they were trained on "
-              "(allow_selection_on_training_data is set).", file=sys.stderr, flush=True)
+    check_selection_data(config)
     env_kwargs = dict(config.env_kwargs)
     env_kwargs.setdefault("device", str(device))
     env_kwargs.setdefault("reward_clip", config.reward_clip)
@@ -172,7 +180,7 @@ def make_setup(config: TrainConfig) -> Setup:
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "config.json", config_to_json(config))
     return Setup(
-        config, envs, envs.teacher, envs.examples, eval_env.examples[: config.eval_examples],
+        config, envs, envs.teacher, envs.examples, seeded_subset(eval_env.examples, config.eval_examples, config.seed),
         envs.max_new_tokens, device, out, SummaryWriter(str(out / "tensorboard")),
     )
 
