@@ -4,9 +4,11 @@
     tw train --algo ppo --config ...              # the PPO ablation
     tw eval  --config ...                         # quality, teacher use, latency of every method
     tw plot  --results DIR                        # operating-point plots and the token view
-    tw bench env|decode ...                       # speed benchmarks (docs/benchmarks.md)
+    tw gkd   --config ...                         # DistillSpec's draft model (GKD), for the baseline
+    tw bench-env ... | tw bench-decode ...        # speed benchmarks (docs/benchmarks.md)
 
-Each subcommand has one typed config (a dataclass) that ``--config FILE.json`` and flags set.
+Each subcommand has one typed config (a dataclass) that ``--config FILE.json`` and flags set;
+``tw COMMAND --help`` lists its flags.
 """
 
 from __future__ import annotations
@@ -26,12 +28,30 @@ COMMANDS = {
     "bench-decode": ("scripts.bench_decode", "BenchDecodeConfig", "run"),
 }
 
+# subcommand -> what it does, for `tw --help` and `tw COMMAND --help`.  Written here rather than
+# taken from the config classes' docstrings, which describe the configs (and can be shared).
+HELP = {
+    "train": "Train the student: phase 1 (behaviour cloning of the KL-ranked oracle), then phase 2 "
+             "(PCL with one Lagrange multiplier per budget) and checkpoint selection on validation.",
+    "train-ppo": "The PPO ablation of phase 2 (Stable-Baselines3 PPO on the Eq. 17 reward with "
+                 "per-budget λ); the same as `tw train --algo ppo`.",
+    "gkd": "Distil the student with GKD: DistillSpec's draft model, the baseline's draft for lossy "
+           "speculative decoding (`tw eval` uses it).",
+    "eval": "Quality, teacher use, wasted tokens and latency of every method on held-out data.",
+    "plot": "Operating-point plots (quality vs teacher use) and the token view from `tw eval` results.",
+    "bench-env": "Speed benchmark: vector-env steps/s against the teacher's own generate "
+                 "(docs/benchmarks.md).",
+    "bench-decode": "Speed benchmark: decode latency (batch 1) and batched throughput of Training "
+                    "Wheels against its neighbours (docs/benchmarks.md).",
+}
+
 
 def main(argv: list[str] | None = None) -> int:
     from agents.config import add_config_arguments, config_from_namespace
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    # `tw train --algo ppo` is the PPO ablation; `tw bench env` is bench-env.
+    # `tw train --algo ppo` is the PPO ablation.  `tw bench env` is still accepted for bench-env
+    # (and `tw bench decode` for bench-decode); the documented spelling is the subcommand's.
     if argv[:1] == ["train"] and "--algo" in argv:
         i = argv.index("--algo")
         algo = argv[i + 1] if i + 1 < len(argv) else ""
@@ -41,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         del argv[i : i + 2]
         if algo == "ppo":
             argv[0] = "train-ppo"
-    if argv[:1] == ["bench"] and len(argv) > 1:
+    if argv[:1] == ["bench"] and argv[1:2] in (["env"], ["decode"]):
         argv = [f"bench-{argv[1]}"] + argv[2:]
     parser = argparse.ArgumentParser(prog="tw", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             cls = getattr(importlib.import_module(module), cls_name)
         except (ImportError, AttributeError):
             continue  # an optional command whose dependencies are missing
-        add_config_arguments(sub.add_parser(name, help=(cls.__doc__ or "").splitlines()[0]), cls)
+        add_config_arguments(sub.add_parser(name, help=HELP[name], description=HELP[name]), cls)
     args = parser.parse_args(argv)
     module, cls_name, entry = COMMANDS[args.command]
     mod = importlib.import_module(module)

@@ -4,9 +4,11 @@ Usage::
 
     python -m scripts.train_synthetic_models [--cache-dir DIR] [--seed 0] [--force]
 
-Prints the test BLEU of both models (greedy decoding, sacrebleu), the gap, the training time,
-parameter counts, the vocabulary size, the mean target length, and where the student's errors sit
-(teacher-forced token accuracy by how often the (topic, word) pair occurs in the training split).
+Training (first use, or ``--force``; about 2 minutes on 2 CPU cores) says so on stderr, shows a
+progress bar per model and prints the loss every 500 steps. Then it prints the test BLEU of both
+models (greedy decoding, sacrebleu), the gap, the training time, parameter counts, the vocabulary
+size, the mean target length, and where the student's errors sit (teacher-forced token accuracy by
+how often the (topic, word) pair occurs in the training split).
 """
 
 from __future__ import annotations

@@ -237,7 +237,10 @@ def test_phase1_loss_by_hand(call_mask, expected, literal):
     assert loss.item() == pytest.approx(expected, abs=1e-6)
 
 
-def test_phase1_loss_hand_value_literal():
+def test_phase1_loss_hand_value_default():
+    """The default loss, in decimals: call at 0 (−ln π(<τ>) = −ln 0.5 = 0.693147), imitate at 1
+    (KL(p ‖ π_V) = 0.9 ln(0.9/0.75) + 0.1 ln(0.1/0.25) = 0.072460, plus −ln(1 − π(<τ>)) = −ln 0.8 =
+    0.223144)."""
     loss = phase1_loss(
         torch.tensor([PH1_STUDENT]),
         torch.tensor([PH1_TEACHER]),
@@ -245,6 +248,20 @@ def test_phase1_loss_hand_value_literal():
         torch.ones(1, 2),
     )
     assert loss.item() == pytest.approx((0.693147 + 0.072460 + 0.223144) / 2, abs=1e-5)
+
+
+def test_phase1_loss_hand_value_literal():
+    """The paper's literal loss, in decimals: the imitation position pays KL(p ‖ π_V) alone,
+    without the −ln(1 − π(<τ>)) = 0.223144 of the default.  Imitate at 0 (π_V = [0.4, 0.6]:
+    0.5 ln(0.5/0.4) + 0.5 ln(0.5/0.6) = 0.020411), call at 1 (−ln 0.2 = 1.609438)."""
+    loss = phase1_loss(
+        torch.tensor([PH1_STUDENT]),
+        torch.tensor([PH1_TEACHER]),
+        torch.tensor([[False, True]]),
+        torch.ones(1, 2),
+        literal=True,
+    )
+    assert loss.item() == pytest.approx((0.020411 + 1.609438) / 2, abs=1e-5)
 
 
 def test_phase1_imitation_is_kl_to_the_teacher_extended_by_zero_mass_on_call():

@@ -250,6 +250,41 @@ def test_training_is_deterministic(tiny_specs, tmp_path) -> None:
         assert all(bool((wa[k] == wb[k]).all()) for k in wa)
 
 
+def test_first_use_says_what_it_trains_and_shows_progress(tiny_specs, tmp_path, capsys) -> None:
+    assets = ensure_synthetic_models(tmp_path, seed=0)
+    captured = capsys.readouterr()
+    # One line on stderr before anything else: what is trained, about how long, where it is cached.
+    first = captured.err.splitlines()[0]
+    assert first == ("Training the embedded Synthetic teacher and student (first use, about 2 minutes "
+                     f"on 2 CPU cores); cached in {assets.root}")
+    # Then a tqdm bar over each model's training steps, run to the end (3 steps in tiny_specs).
+    for name in ("teacher", "student"):
+        assert f"Synthetic {name}: 100%" in captured.err
+    assert "| 3/3 [" in captured.err and "step/s]" in captured.err
+    assert "Writing model shards" not in captured.err  # transformers' own bar of save_pretrained
+    assert captured.out == ""
+    # A complete cache is returned silently.
+    assert ensure_synthetic_models(tmp_path, seed=0) == assets
+    assert capsys.readouterr() == ("", "")
+
+
+def test_progress_off_is_silent(tiny_specs, tmp_path, capsys) -> None:
+    ensure_synthetic_models(tmp_path, seed=0, progress=False)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_the_progress_bar_does_not_change_the_weights(tokenizer, splits, capsys) -> None:
+    spec = dataclasses.replace(syn.STUDENT_SPEC, steps=3, warmup=1)
+    rows = splits["train"][:256]
+    quiet = syn.train_model(spec, padded_vocab_size(tokenizer), tokenizer, rows, seed=2)
+    assert capsys.readouterr().err == ""
+    shown = syn.train_model(spec, padded_vocab_size(tokenizer), tokenizer, rows, seed=2, progress="bar")
+    assert "bar: 100%" in capsys.readouterr().err
+    a, b = quiet.state_dict(), shown.state_dict()
+    assert a.keys() == b.keys()
+    assert all(bool((a[k] == b[k]).all()) for k in a)
+
+
 # ---------------------------------------------------------------------- the real models
 
 

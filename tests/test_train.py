@@ -101,10 +101,12 @@ def _lambdas_by_hand(batches: list[Trajectories], budgets, lr: float, floor: flo
 
 def test_a_negative_lagrange_floor_lets_under_used_budgets_pay_for_calls(tiny, tmp_path, monkeypatch):
     """A fresh student almost never calls: b = 0.5 is under-used, so its λ goes below 0 (down to
-    the floor) when the floor allows it, and stays at 0 with the paper's floor.  Every λ is the
-    dual step applied by hand to the teacher use of the on-policy batches; b = 0 cannot be
-    under-used, so even with the negative floor its λ only rises (with each call at b = 0)."""
+    the floor) when the floor allows it, and stays at 0 with the paper's floor.  No budget is below
+    zero use, so b = 0's λ never goes below 0, even with the negative floor: it rises as soon as the
+    student calls under "no teacher use".  Every λ is checked against the dual step applied by hand
+    to the teacher use counted in the on-policy batches."""
     import agents.train as train_module
+    from agents.policy import StudentPolicy
 
     collected: list[Trajectories] = []
     real_collect = train_module.collect_on_policy
@@ -115,29 +117,40 @@ def test_a_negative_lagrange_floor_lets_under_used_budgets_pay_for_calls(tiny, t
         return batch, infos
 
     monkeypatch.setattr(train_module, "collect_on_policy", recording_collect)
+
+    def run_phase2(name: str, init: Path, **overrides) -> tuple[dict[float, float], dict[float, float], list[Trajectories]]:
+        """(λ at the end of the run, λ by hand from its on-policy batches, those batches)."""
+        collected.clear()
+        config = tiny_config(tiny, tmp_path / name, phase="pcl", init=str(init), **overrides)
+        lambdas = {float(b): v for b, v in run(config)["phase2"]["lambdas"].items()}
+        assert len(collected) == config.pcl_batches
+        by_hand = _lambdas_by_hand(collected, config.budgets, config.lagrange_lr, config.lagrange_floor,
+                                   config.lagrange_cap, config.lagrange_window)
+        return lambdas, by_hand, list(collected)
+
     common = dict(bc_batches=0, pcl_batches=3, lagrange_lr=5.0, oracle_rounding="stochastic", rollout_temperature=1.0)
     run(tiny_config(tiny, tmp_path / "bc", bc_batches=1, pcl_batches=0, phase="bc"))
-    init = str(tmp_path / "bc" / "phase1")
-    target_config = tiny_config(tiny, tmp_path / "target", phase="pcl", init=init, lagrange_floor=-1.0, **common)
-    target = run(target_config)
-    target_batches, collected[:] = list(collected), []
-    ceiling_config = tiny_config(tiny, tmp_path / "ceiling", phase="pcl", init=init, **common)
-    ceiling = run(ceiling_config)
-    ceiling_batches = list(collected)
-    assert len(target_batches) == len(ceiling_batches) == 3
-    lam_target = {float(b): v for b, v in target["phase2"]["lambdas"].items()}
-    lam_ceiling = {float(b): v for b, v in ceiling["phase2"]["lambdas"].items()}
+    init = tmp_path / "bc" / "phase1"
+    lam_target, hand_target, _ = run_phase2("target", init, lagrange_floor=-1.0, **common)
+    lam_ceiling, hand_ceiling, _ = run_phase2("ceiling", init, **common)
     assert -1.0 <= lam_target[0.5] < 0
     assert lam_ceiling[0.5] == 0.0
-    for config, batches, lam in ((target_config, target_batches, lam_target),
-                                 (ceiling_config, ceiling_batches, lam_ceiling)):
-        by_hand = _lambdas_by_hand(batches, config.budgets, config.lagrange_lr, config.lagrange_floor,
-                                   config.lagrange_cap, config.lagrange_window)
-        assert lam == pytest.approx(by_hand, abs=1e-9)
-    # b = 0 with the target floor: λ_0 = lr × (sum of its trailing teacher fractions), never below 0,
-    # and above 0 as soon as the student has called at b = 0.
-    calls_at_0 = sum(int((b.is_call & b.mask)[b.budget.abs() < 1e-6].sum()) for b in target_batches)
-    assert (lam_target[0.0] > 0) == (calls_at_0 > 0)
+    assert lam_target == pytest.approx(hand_target, abs=1e-9)
+    assert lam_ceiling == pytest.approx(hand_ceiling, abs=1e-9)
+
+    # The same student with its <τ> logit forced up calls at every budget, b = 0 included: with the
+    # negative floor every λ rises (a small dual rate keeps them below the cap).
+    caller = StudentPolicy.load(init)
+    with torch.no_grad():
+        caller.call_head.weight.zero_()
+        caller.call_head.bias.fill_(1e4)
+    caller.save(tmp_path / "caller-init")
+    lam_caller, hand_caller, batches = run_phase2("caller", tmp_path / "caller-init", lagrange_floor=-1.0,
+                                                  **{**common, "lagrange_lr": 0.1})
+    calls_at_0 = sum(int((b.is_call & b.mask)[b.budget.abs() < 1e-6].sum()) for b in batches)
+    assert calls_at_0 > 0
+    assert lam_caller == pytest.approx(hand_caller, abs=1e-9)
+    assert 0 < lam_caller[0.0] < 2.0
 
 
 def test_rewards_are_recomputed_with_current_lambda():
