@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from agents.evaluation import seeded_subset
 from tests.conftest import EXAMPLES
 from tests.tiny_task import make_tiny_task
 from tw_env.tasks import Example, env_data_source, load_examples, resolve_data_source
@@ -187,7 +188,7 @@ def test_make_setup_allows_selection_on_training_data_when_asked_and_says_so(tin
     env = {**tiny.env_kwargs(), "data": str(tiny.train_file)}
     setup = make_setup(_config(tiny, tmp_path, env_kwargs=env, allow_selection_on_training_data=True))
     try:
-        assert setup.eval_examples == setup.train_examples[:8]
+        assert setup.eval_examples == seeded_subset(setup.train_examples, 8, setup.config.seed)
     finally:
         setup.writer.close()
     err = capsys.readouterr().err
