@@ -42,6 +42,10 @@ slow: install
 lint: install
 	$(BIN)/ruff check tw_env agents scripts tests
 
+# mypy with the [tool.mypy] settings in pyproject.toml; clean is the bar.
+type: install
+	$(BIN)/python -m mypy tw_env
+
 # The newest releases of every dependency (torch kept at the CPU build), in a venv of their own:
 # reports what a user installing today would meet. Not part of the green/red CI verdict.
 newest:

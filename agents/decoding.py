@@ -37,6 +37,7 @@ from agents.objectives import (
     lossy_speculative_accept_length,
 )
 from agents.policy import StudentPolicy, choose_actions
+from tw_env.families import family_of
 from tw_env.incremental import IncrementalDecoder
 from tw_env.models import check_same_vocabulary, output_vocab_size
 
@@ -193,7 +194,7 @@ class _CatchUpTeacher:
         self.input_ids, self.attention_mask = input_ids, attention_mask
         self.max_len = max_len
         self.decoder: IncrementalDecoder | None = None
-        self.start_id = int(teacher.config.decoder_start_token_id)
+        self.start_id = family_of(teacher).start_token_id(teacher)
         self.seen = 0  # decoder inputs consumed so far (the same for every row)
         self.forwards = 0
 
@@ -201,7 +202,7 @@ class _CatchUpTeacher:
         """Teacher logits ``[B, V]`` for the token after ``outputs`` (``[B, n]`` X^(out) so far)."""
         batch_size = outputs.shape[0]
         if self.decoder is None:
-            self.decoder = IncrementalDecoder(self.teacher, batch_size, self.max_len + 1)
+            self.decoder = family_of(self.teacher).incremental_decoder(self.teacher, batch_size, self.max_len + 1)
             self.decoder.restart(torch.arange(batch_size), self.input_ids, self.attention_mask)
         start = torch.full((batch_size, 1), self.start_id, dtype=torch.long, device=outputs.device)
         decoder_inputs = torch.cat([start, outputs], dim=1)
@@ -280,7 +281,7 @@ def teacher_help_decode(
     batch_size = input_ids.shape[0]
     out = _Outputs(batch_size, max_new_tokens, _pad_id(model), _eos_ids(model, device))
     with _eval_mode(policy, teacher):
-        student = IncrementalDecoder(model, batch_size, max_new_tokens + 1)
+        student = family_of(model).incremental_decoder(model, batch_size, max_new_tokens + 1)
         student.restart(torch.arange(batch_size), input_ids, attention_mask)
         prompt = policy.prompt_features(student.encoder_states, student.encoder_mask)  # once, not per step
         helper = _CatchUpTeacher(
@@ -410,18 +411,18 @@ def speculative_decode(
     max_len = max_new_tokens + 2 * draft_length + 4
     teacher_forwards = student_forwards = 0
     with _eval_mode(drafter, teacher):
-        draft = IncrementalDecoder(drafter, batch_size, max_len)
-        verify = IncrementalDecoder(teacher, batch_size, max_len)
+        draft = family_of(drafter).incremental_decoder(drafter, batch_size, max_len)
+        verify = family_of(teacher).incremental_decoder(teacher, batch_size, max_len)
         draft.restart(rows, input_ids, attention_mask)
         verify.restart(rows, input_ids.to(teacher.device), attention_mask.to(teacher.device))
         # Tokens each model must read before it can predict the next one. The teacher always has one
         # (the start token, then the last replacement/bonus token). The draft model has two after a
         # full acceptance: its own last draft (never fed, it was the K-th) and the bonus token.
         draft_pending = torch.full((batch_size, 2), pad, dtype=torch.long, device=device)
-        draft_pending[:, 0] = int(drafter.config.decoder_start_token_id)
+        draft_pending[:, 0] = family_of(drafter).start_token_id(drafter)
         two_pending = torch.zeros(batch_size, dtype=torch.bool, device=device)
         teacher_pending = torch.full(
-            (batch_size,), int(teacher.config.decoder_start_token_id), dtype=torch.long, device=device
+            (batch_size,), family_of(teacher).start_token_id(teacher), dtype=torch.long, device=device
         )
         while not bool(out.done.all()):
             live = ~out.done
@@ -517,13 +518,13 @@ def confidence_fallback_decode(
     batch_size = input_ids.shape[0]
     out = _Outputs(batch_size, max_new_tokens, _pad_id(model), _eos_ids(model, device))
     with _eval_mode(model, teacher):
-        student = IncrementalDecoder(model, batch_size, max_new_tokens + 1)
+        student = family_of(model).incremental_decoder(model, batch_size, max_new_tokens + 1)
         student.restart(torch.arange(batch_size), input_ids, attention_mask)
         helper = _CatchUpTeacher(
             teacher, input_ids.to(teacher.device), attention_mask.to(teacher.device), max_new_tokens
         )
         token = torch.full(
-            (batch_size,), int(model.config.decoder_start_token_id), dtype=torch.long, device=device
+            (batch_size,), family_of(model).start_token_id(model), dtype=torch.long, device=device
         )
         forwards = 0
         for n in range(max_new_tokens):

@@ -9,8 +9,10 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from agents.trajectories import tokenize_prompts, tokenize_teacher_prompts
+from agents.policy import StudentPolicy
 from tw_env.metrics import quality
+from tw_env.task import Task
+from tw_env.tasks import Example
 
 T = TypeVar("T")
 
@@ -24,7 +26,8 @@ class BudgetResult:
 
 
 def evaluate_budgets(
-    policy, env, examples, budgets, max_new_tokens: int, batch_size: int = 64,
+    policy: StudentPolicy, task: Task, examples: Sequence[Example], budgets: Sequence[float], max_new_tokens: int,
+    batch_size: int = 64,
 ) -> list[BudgetResult]:
     """Decode every example at every budget (greedy over V + 1, teacher on call) and score it."""
     from agents.decoding import teacher_help_decode
@@ -37,15 +40,15 @@ def evaluate_budgets(
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
             sources, chunk_budgets = [e.source for e in chunk], [budget] * len(chunk)
-            ids, mask = tokenize_prompts(env, sources, chunk_budgets, policy.device)
-            teacher_ids, teacher_mask = tokenize_teacher_prompts(env, sources, chunk_budgets, policy.device)
+            ids, mask = task.prompts(sources, chunk_budgets, policy.device)
+            teacher_ids, teacher_mask = task.teacher_prompts(sources, chunk_budgets, policy.device)
             with torch.no_grad():
-                result = teacher_help_decode(policy, env.teacher, ids, mask, max_new_tokens,
+                result = teacher_help_decode(policy, task.teacher, ids, mask, max_new_tokens,
                                              teacher_input_ids=teacher_ids, teacher_attention_mask=teacher_mask)
             calls += sum(result.teacher_calls)
             tokens += sum(len(o) for o in result.output_ids)
-            hypotheses += [env.tokenizer.decode(o, skip_special_tokens=True) for o in result.output_ids]
-        score = quality(env.metric, hypotheses, [e.reference for e in examples])
+            hypotheses += [task.tokenizer.decode(o, skip_special_tokens=True) for o in result.output_ids]
+        score = quality(task.metric, hypotheses, [e.reference for e in examples])
         results.append(BudgetResult(float(budget), calls / max(tokens, 1), score, len(examples)))
     policy.train(was_training)
     return results

@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
@@ -34,15 +33,18 @@ from tqdm import tqdm
 
 import tw_env  # noqa: F401  (registers the tasks)
 from agents import checkpoint as ckpt
-from agents.config import config_to_json
 from agents.evaluation import seeded_subset
 from agents.objectives import reverse_kl
-from agents.trajectories import pad_prompts
-from tw_env.atomic import publish_dir, write_json, write_text
+from agents.run import check_selection_data, load_tasks, start_run
+from tw_env.atomic import publish_dir, write_json
+from tw_env.families import family_of
 from tw_env.metrics import quality
-from tw_env.models import check_same_vocabulary, load_seq2seq, output_vocab_size, resolve_device
+from tw_env.models import check_same_vocabulary, load_model, output_vocab_size
+from tw_env.prompts import PLAIN_TEMPLATE, check_template
+from tw_env.task import Task
+from tw_env.tasks import Example
 
-PLAIN_PROMPT = "{instruction}: {source}"
+PLAIN_PROMPT = PLAIN_TEMPLATE
 
 
 @dataclass
@@ -52,6 +54,7 @@ class GKDConfig:
     env_id: str = "TrainingWheels-Synthetic-v0"  # a registered Training Wheels task (its teacher, data, metric)
     env_kwargs: dict = field(default_factory=dict)  # overrides for gym.make: teacher, student, tokenizer, data, ...
     eval_env_kwargs: dict = field(default_factory=dict)  # extra overrides for the evaluation split only (e.g. its data file)
+    allow_selection_on_training_data: bool = False  # select on the training examples when both read one source (warns)
     student: str | None = None  # the student LM to distil (hub id or directory); default: the task's student
     output_dir: str = "runs/gkd"  # checkpoints, TensorBoard logs, best/ (the draft model), summary.json
     prompt: str = PLAIN_PROMPT  # prompt template of draft and teacher: no budget keyword (DistillSpec)
@@ -88,26 +91,12 @@ class GKDConfig:
                              f"{self.weight_decay} and {self.grad_clip}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be None or >= 1, got {self.max_new_tokens}")
-        try:
-            self.prompt.format(instruction="", source="")
-        except (KeyError, IndexError, ValueError) as err:
-            raise ValueError(f"prompt may only use the fields {{instruction}} and {{source}}, got {self.prompt!r}") from err
-        if "{source}" not in self.prompt:
-            raise ValueError(f"prompt must contain {{source}}, got {self.prompt!r}")
+        check_template(self.prompt, "prompt")
 
 
-# ---------------------------------------------------------------------------------------------- prompts
-def encode_prompts(env, sources: list[str], template: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The plain prompts (no budget keyword) as right-padded ids and an attention mask."""
-    texts = [template.format(instruction=env.instruction, source=s) for s in sources]
-    encoded = env.tokenizer(texts, truncation=True, max_length=env.max_prompt_length)["input_ids"]
-    pad = env.tokenizer.pad_token_id if env.tokenizer.pad_token_id is not None else 0
-    return pad_prompts(encoded, device, pad)
-
-
-# ---------------------------------------------------------------------------------------------- trajectories
+# ---------------------------------------------------------------------------------------------- samples
 @dataclass
-class Trajectories:
+class GKDBatch:
     """B output sequences for their prompts; positions up to and including the first EOS are valid."""
 
     prompt_ids: torch.Tensor  # [B, L] long
@@ -125,7 +114,7 @@ def generate(model, ids, mask, max_new_tokens: int, eos: int, sample: bool) -> t
     options = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
     sequences = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, num_beams=1,
                                **options)
-    tokens = sequences[:, 1:]
+    tokens = family_of(model).generated_tokens(sequences, ids.shape[1])
     is_eos = tokens == eos
     # Valid up to and including the first EOS; generate pads finished rows after it.
     valid = (torch.cumsum(is_eos.long(), dim=1) - is_eos.long()) == 0
@@ -140,7 +129,7 @@ def pair_prompts(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, t
     return torch.cat([ids, ids]), torch.cat([mask, mask]), ids.shape[0]
 
 
-def collect(student, teacher, ids, mask, n_student: int, max_new_tokens: int, eos: int) -> Trajectories:
+def collect(student, teacher, ids, mask, n_student: int, max_new_tokens: int, eos: int) -> GKDBatch:
     """GKD's mixture: the first ``n_student`` prompts get a student sample, the others the teacher's output."""
     parts = []
     if n_student > 0:
@@ -151,28 +140,28 @@ def collect(student, teacher, ids, mask, n_student: int, max_new_tokens: int, eo
     pad = [torch.nn.functional.pad(tokens, (0, width - tokens.shape[1])) for tokens, _, _ in parts]
     valid = [torch.nn.functional.pad(v, (0, width - v.shape[1])) for _, v, _ in parts]
     from_student = torch.cat([torch.full((t.shape[0],), s, dtype=torch.bool) for t, _, s in parts])
-    return Trajectories(ids, mask, torch.cat(pad), torch.cat(valid), from_student.to(ids.device))
+    return GKDBatch(ids, mask, torch.cat(pad), torch.cat(valid), from_student.to(ids.device))
 
 
-def decoder_inputs(model, tokens: torch.Tensor) -> torch.Tensor:
-    """Teacher forcing: the decoder start token followed by every output token but the last."""
-    start = torch.full_like(tokens[:, :1], model.config.decoder_start_token_id)
+def teacher_forcing_inputs(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Teacher forcing: the start token followed by every output token but the last."""
+    start = torch.full_like(tokens[:, :1], family_of(model).start_token_id(model))
     return torch.cat([start, tokens[:, :-1]], dim=1)
 
 
-def logits_on(model, batch: Trajectories) -> torch.Tensor:
-    """``[B, T, V]`` next-token logits of ``model`` at every position of the trajectories."""
+def logits_on(model, batch: GKDBatch) -> torch.Tensor:
+    """``[B, T, V]`` next-token logits of ``model`` at every position of the batch."""
     return model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
-                 decoder_input_ids=decoder_inputs(model, batch.tokens)).logits
+                 decoder_input_ids=teacher_forcing_inputs(model, batch.tokens)).logits
 
 
 # ---------------------------------------------------------------------------------------------- loss and update
-def gkd_loss(student, batch: Trajectories, teacher_logits: torch.Tensor) -> torch.Tensor:
+def gkd_loss(student, batch: GKDBatch, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Token-wise reverse KL( π ‖ p ) averaged over the valid positions of every trajectory."""
     return reverse_kl(logits_on(student, batch).float(), teacher_logits, batch.mask)
 
 
-def gkd_update(student, optimizer, batch: Trajectories, teacher_logits: torch.Tensor, grad_clip: float) -> float:
+def gkd_update(student, optimizer, batch: GKDBatch, teacher_logits: torch.Tensor, grad_clip: float) -> float:
     """One gradient step; the teacher's logits are computed once per batch and reused (it does not change)."""
     loss = gkd_loss(student, batch, teacher_logits)
     optimizer.zero_grad(set_to_none=True)
@@ -185,15 +174,15 @@ def gkd_update(student, optimizer, batch: Trajectories, teacher_logits: torch.Te
 
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(student, env, examples, template: str, max_new_tokens: int, batch_size: int) -> float:
+def evaluate(student, task: Task, examples: list[Example], template: str, max_new_tokens: int, batch_size: int) -> float:
     """The task's metric of the student's greedy outputs alone: what the draft model knows by itself."""
     hypotheses = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        ids, mask = encode_prompts(env, [e.source for e in chunk], template, student.device)
-        tokens, valid = generate(student, ids, mask, max_new_tokens, env.tokenizer.eos_token_id, sample=False)
-        hypotheses += env.tokenizer.batch_decode(tokens.masked_fill(~valid, 0), skip_special_tokens=True)
-    return quality(env.metric, hypotheses, [e.reference for e in examples])
+        ids, mask = task.plain_prompts([e.source for e in chunk], template, student.device)
+        tokens, valid = generate(student, ids, mask, max_new_tokens, task.eos_token_id, sample=False)
+        hypotheses += task.tokenizer.batch_decode(tokens.masked_fill(~valid, 0), skip_special_tokens=True)
+    return quality(task.metric, hypotheses, [e.reference for e in examples])
 
 
 def save_model_dir(student, tokenizer, target: Path, extra: dict | None = None) -> None:
@@ -221,32 +210,25 @@ def select(student, tokenizer, score: float, step: int, selection: dict, out: Pa
 # ---------------------------------------------------------------------------------------------- run
 def run(config: GKDConfig) -> dict:
     """Distil the teacher into the student with GKD; returns a summary (also OUTPUT_DIR/summary.json)."""
-    config.validate()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
+    check_selection_data(config.env_kwargs, config.eval_split, config.eval_env_kwargs,
+                         config.allow_selection_on_training_data)
+    run_ = start_run(config, config.output_dir)
+    device = run_.device
     out, run_dir = Path(config.output_dir), Path(config.output_dir) / "checkpoints"
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.json", config_to_json(config))
-
-    # The task: teacher, tokenizer, training examples, metric. GKD never steps the env, so a single
-    # env (one row) suffices; the evaluation split shares its loaded teacher.
-    env_kwargs = dict(config.env_kwargs)
-    env_kwargs.setdefault("device", str(device))
-    if config.max_new_tokens is not None:
-        env_kwargs["max_new_tokens"] = config.max_new_tokens
-    env = gym.make(config.env_id, disable_env_checker=True, **env_kwargs).unwrapped
-    eval_kwargs = {**env_kwargs, "teacher": env.teacher, "split": config.eval_split, **config.eval_env_kwargs}
-    eval_env = gym.make(config.env_id, disable_env_checker=True, **eval_kwargs).unwrapped
+    # The task (teacher, tokenizer, training examples, metric) and its evaluation split, which shares
+    # the loaded teacher. GKD never steps an env.
+    tasks = load_tasks(config.env_id, config.env_kwargs, config.eval_split, config.eval_env_kwargs, device,
+                       max_new_tokens=config.max_new_tokens)
+    task, eval_task = tasks.train, tasks.selection
     # A seeded random subset of the validation split (§3.3), the same for every evaluation.
-    eval_examples = seeded_subset(eval_env.examples, config.eval_examples, config.seed)
-    teacher, tokenizer, train_examples = env.teacher, env.tokenizer, env.examples
-    max_new_tokens, eos = env.max_new_tokens, tokenizer.eos_token_id
+    eval_examples = seeded_subset(eval_task.examples, config.eval_examples, config.seed)
+    teacher, tokenizer, train_examples = task.teacher, task.tokenizer, task.examples
+    max_new_tokens, eos = task.max_new_tokens, task.eos_token_id
 
-    source = config.student or env.student
+    source = config.student or task.student
     if source is None:
         raise ValueError("no student model: pass --student (a hub id or a directory) or a task with a default student")
-    student = load_seq2seq(source, role="student", device=device)
+    student = load_model(source, role="student", device=device)
     vocab = check_same_vocabulary(teacher, output_vocab_size(student))
     student.eval()  # dropout off (§5.2); gradients still flow
 
@@ -260,7 +242,7 @@ def run(config: GKDConfig) -> dict:
     start = 0
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is not None:  # resume exactly: student, optimiser, RNG states, step, best so far
-        student = load_seq2seq(latest / "student", role="student", device=device).eval()
+        student = load_model(latest / "student", role="student", device=device).eval()
         optimizer = make_optimizer(student)
         ckpt.load_optimizer(latest / "optimizer.pt", optimizer)
         state = ckpt.load_json(latest / "state.json")
@@ -279,7 +261,7 @@ def run(config: GKDConfig) -> dict:
     writer = SummaryWriter(str(out / "tensorboard"))
 
     def evaluate_and_select(step: int) -> dict:
-        score = evaluate(student, eval_env, eval_examples, config.prompt, max_new_tokens, config.batch_size)
+        score = evaluate(student, eval_task, eval_examples, config.prompt, max_new_tokens, config.batch_size)
         writer.add_scalar("eval/quality", score, step)
         return select(student, tokenizer, score, step, selection, out)
 
@@ -289,7 +271,7 @@ def run(config: GKDConfig) -> dict:
     for step in progress:
         # 1. Trajectories: student samples (on-policy) and teacher outputs for random training prompts.
         index = rng.integers(len(train_examples), size=config.batch_size)
-        ids, mask = encode_prompts(env, [train_examples[i].source for i in index], config.prompt, device)
+        ids, mask = task.plain_prompts([train_examples[i].source for i in index], config.prompt, device)
         if config.pairing == "per_prompt":
             ids, mask, n_student = pair_prompts(ids, mask)
         batch = collect(student, teacher, ids, mask, n_student, max_new_tokens, eos)
@@ -322,8 +304,8 @@ def run(config: GKDConfig) -> dict:
     summary = {
         "batches": config.batches, "updates": config.batches * config.updates_per_batch,
         "seconds_this_run": time.time() - t0, "prompt": config.prompt, "eval_examples": len(eval_examples),
-        "metric": eval_env.metric, "best": selection["best"], "evaluations": selection["evaluations"],
+        "metric": eval_task.metric, "best": selection["best"], "evaluations": selection["evaluations"],
         "best_dir": str(out / "best"), "final_dir": str(out / "final"),
     }
-    write_json(out / "summary.json", summary)
+    run_.write_summary(summary)
     return summary

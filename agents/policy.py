@@ -25,8 +25,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
+from tw_env.families import family_of
 from tw_env.incremental import IncrementalDecoder
-from tw_env.models import lm_head_logits, load_seq2seq, output_vocab_size
+from tw_env.models import lm_head_logits, load_model, output_vocab_size
 
 EXTRA_WEIGHTS = "training_wheels.safetensors"
 EXTRA_CONFIG = "training_wheels.json"
@@ -89,7 +90,7 @@ class _Seq2SeqStateModel(nn.Module):
         self.state_embedding = _StateEmbedding(model, self.vocab_size)
         self.prompt_summary = nn.Linear(model.config.d_model, model.config.d_model, bias=False)
         nn.init.zeros_(self.prompt_summary.weight)
-        self.start_token_id = int(model.config.decoder_start_token_id)
+        self.start_token_id = family_of(model).start_token_id(model)
 
     @staticmethod
     def prompt_mean(encoder_states: torch.Tensor, encoder_mask: torch.Tensor) -> torch.Tensor:
@@ -220,7 +221,7 @@ class StudentPolicy(_Seq2SeqStateModel):
     def load(cls, directory: str | Path, device: str | torch.device = "cpu", dtype=None) -> StudentPolicy:
         """Load a policy written by :meth:`save`, or wrap a plain seq2seq LM directory (fresh β/<τ> head)."""
         directory = Path(directory)
-        policy = cls(load_seq2seq(str(directory), role="student", device=device, dtype=dtype))
+        policy = cls(load_model(str(directory), role="student", device=device, dtype=dtype))
         extra_path = directory / EXTRA_WEIGHTS
         if extra_path.exists():
             extra = load_file(str(extra_path))
@@ -318,7 +319,7 @@ class PolicyRollout:
 
     def __init__(self, policy: StudentPolicy, num_rows: int, max_episode_len: int):
         self.policy = policy
-        self.decoder = IncrementalDecoder(policy.model, num_rows, max_episode_len)
+        self.decoder = family_of(policy.model).incremental_decoder(policy.model, num_rows, max_episode_len)
         self.prompt: PromptFeatures | None = None  # per row, refreshed when a row's episode starts
 
     @torch.no_grad()

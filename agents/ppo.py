@@ -20,13 +20,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 import torch
 
 import tw_env  # noqa: F401  (registers the tasks)
 from agents import checkpoint as ckpt
-from agents.config import config_to_json
 from agents.evaluation import (
     budgets_are_ceilings,
     evaluate_budgets,
@@ -35,6 +33,7 @@ from agents.evaluation import (
     seeded_subset,
     worst_violation,
 )
+from agents.run import Tasks, load_tasks, start_run
 from agents.sb3_adapter import (
     LagrangeCallback,
     LMActorCriticPolicy,
@@ -42,9 +41,9 @@ from agents.sb3_adapter import (
     SB3VecEnvAdapter,
     WallTimeCallback,
 )
-from tw_env.atomic import publish_dir, write_json, write_text
-from tw_env.budgets import BUDGETS
-from tw_env.models import resolve_device
+from tw_env.atomic import publish_dir
+from tw_env.prompts import BUDGETS
+from tw_env.vector_env import TeacherAssistedDecodingVectorEnv
 
 CHECKPOINTS = "ppo-checkpoints"
 
@@ -116,20 +115,13 @@ class PPOConfig:
         return 1e-4 if self.value_model == "head" else 1e-6
 
 
-def make_envs(config: PPOConfig, device: torch.device):
-    """The vector env (through ``gym.make_vec``) and its SB3 view (adapter + VecMonitor)."""
+def make_envs(config: PPOConfig, tasks: Tasks):
+    """The native vector env over the training task and its SB3 view (adapter + VecMonitor)."""
     from stable_baselines3.common.vec_env import VecMonitor
 
-    env_kwargs = dict(config.env_kwargs)
-    env_kwargs.setdefault("device", str(device))
-    if config.max_new_tokens is not None:
-        env_kwargs["max_new_tokens"] = config.max_new_tokens
-    envs = gym.make_vec(
-        config.env_id, num_envs=config.num_envs, vectorization_mode="vector_entry_point",
-        budgets=config.budgets, **env_kwargs,
-    )
+    envs = TeacherAssistedDecodingVectorEnv(config.num_envs, tasks.train, **tasks.env_options)
     adapter = SB3VecEnvAdapter(envs)
-    return adapter, VecMonitor(adapter), env_kwargs
+    return adapter, VecMonitor(adapter)
 
 
 def make_model(config: PPOConfig, venv, init: Path, device: torch.device, tensorboard: Path):
@@ -155,9 +147,6 @@ def run(config: PPOConfig) -> dict:
     from stable_baselines3.common.callbacks import CallbackList
 
     config.validate()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
     out = Path(config.output_dir)
     init = Path(config.init) if config.init else out / "phase1"
     if not init.exists():
@@ -165,9 +154,11 @@ def run(config: PPOConfig) -> dict:
             f"PPO starts from a phase-1 policy, but '{init}' does not exist; run phase 1 first "
             "(tw train --phase bc) and pass --init RUN_DIR/phase1"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.json", config_to_json(config))
-    adapter, venv, env_kwargs = make_envs(config, device)
+    run_ = start_run(config, out)
+    device = run_.device
+    tasks = load_tasks(config.env_id, config.env_kwargs, config.eval_split, config.eval_env_kwargs, device,
+                       budgets=config.budgets, max_new_tokens=config.max_new_tokens)
+    adapter, venv = make_envs(config, tasks)
     run_dir, tensorboard = out / CHECKPOINTS, out / "tensorboard"
     lagrange = LagrangeCallback(config.budgets, lr=config.lagrange_lr, cap=config.lagrange_cap,
                                 window=config.lagrange_window, floor=config.lagrange_floor)
@@ -212,12 +203,10 @@ def run(config: PPOConfig) -> dict:
     student = model.policy.student
     evaluation = None
     if config.eval_examples:
-        base = adapter.env
-        eval_kwargs = {**env_kwargs, "teacher": base.teacher, "split": config.eval_split, **config.eval_env_kwargs}
-        eval_env = gym.make(config.env_id, budgets=config.budgets, **eval_kwargs).unwrapped
         ceiling = budgets_are_ceilings(config.lagrange_floor)
-        results = evaluate_budgets(student, eval_env, seeded_subset(eval_env.examples, config.eval_examples, config.seed), config.budgets,
-                                   base.max_new_tokens, batch_size=config.eval_batch_size)
+        examples = seeded_subset(tasks.selection.examples, config.eval_examples, config.seed)
+        results = evaluate_budgets(student, tasks.selection, examples, config.budgets, tasks.train.max_new_tokens,
+                                   batch_size=config.eval_batch_size)
         evaluation = {
             "split": config.eval_split, "meets_budgets": meets_budgets(results, config.delta, ceiling),
             "worst_violation": worst_violation(results, ceiling), "mean_quality": mean_quality(results),
@@ -234,7 +223,7 @@ def run(config: PPOConfig) -> dict:
         "train_teacher_fractions": {str(b): f for b, f in lagrange.fractions.items()},
         "eval": evaluation,
     }
-    write_json(out / "summary.json", summary)
+    run_.write_summary(summary)
     venv.close()
     return summary
 

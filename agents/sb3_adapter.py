@@ -40,32 +40,10 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
-from agents.objectives import lagrange_step
+from agents.lagrangian import BudgetDual
 from agents.policy import StudentPolicy, ValueNetwork, choose_actions
 
 # ---------------------------------------------------------------------------------------------- env
-
-
-def _keep_array_infos_as_objects(env) -> None:
-    """Work around the vector env's batching of ``output_ids`` (an array per ended row).
-
-    Gymnasium's ``VectorEnv._add_info`` batches an ndarray info into one fixed-shape array shaped
-    like the first row's, so two rows that end in the same step with different lengths raise
-    ``ValueError: could not broadcast``. Here such infos become object arrays (one array per row).
-    Harmless once the env does this itself.
-    """
-    if getattr(env, "_array_infos_as_objects", False):
-        return
-    add_info = env._add_info
-
-    def _add_info(vector_infos, env_info, env_num):
-        for key, value in env_info.items():
-            if isinstance(value, np.ndarray) and key not in vector_infos:
-                vector_infos[key] = np.full(env.num_envs, None, dtype=object)
-        return add_info(vector_infos, env_info, env_num)
-
-    env._add_info = _add_info
-    env._array_infos_as_objects = True
 
 
 def unbatch_infos(infos: Mapping[str, Any], num_envs: int) -> list[dict[str, Any]]:
@@ -103,7 +81,6 @@ class SB3VecEnvAdapter(VecEnv):
                 f"SB3VecEnvAdapter needs a vector env with reset_done_rows() (a TeacherAssistedDecodingVectorEnv), "
                 f"got {type(env).__name__}"
             )
-        _keep_array_infos_as_objects(env)
         self.env = env
         self._actions: np.ndarray | None = None
         super().__init__(self.env.num_envs, self.env.single_observation_space, self.env.single_action_space)
@@ -361,18 +338,14 @@ def _restore_lr(optimizer, args, kwargs) -> None:
 # ---------------------------------------------------------------------------------------------- callbacks
 
 
-def _budget_key(budgets, budget: float) -> float:
-    return min(budgets, key=lambda b: abs(b - float(budget)))
-
-
 class LagrangeCallback(BaseCallback):
     """One dual step per budget after every rollout, from the teacher use of the episodes that ended.
 
-    The teacher fraction of budget b is token-level: Σ calls / Σ tokens over the episodes of
-    budget b that ended in the last ``window`` rollouts (read from the episode-end infos:
-    ``teacher_fraction`` × ``len(output_ids)`` calls). Then λ ← ``lagrange_step`` (clip(λ + η(f − b),
-    floor, cap)), set on the env for the next rollout, and logged as ``lagrange/lambda_b=…`` and
-    ``lagrange/teacher_fraction_b=…``.
+    The dual is :class:`~agents.lagrangian.BudgetDual`, the same object PCL uses. The teacher fraction
+    of budget b is token-level: Σ calls / Σ tokens over the episodes of budget b that ended in the
+    last ``window`` rollouts (read from the episode-end infos: ``teacher_fraction`` ×
+    ``len(output_ids)`` calls). Then λ ← clip(λ + η(f − b), floor, cap), set on the env for the next
+    rollout, and logged as ``lagrange/lambda_b=…`` and ``lagrange/teacher_fraction_b=…``.
     """
 
     def __init__(
@@ -380,14 +353,22 @@ class LagrangeCallback(BaseCallback):
         lambdas: Mapping[float, float] | None = None, verbose: int = 0,
     ):
         super().__init__(verbose)
-        self.budgets = [float(b) for b in budgets]
-        self.lr, self.cap, self.floor = lr, cap, floor
-        self.lambdas = {b: 0.0 for b in self.budgets}
+        self.dual = BudgetDual(budgets, lr=lr, cap=cap, floor=floor, window=window)
         if lambdas:
-            self.lambdas.update({_budget_key(self.budgets, b): float(v) for b, v in lambdas.items()})
-        self.history: deque = deque(maxlen=window)
+            self.dual.lambdas.update({self.dual.key(b): float(v) for b, v in lambdas.items()})
         self._counts: dict[float, list[int]] = {}
-        self.fractions: dict[float, float] = {}
+
+    @property
+    def lambdas(self) -> dict[float, float]:
+        return self.dual.lambdas
+
+    @property
+    def fractions(self) -> dict[float, float]:
+        return self.dual.fractions
+
+    @property
+    def history(self) -> deque:
+        return self.dual.history
 
     def _init_callback(self) -> None:
         self._env().set_lagrange_multipliers(self.lambdas)
@@ -403,42 +384,27 @@ class LagrangeCallback(BaseCallback):
             if done and "teacher_fraction" in info:
                 tokens = len(info["output_ids"])
                 calls = int(round(float(info["teacher_fraction"]) * tokens))
-                acc = self._counts.setdefault(_budget_key(self.budgets, info["budget"]), [0, 0])
+                acc = self._counts.setdefault(self.dual.key(info["budget"]), [0, 0])
                 acc[0] += calls
                 acc[1] += tokens
         return True
 
     def _on_rollout_end(self) -> None:
-        self.history.append({b: tuple(v) for b, v in self._counts.items()})
+        self.dual.record({b: (c, t) for b, (c, t) in self._counts.items()})
         self._counts = {}
-        self.fractions = trailing_fractions(self.history)
-        self.lambdas = lagrange_step(self.lambdas, self.fractions, lr=self.lr, cap=self.cap, floor=self.floor)
+        self.dual.step()
         self._env().set_lagrange_multipliers(self.lambdas)
-        for b in self.budgets:
+        fractions = self.fractions
+        for b in self.dual.budgets:
             self.logger.record(f"lagrange/lambda_b={b:.1f}", self.lambdas[b])
-            if b in self.fractions:
-                self.logger.record(f"lagrange/teacher_fraction_b={b:.1f}", self.fractions[b])
+            if b in fractions:
+                self.logger.record(f"lagrange/teacher_fraction_b={b:.1f}", fractions[b])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"lambdas": [[b, v] for b, v in self.lambdas.items()],
-                "history": [[[b, list(v)] for b, v in h.items()] for h in self.history]}
+        return self.dual.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.lambdas = {float(b): float(v) for b, v in state["lambdas"]}
-        self.history.clear()
-        for h in state["history"]:
-            self.history.append({float(b): tuple(v) for b, v in h})
-
-
-def trailing_fractions(history) -> dict[float, float]:
-    """Token-level teacher fraction per budget over the rollouts in ``history`` ({b: (calls, tokens)} each)."""
-    totals: dict[float, list[int]] = {}
-    for counts in history:
-        for b, (calls, tokens) in counts.items():
-            acc = totals.setdefault(b, [0, 0])
-            acc[0] += calls
-            acc[1] += tokens
-    return {b: calls / tokens for b, (calls, tokens) in totals.items() if tokens > 0}
+        self.dual.load_state_dict(state)
 
 
 class WallTimeCallback(BaseCallback):

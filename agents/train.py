@@ -9,22 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import gymnasium as gym
 import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
+from torch.optim import Optimizer
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
+from transformers import PreTrainedModel
 
 import tw_env  # noqa: F401  (registers the tasks)
 from agents import checkpoint as ckpt
-from agents.config import config_to_json
 from agents.evaluation import (
     BudgetResult,
     budgets_are_ceilings,
@@ -34,21 +33,22 @@ from agents.evaluation import (
     seeded_subset,
     worst_violation,
 )
-from agents.objectives import lagrange_step, pcl_loss, phase1_loss
+from agents.lagrangian import BudgetDual
+from agents.objectives import pcl_loss, phase1_loss
 from agents.policy import StudentPolicy, ValueNetwork
+from agents.run import check_selection_data, load_tasks, start_run
 from agents.trajectories import (
     ReplayBuffer,
     Trajectories,
     collect_on_policy,
     oracle_batch,
-    tokenize_prompts,
-    tokenize_teacher_prompts,
 )
-from tw_env.atomic import publish_dir, write_json, write_text
-from tw_env.budgets import BUDGETS
-from tw_env.models import resolve_device
+from tw_env.atomic import publish_dir, write_json
+from tw_env.prompts import BUDGETS
 from tw_env.rewards import eq17_reward
-from tw_env.tasks import env_data_source
+from tw_env.task import Task
+from tw_env.tasks import Example
+from tw_env.vector_env import TeacherAssistedDecodingVectorEnv
 
 
 @dataclass
@@ -122,71 +122,45 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------- setup
 @dataclass
 class Setup:
+    """What both phases read: the config, the task and its selection examples, the vector env, the run."""
+
     config: TrainConfig
-    envs: gym.vector.VectorEnv
-    teacher: torch.nn.Module
-    train_examples: list
-    eval_examples: list
-    max_new_tokens: int
+    task: Task
+    envs: TeacherAssistedDecodingVectorEnv
+    eval_examples: list[Example]
     device: torch.device
     out: Path
     writer: SummaryWriter
 
+    @property
+    def teacher(self) -> PreTrainedModel:
+        return self.task.teacher
 
-def check_selection_data(config: TrainConfig) -> None:
-    """Refuse (or, when asked, loudly allow) checkpoint selection on the training examples.
+    @property
+    def train_examples(self) -> list[Example]:
+        return self.task.examples
 
-    The two sources are compared before anything is loaded: a local file has no splits, so a run
-    whose training and selection data are one file would select on what it trained on.
-    """
-    train_source = env_data_source(config.env_kwargs)
-    selection_source = env_data_source({**config.env_kwargs, "split": config.eval_split, **config.eval_env_kwargs})
-    if train_source != selection_source:
-        return
-    problem = (
-        f"checkpoint selection would run on the training examples: training and selection (split "
-        f"'{config.eval_split}') both read {train_source}"
-    )
-    if not config.allow_selection_on_training_data:
-        raise ValueError(
-            f"{problem}. Expected selection data apart from the training data: pass a folder with "
-            "train.jsonl and validation.jsonl as env_kwargs 'data' (each split reads its own file), or "
-            'the selection file as eval_env_kwargs: {"data": "validation.jsonl"}; set '
-            "allow_selection_on_training_data to select on the training examples anyway."
-        )
-    print(f"WARNING: {problem}; selected checkpoints are scored on examples they were trained on "
-          "(allow_selection_on_training_data is set).", file=sys.stderr, flush=True)
+    @property
+    def max_new_tokens(self) -> int:
+        return self.task.max_new_tokens
 
 
 def make_setup(config: TrainConfig) -> Setup:
-    config.validate()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
-    check_selection_data(config)
-    env_kwargs = dict(config.env_kwargs)
-    env_kwargs.setdefault("device", str(device))
-    env_kwargs.setdefault("reward_clip", config.reward_clip)
-    if config.max_new_tokens is not None:
-        env_kwargs["max_new_tokens"] = config.max_new_tokens
-    envs = gym.make_vec(
-        config.env_id, num_envs=config.num_envs, vectorization_mode="vector_entry_point",
-        budgets=config.budgets, **env_kwargs,
-    )
-    # The selection split shares the loaded teacher: nothing is loaded twice.
-    eval_kwargs = {**env_kwargs, "teacher": envs.teacher, "split": config.eval_split, **config.eval_env_kwargs}
-    eval_env = gym.make(config.env_id, budgets=config.budgets, **eval_kwargs).unwrapped
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.json", config_to_json(config))
+    check_selection_data(config.env_kwargs, config.eval_split, config.eval_env_kwargs,
+                         config.allow_selection_on_training_data)
+    run = start_run(config, config.output_dir)
+    tasks = load_tasks(config.env_id, {"reward_clip": config.reward_clip, **config.env_kwargs}, config.eval_split,
+                       config.eval_env_kwargs, run.device, budgets=config.budgets, max_new_tokens=config.max_new_tokens)
+    envs = TeacherAssistedDecodingVectorEnv(config.num_envs, tasks.train, **tasks.env_options)
+    assert run.out is not None
     return Setup(
-        config, envs, envs.teacher, envs.examples, seeded_subset(eval_env.examples, config.eval_examples, config.seed),
-        envs.max_new_tokens, device, out, SummaryWriter(str(out / "tensorboard")),
+        config, tasks.train, envs, seeded_subset(tasks.selection.examples, config.eval_examples, config.seed),
+        run.device, run.out, SummaryWriter(str(run.out / "tensorboard")),
     )
 
 
 def student_source(setup: Setup) -> str:
-    source = setup.config.student or setup.envs.student
+    source = setup.config.student or setup.task.student
     if source is None:
         raise ValueError("no student model: pass --student (a hub id or a directory) or a task with a default student")
     return str(source) if not isinstance(source, torch.nn.Module) else source
@@ -200,7 +174,7 @@ def run(config: TrainConfig) -> dict:
         summary["phase1"] = train_phase1(setup)
     if config.phase in ("pcl", "both"):
         summary["phase2"] = train_phase2(setup)
-    write_json(setup.out / "summary.json", summary)
+    write_json(setup.out / "summary.json", summary)  # the run scaffold's format (agents.run)
     setup.writer.close()
     return summary
 
@@ -233,18 +207,18 @@ def train_phase1(setup: Setup) -> dict:
         state = ckpt.load_json(latest / "state.json")
         ckpt.restore_rng_state(state["rng"], rng)
         start = state["step"]
-    eos = setup.envs.tokenizer.eos_token_id
+    eos = setup.task.eos_token_id
     t0 = time.time()
     progress = tqdm(range(start, config.bc_batches), desc="phase 1 (BC)", initial=start, total=config.bc_batches)
     for step in progress:
         index = rng.integers(len(setup.train_examples), size=config.bc_batch_size)
         budgets = rng.choice(np.array(config.budgets, dtype=np.float64), size=config.bc_batch_size)
         sources = [setup.train_examples[i].source for i in index]
-        ids, mask = tokenize_prompts(setup.envs, sources, budgets.tolist(), setup.device)
+        ids, mask = setup.task.prompts(sources, budgets.tolist(), setup.device)
         oracle = oracle_batch(
             setup.teacher, policy, ids, mask, torch.as_tensor(budgets, device=setup.device),
             setup.max_new_tokens, eos, round_up_draws(config, rng, config.bc_batch_size, setup.device),
-            tokenize_teacher_prompts(setup.envs, sources, budgets.tolist(), setup.device),
+            setup.task.teacher_prompts(sources, budgets.tolist(), setup.device),
         )
         traj = oracle.trajectories
         logits = policy(ids, mask, traj.state_ids, traj.mask.long())
@@ -318,140 +292,167 @@ def pcl_update(
     return float(loss.item())
 
 
-def trailing_fractions(history: deque) -> dict[float, float]:
-    """Token-level teacher fraction per budget over the trailing on-policy batches."""
-    totals: dict[float, list[int]] = {}
-    for batch_counts in history:
-        for b, (calls, tokens) in batch_counts.items():
-            acc = totals.setdefault(b, [0, 0])
-            acc[0] += calls
-            acc[1] += tokens
-    return {b: calls / tokens for b, (calls, tokens) in totals.items() if tokens > 0}
+def optimizers_for(config: TrainConfig, policy: StudentPolicy, value: ValueNetwork) -> tuple[Optimizer, Optimizer]:
+    return (
+        torch.optim.AdamW(policy.parameters(), lr=config.policy_lr, weight_decay=config.policy_weight_decay),
+        torch.optim.AdamW(value.parameters(), lr=config.value_lr, weight_decay=config.value_weight_decay),
+    )
+
+
+@dataclass
+class PCLState:
+    """Everything phase 2 carries from one batch to the next, saved and restored as one.
+
+    With the env's reward normalisers and RNG (which the env owns), this is the whole state: a run
+    resumed from a checkpoint continues bit-identically.
+    """
+
+    policy: StudentPolicy
+    value: ValueNetwork
+    optimizers: tuple[Optimizer, Optimizer]
+    dual: BudgetDual
+    replay: ReplayBuffer
+    rng: np.random.Generator  # budgets and examples of each batch, the oracle's rounding
+    generator: torch.Generator  # rollout sampling and replay draws
+    selection: dict = field(default_factory=lambda: {"best": None, "evaluations": []})
+    step: int = 0
+
+    @classmethod
+    def start(cls, config: TrainConfig, policy_dir: Path, device: torch.device,
+              envs: TeacherAssistedDecodingVectorEnv) -> PCLState:
+        """A fresh state from a policy folder; every random stream comes from the run's seed."""
+        torch.manual_seed(config.seed + 1)  # the value head's initialisation
+        policy = StudentPolicy.load(policy_dir, device=device).eval()
+        value = ValueNetwork.from_policy(policy).eval()
+        envs.np_random = np.random.default_rng(config.seed + 2)  # the env's own draws (teacher sampling)
+        dual = BudgetDual(config.budgets, lr=config.lagrange_lr, cap=config.lagrange_cap,
+                          floor=config.lagrange_floor, window=config.lagrange_window)
+        return cls(policy, value, optimizers_for(config, policy, value), dual, ReplayBuffer(config.replay_capacity),
+                   np.random.default_rng(config.seed + 1), torch.Generator().manual_seed(config.seed + 1))
+
+    @classmethod
+    def resume(cls, folder: Path, config: TrainConfig, device: torch.device,
+               envs: TeacherAssistedDecodingVectorEnv) -> PCLState:
+        """The state saved by :meth:`save` in ``folder``: models, optimisers, λ, replay, normalisers, RNGs, step."""
+        state = cls.start(config, folder / "policy", device, envs)
+        load_model(state.value, str(folder / "value.safetensors"), device=str(device))
+        ckpt.load_optimizer(folder / "policy_optimizer.pt", state.optimizers[0])
+        ckpt.load_optimizer(folder / "value_optimizer.pt", state.optimizers[1])
+        state.replay.load(folder / "replay.safetensors")
+        state.load_state_dict(ckpt.load_json(folder / "state.json"), envs)  # last: it restores the RNGs
+        return state
+
+    def save(self, folder: Path, envs: TeacherAssistedDecodingVectorEnv) -> None:
+        self.policy.save(folder / "policy")
+        save_model(self.value, str(folder / "value.safetensors"))
+        ckpt.save_optimizer(folder / "policy_optimizer.pt", self.optimizers[0])
+        ckpt.save_optimizer(folder / "value_optimizer.pt", self.optimizers[1])
+        self.replay.save(folder / "replay.safetensors")
+        ckpt.save_json(folder / "state.json", self.state_dict(envs))
+
+    def state_dict(self, envs: TeacherAssistedDecodingVectorEnv) -> dict[str, Any]:
+        """The JSON part of a checkpoint (tensors go to safetensors files beside it)."""
+        return {
+            "step": self.step, "dual": self.dual.state_dict(), "selection": self.selection,
+            "reward_stats": envs.reward_stats.state_dict(), "env_rng": envs.np_random.bit_generator.state,
+            "rng": ckpt.rng_state(self.rng), "generator": self.generator.get_state().tolist(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], envs: TeacherAssistedDecodingVectorEnv) -> None:
+        self.step, self.selection = state["step"], state["selection"]
+        self.dual.load_state_dict(state["dual"])
+        envs.reward_stats.load_state_dict(state["reward_stats"])
+        envs.np_random.bit_generator.state = state["env_rng"]
+        ckpt.restore_rng_state(state["rng"], self.rng)
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
 
 
 def train_phase2(setup: Setup) -> dict:
-    """PCL with the Lagrangian: the paper's phase 2, with checkpoint selection on validation."""
-    config, run_dir = setup.config, setup.out / "phase2-checkpoints"
-    envs, device = setup.envs, setup.device
+    """PCL with the Lagrangian: the paper's phase 2, with checkpoint selection on validation.
+
+    Each batch: rollout → oracle → updates → λ step → logging → selection → checkpoint.
+    """
+    config, envs, device = setup.config, setup.envs, setup.device
+    run_dir = setup.out / "phase2-checkpoints"
     init = Path(config.init) if config.init else setup.out / "phase1"
     if not init.exists():
         raise FileNotFoundError(f"phase 2 starts from a phase-1 policy, but '{init}' does not exist; run phase 1 "
                                 "first (--phase bc or both) or pass --init DIR")
-    # Every random stream of phase 2 comes from the run's seed: the trainer's draws, the rollout
-    # sampler, the value head's initialisation and the env's own generator (teacher sampling).
-    torch.manual_seed(config.seed + 1)
-    policy = StudentPolicy.load(init, device=device).eval()
-    value = ValueNetwork.from_policy(policy).eval()
-    rng = np.random.default_rng(config.seed + 1)
-    generator = torch.Generator().manual_seed(config.seed + 1)
-    envs.np_random = np.random.default_rng(config.seed + 2)
-    lambdas = {float(b): 0.0 for b in config.budgets}
-    history: deque = deque(maxlen=config.lagrange_window)
-    replay = ReplayBuffer(config.replay_capacity)
-    selection: dict = {"best": None, "evaluations": []}
-    start = 0
-
-    def optimizers_for(policy, value):
-        return (
-            torch.optim.AdamW(policy.parameters(), lr=config.policy_lr, weight_decay=config.policy_weight_decay),
-            torch.optim.AdamW(value.parameters(), lr=config.value_lr, weight_decay=config.value_weight_decay),
-        )
-
-    optimizers = optimizers_for(policy, value)
     latest = ckpt.latest_checkpoint(run_dir)
-    if latest is not None:  # resume exactly: models, optimisers, λ, replay, normalisers, RNGs, step
-        policy = StudentPolicy.load(latest / "policy", device=device).eval()
-        value = ValueNetwork.from_policy(policy).eval()
-        load_model(value, str(latest / "value.safetensors"), device=str(device))
-        optimizers = optimizers_for(policy, value)
-        ckpt.load_optimizer(latest / "policy_optimizer.pt", optimizers[0])
-        ckpt.load_optimizer(latest / "value_optimizer.pt", optimizers[1])
-        replay.load(latest / "replay.safetensors")
-        state = ckpt.load_json(latest / "state.json")
-        start = state["step"]
-        lambdas = {float(b): lam for b, lam in state["lambdas"]}
-        history = deque([{float(b): tuple(v) for b, v in h} for h in state["history"]], maxlen=config.lagrange_window)
-        selection = state["selection"]
-        envs.reward_stats.load_state_dict(state["reward_stats"])
-        envs.np_random.bit_generator.state = state["env_rng"]
-        ckpt.restore_rng_state(state["rng"], rng)
-        generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+    state = PCLState.start(config, init, device, envs) if latest is None else PCLState.resume(latest, config, device, envs)
     budgets_cycle = np.array(config.budgets, dtype=np.float64)
     t0 = time.time()
-    if start == 0 and config.eval_every:  # the phase-1 policy is a candidate too
-        results = evaluate_budgets(policy, envs, setup.eval_examples, config.budgets, setup.max_new_tokens)
-        selection = select_checkpoint(setup, policy, results, 0, selection)
-    progress = tqdm(range(start, config.pcl_batches), desc="phase 2 (PCL)", initial=start, total=config.pcl_batches)
+    if state.step == 0 and config.eval_every:  # the phase-1 policy is a candidate too
+        state.selection = evaluate_and_select(setup, state, 0)
+    progress = tqdm(range(state.step, config.pcl_batches), desc="phase 2 (PCL)", initial=state.step,
+                    total=config.pcl_batches)
     for step in progress:
         # 1. One on-policy episode per prompt, budgets balanced over the batch.
-        budgets = rng.permutation(np.resize(budgets_cycle, config.num_envs))
-        index = rng.integers(len(setup.train_examples), size=config.num_envs)
-        envs.set_lagrange_multipliers(lambdas)
-        on_policy, _ = collect_on_policy(envs, policy, budgets.tolist(), index.tolist(), generator, config.rollout_temperature)
+        budgets = state.rng.permutation(np.resize(budgets_cycle, config.num_envs))
+        index = state.rng.integers(len(setup.train_examples), size=config.num_envs)
+        envs.set_lagrange_multipliers(state.dual.lambdas)
+        on_policy, _ = collect_on_policy(envs, state.policy, budgets.tolist(), index.tolist(), state.generator,
+                                         config.rollout_temperature)
         # 2. One oracle (off-policy) episode per prompt.
         oracle = oracle_batch(
-            setup.teacher, policy, on_policy.prompt_ids, on_policy.prompt_mask, on_policy.budget,
-            setup.max_new_tokens, envs.tokenizer.eos_token_id, round_up_draws(config, rng, config.num_envs, device),
-            tokenize_teacher_prompts(envs, [setup.train_examples[i].source for i in index], budgets.tolist(), device),
+            setup.teacher, state.policy, on_policy.prompt_ids, on_policy.prompt_mask, on_policy.budget,
+            setup.max_new_tokens, setup.task.eos_token_id, round_up_draws(config, state.rng, config.num_envs, device),
+            setup.task.teacher_prompts([setup.train_examples[i].source for i in index], budgets.tolist(), device),
         ).trajectories
-        # 3. Four updates on a mix of replay, oracle and on-policy episodes.
-        losses = []
+        # 3. Several updates on a mix of on-policy, oracle and replayed episodes.
         mu, sigma = envs.reward_stats.mu, envs.reward_stats.sigma
+        losses = []
         for _ in range(config.updates_per_batch):
             parts = [on_policy, oracle]
-            replayed = replay.sample(config.replay_per_update, generator)
+            replayed = state.replay.sample(config.replay_per_update, state.generator)
             if replayed is not None:
                 parts.append(replayed.to(device))
             batch = Trajectories.concat(parts)
-            rewards = episode_rewards(batch, lambdas, mu, sigma, config.reward_clip)
-            losses.append(pcl_update(policy, value, batch, rewards, config, optimizers))
-        replay.add(on_policy)
-        replay.add(oracle)
+            rewards = episode_rewards(batch, state.dual.lambdas, mu, sigma, config.reward_clip)
+            losses.append(pcl_update(state.policy, state.value, batch, rewards, config, state.optimizers))
+        state.replay.add(on_policy)
+        state.replay.add(oracle)
         # 4. The Lagrangian step from the trailing on-policy teacher use.
-        history.append(on_policy.teacher_fraction_by_budget())
-        fractions = trailing_fractions(history)
-        lambdas = lagrange_step(lambdas, {_budget_key(lambdas, b): f for b, f in fractions.items()},
-                                lr=config.lagrange_lr, cap=config.lagrange_cap, floor=config.lagrange_floor)
-        # Logging.
-        w = setup.writer
-        w.add_scalar("pcl/loss", float(np.mean(losses)), step)
-        on_rewards = episode_rewards(on_policy, lambdas, mu, sigma, config.reward_clip)
-        w.add_scalar("pcl/reward_per_token", float(on_rewards.sum() / on_policy.mask.sum()), step)
-        w.add_scalar("pcl/reward_mu", mu, step)
-        w.add_scalar("pcl/reward_sigma", sigma, step)
-        student_tokens = on_policy.mask & ~on_policy.is_call
-        w.add_scalar("pcl/student_token_teacher_logprob",
-                     float(on_policy.teacher_logprob[student_tokens].mean()) if student_tokens.any() else 0.0, step)
-        for b, f in fractions.items():
-            w.add_scalar(f"teacher_fraction/b={b:.1f}", f, step)
-            w.add_scalar(f"lambda/b={b:.1f}", lambdas[_budget_key(lambdas, b)], step)
+        state.dual.record(on_policy.teacher_fraction_by_budget())
+        state.dual.step()
+        state.step = step + 1
+        # 5. Logging.
+        log_phase2_batch(setup.writer, step, on_policy, losses, state.dual, mu, sigma, config.reward_clip)
+        fractions = state.dual.fractions
         progress.set_postfix(loss=f"{np.mean(losses):.3f}", frac=" ".join(f"{f:.2f}" for _, f in sorted(fractions.items())))
-        # 5. Checkpoint selection on validation (§3.3).
-        done = step + 1 == config.pcl_batches
-        if (config.eval_every and (step + 1) % config.eval_every == 0) or done:
-            results = evaluate_budgets(policy, envs, setup.eval_examples, config.budgets, setup.max_new_tokens)
-            selection = select_checkpoint(setup, policy, results, step + 1, selection)
-        # 6. Resumable checkpoint.
-        if (step + 1) % config.checkpoint_every == 0 and not done:
-            state = {
-                "step": step + 1, "lambdas": list(lambdas.items()),
-                "history": [list(h.items()) for h in history], "selection": selection,
-                "reward_stats": envs.reward_stats.state_dict(), "rng": ckpt.rng_state(rng),
-                "env_rng": envs.np_random.bit_generator.state,
-                "generator": generator.get_state().tolist(),
-            }
+        # 6. Checkpoint selection on validation (§3.3), then a resumable checkpoint.
+        done = state.step == config.pcl_batches
+        if (config.eval_every and state.step % config.eval_every == 0) or done:
+            state.selection = evaluate_and_select(setup, state, state.step)
+        if state.step % config.checkpoint_every == 0 and not done:
+            ckpt.write_checkpoint(run_dir, state.step, lambda folder: state.save(folder, envs), keep=config.keep_checkpoints)
+    publish_dir(setup.out / "final", state.policy.save)
+    return {"batches": config.pcl_batches, "seconds_this_run": time.time() - t0, "lambdas": state.dual.lambdas,
+            "reward_normalisers": {"mu": envs.reward_stats.mu, "sigma": envs.reward_stats.sigma},
+            "selection": state.selection}
 
-            def write(folder: Path, state=state) -> None:
-                policy.save(folder / "policy")
-                save_model(value, str(folder / "value.safetensors"))
-                ckpt.save_optimizer(folder / "policy_optimizer.pt", optimizers[0])
-                ckpt.save_optimizer(folder / "value_optimizer.pt", optimizers[1])
-                replay.save(folder / "replay.safetensors")
-                ckpt.save_json(folder / "state.json", state)
-            ckpt.write_checkpoint(run_dir, step + 1, write, keep=config.keep_checkpoints)
-    publish_dir(setup.out / "final", policy.save)
-    return {"batches": config.pcl_batches, "seconds_this_run": time.time() - t0, "lambdas": lambdas,
-            "reward_normalisers": {"mu": envs.reward_stats.mu, "sigma": envs.reward_stats.sigma}, "selection": selection}
+
+def log_phase2_batch(
+    writer: SummaryWriter, step: int, on_policy: Trajectories, losses: list[float], dual: BudgetDual,
+    mu: float, sigma: float, reward_clip: float,
+) -> None:
+    """TensorBoard scalars of one PCL batch: loss, reward, normalisers, teacher use and λ per budget."""
+    writer.add_scalar("pcl/loss", float(np.mean(losses)), step)
+    on_rewards = episode_rewards(on_policy, dual.lambdas, mu, sigma, reward_clip)
+    writer.add_scalar("pcl/reward_per_token", float(on_rewards.sum() / on_policy.mask.sum()), step)
+    writer.add_scalar("pcl/reward_mu", mu, step)
+    writer.add_scalar("pcl/reward_sigma", sigma, step)
+    student_tokens = on_policy.mask & ~on_policy.is_call
+    writer.add_scalar("pcl/student_token_teacher_logprob",
+                      float(on_policy.teacher_logprob[student_tokens].mean()) if student_tokens.any() else 0.0, step)
+    for b, f in dual.fractions.items():
+        writer.add_scalar(f"teacher_fraction/b={b:.1f}", f, step)
+        writer.add_scalar(f"lambda/b={b:.1f}", dual.lambdas[dual.key(b)], step)
+
+
+def evaluate_and_select(setup: Setup, state: PCLState, step: int) -> dict:
+    results = evaluate_budgets(state.policy, setup.task, setup.eval_examples, setup.config.budgets, setup.max_new_tokens)
+    return select_checkpoint(setup, state.policy, results, step, state.selection)
 
 
 def select_checkpoint(setup: Setup, policy: StudentPolicy, results: list[BudgetResult], step: int, selection: dict) -> dict:

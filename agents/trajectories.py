@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from agents.objectives import oracle_call_mask, teacher_student_kl
 from agents.policy import StudentPolicy, choose_actions
+from tw_env.families import family_of
 
 
 @dataclass
@@ -69,27 +70,6 @@ class Trajectories:
         return result
 
 
-def pad_prompts(encoded: list[list[int]], device, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token-id lists into ``[B, L]`` ids and an attention mask."""
-    width = max(len(e) for e in encoded)
-    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for i, e in enumerate(encoded):
-        ids[i, : len(e)] = torch.tensor(e, dtype=torch.long)
-        mask[i, : len(e)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def tokenize_prompts(env, sources: list[str], budgets: list[float], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode prompts Y with the env's template; returns right-padded ids and mask."""
-    return pad_prompts([env.encode_prompt(s, b) for s, b in zip(sources, budgets, strict=True)], device)
-
-
-def tokenize_teacher_prompts(env, sources: list[str], budgets: list[float], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode the teacher's prompts C^(T) as the env does (Y itself unless the env has a ``teacher_prompt``)."""
-    return pad_prompts([env.encode_teacher_prompt(s, b) for s, b in zip(sources, budgets, strict=True)], device)
-
-
 @dataclass
 class OracleBatch:
     """Teacher trajectories with the oracle's call positions, and what phase 1 and PCL need of them."""
@@ -121,7 +101,7 @@ def oracle_batch(
         input_ids=teacher_ids, attention_mask=teacher_mask, max_new_tokens=max_new_tokens, do_sample=False,
         num_beams=1, output_logits=True, return_dict_in_generate=True,
     )
-    output = generated.sequences[:, 1:]  # drop the decoder start token
+    output = family_of(teacher).generated_tokens(generated.sequences, teacher_ids.shape[1])
     teacher_logits = torch.stack(generated.logits, dim=1)[..., :vocab].float()
     width = output.shape[1]
     is_eos = output == eos_token_id

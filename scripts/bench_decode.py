@@ -176,13 +176,10 @@ def run(config: BenchDecodeConfig) -> dict[str, Any]:
 
     from agents.decoding import generate_alone, speculative_decode, teacher_help_decode
     from agents.policy import StudentPolicy
-    from tw_env.models import resolve_device
+    from agents.run import start_run
 
-    config.validate()
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    device = start_run(config, None).device  # validate, threads, device; the result file is `output`
     hf_logging.set_verbosity_error()
-    device = resolve_device(config.device)
     env_kwargs = dict(config.env_kwargs)
     trained = None
     if config.policy:

@@ -159,7 +159,7 @@ def prepare_models(
     ``env_kwargs`` entries ``teacher``, ``student``, ``tokenizer`` (directories) and ``data`` (a file)
     replace the corresponding part of ``models``.
     """
-    from tw_env.models import load_seq2seq, load_tokenizer, resolve_device, resolve_dtype
+    from tw_env.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     given = {k: env_kwargs.get(k) for k in _OVERRIDES}
@@ -192,8 +192,8 @@ def prepare_models(
             parts["student"] = _random_t5(flan_t5_config("small"), dev, dt, seed + 1)
         description = "FLAN-T5-XL teacher and FLAN-T5-small student configs, random weights, the real T5 tokenizer"
     parts.update({k: v for k, v in given.items() if v})
-    teacher = load_seq2seq(parts["teacher"], role="teacher", device=dev, dtype=dt)
-    student = load_seq2seq(parts["student"], role="student", device=dev, dtype=dt)
+    teacher = load_model(parts["teacher"], role="teacher", device=dev, dtype=dt)
+    student = load_model(parts["student"], role="student", device=dev, dtype=dt)
     tokenizer = load_tokenizer(parts["tokenizer"])
     description += f"; teacher {_parameters(teacher) / 1e6:.2f} M parameters, student {_parameters(student) / 1e6:.2f} M"
     return BenchModels(
@@ -226,44 +226,21 @@ def _random_embedded(device: torch.device, dtype: torch.dtype, seed: int) -> dic
 
 def make_vector_env(bm: BenchModels, num_envs: int, env_kwargs: dict, device: str, dtype: str):
     """The registered task's native vector env around the benchmark's models."""
-    import gymnasium as gym
-
-    import tw_env  # noqa: F401  (registers the tasks)
     from tw_env.models import resolve_device
+    from tw_env.registration import make_vector_env as make_registered_vector_env
 
     rest = {k: v for k, v in env_kwargs.items() if k not in _OVERRIDES}
     kwargs = dict(
         teacher=bm.teacher, student=bm.student, tokenizer=bm.tokenizer, max_new_tokens=bm.new_tokens,
         max_prompt_length=bm.prompt_length, device=str(resolve_device(device)), dtype=dtype, **rest,
     )
-    try:
-        return gym.make_vec(bm.env_id, num_envs=num_envs, vectorization_mode="vector_entry_point", data=bm.data, **kwargs)
-    except ImportError:
-        if bm.env_id != SYNTHETIC_ID:
-            raise
-        # The synthetic factory imports tw_env.synthetic.ensure_synthetic_models even when every part
-        # is given; until that exists, build the same vector env directly.
-        from tw_env import TeacherAssistedDecodingVectorEnv
-        from tw_env.synthetic import SYNTHETIC_INSTRUCTION
-        from tw_env.tasks import load_examples
-
-        examples = load_examples(bm.data, "source", "target")
-        return TeacherAssistedDecodingVectorEnv(
-            num_envs, examples=examples, instruction=SYNTHETIC_INSTRUCTION, metric="bleu", **kwargs
-        )
+    return make_registered_vector_env(bm.env_id, num_envs, data=bm.data, **kwargs)
 
 
 def task_prompts(env, indices, budget: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The env's own prompts Y for ``indices`` at ``budget``, right-padded: (input_ids, attention_mask)."""
-    base = env.unwrapped
-    prompts = [base.encode_prompt(base.examples[int(i)].source, budget) for i in indices]
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, : len(prompt)] = torch.tensor(prompt)
-        mask[row, : len(prompt)] = 1
-    return ids, mask
+    task = env.unwrapped.task
+    return task.prompts([task.examples[int(i)].source for i in indices], [budget] * len(indices))
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -406,13 +383,10 @@ def run(config: BenchEnvConfig) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     from agents.policy import StudentPolicy
-    from tw_env.models import resolve_device
+    from agents.run import start_run
 
-    config.validate()
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    device = start_run(config, None).device  # validate, threads, device; the result file is `output`
     hf_logging.set_verbosity_error()
-    device = resolve_device(config.device)
     bm = prepare_models(
         config.models, config.env_kwargs, config.device, config.dtype, config.seed, config.train_embedded,
         config.new_tokens, config.prompt_length, config.env_id,

@@ -48,21 +48,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import gymnasium as gym
 import torch
 from tqdm import tqdm
 
 import tw_env  # noqa: F401  (registers the tasks)
+from agents.run import start_run
 from tw_env.atomic import write_json
-from tw_env.budgets import BUDGETS, keyword_for
 from tw_env.metrics import quality
-from tw_env.models import load_seq2seq, resolve_device
+from tw_env.models import load_model
+from tw_env.prompts import BUDGETS, PLAIN_TEMPLATE, keyword_for
+from tw_env.registration import make_task, split_env_options
+from tw_env.task import Task
+from tw_env.tasks import Example
 
 METHODS = ("student", "teacher", "training_wheels", "distillspec", "speculative", "fallback")
 BUDGET_CAPS = ("off", "rounded_up", "guaranteed")  # "off", then agents.objectives.CAP_RULES
 # Configs written when budget_cap was a bool (JSON true/false, or `--budget-cap true` on the command line).
 _LEGACY_BUDGET_CAPS = {True: "rounded_up", False: "off", "true": "rounded_up", "false": "off"}
-PLAIN_PROMPT = "{instruction}: {source}"
+PLAIN_PROMPT = PLAIN_TEMPLATE
 
 CSV_COLUMNS = [
     "method", "setting", "budget", "lenience", "draft_length", "threshold", "quality", "metric",
@@ -165,7 +168,7 @@ class Setting:
     budget_cap: str | None = None  # Training Wheels: "off", "rounded_up" or "guaranteed"; None for the other methods
 
 
-def build_settings(config: EvalConfig, env, device: torch.device) -> list[Setting]:
+def build_settings(config: EvalConfig, task: Task, device: torch.device) -> list[Setting]:
     """Load the models the selected methods need (each once) and list every method × setting."""
     from agents.decoding import (
         confidence_fallback_decode,
@@ -176,7 +179,7 @@ def build_settings(config: EvalConfig, env, device: torch.device) -> list[Settin
     from agents.policy import StudentPolicy
 
     methods = config.selected_methods()
-    teacher, max_new = env.teacher, env.max_new_tokens
+    teacher, max_new = task.teacher, task.max_new_tokens
     dtype = config.env_kwargs.get("dtype")
     loaded: dict[str, torch.nn.Module] = {}
 
@@ -187,10 +190,10 @@ def build_settings(config: EvalConfig, env, device: torch.device) -> list[Settin
             raise ValueError(f"no {role} model: pass --{role.replace('_', '-')} (a directory or hub id)")
         key = str(source)
         if key not in loaded:
-            loaded[key] = load_seq2seq(key, role=role, device=device, dtype=dtype)
+            loaded[key] = load_model(key, role=role, device=device, dtype=dtype)
         return loaded[key]
 
-    student_source = config.student or env.student
+    student_source = config.student or task.student
     settings: list[Setting] = []
     for method in methods:
         if method == "student":
@@ -235,26 +238,10 @@ def build_settings(config: EvalConfig, env, device: torch.device) -> list[Settin
 
 
 # ---------------------------------------------------------------------------------------------- prompts
-def encode_plain(env, sources: list[str], template: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and mask of the plain prompts (no budget keyword), truncated like the env's."""
-    texts = [template.format(instruction=env.instruction, source=s) for s in sources]
-    encoded = env.tokenizer(texts, truncation=True, max_length=env.max_prompt_length)["input_ids"]
-    return _pad(encoded, env.tokenizer.pad_token_id or 0, device)
-
-
-def encode_budget(env, sources: list[str], budget: float, device) -> tuple[torch.Tensor, ...]:
-    """The Training Wheels prompts "With {keyword} teacher use, {instruction}: {source}" (ids, mask),
-    then the teacher's prompts C^(T) as the env builds them (ids, mask)."""
-    from agents.trajectories import tokenize_prompts, tokenize_teacher_prompts
-
+def encode_budget(task: Task, sources: list[str], budget: float, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The Training Wheels prompts Y (ids, mask), then the teacher's prompts C^(T) (ids, mask)."""
     budgets = [budget] * len(sources)
-    return (*tokenize_prompts(env, sources, budgets, device), *tokenize_teacher_prompts(env, sources, budgets, device))
-
-
-def _pad(encoded: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    from agents.trajectories import pad_prompts
-
-    return pad_prompts(encoded, device, pad_id)
+    return (*task.prompts(sources, budgets, device), *task.teacher_prompts(sources, budgets, device))
 
 
 def token_pieces(tokenizer, ids: list[int]) -> list[str]:
@@ -305,24 +292,24 @@ def describe_device(device: torch.device) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- run
-def make_env(config: EvalConfig, device: torch.device):
-    env_kwargs = dict(config.env_kwargs)
-    env_kwargs.setdefault("device", str(device))
+def make_eval_task(config: EvalConfig, device: torch.device) -> Task:
+    """The task of ``config.env_id`` on the evaluated split (env options in ``env_kwargs`` are ignored)."""
+    _, task_kwargs = split_env_options(dict(config.env_kwargs))
+    task_kwargs.setdefault("device", str(device))
     if config.max_new_tokens is not None:
-        env_kwargs["max_new_tokens"] = config.max_new_tokens
-    env_kwargs["split"] = config.split
-    return gym.make(config.env_id, **env_kwargs).unwrapped
+        task_kwargs["max_new_tokens"] = config.max_new_tokens
+    return make_task(config.env_id, **{**task_kwargs, "split": config.split})
 
 
-def evaluate_setting(setting: Setting, env, examples, config: EvalConfig, device: torch.device,
+def evaluate_setting(setting: Setting, task: Task, examples: list[Example], config: EvalConfig, device: torch.device,
                      device_name: str) -> tuple[dict, list[dict]]:
     """Decode every example in batches (quality, teacher use, throughput), then time a few alone."""
     sources = [e.source for e in examples]
 
     def encode(chunk: list[str]):
         if setting.budget is None:
-            return encode_plain(env, chunk, config.plain_prompt, device)
-        return encode_budget(env, chunk, setting.budget, device)
+            return task.plain_prompts(chunk, config.plain_prompt, device)
+        return encode_budget(task, chunk, setting.budget, device)
 
     outputs, texts, calls, tokens, wasted, seconds = [], [], 0, 0, 0, 0.0
     batches = range(0, len(sources), config.batch_size)
@@ -336,7 +323,7 @@ def evaluate_setting(setting: Setting, env, examples, config: EvalConfig, device
         calls += sum(result.teacher_calls)
         tokens += sum(result.lengths)
         wasted += sum(result.wasted_tokens)
-        texts += env.tokenizer.batch_decode(result.output_ids, skip_special_tokens=True)
+        texts += task.tokenizer.batch_decode(result.output_ids, skip_special_tokens=True)
         outputs += list(zip(result.output_ids, result.from_teacher, strict=True))
     n = len(examples)
     timed = [encode([s]) for s in sources[: config.latency_examples]]
@@ -345,7 +332,7 @@ def evaluate_setting(setting: Setting, env, examples, config: EvalConfig, device
     row = {
         "method": setting.method, "setting": setting.setting, "budget": setting.budget,
         "lenience": setting.lenience, "draft_length": setting.draft_length, "threshold": setting.threshold,
-        "quality": quality(env.metric, texts, [e.reference for e in examples]), "metric": env.metric,
+        "quality": quality(task.metric, texts, [e.reference for e in examples]), "metric": task.metric,
         "teacher_fraction": calls / max(tokens, 1), "wasted_per_example": wasted / n,
         "teacher_forwards_per_example": timing["teacher_forwards_per_example"],
         "latency_ms_median": timing["latency_ms_median"],
@@ -364,7 +351,7 @@ def evaluate_setting(setting: Setting, env, examples, config: EvalConfig, device
             record.update({
                 "budget": setting.budget, "budget_cap": setting.budget_cap,
                 "source": example.source, "reference": example.reference,
-                "token_ids": ids, "tokens": token_pieces(env.tokenizer, ids), "from_teacher": flags,
+                "token_ids": ids, "tokens": token_pieces(task.tokenizer, ids), "from_teacher": flags,
                 "teacher_fraction": sum(flags) / len(flags) if flags else 0.0,
             })
         records.append(record)
@@ -373,25 +360,22 @@ def evaluate_setting(setting: Setting, env, examples, config: EvalConfig, device
 
 def run(config: EvalConfig) -> dict:
     """Evaluate every selected method × setting; write results.json/.csv and outputs.jsonl; return the results."""
-    config.validate()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
-    env = make_env(config, device)
-    examples = env.examples[: config.examples]
-    settings = build_settings(config, env, device)
+    run_ = start_run(config, config.output_dir)
+    device = run_.device
+    task = make_eval_task(config, device)
+    examples = task.examples[: config.examples]
+    settings = build_settings(config, task, device)
     device_name = describe_device(device)
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     rows = []
     with open(out / "outputs.jsonl", "w") as outputs_file:
         for setting in tqdm(settings, desc="methods x settings"):
-            row, records = evaluate_setting(setting, env, examples, config, device, device_name)
+            row, records = evaluate_setting(setting, task, examples, config, device, device_name)
             rows.append(row)
             outputs_file.writelines(json.dumps(r) + "\n" for r in records)
     results = {
         "config": dataclasses.asdict(config), "env_id": config.env_id, "split": config.split,
-        "metric": env.metric, "examples": len(examples), "max_new_tokens": env.max_new_tokens,
+        "metric": task.metric, "examples": len(examples), "max_new_tokens": task.max_new_tokens,
         "device": device_name, "torch": torch.__version__, "rows": [_json_safe(r) for r in rows],
     }
     write_json(out / "results.json", results)

@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from tw_env.budgets import make_prompt
+from tw_env.prompts import make_prompt
 from tw_env.synthetic import (
     FORMAT_VERSION,
     SYNTHETIC_INSTRUCTION,

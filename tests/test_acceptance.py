@@ -16,7 +16,7 @@ import tw_env  # noqa: F401  (registers the tasks)
 from agents.evaluation import evaluate_budgets
 from agents.policy import StudentPolicy
 from agents.train import TrainConfig, run
-from tw_env.budgets import BUDGETS
+from tw_env.prompts import BUDGETS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def test_one_student_obeys_six_budgets_on_held_out_examples(tmp_path):
     run(TrainConfig(**values))
     policy = StudentPolicy.load(tmp_path / "run" / "best").eval()
     env = gym.make("TrainingWheels-Synthetic-v0", split="test").unwrapped
-    results = evaluate_budgets(policy, env, env.examples[:512], BUDGETS, env.max_new_tokens)
+    results = evaluate_budgets(policy, env.task, env.examples[:512], BUDGETS, env.max_new_tokens)
     fractions = {r.budget: round(r.teacher_fraction, 3) for r in results}
     assert all(abs(r.teacher_fraction - r.budget) <= 0.03 for r in results), fractions
     quality = [r.quality for r in results]

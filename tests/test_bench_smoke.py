@@ -113,9 +113,9 @@ def test_bench_decode_returns_figures_and_ratios(tiny_task) -> None:
 def test_bench_decode_with_a_saved_policy(tiny_task, tmp_path: Path) -> None:
     """`--policy DIR`: a StudentPolicy written by save() is measured at its own call rate."""
     from agents.policy import StudentPolicy
-    from tw_env.models import load_seq2seq
+    from tw_env.models import load_model
 
-    policy = StudentPolicy(load_seq2seq(tiny_task["student"]))
+    policy = StudentPolicy(load_model(tiny_task["student"]))
     with torch.no_grad():
         policy.call_head.bias.fill_(5.0)  # calls often
     policy.save(tmp_path / "policy")

@@ -23,7 +23,7 @@ from transformers import T5ForConditionalGeneration
 import tw_env
 from tests.conftest import EXAMPLES, INSTRUCTION, WORD_MODEL_VOCAB, WORDS, make_env
 from tw_env import TeacherAssistedDecodingEnv, TeacherAssistedDecodingVectorEnv, eq17_reward
-from tw_env.budgets import BUDGET_KEYWORDS, BUDGETS, check_budget, keyword_for, make_prompt
+from tw_env.prompts import BUDGET_KEYWORDS, BUDGETS, check_budget, keyword_for, make_prompt
 from tw_env.tasks import Example
 
 W = {w: i for i, w in enumerate(WORDS)}  # word -> id
@@ -692,10 +692,11 @@ def test_registered_tasks_give_the_teacher_a_budget_free_prompt():
 
     for env_id in ("TrainingWheels-XSum-v0", "TrainingWheels-WMT19-v0"):
         assert gym.spec(env_id).entry_point is not None
-    for factory in (registration.make_xsum_env, registration.make_wmt19_vector_env):
-        assert inspect.signature(factory).parameters["teacher_prompt"].default == HUB_TEACHER_PROMPT
-    for factory in (registration.make_synthetic_env, registration.make_synthetic_vector_env):
-        assert inspect.signature(factory).parameters["teacher_prompt"].default == SYNTHETIC_TEACHER_PROMPT
+    # The one factory (make_task) behind every entry point holds the defaults.
+    for env_id in ("TrainingWheels-XSum-v0", "TrainingWheels-WMT19-v0"):
+        assert registration.REGISTERED[env_id].teacher_prompt == HUB_TEACHER_PROMPT
+    assert registration.REGISTERED["TrainingWheels-Synthetic-v0"].teacher_prompt == SYNTHETIC_TEACHER_PROMPT
+    assert inspect.signature(registration.make_task).parameters["teacher_prompt"].default is not None
     assert "teacher use" not in HUB_TEACHER_PROMPT.format(instruction="summarize", source="x")
     # The embedded teacher was trained on budget prompts only: it reads the fixed "no" one.
     assert SYNTHETIC_TEACHER_PROMPT.format(instruction="i", source="s") == make_prompt("i", "s", 0.0)

@@ -49,7 +49,7 @@ def _tiny_t5(vocab: int, d_model: int, layers: int, seed: int, path: Path) -> Pa
 @pytest.fixture(scope="module")
 def task(tmp_path_factory) -> dict:
     from agents.policy import StudentPolicy
-    from tw_env.models import load_seq2seq
+    from tw_env.models import load_model
     from tw_env.synthetic import SyntheticLanguage, build_tokenizer, padded_vocab_size
 
     root = tmp_path_factory.mktemp("eval_task")
@@ -61,7 +61,7 @@ def task(tmp_path_factory) -> dict:
     student = _tiny_t5(vocab, 16, 1, seed=2, path=root / "student")
     data = root / "test.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in language.sample(EXAMPLES, 3)))
-    policy = StudentPolicy(load_seq2seq(str(student)))
+    policy = StudentPolicy(load_model(str(student)))
     with torch.no_grad():
         policy.call_head.bias.fill_(1e4)  # <τ> always wins; the budget cap decides
     policy.save(root / "policy")

@@ -23,6 +23,7 @@ import tw_env  # noqa: F401  (registers the tasks)
 from agents import gkd
 from agents.gkd import GKDConfig
 from agents.objectives import reverse_kl
+from tw_env.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV_ID = "TrainingWheels-Synthetic-v0"
@@ -96,7 +97,7 @@ def small_config(task, output_dir, **overrides) -> GKDConfig:
 def test_env_builds_from_overrides(task):
     env = gym.make(ENV_ID, disable_env_checker=True, **task["env_kwargs"]).unwrapped
     assert len(env.examples) == 300 and env.metric == "bleu"
-    ids, mask = gkd.encode_prompts(env, [env.examples[0].source], gkd.PLAIN_PROMPT, "cpu")
+    ids, mask = env.task.plain_prompts([env.examples[0].source], gkd.PLAIN_PROMPT, "cpu")
     text = env.tokenizer.decode(ids[0], skip_special_tokens=True)
     assert text == f"{env.instruction}: {env.examples[0].source}"  # the plain prompt: no budget keyword
     assert "teacher use" not in text and mask.sum() == ids.shape[1]
@@ -121,9 +122,9 @@ def test_gkd_end_to_end_writes_a_loadable_draft_model(task, tmp_path):
 
 def test_per_prompt_pairing_gives_every_prompt_a_student_sample_and_the_teachers_output(task):
     env = gym.make(ENV_ID, disable_env_checker=True, **task["env_kwargs"]).unwrapped
-    student = gkd.load_seq2seq(task["env_kwargs"]["student"]).eval()
+    student = load_model(task["env_kwargs"]["student"]).eval()
     torch.manual_seed(0)
-    ids, mask = gkd.encode_prompts(env, [e.source for e in env.examples[:5]], gkd.PLAIN_PROMPT, "cpu")
+    ids, mask = env.task.plain_prompts([e.source for e in env.examples[:5]], gkd.PLAIN_PROMPT, "cpu")
     paired_ids, paired_mask, n_student = gkd.pair_prompts(ids, mask)
     assert n_student == 5 and torch.equal(paired_ids[:5], ids) and torch.equal(paired_ids[5:], ids)
     batch = gkd.collect(student, env.teacher, paired_ids, paired_mask, n_student, env.max_new_tokens,
@@ -136,9 +137,9 @@ def test_per_prompt_pairing_gives_every_prompt_a_student_sample_and_the_teachers
 
 def test_reverse_kl_updates_reduce_the_kl_on_a_fixed_batch(task):
     env = gym.make(ENV_ID, disable_env_checker=True, **task["env_kwargs"]).unwrapped
-    student = gkd.load_seq2seq(task["env_kwargs"]["student"]).eval()
+    student = load_model(task["env_kwargs"]["student"]).eval()
     torch.manual_seed(0)
-    ids, mask = gkd.encode_prompts(env, [e.source for e in env.examples[:16]], gkd.PLAIN_PROMPT, "cpu")
+    ids, mask = env.task.plain_prompts([e.source for e in env.examples[:16]], gkd.PLAIN_PROMPT, "cpu")
     batch = gkd.collect(student, env.teacher, ids, mask, 8, env.max_new_tokens, env.tokenizer.eos_token_id)
     assert batch.from_student.tolist() == [True] * 8 + [False] * 8
     assert batch.mask[:, 0].all()  # every trajectory has at least one token

@@ -17,7 +17,7 @@ from tests.conftest import EXAMPLES, WORD_VOCAB
 from tw_env.models import (
     check_same_vocabulary,
     lm_head_logits,
-    load_seq2seq,
+    load_model,
     load_tokenizer,
     output_vocab_size,
     resolve_dtype,
@@ -87,14 +87,14 @@ def test_load_examples_bad_folder_and_suffix(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- models
-def test_load_seq2seq_and_tokenizer_from_local_dirs(tiny_t5_dir, word_tokenizer_dir):
-    model = load_seq2seq(str(tiny_t5_dir), role="teacher")
+def test_load_model_and_tokenizer_from_local_dirs(tiny_t5_dir, word_tokenizer_dir):
+    model = load_model(str(tiny_t5_dir), role="teacher")
     assert isinstance(model, T5ForConditionalGeneration)
     assert not model.training
     assert model.dtype == torch.float32 and model.device.type == "cpu"
     assert output_vocab_size(model) == 32128
-    assert load_seq2seq(str(tiny_t5_dir), dtype="bfloat16").dtype == torch.bfloat16
-    assert load_seq2seq(model) is model  # a loaded model passes through
+    assert load_model(str(tiny_t5_dir), dtype="bfloat16").dtype == torch.bfloat16
+    assert load_model(model) is model  # a loaded model passes through
     tok = load_tokenizer(str(word_tokenizer_dir))
     assert len(tok) == WORD_VOCAB and tok.eos_token_id == 1 and tok.pad_token_id == 0
     assert load_tokenizer(tok) is tok
@@ -105,7 +105,7 @@ def test_load_seq2seq_and_tokenizer_from_local_dirs(tiny_t5_dir, word_tokenizer_
 def test_missing_model_directory_names_the_path(tmp_path):
     missing = tmp_path / "no-such-model"
     with pytest.raises(FileNotFoundError, match=r"teacher not found: no directory or file at '.*no-such-model'.*local directory"):
-        load_seq2seq(str(missing), role="teacher")
+        load_model(str(missing), role="teacher")
     with pytest.raises(FileNotFoundError, match="tokenizer not found.*no-such-model"):
         load_tokenizer(str(missing))
 
@@ -115,19 +115,19 @@ def test_directory_without_weights_says_to_pass_a_local_directory(tiny_t5_dir, t
     no_weights.mkdir()
     (no_weights / "config.json").write_text((tiny_t5_dir / "config.json").read_text())
     with pytest.raises(OSError, match=r"could not load the teacher '.*config-only'(.|\n)*pass the local directory"):
-        load_seq2seq(str(no_weights), role="teacher")
+        load_model(str(no_weights), role="teacher")
 
 
 def test_directory_without_a_model_says_to_pass_a_local_directory(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(OSError, match=r"could not load the student '.*empty'(.|\n)*pass the local directory"):
-        load_seq2seq(str(empty), role="student")
+        load_model(str(empty), role="student")
 
 
 @pytest.mark.parametrize("which", ["untied", "tied"])
 def test_lm_head_logits_equal_the_models_own_logits(which, tiny_t5_dir, tiny_t5_tied_dir):
-    model = load_seq2seq(str(tiny_t5_dir if which == "untied" else tiny_t5_tied_dir))
+    model = load_model(str(tiny_t5_dir if which == "untied" else tiny_t5_tied_dir))
     ids = torch.tensor([[5, 17, 300, 1], [9, 1, 0, 0]])
     mask = (torch.arange(4) < torch.tensor([[4], [2]])).long()
     dec = torch.tensor([[0, 4, 8], [0, 12, 3]])
@@ -145,9 +145,9 @@ def test_lm_head_logits_equal_the_models_own_logits(which, tiny_t5_dir, tiny_t5_
 
 
 def test_check_same_vocabulary(tiny_t5_dir, mismatched_t5_dir):
-    teacher = load_seq2seq(str(tiny_t5_dir))
+    teacher = load_model(str(tiny_t5_dir))
     assert check_same_vocabulary(teacher, 32128) == 32128
-    student = load_seq2seq(str(mismatched_t5_dir))
+    student = load_model(str(mismatched_t5_dir))
     with pytest.raises(ValueError, match=r"output layer has 32128 rows, the student has 32000"):
         check_same_vocabulary(teacher, output_vocab_size(student))
 
@@ -156,9 +156,9 @@ def test_hub_ids_fail_offline_with_a_hint_to_pass_local_files(tmp_path):
     """With the hub unreachable, hub ids fail fast with a message that says what to pass instead."""
     code = textwrap.dedent(
         """
-        from tw_env.models import load_seq2seq
+        from tw_env.models import load_model
         from tw_env.tasks import load_examples
-        for call in (lambda: load_seq2seq("google/flan-t5-small", role="student"),
+        for call in (lambda: load_model("google/flan-t5-small", role="student"),
                      lambda: load_examples("EdinburghNLP/xsum", "document", "summary", split="test")):
             try:
                 call()
@@ -184,7 +184,7 @@ NO_DATA = "tw-tests-nobody/no-such-data"
 def loaders_unreached(monkeypatch):
     """The real hub loaders, replaced to record their calls (and to fail should one be reached)."""
     import datasets
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
     calls = []
 
@@ -195,6 +195,8 @@ def loaders_unreached(monkeypatch):
 
         return loader
 
+    # A model's config is read first (it names the model family), so it is the model's first hub call.
+    monkeypatch.setattr(AutoConfig, "from_pretrained", record("model"))
     monkeypatch.setattr(AutoModelForSeq2SeqLM, "from_pretrained", record("model"))
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", record("tokenizer"))
     monkeypatch.setattr(datasets, "load_dataset", record("dataset"))
@@ -228,7 +230,7 @@ def test_hub_ids_fail_at_once_when_offline(monkeypatch, loaders_unreached):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setattr(models, "_can_connect", lambda host, port: pytest.fail("probed while offline"))
-    for call, role in ((lambda: load_seq2seq(NO_MODEL, role="teacher"), "teacher"),
+    for call, role in ((lambda: load_model(NO_MODEL, role="teacher"), "teacher"),
                        (lambda: load_tokenizer(NO_MODEL), "tokenizer")):
         message = _fails_at_once(call)
         assert f"cannot load the {role} '{NO_MODEL}'" in message
@@ -249,7 +251,7 @@ def test_hub_ids_fail_at_once_when_the_hub_does_not_answer(monkeypatch, hub_onli
 
     probes = []
     monkeypatch.setattr(models, "_can_connect", lambda host, port: probes.append((host, port)) or False)
-    message = _fails_at_once(lambda: load_seq2seq(NO_MODEL, role="student"))
+    message = _fails_at_once(lambda: load_model(NO_MODEL, role="student"))
     assert f"cannot load the student '{NO_MODEL}'" in message
     assert "Hugging Face Hub is unreachable (https://huggingface.co, huggingface.co:443, did not answer within 3 s)" in message
     assert "pass the local directory instead" in message
@@ -266,7 +268,7 @@ def test_a_reachable_hub_keeps_the_real_loaders(monkeypatch, hub_online, loaders
 
     monkeypatch.setattr(models, "_can_connect", lambda host, port: True)
     with pytest.raises(OSError, match=f"could not load the teacher '{NO_MODEL}': model reached"):
-        load_seq2seq(NO_MODEL, role="teacher")
+        load_model(NO_MODEL, role="teacher")
     with pytest.raises(OSError, match=f"could not load the dataset '{NO_DATA}'.*dataset reached"):
         load_examples(NO_DATA, "de", "en", split="validation", config="de-en")
     (_, model_args, model_kwargs), (_, data_args, data_kwargs) = loaders_unreached
@@ -280,7 +282,7 @@ def test_a_cached_hub_id_loads_from_the_cache_without_the_hub(monkeypatch, loade
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(models, "in_hub_cache", lambda *args, **kwargs: True)
     with pytest.raises(OSError, match="model reached"):
-        load_seq2seq(NO_MODEL)
+        load_model(NO_MODEL)
     with pytest.raises(OSError, match="tokenizer reached"):
         load_tokenizer(NO_MODEL)
     assert [(name, kwargs["local_files_only"]) for name, _, kwargs in loaders_unreached] == [

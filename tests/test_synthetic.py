@@ -12,7 +12,7 @@ import json
 import pytest
 
 import tw_env.synthetic as syn
-from tw_env.budgets import BUDGET_KEYWORDS, make_prompt
+from tw_env.prompts import BUDGET_KEYWORDS, make_prompt
 from tw_env.synthetic import (
     SYNTHETIC_INSTRUCTION,
     SyntheticLanguage,

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from agents.config import config_to_json
-from agents.train import TrainConfig, episode_rewards, run, trailing_fractions
+from agents.lagrangian import trailing_fractions
+from agents.train import TrainConfig, episode_rewards, run
 from agents.trajectories import Trajectories
 from tests.tiny_task import make_eager_to_end_student, make_tiny_task
 

@@ -136,7 +136,7 @@ def test_same_semantics_as_single_envs_through_autoresets(task_kwargs, reference
                 assert rewards[r] == 0.0 and not terminated[r] and not truncated[r]
                 assert obs["state_length"][r, 0] == 0
                 assert not infos.get("_teacher_logprob", np.zeros(n, bool))[r]
-                options = {"budget": float(obs["budget"][r, 0]), "index": int(core._core.example_index[r])}
+                options = {"budget": float(obs["budget"][r, 0]), "index": int(core.example_index[r])}
                 s_obs, s_info = single.reset(options=options)
                 assert s_info["budget"] == core.batch.budget[r]  # the float32 observation snapped back
                 assert_obs_equal(row_obs(obs, r), s_obs)
@@ -241,7 +241,7 @@ def snapshot(envs) -> dict:
     return {
         "obs": envs._observations(), "done": b.done.copy(), "length": b.length.copy(), "output_ids": b.output_ids.copy(),
         "budget": b.budget.copy(), "clock": b.decoder.clock, "logprobs": b.teacher_logprobs.clone(),
-        "rng": copy.deepcopy(envs.np_random.bit_generator.state), "example_index": envs._core.example_index.copy(),
+        "rng": copy.deepcopy(envs.np_random.bit_generator.state), "example_index": envs.example_index.copy(),
         "stats": envs.reward_stats.state_dict(),
     }
 

@@ -12,9 +12,11 @@ Each has a native vector form: ``gym.make_vec(id, num_envs=N, vectorization_mode
 
 from gymnasium.envs.registration import register, registry
 
-from tw_env.budgets import BUDGET_KEYWORDS, BUDGETS, make_prompt
 from tw_env.env import TeacherAssistedDecodingEnv
+from tw_env.prompts import BUDGET_KEYWORDS, BUDGETS, make_prompt
+from tw_env.registration import make_task
 from tw_env.rewards import RunningRewardStats, eq17_reward
+from tw_env.task import Task
 from tw_env.tasks import Example
 from tw_env.vector_env import TeacherAssistedDecodingVectorEnv
 
@@ -25,8 +27,10 @@ __all__ = [
     "RunningRewardStats",
     "TeacherAssistedDecodingEnv",
     "TeacherAssistedDecodingVectorEnv",
+    "Task",
     "eq17_reward",
     "make_prompt",
+    "make_task",
 ]
 
 _TASKS = {

@@ -1,71 +1,232 @@
-"""`TeacherAssistedDecodingEnv`: token-level decoding in which the teacher is part of the dynamics."""
+"""`TeacherAssistedDecodingEnv`: token-level decoding in which the teacher is part of the dynamics.
+
+Both environments (this one and :class:`~tw_env.vector_env.TeacherAssistedDecodingVectorEnv`) are
+thin shells over a :class:`~tw_env.task.Task` and :class:`TaskEpisodes` (which example and budget
+each row plays, the prompts, λ), which drives :class:`~tw_env.episodes.EpisodeBatch` (the
+tensors, the teacher's cache and the Eq. 17 reward).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
-from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tw_env.budgets import BUDGETS, check_budget, keyword_for, make_prompt
-from tw_env.episodes import EpisodeBatch
-from tw_env.models import check_same_vocabulary, load_seq2seq, load_tokenizer, output_vocab_size
+from tw_env.episodes import EpisodeBatch, StepOutcome
+from tw_env.prompts import check_budget
 from tw_env.rewards import RunningRewardStats
+from tw_env.task import Task
 from tw_env.tasks import Example
 
-
-def as_examples(examples: Sequence[Any]) -> list[Example]:
-    """Accept Examples, (source, reference) pairs or {"source", "reference"} dicts."""
-    out = []
-    for i, item in enumerate(examples):
-        if isinstance(item, Example):
-            out.append(item)
-        elif isinstance(item, Mapping) and "source" in item and "reference" in item:
-            out.append(Example(str(item["source"]), str(item["reference"])))
-        elif isinstance(item, Sequence) and not isinstance(item, str) and len(item) == 2:
-            out.append(Example(str(item[0]), str(item[1])))
-        else:
-            raise TypeError(
-                f"example {i} is {item!r}; expected an Example, a (source, reference) pair or a dict with "
-                "'source' and 'reference'"
-            )
-    if not out:
-        raise ValueError("the task has no examples; expected at least one (source, reference) pair")
-    return out
+ENV_OPTIONS = ("teacher_sampling", "teacher_temperature", "reward_window", "reward_clip", "render_mode")
 
 
-def check_teacher_prompt(template: str | None) -> None:
-    """A teacher prompt is None or a template with ``{source}`` and at most ``{instruction}`` besides."""
-    if template is None:
-        return
-    problem = None
-    if not isinstance(template, str) or "{source}" not in template:
-        problem = "it has no {source} field"
-    else:
-        try:
-            template.format(instruction="", source="")
-        except (KeyError, IndexError, ValueError) as error:
-            problem = f"formatting it failed ({type(error).__name__}: {error})"
-    if problem:
-        raise ValueError(
-            f"teacher_prompt {template!r} is not usable: {problem}; expected None or a template such as "
-            "'{instruction}: {source}'"
+def resolve_task(task: Task | None, task_kwargs: dict[str, Any]) -> Task:
+    """The task given, or one built from the keywords (``Task.build``); not both."""
+    if task is None:
+        return Task.build(**task_kwargs)
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a tw_env.task.Task, got {type(task).__name__}; pass the task's fields as keywords instead")
+    if task_kwargs:
+        raise TypeError(f"pass a task or its fields, not both; got a task and {sorted(task_kwargs)}")
+    return task
+
+
+class TaskEpisodes:
+    """What both environments keep on top of the episode tensors: which example and budget each row
+    plays, their prompts (tokenised once per pair), the Lagrange multipliers and the end-of-episode info."""
+
+    def __init__(
+        self, task: Task, num_rows: int, teacher_sampling: bool = False, teacher_temperature: float = 1.0,
+        reward_window: int = 4096, reward_clip: float = 2.0,
+    ) -> None:
+        if reward_clip <= 0:
+            raise ValueError(f"reward_clip must be positive, got {reward_clip}")
+        if teacher_temperature <= 0:
+            raise ValueError(f"teacher_temperature must be positive, got {teacher_temperature}")
+        self.task = task
+        self.reward_stats = RunningRewardStats(window=reward_window)
+        self.lagrange_multipliers = {b: 0.0 for b in task.budgets}
+        self.batch = EpisodeBatch(
+            task.teacher, num_rows, task.vocab_size, task.eos_token_id, task.max_new_tokens, task.max_prompt_length,
+            teacher_sampling, teacher_temperature, self.reward_stats, reward_clip, family=task.family,
         )
+        self.example_index = np.zeros(num_rows, dtype=np.int64)
+        self._prompt_cache: dict[tuple[int, float, bool], list[int]] = {}
+
+    def set_lagrange_multipliers(self, multipliers: Mapping[float, float]) -> None:
+        """Set λ_b for some budgets; unknown budgets or non-finite λ raise, changing nothing."""
+        updates = {}
+        for b, lam in multipliers.items():
+            match = [k for k in self.task.budgets if abs(k - float(b)) < 1e-6]
+            if not match:
+                raise ValueError(f"no budget {b} in this env; expected one of {list(self.task.budgets)}")
+            if not np.isfinite(lam):
+                raise ValueError(f"Lagrange multiplier for budget {b} must be a finite number, got {lam}")
+            updates[match[0]] = float(lam)
+        self.lagrange_multipliers.update(updates)
+
+    def lagrange(self, rows: np.ndarray) -> np.ndarray:
+        """λ of each row's budget, for ``rows``."""
+        return np.array([self.lagrange_multipliers[float(self.batch.budget[r])] for r in rows])
+
+    def parse_options(self, options: Mapping[str, Any] | None) -> tuple[float | None, int | None]:
+        """Validate one row's reset options ``budget`` and ``index`` (None: drawn at the start)."""
+        options = dict(options or {})
+        unknown = set(options) - {"budget", "index"}
+        if unknown:
+            raise ValueError(f"unknown reset options {sorted(unknown)}; expected 'budget' and/or 'index'")
+        budget = index = None
+        if options.get("budget") is not None:
+            budget = self.known_budget(check_budget(options["budget"]))
+        if options.get("index") is not None:
+            index = int(options["index"])
+            if not 0 <= index < len(self.task.examples):
+                raise ValueError(f"example index {index} out of range; expected 0 <= index < {len(self.task.examples)}")
+        return budget, index
+
+    def known_budget(self, budget: float) -> float:
+        """The task's own budget within 1e-6 of ``budget`` (observations carry float32 budgets); raises otherwise."""
+        for known in self.task.budgets:
+            if abs(known - budget) < 1e-6:
+                return known
+        raise ValueError(f"budget {budget} is not one of this env's budgets {list(self.task.budgets)}")
+
+    def start_rows(
+        self, rows: np.ndarray, per_row: list[tuple[float | None, int | None]], rng: np.random.Generator,
+        advance: bool = True,
+    ) -> None:
+        """Start episodes in ``rows`` with their (budget, index) choices; None is drawn from ``rng``."""
+        prompts, teacher_prompts, budgets = [], [], []
+        for row, (budget, index) in zip(rows, per_row, strict=True):
+            if budget is None:
+                budget = float(self.task.budgets[rng.integers(len(self.task.budgets))])
+            if index is None:
+                index = int(rng.integers(len(self.task.examples)))
+            self.example_index[row] = index
+            prompts.append(self._example_prompt(index, budget))
+            teacher_prompts.append(self._example_prompt(index, budget, teacher=True))
+            budgets.append(budget)
+        self.batch.start(np.asarray(rows), prompts, np.array(budgets), advance=advance, teacher_prompts=teacher_prompts)
+
+    def _example_prompt(self, index: int, budget: float, teacher: bool = False) -> list[int]:
+        # Resets re-use prompts often (six budgets × a fixed dataset): tokenise each pair once.
+        key = (index, budget, teacher)
+        cached = self._prompt_cache.get(key)
+        if cached is None:
+            if len(self._prompt_cache) >= 65536:
+                self._prompt_cache.clear()
+            encode = self.task.encode_teacher_prompt if teacher else self.task.encode_prompt
+            cached = self._prompt_cache[key] = encode(self.task.examples[index].source, budget)
+        return cached
+
+    def episode_end_info(self, row: int) -> dict[str, Any]:
+        """The final ``info`` keys of the row's episode: teacher fraction, output ids and text, reference."""
+        b = self.batch
+        output_ids = b.output_ids[row, : b.length[row]].copy()
+        return {
+            "teacher_fraction": b.teacher_fraction(row),
+            "output_ids": output_ids,
+            "output_text": self.task.tokenizer.decode(output_ids, skip_special_tokens=True),
+            "reference": self.task.examples[int(self.example_index[row])].reference,
+        }
 
 
-def student_vocab_size(student: str | PreTrainedModel) -> int:
-    """The student's output-layer size, read from its config when given a name (no weights loaded)."""
-    if isinstance(student, PreTrainedModel):
-        return output_vocab_size(student)
-    from tw_env.models import _check_source
+class TaskAttributes:
+    """The task's fields, read through the env (``env.unwrapped.teacher``, ``.tokenizer``, ...)."""
 
-    return int(AutoConfig.from_pretrained(_check_source(str(student), "student"), trust_remote_code=False).vocab_size)
+    task: Task
+    _episodes: TaskEpisodes
+    _vocab_size: int
+
+    @property
+    def teacher(self) -> PreTrainedModel:
+        return self.task.teacher
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.task.tokenizer
+
+    @property
+    def examples(self) -> list[Example]:
+        return self.task.examples
+
+    @property
+    def instruction(self) -> str:
+        return self.task.instruction
+
+    @property
+    def metric(self) -> str:
+        return self.task.metric
+
+    @property
+    def budgets(self) -> tuple[float, ...]:
+        return self.task.budgets
+
+    @property
+    def teacher_prompt(self) -> str | None:
+        return self.task.teacher_prompt
+
+    @property
+    def student(self) -> str | PreTrainedModel | None:
+        return self.task.student
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.task.max_new_tokens
+
+    @property
+    def max_prompt_length(self) -> int:
+        return self.task.max_prompt_length
+
+    @property
+    def vocab_size(self) -> int:
+        """V, the rows of the teacher's output layer; action V is <τ>."""
+        return self._vocab_size
+
+    @property
+    def teacher_action(self) -> int:
+        """The action <τ> (= V)."""
+        return self._vocab_size
+
+    @property
+    def reward_stats(self) -> RunningRewardStats:
+        return self._episodes.reward_stats
+
+    @property
+    def batch(self) -> EpisodeBatch:
+        return self._episodes.batch
+
+    @property
+    def example_index(self) -> np.ndarray:
+        return self._episodes.example_index
+
+    @property
+    def lagrange_multipliers(self) -> dict[float, float]:
+        return self._episodes.lagrange_multipliers
+
+    def set_lagrange_multipliers(self, multipliers: Mapping[float, float]) -> None:
+        """Set λ_b for some budgets; unknown budgets or non-finite λ raise, changing nothing.
+
+        λ_b ≥ 0 treats b as a ceiling (the paper); a negative λ_b (a trainer with a negative
+        ``lagrange_floor``) treats it as a target and makes Eq. 17 pay for calls.
+        """
+        self._episodes.set_lagrange_multipliers(multipliers)
+
+    def encode_prompt(self, source: str, budget: float) -> list[int]:
+        """Token ids of the prompt Y for ``source`` at ``budget`` (truncated to max_prompt_length)."""
+        return self.task.encode_prompt(source, budget)
+
+    def encode_teacher_prompt(self, source: str, budget: float) -> list[int]:
+        """Token ids of the teacher's prompt C^(T) for ``source`` (Y itself without ``teacher_prompt``)."""
+        return self.task.encode_teacher_prompt(source, budget)
 
 
-class TeacherAssistedDecodingEnv(gym.Env):
+class TeacherAssistedDecodingEnv(TaskAttributes, gym.Env):
     """Token-by-token decoding by a student that may hand any token to a teacher.
 
     ## Description
@@ -114,6 +275,10 @@ class TeacherAssistedDecodingEnv(gym.Env):
     ``output_text`` and ``reference``.
 
     ## Arguments
+    ``TeacherAssistedDecodingEnv(task, ...)`` takes a :class:`~tw_env.task.Task` (the teacher, tokenizer,
+    examples, instruction, metric, budgets, prompts and lengths, validated once), or the task's
+    fields as keywords, which build one (``Task.build``):
+
     - ``teacher``: hub id, local directory or a loaded seq2seq model.
     - ``tokenizer``: the student's tokenizer (hub id, directory or object); the vocabulary is shared.
     - ``examples``: (source, reference) pairs.
@@ -122,13 +287,16 @@ class TeacherAssistedDecodingEnv(gym.Env):
     - ``budgets``: the budgets an episode may draw (Table 1's six by default).
     - ``student``: optional student (name or model) whose vocabulary size is checked against the teacher's.
     - ``max_new_tokens``, ``max_prompt_length``: episode and prompt lengths (prompts are truncated).
-    - ``teacher_sampling``: False (default) for the teacher's greedy token on <τ>, True to sample it
-      (temperature ``teacher_temperature``) from the env's seeded generator.
-    - ``device``, ``dtype``: where and in which precision the teacher runs.
-    - ``reward_window``: how many recent tokens the reward normalisers remember.
-    - ``reward_clip``: rewards are clipped to [−reward_clip, reward_clip] (2 in the paper).
     - ``teacher_prompt``: None (the teacher reads Y) or a template with ``{source}`` (and optionally
       ``{instruction}``) for the teacher's prompt C^(T), e.g. ``"{instruction}: {source}"``.
+    - ``device``, ``dtype``: where and in which precision the teacher runs.
+
+    and the env's own options:
+
+    - ``reward_window``: how many recent tokens the reward normalisers remember.
+    - ``reward_clip``: rewards are clipped to [−reward_clip, reward_clip] (2 in the paper).
+    - ``teacher_sampling``: False (default) for the teacher's greedy token on <τ>, True to sample it
+      (temperature ``teacher_temperature``) from the env's seeded generator.
     - ``render_mode``: ``"ansi"`` or None.
     """
 
@@ -136,154 +304,49 @@ class TeacherAssistedDecodingEnv(gym.Env):
 
     def __init__(
         self,
-        teacher: str | PreTrainedModel,
-        tokenizer: str | PreTrainedTokenizerBase,
-        examples: Sequence[Any],
-        instruction: str,
-        metric: str = "bleu",
-        budgets: Sequence[float] = BUDGETS,
-        student: str | PreTrainedModel | None = None,
-        max_new_tokens: int = 64,
-        max_prompt_length: int = 512,
+        task: Task | None = None,
+        *,
         teacher_sampling: bool = False,
         teacher_temperature: float = 1.0,
-        device: str = "cpu",
-        dtype: str | None = None,
         reward_window: int = 4096,
         reward_clip: float = 2.0,
-        teacher_prompt: str | None = None,
         render_mode: str | None = None,
-        _num_rows: int = 1,
-    ):
-        self._configure(
-            teacher, tokenizer, examples, instruction, metric, budgets, student, max_new_tokens,
-            max_prompt_length, teacher_sampling, teacher_temperature, device, dtype, reward_window,
-            render_mode, _num_rows, reward_clip, teacher_prompt,
-        )
-        self.action_space = spaces.Discrete(self.vocab_size + 1)
-        self.observation_space = observation_space(self.vocab_size, max_prompt_length, max_new_tokens)
-
-    # Shared with the vector env, which calls it with its number of rows.
-    def _configure(
-        self, teacher, tokenizer, examples, instruction, metric, budgets, student, max_new_tokens,
-        max_prompt_length, teacher_sampling, teacher_temperature, device, dtype, reward_window,
-        render_mode, num_rows, reward_clip: float = 2.0, teacher_prompt: str | None = None,
+        **task_kwargs: Any,
     ) -> None:
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
-        if max_new_tokens < 1 or max_prompt_length < 2:
-            raise ValueError(
-                f"max_new_tokens must be >= 1 and max_prompt_length >= 2, got {max_new_tokens} and {max_prompt_length}"
-            )
-        if reward_clip <= 0:
-            raise ValueError(f"reward_clip must be positive, got {reward_clip}")
-        if teacher_temperature <= 0:
-            raise ValueError(f"teacher_temperature must be positive, got {teacher_temperature}")
-        check_teacher_prompt(teacher_prompt)
-        self.budgets = tuple(check_budget(b) for b in budgets)
-        if not self.budgets:
-            raise ValueError("budgets must name at least one teacher-use budget")
-        for b in self.budgets:
-            keyword_for(b)  # every budget needs a prompt keyword
-        self.examples = as_examples(examples)
-        self.tokenizer = load_tokenizer(tokenizer)
-        self.teacher = load_seq2seq(teacher, role="teacher", device=device, dtype=dtype)
-        self.vocab_size = output_vocab_size(self.teacher)
-        if student is not None:
-            check_same_vocabulary(self.teacher, student_vocab_size(student))
-        if len(self.tokenizer) > self.vocab_size:
-            raise ValueError(
-                f"the tokenizer has {len(self.tokenizer)} entries but the teacher's output layer only "
-                f"{self.vocab_size} rows; expected a tokenizer no larger than the model's vocabulary"
-            )
-        self.student = student
-        self.instruction = instruction
-        self.teacher_prompt = teacher_prompt
-        self.metric = metric
-        self.max_new_tokens = max_new_tokens
-        self.max_prompt_length = max_prompt_length
-        self.teacher_action = self.vocab_size
+        check_render_mode(render_mode, self.metadata["render_modes"])
+        self.task = resolve_task(task, task_kwargs)
+        self._episodes = TaskEpisodes(self.task, 1, teacher_sampling, teacher_temperature, reward_window, reward_clip)
+        self._vocab_size = self.task.vocab_size
         self.render_mode = render_mode
-        self.reward_stats = RunningRewardStats(window=reward_window)
-        self.lagrange_multipliers = {b: 0.0 for b in self.budgets}
-        eos = self.tokenizer.eos_token_id
-        self.batch = EpisodeBatch(
-            self.teacher, num_rows, self.vocab_size, eos if eos is not None else self.teacher.config.eos_token_id,
-            max_new_tokens, max_prompt_length, teacher_sampling, teacher_temperature, self.reward_stats,
-            reward_clip,
-        )
-        self.example_index = np.zeros(num_rows, dtype=np.int64)
-        self._prompt_cache: dict[tuple[int, float], list[int]] = {}
+        self.action_space = spaces.Discrete(self._vocab_size + 1)
+        self.observation_space = observation_space(self._vocab_size, self.max_prompt_length, self.max_new_tokens)
         self._started = False
 
-    # ------------------------------------------------------------------ public API
-    def set_lagrange_multipliers(self, multipliers: Mapping[float, float]) -> None:
-        """Set λ_b for some budgets; unknown budgets or non-finite λ raise, changing nothing.
-
-        λ_b ≥ 0 treats b as a ceiling (the paper); a negative λ_b (a trainer with a negative
-        ``lagrange_floor``) treats it as a target and makes Eq. 17 pay for calls.
-        """
-        updates = {}
-        for b, lam in multipliers.items():
-            match = [k for k in self.budgets if abs(k - float(b)) < 1e-6]
-            if not match:
-                raise ValueError(f"no budget {b} in this env; expected one of {list(self.budgets)}")
-            if not np.isfinite(lam):
-                raise ValueError(f"Lagrange multiplier for budget {b} must be a finite number, got {lam}")
-            updates[match[0]] = float(lam)
-        self.lagrange_multipliers.update(updates)
-
-    def encode_prompt(self, source: str, budget: float) -> list[int]:
-        """Token ids of the prompt Y for ``source`` at ``budget`` (truncated to max_prompt_length)."""
-        text = make_prompt(self.instruction, source, budget)
-        return self.tokenizer(text, truncation=True, max_length=self.max_prompt_length)["input_ids"]
-
-    def encode_teacher_prompt(self, source: str, budget: float) -> list[int]:
-        """Token ids of the teacher's prompt C^(T) for ``source`` (Y itself without ``teacher_prompt``)."""
-        if self.teacher_prompt is None:
-            return self.encode_prompt(source, budget)
-        text = self.teacher_prompt.format(instruction=self.instruction, source=source)
-        return self.tokenizer(text, truncation=True, max_length=self.max_prompt_length)["input_ids"]
-
-    def _example_prompt(self, index: int, budget: float, teacher: bool = False) -> list[int]:
-        # Resets re-use prompts often (six budgets × a fixed dataset): tokenise each pair once.
-        key = (index, budget, teacher)
-        cached = self._prompt_cache.get(key)
-        if cached is None:
-            if len(self._prompt_cache) >= 65536:
-                self._prompt_cache.clear()
-            encode = self.encode_teacher_prompt if teacher else self.encode_prompt
-            cached = self._prompt_cache[key] = encode(self.examples[index].source, budget)
-        return cached
-
     # ------------------------------------------------------------------ gym API
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        budget, index = self._parse_options(options)  # validate before touching any state
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        choice = self._episodes.parse_options(options)  # validate before touching any state
         super().reset(seed=seed)
         if seed is not None:
             self.reward_stats.reset()  # a seeded reset reproduces the env exactly, normalisers included
-        budget, index = self._draw(budget, index)
-        self.batch.start(
-            np.array([0]), [self._example_prompt(index, budget)], np.array([budget]),
-            teacher_prompts=[self._example_prompt(index, budget, teacher=True)],
-        )
-        self.example_index[0] = index
+        self._episodes.start_rows(np.array([0]), [choice], self.np_random)
         self._started = True
-        return self._observation(0), {"budget": budget, "example_index": index}
+        return self._observation(0), {"budget": float(self.batch.budget[0]), "example_index": int(self.example_index[0])}
 
-    def step(self, action):
+    def step(self, action: Any) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
         if not self._started:
             raise RuntimeError("step() called before reset(); call env.reset() to start an episode")
         if self.batch.done[0]:
             raise RuntimeError("step() called after the episode ended; call env.reset() to start a new one")
         action = self._check_action(action)
         rows = np.array([0])
-        outcome = self.batch.act(np.array([action]), rows, self._lagrange(rows), self.np_random)
+        outcome = self.batch.act(np.array([action]), rows, self._episodes.lagrange(rows), self.np_random)
         if not self.batch.done[0]:
             self.batch.advance(outcome.emitted)
         info = step_info(outcome, 0, float(self.batch.budget[0]))
         if self.batch.done[0]:
-            info.update(self._episode_end_info(0))
+            info.update(self._episodes.episode_end_info(0))
             self.batch.finish(0)
         return (
             self._observation(0), float(outcome.reward[0]), bool(outcome.terminated[0]), bool(outcome.truncated[0]), info,
@@ -295,50 +358,19 @@ class TeacherAssistedDecodingEnv(gym.Env):
         return render_state(self.tokenizer, self.batch.state_ids[0, : self.batch.length[0]], self.vocab_size)
 
     # ------------------------------------------------------------------ helpers
-    def _parse_options(self, options: dict[str, Any] | None) -> tuple[float | None, int | None]:
-        options = dict(options or {})
-        unknown = set(options) - {"budget", "index"}
-        if unknown:
-            raise ValueError(f"unknown reset options {sorted(unknown)}; expected 'budget' and/or 'index'")
-        budget = index = None
-        if "budget" in options and options["budget"] is not None:
-            budget = self._known_budget(check_budget(options["budget"]))
-        if "index" in options and options["index"] is not None:
-            index = int(options["index"])
-            if not 0 <= index < len(self.examples):
-                raise ValueError(f"example index {index} out of range; expected 0 <= index < {len(self.examples)}")
-        return budget, index
-
-    def _known_budget(self, budget: float) -> float:
-        # Snap to the env's own value (observations carry float32 budgets), or refuse.
-        for known in self.budgets:
-            if abs(known - budget) < 1e-6:
-                return known
-        raise ValueError(f"budget {budget} is not one of this env's budgets {list(self.budgets)}")
-
-    def _draw(self, budget: float | None, index: int | None) -> tuple[float, int]:
-        if budget is None:
-            budget = float(self.budgets[self.np_random.integers(len(self.budgets))])
-        if index is None:
-            index = int(self.np_random.integers(len(self.examples)))
-        return budget, index
-
-    def _check_action(self, action) -> int:
-        value = np.asarray(action)
-        if value.shape not in ((), (1,)) or not np.issubdtype(value.dtype, np.integer):
+    def _check_action(self, action: Any) -> int:
+        array = np.asarray(action)
+        if array.shape not in ((), (1,)) or not np.issubdtype(array.dtype, np.integer):
             raise ValueError(
                 f"action must be an integer in [0, {self.vocab_size}] (V = {self.vocab_size} is <τ>), got {action!r}"
             )
-        value = int(value.reshape(()))
+        value = int(array.reshape(()))
         if not 0 <= value <= self.vocab_size:
             raise ValueError(
                 f"action {value} is outside [0, {self.vocab_size}]: tokens are 0..{self.vocab_size - 1} and "
                 f"{self.vocab_size} is the teacher call <τ>"
             )
         return value
-
-    def _lagrange(self, rows: np.ndarray) -> np.ndarray:
-        return np.array([self.lagrange_multipliers[float(self.batch.budget[r])] for r in rows])
 
     def _observation(self, row: int) -> dict[str, np.ndarray]:
         b = self.batch
@@ -350,15 +382,11 @@ class TeacherAssistedDecodingEnv(gym.Env):
             "budget": np.array([b.budget[row]], dtype=np.float32),
         }
 
-    def _episode_end_info(self, row: int) -> dict[str, Any]:
-        b = self.batch
-        output_ids = b.output_ids[row, : b.length[row]].copy()
-        return {
-            "teacher_fraction": b.teacher_fraction(row),
-            "output_ids": output_ids,
-            "output_text": self.tokenizer.decode(output_ids, skip_special_tokens=True),
-            "reference": self.examples[int(self.example_index[row])].reference,
-        }
+
+def check_render_mode(render_mode: str | None, modes: list[str]) -> None:
+    """Refuse a ``render_mode`` that is neither None nor one of ``modes``."""
+    if render_mode is not None and render_mode not in modes:
+        raise ValueError(f"render_mode must be one of {modes} or None, got {render_mode!r}")
 
 
 def observation_space(vocab_size: int, max_prompt_length: int, max_new_tokens: int) -> spaces.Dict:
@@ -374,7 +402,8 @@ def observation_space(vocab_size: int, max_prompt_length: int, max_new_tokens: i
     )
 
 
-def step_info(outcome, j: int, budget: float) -> dict[str, Any]:
+def step_info(outcome: StepOutcome, j: int, budget: float) -> dict[str, Any]:
+    """The per-step ``info`` of the ``j``-th acting row: its raw reward parts and budget."""
     return {
         "teacher_logprob": float(outcome.teacher_logprob[j]),
         "teacher_call": bool(outcome.is_call[j]),
@@ -382,7 +411,7 @@ def step_info(outcome, j: int, budget: float) -> dict[str, Any]:
     }
 
 
-def render_state(tokenizer, state_ids: np.ndarray, vocab_size: int) -> str:
+def render_state(tokenizer: PreTrainedTokenizerBase, state_ids: np.ndarray, vocab_size: int) -> str:
     """X^(in) as text, teacher-produced tokens in [[double brackets]]."""
     pieces = []
     for token in state_ids:

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from transformers import PreTrainedModel
 
-from tw_env.incremental import IncrementalDecoder
+from tw_env.families import ModelFamily, family_of
+from tw_env.prompts import pad_token_lists
 from tw_env.rewards import RunningRewardStats, eq17_reward
 
 
@@ -34,7 +36,7 @@ class EpisodeBatch:
 
     def __init__(
         self,
-        teacher,
+        teacher: PreTrainedModel,
         num_rows: int,
         vocab_size: int,
         eos_token_id: int,
@@ -44,7 +46,8 @@ class EpisodeBatch:
         teacher_temperature: float,
         reward_stats: RunningRewardStats,
         reward_clip: float = 2.0,
-    ):
+        family: ModelFamily | None = None,
+    ) -> None:
         self.teacher = teacher
         self.num_rows = num_rows
         self.vocab_size = vocab_size
@@ -56,7 +59,9 @@ class EpisodeBatch:
         self.reward_stats = reward_stats
         self.reward_clip = reward_clip
         self.device = teacher.device
-        self.decoder = IncrementalDecoder(teacher, num_rows, max_new_tokens)
+        self.family = family if family is not None else family_of(teacher)
+        self.start_token_id = self.family.start_token_id(teacher)
+        self.decoder = self.family.incremental_decoder(teacher, num_rows, max_new_tokens)
         n, m, p = num_rows, max_new_tokens, max_prompt_length
         self.prompt_ids = np.zeros((n, p), dtype=np.int64)
         self.prompt_length = np.zeros(n, dtype=np.int64)
@@ -85,11 +90,7 @@ class EpisodeBatch:
         teacher_prompts = prompts if teacher_prompts is None else teacher_prompts
         if len(teacher_prompts) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(teacher_prompts)} teacher prompts")
-        ids = torch.zeros(len(rows), max(len(p) for p in teacher_prompts), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, teacher_prompt in enumerate(teacher_prompts):
-            ids[j, : len(teacher_prompt)] = torch.tensor(teacher_prompt)
-            mask[j, : len(teacher_prompt)] = 1
+        ids, mask = pad_token_lists(teacher_prompts)
         for row, prompt in zip(rows, prompts, strict=True):
             self.prompt_ids[row] = 0
             self.prompt_ids[row, : len(prompt)] = prompt
@@ -104,11 +105,11 @@ class EpisodeBatch:
         self.done[rows] = False
         if len(rows) == self.num_rows:
             # Every row restarts: drop the old caches, so a full reset always starts from the same state.
-            self.decoder = IncrementalDecoder(self.teacher, self.num_rows, self.max_new_tokens)
+            self.decoder = self.family.incremental_decoder(self.teacher, self.num_rows, self.max_new_tokens)
         with torch.no_grad():
             self.decoder.restart(torch.from_numpy(rows), ids, mask)
         if advance and len(rows) == self.num_rows:
-            self.advance(np.full(self.num_rows, self.decoder.decoder_start_token_id))
+            self.advance(np.full(self.num_rows, self.start_token_id))
         elif advance:
             self._advance_subset(rows)
 
@@ -116,7 +117,7 @@ class EpisodeBatch:
         # Only `rows` should read the start token now; the shared clock steps every row, so the
         # others read a placeholder that is rolled back at once, and keep their distributions.
         previous = self.teacher_logprobs
-        tokens = np.full(self.num_rows, self.decoder.decoder_start_token_id)
+        tokens = np.full(self.num_rows, self.start_token_id)
         self.advance(tokens)
         others = np.setdiff1d(np.arange(self.num_rows), rows)
         discard = torch.zeros(self.num_rows, dtype=torch.long)
@@ -124,7 +125,12 @@ class EpisodeBatch:
         self.decoder.rollback(discard)
         if previous is not None and len(others):
             index = torch.from_numpy(others).to(self.device)
-            self.teacher_logprobs[index] = previous[index]
+            self._next_logprobs()[index] = previous[index]
+
+    def _next_logprobs(self) -> torch.Tensor:
+        if self.teacher_logprobs is None:
+            raise RuntimeError("the teacher has read no token yet; start() the rows (with advance) before acting")
+        return self.teacher_logprobs
 
     def advance(self, tokens: np.ndarray) -> None:
         """One batched teacher decoder step, every row reading its token; caches p(·|X^(out), Y)."""
@@ -138,7 +144,7 @@ class EpisodeBatch:
         self, actions: np.ndarray, rows: np.ndarray, lagrange: np.ndarray, rng: np.random.Generator
     ) -> StepOutcome:
         """Apply ``actions`` to ``rows`` (Eq. 13–14) and score them (Eq. 17); does not advance the teacher."""
-        logprobs = self.teacher_logprobs[torch.as_tensor(rows, device=self.device)]
+        logprobs = self._next_logprobs()[torch.as_tensor(rows, device=self.device)]
         actions = np.asarray(actions, dtype=np.int64)
         is_call = actions == self.vocab_size
         teacher_greedy = logprobs.argmax(dim=-1).cpu().numpy()
@@ -182,4 +188,5 @@ class EpisodeBatch:
 
     # ------------------------------------------------------------------ views
     def teacher_fraction(self, row: int) -> float:
+        """The share of the row's tokens so far that the teacher produced (0 before the first)."""
         return float(self.calls[row] / max(self.length[row], 1))

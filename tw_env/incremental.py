@@ -14,12 +14,28 @@ dropped (the same amount for every row, so distances are unchanged).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Protocol, cast
+
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from tw_env.models import cache_keyword, lm_head_logits
+
+
+class _KVLayer(Protocol):
+    """A cache layer's key and value tensors (``[B, heads, T, d]``)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+def _kv_layers(layers: Iterable[object]) -> list[_KVLayer]:
+    # transformers types a layer's keys/values as Optional (unset before its first forward); every
+    # layer read here has been written by a forward already (cross-attention: is_updated).
+    return cast("list[_KVLayer]", list(layers))
 
 
 class IncrementalDecoder:
@@ -29,7 +45,7 @@ class IncrementalDecoder:
     one input per row (token ids or embeddings). The caller chooses ``torch.no_grad()``.
     """
 
-    def __init__(self, model: PreTrainedModel, batch_size: int, max_episode_len: int):
+    def __init__(self, model: PreTrainedModel, batch_size: int, max_episode_len: int) -> None:
         self.model = model
         self.batch_size = batch_size
         self.max_episode_len = max_episode_len
@@ -49,41 +65,52 @@ class IncrementalDecoder:
         input_ids = input_ids.to(self.device)
         attention_mask = attention_mask.to(self.device)
         encoded = self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.encoder_states is None:
+        if self.encoder_states is None or self.encoder_mask is None:
             if len(rows) != self.batch_size:
                 raise ValueError(f"the first restart must cover all {self.batch_size} rows, got {len(rows)}")
             order = torch.argsort(rows)
             self.encoder_states, self.encoder_mask = encoded[order], attention_mask[order]
             self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
             return
-        self._fit_encoder_length(encoded.shape[1])
         length = encoded.shape[1]
-        self.encoder_states[rows] = 0
-        self.encoder_states[rows, :length] = encoded
-        self.encoder_mask[rows] = 0
-        self.encoder_mask[rows, :length] = attention_mask
-        self._write_cross_attention(rows, self.encoder_states[rows])
+        encoder_states, encoder_mask = self._fit_encoder_length(self.encoder_states, self.encoder_mask, length)
+        encoder_states[rows] = 0
+        encoder_states[rows, :length] = encoded
+        encoder_mask[rows] = 0
+        encoder_mask[rows, :length] = attention_mask
+        self._write_cross_attention(rows, encoder_states[rows])
         self.self_mask[rows] = 0
         self.start[rows] = self.self_mask.shape[1]
 
-    def _fit_encoder_length(self, length: int) -> None:
-        pad = length - self.encoder_states.shape[1]
+    def _fit_encoder_length(
+        self, encoder_states: torch.Tensor, encoder_mask: torch.Tensor, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Pads the stored encoder states, mask and cross-attention cache to ``length``; returns the two.
+        pad = length - encoder_states.shape[1]
         if pad <= 0:
-            return
-        self.encoder_states = F.pad(self.encoder_states, (0, 0, 0, pad))
-        self.encoder_mask = F.pad(self.encoder_mask, (0, pad))
+            return encoder_states, encoder_mask
+        self.encoder_states = encoder_states = F.pad(encoder_states, (0, 0, 0, pad))
+        self.encoder_mask = encoder_mask = F.pad(encoder_mask, (0, pad))
         for layer in self._cross_layers():
             layer.keys = F.pad(layer.keys, (0, 0, 0, pad))
             layer.values = F.pad(layer.values, (0, 0, 0, pad))
+        return encoder_states, encoder_mask
 
-    def _cross_layers(self):
-        cross = self.cache.cross_attention_cache
-        return [layer for i, layer in enumerate(cross.layers) if self.cache.is_updated.get(i)]
+    def _live_cache(self) -> EncoderDecoderCache:
+        if self.cache is None:
+            raise RuntimeError("restart() must be called for every row before the cache is used")
+        return self.cache
+
+    def _cross_layers(self) -> list[_KVLayer]:
+        cache = self._live_cache()
+        cross = cache.cross_attention_cache
+        return _kv_layers(layer for i, layer in enumerate(cross.layers) if cache.is_updated.get(i))
 
     def _write_cross_attention(self, rows: torch.Tensor, encoded: torch.Tensor) -> None:
         # The same projections T5Attention applies to the encoder output on its first call.
-        for i, layer in enumerate(self.cache.cross_attention_cache.layers):
-            if not self.cache.is_updated.get(i):
+        cache = self._live_cache()
+        for i, layer in enumerate(_kv_layers(cache.cross_attention_cache.layers)):
+            if not cache.is_updated.get(i):
                 continue  # not computed yet: the next forward computes it for every row
             attention = self.model.get_decoder().block[i].layer[1].EncDecAttention
             shape = (*encoded.shape[:-1], -1, attention.key_value_proj_dim)
@@ -101,12 +128,12 @@ class IncrementalDecoder:
         """
         if self.encoder_states is None:
             raise RuntimeError("restart() must be called for every row before step()")
-        single = (input_ids if inputs_embeds is None else inputs_embeds[..., 0]).dim() == 1
-        if inputs_embeds is None:
-            kwargs = {"input_ids": input_ids[:, None] if single else input_ids}
-        else:
-            kwargs = {"inputs_embeds": inputs_embeds[:, None] if single else inputs_embeds}
-        width = 1 if single else (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
+        inputs = input_ids if inputs_embeds is None else inputs_embeds
+        if inputs is None:
+            raise TypeError("step() needs input_ids or inputs_embeds")
+        single = inputs.dim() == (1 if inputs_embeds is None else 2)  # no time axis
+        kwargs = {"input_ids" if inputs_embeds is None else "inputs_embeds": inputs[:, None] if single else inputs}
+        width = 1 if single else inputs.shape[1]
         self.self_mask = F.pad(self.self_mask, (0, width), value=1)
         out = self.model.get_decoder()(
             **kwargs,
@@ -133,7 +160,7 @@ class IncrementalDecoder:
         clock = self.clock
         columns = torch.arange(clock, device=self.device)
         source = (columns[None, :] - discard[:, None]) % clock  # [B, clock]: where each column comes from
-        for layer in self.cache.self_attention_cache.layers:
+        for layer in _kv_layers(self._live_cache().self_attention_cache.layers):
             index = source[:, None, :, None].expand_as(layer.keys)
             layer.keys = layer.keys.gather(2, index)
             layer.values = layer.values.gather(2, index)
@@ -142,6 +169,7 @@ class IncrementalDecoder:
         self.start = self.start + discard
 
     def logits(self, decoder_states: torch.Tensor) -> torch.Tensor:
+        """The LM head's logits ``[..., V]`` for final decoder states (as the model's own forward)."""
         return lm_head_logits(self.model, decoder_states)
 
     def _compact(self) -> None:
@@ -150,7 +178,7 @@ class IncrementalDecoder:
         drop = int(self.start.min())
         if drop <= 0:
             return
-        for layer in self.cache.self_attention_cache.layers:
+        for layer in _kv_layers(self._live_cache().self_attention_cache.layers):
             layer.keys = layer.keys[:, :, drop:]
             layer.values = layer.values[:, :, drop:]
         self.self_mask = self.self_mask[:, drop:]
@@ -158,4 +186,5 @@ class IncrementalDecoder:
 
     @property
     def clock(self) -> int:
+        """The shared cache length: columns every row's self-attention mask spans."""
         return self.self_mask.shape[1]

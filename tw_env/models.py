@@ -15,7 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import torch
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 OFFLINE_HINT = (
     "Expected a directory written by save_pretrained (config.json and safetensors weights) or a hub id. "
@@ -150,35 +150,47 @@ def _check_source(name: str, role: str, cache_files: tuple[str, ...] = ("config.
     return name
 
 
-def _offline_kwargs(source: str) -> dict:
+def _offline_kwargs(source: str) -> dict[str, bool]:
     # A cached hub id while the hub cannot be used: read the cache only, without retrying the network.
     return {"local_files_only": True} if _is_hub_id(source) and hub_unavailable_reason() is not None else {}
 
 
-def load_seq2seq(
-    name_or_path: str | PreTrainedModel,
+def load_model(
+    name_or_path: str | os.PathLike[str] | PreTrainedModel,
     role: str = "model",
     device: str | torch.device | None = "cpu",
     dtype: str | torch.dtype | None = None,
 ) -> PreTrainedModel:
-    """Load an encoder-decoder LM (the T5 family) in eval mode from a hub id or a local directory."""
+    """Load a teacher or student LM in eval mode from a hub id or a local directory.
+
+    The model's family (:mod:`tw_env.families`) is read from its config first and decides the auto
+    class; safetensors weights only, never remote code. A loaded model is moved and returned.
+    """
+    from tw_env.families import family_of
+
     if isinstance(name_or_path, PreTrainedModel):
         model = name_or_path
     else:
         source = _check_source(str(name_or_path), role)
         try:
-            model = AutoModelForSeq2SeqLM.from_pretrained(
-                source, dtype=resolve_dtype(dtype), trust_remote_code=False, use_safetensors=True,
-                **_offline_kwargs(source),
-            )
+            offline = _offline_kwargs(source)
+            config = AutoConfig.from_pretrained(source, trust_remote_code=False, **offline)
+            model = family_of(config).load(source, resolve_dtype(dtype), **offline)
         except (OSError, ValueError) as err:  # transformers raises ValueError for a folder without a model
+            if "decoder-only" in str(err):
+                raise
             raise OSError(
                 f"could not load the {role} '{source}': {err}\n" + OFFLINE_HINT.format(name=source, role=role)
             ) from err
-    return model.to(device=resolve_device(device), dtype=resolve_dtype(dtype)).eval()
+    # transformers decorates PreTrainedModel.to with functools.wraps(torch.nn.Module.to), which
+    # typeshed types as the unbound Module.to (self missing); the call is the ordinary bound one.
+    moved: PreTrainedModel = model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))  # type: ignore[call-arg]
+    return moved.eval()
 
 
-def load_tokenizer(name_or_path: str | PreTrainedTokenizerBase, role: str = "tokenizer") -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    name_or_path: str | os.PathLike[str] | PreTrainedTokenizerBase, role: str = "tokenizer"
+) -> PreTrainedTokenizerBase:
     """Load a tokenizer from a hub id or a local directory."""
     if isinstance(name_or_path, PreTrainedTokenizerBase):
         return name_or_path

@@ -1,76 +1,126 @@
-"""Factories behind the registered ids. Every model and dataset is overridable by keyword."""
+"""The registered tasks: one factory, :func:`make_task`, from an id plus overrides; the env entry points are one-liners.
+
+Every model and dataset is overridable by keyword, exactly as ``gym.make(id, **kwargs)`` takes them:
+the task's keywords (teacher, student, tokenizer, data, split, ..., see :func:`make_task`) build the
+:class:`~tw_env.task.Task`; the env's own keywords (``reward_clip``, ``teacher_sampling``, ...)
+go to the env.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from tw_env.env import TeacherAssistedDecodingEnv
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tw_env.env import ENV_OPTIONS, TeacherAssistedDecodingEnv
+from tw_env.prompts import NO_TEACHER_USE_TEMPLATE, PLAIN_TEMPLATE
+from tw_env.task import Task
 from tw_env.tasks import WMT19, XSUM, TaskSpec, load_examples
 from tw_env.vector_env import TeacherAssistedDecodingVectorEnv
 
 FLAN_T5_XL = "google/flan-t5-xl"
 FLAN_T5_SMALL = "google/flan-t5-small"
 # The teacher's prompt C^(T): the task without the student's budget clause, which is not meant for it.
-HUB_TEACHER_PROMPT = "{instruction}: {source}"
-# The embedded teacher was trained on budget prompts only, so it reads the "no teacher use" one.
-SYNTHETIC_TEACHER_PROMPT = "With no teacher use, {instruction}: {source}"
+HUB_TEACHER_PROMPT = PLAIN_TEMPLATE
+SYNTHETIC_TEACHER_PROMPT = NO_TEACHER_USE_TEMPLATE
+
+XSUM_ID = "TrainingWheels-XSum-v0"
+WMT19_ID = "TrainingWheels-WMT19-v0"
+SYNTHETIC_ID = "TrainingWheels-Synthetic-v0"
 
 
-def _hub_task_kwargs(
-    spec: TaskSpec, teacher: Any, student: Any, tokenizer: Any, data: str | None, split: str | None,
-    config: str | None, limit: int | None, source_field: str | None, reference_field: str | None,
-) -> dict[str, Any]:
-    examples = load_examples(
-        data or spec.default_data,
-        source_field or spec.source_field,
-        reference_field or spec.reference_field,
-        split=split or spec.default_split,
-        config=config if config is not None else (spec.default_config if data is None else None),
-        limit=limit,
-    )
-    return dict(
-        teacher=teacher, student=student, tokenizer=tokenizer if tokenizer is not None else student,
-        examples=examples, instruction=spec.instruction, metric=spec.metric,
-    )
+@dataclass(frozen=True)
+class Registered:
+    """What a registered id adds to a :class:`~tw_env.tasks.TaskSpec`: default models and lengths."""
+
+    spec: TaskSpec | None  # None: the embedded task (models and data made on first use)
+    max_new_tokens: int
+    max_prompt_length: int
+    teacher_prompt: str
 
 
-def _hub_factory(spec: TaskSpec, vector: bool, max_new_tokens: int, max_prompt_length: int):
-    def make(
-        teacher: Any = FLAN_T5_XL, student: Any = FLAN_T5_SMALL, tokenizer: Any = None, data: str | None = None,
-        split: str | None = None, config: str | None = None, limit: int | None = None,
-        source_field: str | None = None, reference_field: str | None = None,
-        max_new_tokens: int = max_new_tokens, max_prompt_length: int = max_prompt_length,
-        teacher_prompt: str | None = HUB_TEACHER_PROMPT, **kwargs: Any,
-    ):
-        task = _hub_task_kwargs(spec, teacher, student, tokenizer, data, split, config, limit, source_field, reference_field)
-        cls = TeacherAssistedDecodingVectorEnv if vector else TeacherAssistedDecodingEnv
-        return cls(**task, max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length,
-                   teacher_prompt=teacher_prompt, **kwargs)
+REGISTERED: dict[str, Registered] = {
+    XSUM_ID: Registered(XSUM, max_new_tokens=64, max_prompt_length=512, teacher_prompt=HUB_TEACHER_PROMPT),
+    WMT19_ID: Registered(WMT19, max_new_tokens=64, max_prompt_length=128, teacher_prompt=HUB_TEACHER_PROMPT),
+    SYNTHETIC_ID: Registered(None, max_new_tokens=20, max_prompt_length=32, teacher_prompt=SYNTHETIC_TEACHER_PROMPT),
+}
 
-    make.__doc__ = (
-        f"Make the {spec.name} task ({'vector' if vector else 'single'} env). Defaults: teacher {FLAN_T5_XL}, "
-        f"student {FLAN_T5_SMALL} (its tokenizer too), data {spec.default_data}; pass local directories/files "
-        f"to override any of them. The teacher reads {HUB_TEACHER_PROMPT!r} (teacher_prompt=None: the student's prompt)."
-    )
-    return make
+_UNSET: Any = object()  # "not given": lets teacher_prompt=None mean "the student's prompt"
 
 
-make_xsum_env = _hub_factory(XSUM, vector=False, max_new_tokens=64, max_prompt_length=512)
-make_xsum_vector_env = _hub_factory(XSUM, vector=True, max_new_tokens=64, max_prompt_length=512)
-make_wmt19_env = _hub_factory(WMT19, vector=False, max_new_tokens=64, max_prompt_length=128)
-make_wmt19_vector_env = _hub_factory(WMT19, vector=True, max_new_tokens=64, max_prompt_length=128)
+def make_task(
+    env_id: str,
+    *,
+    teacher: str | PreTrainedModel | None = None,
+    student: str | PreTrainedModel | None = None,
+    tokenizer: str | PreTrainedTokenizerBase | None = None,
+    data: str | None = None,
+    split: str | None = None,
+    config: str | None = None,
+    limit: int | None = None,
+    source_field: str | None = None,
+    reference_field: str | None = None,
+    cache_dir: str | None = None,
+    seed: int = 0,
+    max_new_tokens: int | None = None,
+    max_prompt_length: int | None = None,
+    teacher_prompt: str | None = _UNSET,
+    **build_kwargs: Any,
+) -> Task:
+    """The :class:`~tw_env.task.Task` of a registered id, with any part overridden.
 
-
-def synthetic_task_kwargs(
-    split: str = "train", cache_dir: str | None = None, seed: int = 0, teacher: Any = None, student: Any = None,
-    tokenizer: Any = None, data: str | None = None, limit: int | None = None,
-) -> dict[str, Any]:
-    """Arguments of the embedded task's env; trains and caches its models on first use (minutes, CPU).
-
-    ``data``: a folder reads its ``{split}`` file (as the cache writes them), a file is read whole.
+    Hub tasks (XSum, WMT19): teacher ``google/flan-t5-xl``, student ``google/flan-t5-small`` (its
+    tokenizer too) and the hub dataset by default; any of them may be a local directory or file
+    (a folder of data gives its ``{split}`` file). The embedded task trains and caches its models
+    and data on first use (``cache_dir``, ``seed``). ``teacher_prompt`` defaults to the id's
+    (pass None for the student's prompt). Further keywords (``budgets``, ``device``, ``dtype``,
+    ``metric``, ``instruction``, ``examples``) go to :meth:`Task.build`.
     """
+    if env_id not in REGISTERED:
+        raise ValueError(f"unknown task id {env_id!r}; expected one of {sorted(REGISTERED)}")
+    registered = REGISTERED[env_id]
+    spec = registered.spec
+    tokenizer_or_student: str | PreTrainedTokenizerBase | PreTrainedModel  # the student's name by default
+    if spec is None:
+        teacher, student, tokenizer_or_student, data = _synthetic_parts(cache_dir, seed, teacher, student, tokenizer, data)
+        instruction, metric, fields = _synthetic_instruction(), "bleu", ("source", "target")
+        dataset_config = None
+    else:
+        teacher = teacher if teacher is not None else FLAN_T5_XL
+        student = student if student is not None else FLAN_T5_SMALL
+        tokenizer_or_student = tokenizer if tokenizer is not None else student
+        data, dataset_config = (data, config) if data is not None else (spec.default_data, config or spec.default_config)
+        instruction, metric = spec.instruction, spec.metric
+        fields = (source_field or spec.source_field, reference_field or spec.reference_field)
+    if "examples" not in build_kwargs:
+        build_kwargs["examples"] = load_examples(
+            data, *fields, split=split or (spec.default_split if spec else "train"), config=dataset_config, limit=limit
+        )
+    build_kwargs.setdefault("instruction", instruction)
+    build_kwargs.setdefault("metric", metric)
+    return Task.build(
+        # Known gap: a student given as a loaded model (without a tokenizer) reaches load_tokenizer as is.
+        teacher=teacher, student=student, tokenizer=tokenizer_or_student,  # type: ignore[arg-type]
+        max_new_tokens=max_new_tokens if max_new_tokens is not None else registered.max_new_tokens,
+        max_prompt_length=max_prompt_length if max_prompt_length is not None else registered.max_prompt_length,
+        teacher_prompt=registered.teacher_prompt if teacher_prompt is _UNSET else teacher_prompt,
+        **build_kwargs,
+    )
+
+
+def _synthetic_instruction() -> str:
     from tw_env.synthetic import SYNTHETIC_INSTRUCTION
 
+    return SYNTHETIC_INSTRUCTION
+
+
+def _synthetic_parts(
+    cache_dir: str | None, seed: int, teacher: str | PreTrainedModel | None, student: str | PreTrainedModel | None,
+    tokenizer: str | PreTrainedTokenizerBase | None, data: str | None,
+) -> tuple[str | PreTrainedModel, str | PreTrainedModel, str | PreTrainedTokenizerBase, str]:
+    """The embedded task's models and data folder; trains and caches them on first use (minutes, CPU)."""
     if teacher is None or student is None or tokenizer is None or data is None:
         from tw_env.synthetic import ensure_synthetic_models
 
@@ -79,32 +129,47 @@ def synthetic_task_kwargs(
         student = student if student is not None else str(assets.student_dir)
         tokenizer = tokenizer if tokenizer is not None else str(assets.tokenizer_dir)
         data = data if data is not None else str(assets.data_dir)  # a folder of split files
-    examples = load_examples(data, "source", "target", split=split, limit=limit)
-    return dict(
-        teacher=teacher, student=student, tokenizer=tokenizer, examples=examples,
-        instruction=SYNTHETIC_INSTRUCTION, metric="bleu",
-    )
+    return teacher, student, tokenizer, data
 
 
-def make_synthetic_env(
-    split: str = "train", cache_dir: str | None = None, seed: int = 0, teacher: Any = None, student: Any = None,
-    tokenizer: Any = None, data: str | None = None, limit: int | None = None, max_new_tokens: int = 20,
-    max_prompt_length: int = 32, teacher_prompt: str | None = SYNTHETIC_TEACHER_PROMPT, **kwargs: Any,
-) -> TeacherAssistedDecodingEnv:
-    """The embedded task (no download): a synthetic translation language, see :mod:`tw_env.synthetic`."""
-    task = synthetic_task_kwargs(split, cache_dir, seed, teacher, student, tokenizer, data, limit)
-    return TeacherAssistedDecodingEnv(**task, max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length,
-                                      teacher_prompt=teacher_prompt, **kwargs)
+def split_env_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``gym.make`` keywords → (the env's options, the task's keywords)."""
+    options = {k: kwargs[k] for k in ENV_OPTIONS if k in kwargs}
+    return options, {k: v for k, v in kwargs.items() if k not in options}
 
 
-def make_synthetic_vector_env(
-    num_envs: int, split: str = "train", cache_dir: str | None = None, seed: int = 0, teacher: Any = None,
-    student: Any = None, tokenizer: Any = None, data: str | None = None, limit: int | None = None,
-    max_new_tokens: int = 20, max_prompt_length: int = 32, teacher_prompt: str | None = SYNTHETIC_TEACHER_PROMPT,
-    **kwargs: Any,
-) -> TeacherAssistedDecodingVectorEnv:
-    task = synthetic_task_kwargs(split, cache_dir, seed, teacher, student, tokenizer, data, limit)
-    return TeacherAssistedDecodingVectorEnv(
-        num_envs, **task, max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length,
-        teacher_prompt=teacher_prompt, **kwargs
-    )
+def make_env(env_id: str, **kwargs: Any) -> TeacherAssistedDecodingEnv:
+    """The single env of a registered id (what ``gym.make(env_id, **kwargs)`` calls)."""
+    options, task_kwargs = split_env_options(kwargs)
+    return TeacherAssistedDecodingEnv(make_task(env_id, **task_kwargs), **options)
+
+
+def make_vector_env(env_id: str, num_envs: int, **kwargs: Any) -> TeacherAssistedDecodingVectorEnv:
+    """The native vector env of a registered id (``gym.make_vec(..., vectorization_mode="vector_entry_point")``)."""
+    options, task_kwargs = split_env_options(kwargs)
+    return TeacherAssistedDecodingVectorEnv(num_envs, make_task(env_id, **task_kwargs), **options)
+
+
+def _entry_points(env_id: str) -> tuple[Callable[..., TeacherAssistedDecodingEnv], Callable[..., TeacherAssistedDecodingVectorEnv]]:
+    def single(**kwargs: Any) -> TeacherAssistedDecodingEnv:
+        return make_env(env_id, **kwargs)
+
+    def vector(num_envs: int, **kwargs: Any) -> TeacherAssistedDecodingVectorEnv:
+        return make_vector_env(env_id, num_envs, **kwargs)
+
+    registered = REGISTERED[env_id]
+    if registered.spec is None:
+        defaults = "models and data trained and cached on first use (tw_env.synthetic)"
+    else:
+        defaults = (f"teacher {FLAN_T5_XL}, student {FLAN_T5_SMALL} (its tokenizer too), data "
+                    f"{registered.spec.default_data}; local directories/files override any of them")
+    for fn, kind in ((single, "single"), (vector, "vector")):
+        fn.__doc__ = (f"The {kind} env of {env_id}. Defaults: {defaults}; the teacher reads "
+                      f"{registered.teacher_prompt!r} (teacher_prompt=None: the student's prompt). Keywords as "
+                      ":func:`make_task`, plus the env's options.")
+    return single, vector
+
+
+make_xsum_env, make_xsum_vector_env = _entry_points(XSUM_ID)
+make_wmt19_env, make_wmt19_vector_env = _entry_points(WMT19_ID)
+make_synthetic_env, make_synthetic_vector_env = _entry_points(SYNTHETIC_ID)

@@ -13,7 +13,7 @@ Teacher tokens get no log-likelihood part: they are "implicitly correct" (notes.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -63,7 +63,7 @@ class RunningRewardStats:
     normalisation (μ=0, σ=1) is used, so the first episodes are well defined.
     """
 
-    def __init__(self, window: int = 4096, min_count: int = 16, min_sigma: float = 1e-2):
+    def __init__(self, window: int = 4096, min_count: int = 16, min_sigma: float = 1e-2) -> None:
         if window < 1 or min_count < 1:
             raise ValueError(f"window and min_count must be >= 1, got {window} and {min_count}")
         self.window = window
@@ -74,6 +74,7 @@ class RunningRewardStats:
         self._mu, self._sigma = 0.0, 1.0
 
     def update(self, teacher_token_logprobs: Iterable[float], student_token_logprobs: Iterable[float]) -> None:
+        """Add one episode's teacher log-likelihoods of teacher and of student tokens; refreshes μ_r, σ_r."""
         self._teacher.extend(float(x) for x in teacher_token_logprobs)
         self._student.extend(float(x) for x in student_token_logprobs)
         self._refresh()
@@ -98,10 +99,12 @@ class RunningRewardStats:
         self._student.clear()
         self._refresh()
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, list[float]]:
+        """The remembered values (``teacher``, ``student``), for a checkpoint."""
         return {"teacher": list(self._teacher), "student": list(self._student)}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: Mapping[str, Iterable[float]]) -> None:
+        """Restore :meth:`state_dict`'s values (the last ``window`` of each are kept)."""
         self._teacher = deque(state["teacher"], maxlen=self.window)
         self._student = deque(state["student"], maxlen=self.window)
         self._refresh()

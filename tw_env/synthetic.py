@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tw_env.budgets import BUDGET_KEYWORDS, make_prompt
+from tw_env.prompts import BUDGET_KEYWORDS, make_prompt
 
 if TYPE_CHECKING:  # heavy imports stay lazy: building the language needs neither torch nor transformers
     import torch
@@ -313,7 +313,9 @@ class ModelSpec:
         """The ``T5Config`` of this model for a (padded) vocabulary size."""
         from transformers import T5Config
 
-        return T5Config(
+        # T5Config takes further config keys (tie_word_embeddings, decoder_start_token_id) through **kwargs
+        # at run time; its dataclass_transform shows the type checker only the declared fields.
+        return T5Config(  # type: ignore[call-arg]
             vocab_size=vocab_size, d_model=self.d_model, d_kv=self.d_model // self.num_heads,
             d_ff=self.d_ff, num_layers=self.num_layers, num_decoder_layers=self.num_layers,
             num_heads=self.num_heads, relative_attention_num_buckets=64,

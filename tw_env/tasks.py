@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # datasets ships no type information: Dataset is Any to the type checker
+    from datasets import Dataset
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,7 @@ def _has_no_rows(file: Path) -> bool:
         return all(not line.strip() for line in f)
 
 
-def _read_local(file: Path):
+def _read_local(file: Path) -> Dataset:
     import datasets
 
     empty = ValueError(f"the data file '{file}' holds no rows; expected one record per example")
@@ -148,7 +151,7 @@ def _read_local(file: Path):
         raise
 
 
-def _read_hub(data: str, split: str, config: str | None, source_field: str, reference_field: str):
+def _read_hub(data: str, split: str, config: str | None, source_field: str, reference_field: str) -> Dataset:
     import datasets  # imported here so that `import tw_env` stays light
 
     from tw_env.models import hub_unavailable_reason, in_hub_cache
@@ -186,9 +189,17 @@ def load_examples(
         config: the hub configuration (``"de-en"`` for WMT19).
         limit: keep only the first ``limit`` rows.
 
-    A hub id fails at once (OSError) when the hub is offline (``HF_HUB_OFFLINE``) or does not answer
-    and the dataset is not cached; an empty local file raises ValueError. See
-    :func:`resolve_data_source` for which file a (data, split) pair reads.
+    Returns:
+        The examples, in the data's order. See :func:`resolve_data_source` for which file a
+        (data, split) pair reads.
+
+    Raises:
+        OSError: a hub id when the hub is offline (``HF_HUB_OFFLINE``) or does not answer and the
+            dataset is not cached (at once, without retrying).
+        FileNotFoundError: a missing local path, or a folder without the split's file.
+        ValueError: an empty local file or one of another format, a folder with several files for
+            the split, or data that holds no examples.
+        KeyError: a row without ``source_field`` or ``reference_field``.
     """
     file = _local_file(data, split)
     if file is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -10,12 +9,20 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from tw_env.budgets import BUDGETS
-from tw_env.env import TeacherAssistedDecodingEnv, observation_space, render_state
+from tw_env.env import (
+    TaskAttributes,
+    TaskEpisodes,
+    check_render_mode,
+    observation_space,
+    render_state,
+    resolve_task,
+)
+from tw_env.task import Task
 
 
-class TeacherAssistedDecodingVectorEnv(VectorEnv):
-    """The batched form of :class:`~tw_env.TeacherAssistedDecodingEnv` (same arguments, plus ``num_envs``).
+class TeacherAssistedDecodingVectorEnv(TaskAttributes, VectorEnv):
+    """The batched form of :class:`~tw_env.TeacherAssistedDecodingEnv`: ``(num_envs, task, ...)`` with the
+    same task and options (or the task's fields as keywords).
 
     Every step runs one batched teacher decoder forward for all N rows, each row with its own KV
     cache (see :mod:`tw_env.incremental`). Autoreset follows Gymnasium's NEXT_STEP mode: the step
@@ -28,63 +35,35 @@ class TeacherAssistedDecodingVectorEnv(VectorEnv):
     def __init__(
         self,
         num_envs: int,
-        teacher,
-        tokenizer,
-        examples: Sequence[Any],
-        instruction: str,
-        metric: str = "bleu",
-        budgets: Sequence[float] = BUDGETS,
-        student=None,
-        max_new_tokens: int = 64,
-        max_prompt_length: int = 512,
+        task: Task | None = None,
+        *,
         teacher_sampling: bool = False,
         teacher_temperature: float = 1.0,
-        device: str = "cpu",
-        dtype: str | None = None,
         reward_window: int = 4096,
         reward_clip: float = 2.0,
-        teacher_prompt: str | None = None,
         render_mode: str | None = None,
-    ):
+        **task_kwargs: Any,
+    ) -> None:
         if int(num_envs) < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs}")
+        check_render_mode(render_mode, self.metadata["render_modes"])
         self.num_envs = int(num_envs)
-        # Reuse the single env's validation and state; it is never stepped itself.
-        self._core = TeacherAssistedDecodingEnv.__new__(TeacherAssistedDecodingEnv)
-        self._core._configure(
-            teacher, tokenizer, examples, instruction, metric, budgets, student, max_new_tokens,
-            max_prompt_length, teacher_sampling, teacher_temperature, device, dtype, reward_window,
-            render_mode, self.num_envs, reward_clip, teacher_prompt,
+        self.task = resolve_task(task, task_kwargs)
+        self._episodes = TaskEpisodes(
+            self.task, self.num_envs, teacher_sampling, teacher_temperature, reward_window, reward_clip
         )
-        core = self._core
-        self.vocab_size, self.teacher_action = core.vocab_size, core.teacher_action
-        self.teacher, self.tokenizer, self.examples = core.teacher, core.tokenizer, core.examples
-        self.instruction, self.metric, self.budgets = core.instruction, core.metric, core.budgets
-        self.teacher_prompt = core.teacher_prompt
-        self.max_new_tokens, self.max_prompt_length = max_new_tokens, max_prompt_length
-        self.reward_stats, self.batch, self.student = core.reward_stats, core.batch, core.student
+        self._vocab_size = self.task.vocab_size
         self.render_mode = render_mode
-        self.single_action_space = spaces.Discrete(self.vocab_size + 1)
-        self.single_observation_space = observation_space(self.vocab_size, max_prompt_length, max_new_tokens)
+        self.single_action_space = spaces.Discrete(self._vocab_size + 1)
+        self.single_observation_space = observation_space(self._vocab_size, self.max_prompt_length, self.max_new_tokens)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self._started = False
         self._autoreset = True
 
-    @property
-    def lagrange_multipliers(self) -> dict[float, float]:
-        return self._core.lagrange_multipliers
-
-    def set_lagrange_multipliers(self, multipliers: Mapping[float, float]) -> None:
-        self._core.set_lagrange_multipliers(multipliers)
-
-    def encode_prompt(self, source: str, budget: float) -> list[int]:
-        return self._core.encode_prompt(source, budget)
-
-    def encode_teacher_prompt(self, source: str, budget: float) -> list[int]:
-        return self._core.encode_teacher_prompt(source, budget)
-
-    def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None):
+    def reset(
+        self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Reset every row. ``options`` may hold ``budget`` and ``index``, each a scalar or one per row,
         and ``autoreset`` (default True).
 
@@ -102,17 +81,18 @@ class TeacherAssistedDecodingVectorEnv(VectorEnv):
         if isinstance(seed, list):
             seed = seed[0] if seed else None
         super().reset(seed=seed)
-        self._core._np_random = self.np_random  # one generator for draws and teacher sampling
         if seed is not None:
             self.reward_stats.reset()
         rows = np.arange(self.num_envs)
         self._start_rows(rows, per_row, advance=True)
         self._started = True
         self._autoreset = bool(autoreset)
-        info = {"budget": self.batch.budget.copy(), "example_index": self._core.example_index.copy()}
+        info = {"budget": self.batch.budget.copy(), "example_index": self.example_index.copy()}
         return self._observations(), info
 
-    def step(self, actions):
+    def step(
+        self, actions: Any
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         if not self._started:
             raise RuntimeError("step() called before reset(); call envs.reset() to start the episodes")
         actions = self._check_actions(actions)
@@ -124,19 +104,19 @@ class TeacherAssistedDecodingVectorEnv(VectorEnv):
         terminated = np.zeros(self.num_envs, dtype=bool)
         truncated = np.zeros(self.num_envs, dtype=bool)
         infos: dict[str, Any] = {}
-        tokens = np.full(self.num_envs, self.teacher.config.decoder_start_token_id, dtype=np.int64)
+        tokens = np.full(self.num_envs, batch.start_token_id, dtype=np.int64)
         if len(acting):
-            outcome = batch.act(actions[acting], acting, self._core._lagrange(acting), self.np_random)
+            outcome = batch.act(actions[acting], acting, self._episodes.lagrange(acting), self.np_random)
             rewards[acting], terminated[acting], truncated[acting] = outcome.reward, outcome.terminated, outcome.truncated
             tokens[acting] = outcome.emitted
-            for j, row in enumerate(acting):
+            for j, row in enumerate(acting.tolist()):
                 info = {
                     "teacher_logprob": float(outcome.teacher_logprob[j]),
                     "teacher_call": bool(outcome.is_call[j]),
                     "budget": float(batch.budget[row]),
                 }
                 if batch.done[row]:
-                    info.update(self._core._episode_end_info(row))
+                    info.update(self._episodes.episode_end_info(row))
                     batch.finish(row)
                     # Outputs differ in length: keep them as objects, not one fixed-shape array.
                     infos.setdefault("output_ids", np.full(self.num_envs, None, dtype=object))
@@ -183,20 +163,13 @@ class TeacherAssistedDecodingVectorEnv(VectorEnv):
                         raise ValueError(f"reset option {key!r} has {len(value)} entries; expected {self.num_envs}")
                     value = value[i]
                 row[key] = value
-            parsed.append(self._core._parse_options(row))
+            parsed.append(self._episodes.parse_options(row))
         return parsed
 
-    def _start_rows(self, rows: np.ndarray, per_row, advance: bool) -> None:
-        prompts, teacher_prompts, budgets = [], [], []
-        for row in rows:
-            budget, index = self._core._draw(*per_row[row])
-            self._core.example_index[row] = index
-            prompts.append(self._core._example_prompt(index, budget))
-            teacher_prompts.append(self._core._example_prompt(index, budget, teacher=True))
-            budgets.append(budget)
-        self.batch.start(rows, prompts, np.array(budgets), advance=advance, teacher_prompts=teacher_prompts)
+    def _start_rows(self, rows: np.ndarray, per_row: list[tuple[float | None, int | None]], advance: bool) -> None:
+        self._episodes.start_rows(rows, [per_row[row] for row in rows], self.np_random, advance=advance)
 
-    def _check_actions(self, actions) -> np.ndarray:
+    def _check_actions(self, actions: Any) -> np.ndarray:
         array = np.asarray(actions)
         if array.shape != (self.num_envs,) or not np.issubdtype(array.dtype, np.integer):
             raise ValueError(

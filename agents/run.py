@@ -1,0 +1,116 @@
+"""The scaffold every command shares: validate the config, set threads and device, make the output
+folder, write ``config.json``, load the task (and its selection split), write ``summary.json``.
+
+``tw train``, ``tw train --algo ppo``, ``tw gkd``, ``tw eval`` and both benchmarks start with
+:func:`start_run`; the trainers load their data with :func:`load_tasks`. Files are written
+atomically (:mod:`tw_env.atomic`) and in one format.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from agents.config import config_to_json
+from tw_env.atomic import write_json, write_text
+from tw_env.models import resolve_device
+from tw_env.registration import make_task, split_env_options
+from tw_env.task import Task
+from tw_env.tasks import env_data_source
+
+
+class CommandConfig(Protocol):
+    """What :func:`start_run` reads of a command's config (every ``*Config`` dataclass has it)."""
+
+    device: str
+    threads: int
+
+    def validate(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Run:
+    """A started command: its config, device and output folder (``None`` for commands that write none)."""
+
+    config: Any
+    device: torch.device
+    out: Path | None
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        """``summary.json``, atomically."""
+        if self.out is not None:
+            write_json(self.out / "summary.json", summary)
+
+
+def start_run(config: CommandConfig, output_dir: str | Path | None) -> Run:
+    """Validate ``config``, apply its threads and device, create ``output_dir`` with ``config.json``."""
+    config.validate()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    out = None
+    if output_dir is not None:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "config.json", config_to_json(config))
+    return Run(config, device, out)
+
+
+def check_selection_data(
+    env_kwargs: dict[str, Any], selection_split: str, selection_kwargs: dict[str, Any], allow: bool = False
+) -> None:
+    """Refuse (or, with ``allow``, loudly accept) checkpoint selection on the training examples.
+
+    The two sources are compared before anything is loaded: a local file has no splits, so a run
+    whose training and selection data are one file would select on what it trained on.
+    """
+    train_source = env_data_source(env_kwargs)
+    selection_source = env_data_source({**env_kwargs, "split": selection_split, **selection_kwargs})
+    if train_source != selection_source:
+        return
+    problem = (
+        f"checkpoint selection would run on the training examples: training and selection (split "
+        f"'{selection_split}') both read {train_source}"
+    )
+    if not allow:
+        raise ValueError(
+            f"{problem}. Expected selection data apart from the training data: pass a folder with "
+            "train.jsonl and validation.jsonl as env_kwargs 'data' (each split reads its own file), or "
+            'the selection file as eval_env_kwargs: {"data": "validation.jsonl"}; set '
+            "allow_selection_on_training_data to select on the training examples anyway."
+        )
+    print(f"WARNING: {problem}; selected checkpoints are scored on examples they were trained on "
+          "(allow_selection_on_training_data is set).", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Tasks:
+    """The training task, the selection task (same loaded teacher) and the env's own options."""
+
+    train: Task
+    selection: Task
+    env_options: dict[str, Any]
+
+
+def load_tasks(
+    env_id: str, env_kwargs: dict[str, Any], selection_split: str, selection_kwargs: dict[str, Any],
+    device: torch.device, **task_overrides: Any,
+) -> Tasks:
+    """Load a registered task for training and, sharing its loaded teacher, its selection split.
+
+    ``env_kwargs`` are ``gym.make`` keywords (task fields and env options alike);
+    ``selection_kwargs`` override them for the selection split (e.g. its data file);
+    ``task_overrides`` (budgets, max_new_tokens) apply to both.
+    """
+    env_options, task_kwargs = split_env_options(dict(env_kwargs))
+    task_kwargs.setdefault("device", str(device))
+    task_kwargs.update({k: v for k, v in task_overrides.items() if v is not None})
+    train = make_task(env_id, **task_kwargs)
+    _, selection_overrides = split_env_options(dict(selection_kwargs))
+    selection = make_task(env_id, **{**task_kwargs, "teacher": train.teacher, "split": selection_split,
+                                     **selection_overrides})
+    return Tasks(train, selection, env_options)

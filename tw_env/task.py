@@ -1,0 +1,213 @@
+"""The task object: everything an env, a trainer, GKD and evaluation read, validated once.
+
+A :class:`Task` bundles the loaded teacher, the tokenizer, the examples of one split, the
+instruction, the metric, the budgets, the prompt templates and the lengths, plus the model family
+(:mod:`tw_env.families`). ``Task.build`` checks and loads everything once; :func:`make_task`
+builds the task of a registered id from overrides (the keywords ``gym.make`` takes). The envs
+take a task, and so do the agents that never step an env (GKD, evaluation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from tw_env.families import ModelFamily, check_same_family, family_of
+from tw_env.models import check_same_vocabulary, load_model, load_tokenizer, output_vocab_size
+from tw_env.prompts import (
+    BUDGETS,
+    check_budget,
+    check_template,
+    encode_text,
+    encode_texts,
+    fill_template,
+    keyword_for,
+    make_prompt,
+)
+from tw_env.tasks import Example
+
+METRICS = ("bleu", "rouge2")
+
+
+def as_examples(examples: Sequence[Any]) -> list[Example]:
+    """Accept Examples, (source, reference) pairs or {"source", "reference"} dicts."""
+    out = []
+    for i, item in enumerate(examples):
+        if isinstance(item, Example):
+            out.append(item)
+        elif isinstance(item, Mapping) and "source" in item and "reference" in item:
+            out.append(Example(str(item["source"]), str(item["reference"])))
+        elif isinstance(item, Sequence) and not isinstance(item, str) and len(item) == 2:
+            out.append(Example(str(item[0]), str(item[1])))
+        else:
+            raise TypeError(
+                f"example {i} is {item!r}; expected an Example, a (source, reference) pair or a dict with "
+                "'source' and 'reference'"
+            )
+    if not out:
+        raise ValueError("the task has no examples; expected at least one (source, reference) pair")
+    return out
+
+
+def _student_config(student: str | PreTrainedModel) -> PretrainedConfig:
+    """The student's config, read without loading weights when given a name."""
+    if isinstance(student, PreTrainedModel):
+        return student.config
+    from tw_env.models import _check_source
+
+    return AutoConfig.from_pretrained(_check_source(str(student), "student"), trust_remote_code=False)
+
+
+def _student_vocab_size(student: str | PreTrainedModel) -> int:
+    if isinstance(student, PreTrainedModel):
+        return output_vocab_size(student)
+    return int(_student_config(student).vocab_size)
+
+
+@dataclass(frozen=True, eq=False)
+class Task:
+    """A validated Training Wheels task. Build it with :meth:`build` (or :func:`make_task` for an id).
+
+    Attributes:
+        teacher: the loaded teacher LM (eval mode, on its device).
+        tokenizer: the shared tokenizer.
+        examples: the (source, reference) pairs of this split.
+        instruction: e.g. ``"summarize"``; prompts read ``"... {instruction}: {source}"``.
+        metric: ``"bleu"`` or ``"rouge2"``.
+        budgets: the teacher-use budgets (each with a Table 1 keyword).
+        teacher_prompt: the teacher's template C^(T), or None for the student's prompt Y.
+        max_new_tokens: the decoding horizon at training and at test time.
+        max_prompt_length: prompts are truncated to this many tokens.
+        student: the task's default student (a name or a model), or None.
+        family: the model family both models belong to (:mod:`tw_env.families`).
+    """
+
+    teacher: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    examples: list[Example]
+    instruction: str
+    metric: str
+    budgets: tuple[float, ...]
+    teacher_prompt: str | None
+    max_new_tokens: int
+    max_prompt_length: int
+    student: str | PreTrainedModel | None
+    family: ModelFamily
+
+    @classmethod
+    def build(
+        cls,
+        teacher: str | PreTrainedModel,
+        tokenizer: str | PreTrainedTokenizerBase,
+        examples: Sequence[Any],
+        instruction: str,
+        metric: str = "bleu",
+        budgets: Sequence[float] = BUDGETS,
+        student: str | PreTrainedModel | None = None,
+        max_new_tokens: int = 64,
+        max_prompt_length: int = 512,
+        teacher_prompt: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+    ) -> Task:
+        """Check every argument and load the teacher and tokenizer; raises before loading on bad input.
+
+        Args:
+            teacher: hub id, local directory or a loaded model.
+            tokenizer: the (shared) tokenizer: hub id, directory or object.
+            examples: (source, reference) pairs, Examples, or dicts with ``source``/``reference``.
+            instruction: the task's instruction.
+            metric: ``"bleu"`` or ``"rouge2"``.
+            budgets: the budgets an episode may draw; each needs a Table 1 keyword.
+            student: optional student (name or model): its vocabulary and family are checked.
+            max_new_tokens, max_prompt_length: output horizon and prompt truncation.
+            teacher_prompt: None (the teacher reads Y) or a template with ``{source}``.
+            device, dtype: where and in which precision the teacher runs.
+        """
+        if max_new_tokens < 1 or max_prompt_length < 2:
+            raise ValueError(
+                f"max_new_tokens must be >= 1 and max_prompt_length >= 2, got {max_new_tokens} and {max_prompt_length}"
+            )
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
+        check_template(teacher_prompt, "teacher_prompt", allow_none=True)
+        checked_budgets = tuple(check_budget(b) for b in budgets)
+        if not checked_budgets:
+            raise ValueError("budgets must name at least one teacher-use budget")
+        for b in checked_budgets:
+            keyword_for(b)  # every budget needs a prompt keyword
+        checked_examples = as_examples(examples)
+        loaded_tokenizer = load_tokenizer(tokenizer)
+        loaded_teacher = load_model(teacher, role="teacher", device=device, dtype=dtype)
+        vocab_size = output_vocab_size(loaded_teacher)
+        family = family_of(loaded_teacher)
+        if student is not None:
+            check_same_family(loaded_teacher, _student_config(student))
+            check_same_vocabulary(loaded_teacher, _student_vocab_size(student))
+        if len(loaded_tokenizer) > vocab_size:
+            raise ValueError(
+                f"the tokenizer has {len(loaded_tokenizer)} entries but the teacher's output layer only "
+                f"{vocab_size} rows; expected a tokenizer no larger than the model's vocabulary"
+            )
+        return cls(
+            teacher=loaded_teacher, tokenizer=loaded_tokenizer, examples=checked_examples, instruction=instruction,
+            metric=metric, budgets=checked_budgets, teacher_prompt=teacher_prompt, max_new_tokens=int(max_new_tokens),
+            max_prompt_length=int(max_prompt_length), student=student, family=family,
+        )
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def vocab_size(self) -> int:
+        """V: the rows of the teacher's output layer (the student's too); action V is <τ>."""
+        return output_vocab_size(self.teacher)
+
+    @property
+    def eos_token_id(self) -> int:
+        eos = self.tokenizer.eos_token_id
+        return int(eos if eos is not None else self.teacher.config.eos_token_id)
+
+    def with_examples(self, examples: Sequence[Any]) -> Task:
+        """The same task (same loaded models) on other examples, e.g. another split."""
+        return replace(self, examples=as_examples(examples))
+
+    # ------------------------------------------------------------------ prompts
+    def encode_prompt(self, source: str, budget: float) -> list[int]:
+        """Token ids of the student's prompt Y for ``source`` at ``budget``."""
+        return encode_text(self.tokenizer, make_prompt(self.instruction, source, budget), self.max_prompt_length)
+
+    def encode_teacher_prompt(self, source: str, budget: float) -> list[int]:
+        """Token ids of the teacher's prompt C^(T) (Y itself when the task has no ``teacher_prompt``)."""
+        if self.teacher_prompt is None:
+            return self.encode_prompt(source, budget)
+        return self.encode_plain_prompt(source, self.teacher_prompt)
+
+    def encode_plain_prompt(self, source: str, template: str) -> list[int]:
+        """Token ids of a budget-free prompt (GKD's and the baselines')."""
+        return encode_text(self.tokenizer, fill_template(template, self.instruction, source), self.max_prompt_length)
+
+    def prompts(
+        self, sources: Sequence[str], budgets: Sequence[float], device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batched student prompts Y: right-padded ``[B, L]`` ids and mask."""
+        texts = [make_prompt(self.instruction, s, b) for s, b in zip(sources, budgets, strict=True)]
+        return encode_texts(self.tokenizer, texts, self.max_prompt_length, device)
+
+    def teacher_prompts(
+        self, sources: Sequence[str], budgets: Sequence[float], device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batched teacher prompts C^(T) (as :meth:`encode_teacher_prompt`)."""
+        if self.teacher_prompt is None:
+            return self.prompts(sources, budgets, device)
+        return self.plain_prompts(sources, self.teacher_prompt, device)
+
+    def plain_prompts(
+        self, sources: Sequence[str], template: str, device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batched budget-free prompts from ``template`` (checked here)."""
+        check_template(template)
+        texts = [fill_template(template, self.instruction, s) for s in sources]
+        return encode_texts(self.tokenizer, texts, self.max_prompt_length, device)
