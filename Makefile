@@ -44,7 +44,7 @@ lint: install
 
 # mypy with the [tool.mypy] settings in pyproject.toml; clean is the bar.
 type: install
-	$(BIN)/python -m mypy tw_env
+	$(BIN)/python -m mypy tw_env agents
 
 # The newest releases of every dependency (torch kept at the CPU build), in a venv of their own:
 # reports what a user installing today would meet. Not part of the green/red CI verdict.

@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from tw_env.atomic import write_json
 LATEST = "latest"
 
 
-def write_checkpoint(run_dir: Path, step: int, writer, keep: int = 2) -> Path:
+def write_checkpoint(run_dir: Path, step: int, writer: Callable[[Path], None], keep: int = 2) -> Path:
     """Call ``writer(tmp_folder)`` to fill a new checkpoint, then publish it atomically."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

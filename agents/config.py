@@ -11,17 +11,21 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def _field_help(cls: type) -> dict[str, str]:
     # "name: type = default  # help" lines in the class source become --help texts.
     import inspect
 
-    helps = {}
+    helps: dict[str, str] = {}
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
@@ -34,7 +38,7 @@ def _field_help(cls: type) -> dict[str, str]:
     return helps
 
 
-def _parser_for(tp: Any):
+def _parser_for(tp: Any) -> Callable[[str], Any]:
     origin = typing.get_origin(tp)
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if origin in (typing.Union, types.UnionType) and len(args) == 1:
@@ -55,14 +59,19 @@ def _parser_for(tp: Any):
     return str
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type[DataclassInstance]) -> None:
     """One ``--field`` flag per dataclass field, plus ``--config FILE.json``."""
     hints = typing.get_type_hints(cls)
     helps = _field_help(cls)
     parser.add_argument("--config", type=Path, help="JSON file of field values (flags override it)")
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name} has no default; every config field needs one")
         parser.add_argument(
             flag, dest=f.name, type=_parser_for(hints[f.name]), default=argparse.SUPPRESS,
             help=f"{helps.get(f.name, '')} (default: {default!r})",

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 
 from agents.objectives import (
     CAP_RULES,
@@ -36,7 +36,7 @@ from agents.objectives import (
     confidence_fallback,
     lossy_speculative_accept_length,
 )
-from agents.policy import StudentPolicy, choose_actions
+from agents.policy import StudentPolicy, choose_actions, encoder_outputs
 from tw_env.families import family_of
 from tw_env.incremental import IncrementalDecoder
 from tw_env.models import check_same_vocabulary, output_vocab_size
@@ -79,7 +79,7 @@ class DecodeResult:
         return [len(ids) for ids in self.output_ids]
 
 
-def decode_text(result: DecodeResult, tokenizer) -> list[str]:
+def decode_text(result: DecodeResult, tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """The output of every row as text (special tokens such as EOS skipped)."""
     return tokenizer.batch_decode(result.output_ids, skip_special_tokens=True)
 
@@ -90,6 +90,13 @@ def decode_text(result: DecodeResult, tokenizer) -> list[str]:
 def _as_model(model: PreTrainedModel | StudentPolicy) -> PreTrainedModel:
     # A GKD student may come wrapped in a StudentPolicy; its LM head over V is the model's own.
     return model.model if isinstance(model, StudentPolicy) else model
+
+
+def generation_model(model: PreTrainedModel) -> GenerationMixin:
+    """``model`` as the class that defines ``generate`` (every ``...ForConditionalGeneration`` LM is one)."""
+    if not isinstance(model, GenerationMixin):
+        raise TypeError(f"{type(model).__name__} has no generate(): expected a seq2seq LM with a generation head")
+    return model
 
 
 def _eos_ids(model: PreTrainedModel, device: torch.device) -> torch.Tensor:
@@ -130,7 +137,7 @@ def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
 class _Outputs:
     """Per-row output buffer ``[B, max_new_tokens]`` with lengths, teacher flags and EOS tracking."""
 
-    def __init__(self, batch_size: int, max_new_tokens: int, pad_id: int, eos: torch.Tensor):
+    def __init__(self, batch_size: int, max_new_tokens: int, pad_id: int, eos: torch.Tensor) -> None:
         device = eos.device
         self.tokens = torch.full((batch_size, max_new_tokens), pad_id, dtype=torch.long, device=device)
         self.teacher = torch.zeros(batch_size, max_new_tokens, dtype=torch.bool, device=device)
@@ -189,7 +196,7 @@ class _CatchUpTeacher:
 
     def __init__(
         self, teacher: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_len: int
-    ):
+    ) -> None:
         self.teacher = teacher
         self.input_ids, self.attention_mask = input_ids, attention_mask
         self.max_len = max_len
@@ -268,10 +275,10 @@ def teacher_help_decode(
     check_same_vocabulary(teacher, vocab)
     device = model.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    if (teacher_input_ids is None) != (teacher_attention_mask is None):
-        raise ValueError("pass both teacher_input_ids and teacher_attention_mask, or neither")
-    if teacher_input_ids is None:
+    if teacher_input_ids is None and teacher_attention_mask is None:
         teacher_input_ids, teacher_attention_mask = input_ids, attention_mask
+    elif teacher_input_ids is None or teacher_attention_mask is None:
+        raise ValueError("pass both teacher_input_ids and teacher_attention_mask, or neither")
     else:
         _check_inputs(teacher_input_ids, teacher_attention_mask, max_new_tokens)
         if teacher_input_ids.shape[0] != input_ids.shape[0]:
@@ -283,7 +290,7 @@ def teacher_help_decode(
     with _eval_mode(policy, teacher):
         student = family_of(model).incremental_decoder(model, batch_size, max_new_tokens + 1)
         student.restart(torch.arange(batch_size), input_ids, attention_mask)
-        prompt = policy.prompt_features(student.encoder_states, student.encoder_mask)  # once, not per step
+        prompt = policy.prompt_features(*encoder_outputs(student))  # once, not per step
         helper = _CatchUpTeacher(
             teacher, teacher_input_ids.to(teacher.device), teacher_attention_mask.to(teacher.device), max_new_tokens
         )
@@ -335,10 +342,10 @@ def generate_alone(
     device = model.device
     eos = set(_eos_ids(model, device).tolist())
     if max_new_tokens == 0:
-        rows = [[] for _ in range(input_ids.shape[0])]
+        rows: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
         return DecodeResult(rows, [[] for _ in rows], [0] * len(rows), 0, [0] * len(rows))
     with _eval_mode(model):
-        generated = model.generate(
+        generated = generation_model(model).generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
             do_sample=False,
@@ -438,11 +445,11 @@ def speculative_decode(
                 state = torch.where(two[:, None], states[:, 1], states[:, 0])
             else:
                 state = draft.step(input_ids=torch.where(live, draft_pending[:, 0], pad))
-            drafts = [draft.logits(state).argmax(dim=-1)]
+            draft_steps = [draft.logits(state).argmax(dim=-1)]
             for _ in range(k - 1):
-                drafts.append(draft.logits(draft.step(input_ids=drafts[-1])).argmax(dim=-1))
+                draft_steps.append(draft.logits(draft.step(input_ids=draft_steps[-1])).argmax(dim=-1))
             student_forwards += k
-            drafts = torch.stack(drafts, dim=1)  # [B, k]
+            drafts = torch.stack(draft_steps, dim=1)  # [B, k]
 
             # ---- verify: one teacher forward over [pending, x_1 … x_k]
             t_inputs = torch.cat([teacher_pending[:, None], drafts.to(teacher_pending.device)], dim=1)

@@ -30,13 +30,14 @@ def evaluate_budgets(
     batch_size: int = 64,
 ) -> list[BudgetResult]:
     """Decode every example at every budget (greedy over V + 1, teacher on call) and score it."""
-    from agents.decoding import teacher_help_decode
+    from agents.decoding import decode_text, teacher_help_decode
 
-    results = []
+    results: list[BudgetResult] = []
     was_training = policy.training
     policy.eval()
     for budget in budgets:
-        hypotheses, calls, tokens = [], 0, 0
+        hypotheses: list[str] = []
+        calls = tokens = 0
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
             sources, chunk_budgets = [e.source for e in chunk], [budget] * len(chunk)
@@ -47,7 +48,7 @@ def evaluate_budgets(
                                              teacher_input_ids=teacher_ids, teacher_attention_mask=teacher_mask)
             calls += sum(result.teacher_calls)
             tokens += sum(len(o) for o in result.output_ids)
-            hypotheses += [task.tokenizer.decode(o, skip_special_tokens=True) for o in result.output_ids]
+            hypotheses += decode_text(result, task.tokenizer)
         score = quality(task.metric, hypotheses, [e.reference for e in examples])
         results.append(BudgetResult(float(budget), calls / max(tokens, 1), score, len(examples)))
     policy.train(was_training)

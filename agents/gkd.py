@@ -25,14 +25,17 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import tw_env  # noqa: F401  (registers the tasks)
 from agents import checkpoint as ckpt
+from agents.decoding import generation_model
 from agents.evaluation import seeded_subset
 from agents.objectives import reverse_kl
 from agents.run import check_selection_data, load_tasks, start_run
@@ -107,13 +110,16 @@ class GKDBatch:
 
 
 @torch.no_grad()
-def generate(model, ids, mask, max_new_tokens: int, eos: int, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def generate(
+    model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: int, sample: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Outputs of ``model`` (without the decoder start token) and their valid positions."""
     # Pure ancestral sampling at temperature 1: top_k=0 and top_p=1 switch off the generation
     # config's defaults (top_k=50), which would otherwise truncate the student's distribution.
     options = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
-    sequences = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, num_beams=1,
-                               **options)
+    sequences = generation_model(model).generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, num_beams=1, **options
+    )
     tokens = family_of(model).generated_tokens(sequences, ids.shape[1])
     is_eos = tokens == eos
     # Valid up to and including the first EOS; generate pads finished rows after it.
@@ -129,9 +135,12 @@ def pair_prompts(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, t
     return torch.cat([ids, ids]), torch.cat([mask, mask]), ids.shape[0]
 
 
-def collect(student, teacher, ids, mask, n_student: int, max_new_tokens: int, eos: int) -> GKDBatch:
+def collect(
+    student: PreTrainedModel, teacher: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, n_student: int,
+    max_new_tokens: int, eos: int,
+) -> GKDBatch:
     """GKD's mixture: the first ``n_student`` prompts get a student sample, the others the teacher's output."""
-    parts = []
+    parts: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
     if n_student > 0:
         parts.append((*generate(student, ids[:n_student], mask[:n_student], max_new_tokens, eos, sample=True), True))
     if n_student < ids.shape[0]:
@@ -143,25 +152,28 @@ def collect(student, teacher, ids, mask, n_student: int, max_new_tokens: int, eo
     return GKDBatch(ids, mask, torch.cat(pad), torch.cat(valid), from_student.to(ids.device))
 
 
-def teacher_forcing_inputs(model, tokens: torch.Tensor) -> torch.Tensor:
+def teacher_forcing_inputs(model: PreTrainedModel, tokens: torch.Tensor) -> torch.Tensor:
     """Teacher forcing: the start token followed by every output token but the last."""
     start = torch.full_like(tokens[:, :1], family_of(model).start_token_id(model))
     return torch.cat([start, tokens[:, :-1]], dim=1)
 
 
-def logits_on(model, batch: GKDBatch) -> torch.Tensor:
+def logits_on(model: PreTrainedModel, batch: GKDBatch) -> torch.Tensor:
     """``[B, T, V]`` next-token logits of ``model`` at every position of the batch."""
     return model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
                  decoder_input_ids=teacher_forcing_inputs(model, batch.tokens)).logits
 
 
 # ---------------------------------------------------------------------------------------------- loss and update
-def gkd_loss(student, batch: GKDBatch, teacher_logits: torch.Tensor) -> torch.Tensor:
+def gkd_loss(student: PreTrainedModel, batch: GKDBatch, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Token-wise reverse KL( π ‖ p ) averaged over the valid positions of every trajectory."""
     return reverse_kl(logits_on(student, batch).float(), teacher_logits, batch.mask)
 
 
-def gkd_update(student, optimizer, batch: GKDBatch, teacher_logits: torch.Tensor, grad_clip: float) -> float:
+def gkd_update(
+    student: PreTrainedModel, optimizer: torch.optim.Optimizer, batch: GKDBatch, teacher_logits: torch.Tensor,
+    grad_clip: float,
+) -> float:
     """One gradient step; the teacher's logits are computed once per batch and reused (it does not change)."""
     loss = gkd_loss(student, batch, teacher_logits)
     optimizer.zero_grad(set_to_none=True)
@@ -174,9 +186,11 @@ def gkd_update(student, optimizer, batch: GKDBatch, teacher_logits: torch.Tensor
 
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(student, task: Task, examples: list[Example], template: str, max_new_tokens: int, batch_size: int) -> float:
+def evaluate(
+    student: PreTrainedModel, task: Task, examples: list[Example], template: str, max_new_tokens: int, batch_size: int
+) -> float:
     """The task's metric of the student's greedy outputs alone: what the draft model knows by itself."""
-    hypotheses = []
+    hypotheses: list[str] = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         ids, mask = task.plain_prompts([e.source for e in chunk], template, student.device)
@@ -185,7 +199,9 @@ def evaluate(student, task: Task, examples: list[Example], template: str, max_ne
     return quality(task.metric, hypotheses, [e.reference for e in examples])
 
 
-def save_model_dir(student, tokenizer, target: Path, extra: dict | None = None) -> None:
+def save_model_dir(
+    student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path, extra: dict[str, Any] | None = None
+) -> None:
     """A plain transformers model directory (config, safetensors weights, tokenizer), published atomically."""
 
     def build(folder: Path) -> None:
@@ -197,7 +213,10 @@ def save_model_dir(student, tokenizer, target: Path, extra: dict | None = None) 
     publish_dir(target, build)
 
 
-def select(student, tokenizer, score: float, step: int, selection: dict, out: Path) -> dict:
+def select(
+    student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, score: float, step: int, selection: dict[str, Any],
+    out: Path,
+) -> dict[str, Any]:
     """Keep the checkpoint with the best validation quality in OUTPUT_DIR/best (§3.3)."""
     record = {"step": step, "quality": score}
     best = selection["best"]
@@ -232,7 +251,7 @@ def run(config: GKDConfig) -> dict:
     vocab = check_same_vocabulary(teacher, output_vocab_size(student))
     student.eval()  # dropout off (§5.2); gradients still flow
 
-    def make_optimizer(model):
+    def make_optimizer(model: PreTrainedModel) -> torch.optim.AdamW:
         return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
     optimizer = make_optimizer(student)

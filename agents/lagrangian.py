@@ -33,7 +33,7 @@ class BudgetDual:
     """λ per budget and the trailing window of teacher use that drives it."""
 
     def __init__(self, budgets: Sequence[float], lr: float = 1e-2, cap: float = 2.0, floor: float = 0.0,
-                 window: int = 4):
+                 window: int = 4) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1 rollout, got {window}")
         if floor > cap:

@@ -61,7 +61,7 @@ def decoder_inputs(state_ids: torch.Tensor, start_token_id: int) -> torch.Tensor
 class _StateEmbedding(nn.Module):
     """Eq. 15: Embed(x) for student tokens, Embed(t) + β for teacher tokens (ids ≥ V)."""
 
-    def __init__(self, model: PreTrainedModel, vocab_size: int):
+    def __init__(self, model: PreTrainedModel, vocab_size: int) -> None:
         super().__init__()
         self.vocab_size = vocab_size
         self.beta = nn.Parameter(torch.zeros(model.config.d_model))
@@ -83,7 +83,7 @@ class _Seq2SeqStateModel(nn.Module):
     π(<τ>) was identical for the four), while the summary gives every step a direct view of them.
     """
 
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
         self.model = model
         self.vocab_size = output_vocab_size(model)
@@ -147,7 +147,7 @@ class StudentPolicy(_Seq2SeqStateModel):
       decision, and this gives it a direct path from the prompt to the <τ> logit.
     """
 
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: PreTrainedModel) -> None:
         super().__init__(model)
         d_model = model.config.d_model
         self.call_head = nn.Linear(d_model, 1)
@@ -218,7 +218,9 @@ class StudentPolicy(_Seq2SeqStateModel):
         (directory / EXTRA_CONFIG).write_text(json.dumps({"vocab_size": self.vocab_size, "format": 1}))
 
     @classmethod
-    def load(cls, directory: str | Path, device: str | torch.device = "cpu", dtype=None) -> StudentPolicy:
+    def load(
+        cls, directory: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
+    ) -> StudentPolicy:
         """Load a policy written by :meth:`save`, or wrap a plain seq2seq LM directory (fresh β/<τ> head)."""
         directory = Path(directory)
         policy = cls(load_model(str(directory), role="student", device=device, dtype=dtype))
@@ -238,7 +240,7 @@ class StudentPolicy(_Seq2SeqStateModel):
 class ValueNetwork(_Seq2SeqStateModel):
     """V(X^(in)_<i, Y): the student's architecture (a copy of its weights) with a scalar head."""
 
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: PreTrainedModel) -> None:
         super().__init__(model)
         self.value_head = nn.Linear(model.config.d_model, 1)
         nn.init.zeros_(self.value_head.weight)
@@ -299,6 +301,13 @@ def _sample_categorical(logits: torch.Tensor, generator: torch.Generator) -> tor
     return torch.searchsorted(cdf, u.to(cdf.device)).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
+def encoder_outputs(decoder: IncrementalDecoder) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's encoder states ``[B, L, d]`` and mask ``[B, L]`` (set by its first ``restart``)."""
+    if decoder.encoder_states is None or decoder.encoder_mask is None:
+        raise RuntimeError("the decoder has no encoder states yet: restart() every row before reading them")
+    return decoder.encoder_states, decoder.encoder_mask
+
+
 def observation_tensors(obs: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
     """Batched env observations as tensors: prompt ids/mask trimmed to the longest prompt."""
     prompt_length = torch.as_tensor(np.asarray(obs["prompt_length"]).reshape(-1), device=device).long()
@@ -317,7 +326,7 @@ class PolicyRollout:
     autoreset): their encoder runs once; every other row feeds only its newest X^(in) token.
     """
 
-    def __init__(self, policy: StudentPolicy, num_rows: int, max_episode_len: int):
+    def __init__(self, policy: StudentPolicy, num_rows: int, max_episode_len: int) -> None:
         self.policy = policy
         self.decoder = family_of(policy.model).incremental_decoder(policy.model, num_rows, max_episode_len)
         self.prompt: PromptFeatures | None = None  # per row, refreshed when a row's episode starts
@@ -330,11 +339,14 @@ class PolicyRollout:
         new = torch.nonzero(length == 0).squeeze(-1)
         if len(new):
             self.decoder.restart(new, t["prompt_ids"][new], t["prompt_mask"][new])
-            fresh = self.policy.prompt_features(self.decoder.encoder_states[new], self.decoder.encoder_mask[new])
+            encoder_states, encoder_mask = encoder_outputs(self.decoder)
+            fresh = self.policy.prompt_features(encoder_states[new], encoder_mask[new])
             if self.prompt is None:  # the first restart covers every row (the decoder insists on it)
                 self.prompt = fresh
             else:
                 self.prompt.assign(new, fresh)
+        if self.prompt is None:
+            raise RuntimeError("the first observations must start an episode in every row (state_length 0)")
         last = t["state_ids"].gather(1, (length - 1).clamp(min=0)[:, None]).squeeze(1)
         tokens = torch.where(length == 0, torch.full_like(last, self.policy.start_token_id), last)
         return self.policy.step_head(self.decoder, tokens, self.prompt).float()

@@ -19,6 +19,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -44,6 +45,11 @@ from agents.sb3_adapter import (
 from tw_env.atomic import publish_dir
 from tw_env.prompts import BUDGETS
 from tw_env.vector_env import TeacherAssistedDecodingVectorEnv
+
+if TYPE_CHECKING:
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.base_class import BaseAlgorithm
+    from stable_baselines3.common.vec_env import VecEnv, VecMonitor
 
 CHECKPOINTS = "ppo-checkpoints"
 
@@ -115,7 +121,7 @@ class PPOConfig:
         return 1e-4 if self.value_model == "head" else 1e-6
 
 
-def make_envs(config: PPOConfig, tasks: Tasks):
+def make_envs(config: PPOConfig, tasks: Tasks) -> tuple[SB3VecEnvAdapter, VecMonitor]:
     """The native vector env over the training task and its SB3 view (adapter + VecMonitor)."""
     from stable_baselines3.common.vec_env import VecMonitor
 
@@ -124,7 +130,8 @@ def make_envs(config: PPOConfig, tasks: Tasks):
     return adapter, VecMonitor(adapter)
 
 
-def make_model(config: PPOConfig, venv, init: Path, device: torch.device, tensorboard: Path):
+def make_model(config: PPOConfig, venv: VecEnv, init: Path, device: torch.device, tensorboard: Path) -> PPO:
+    """SB3's PPO with :class:`LMActorCriticPolicy` around the phase-1 policy in ``init``."""
     from stable_baselines3 import PPO
 
     policy_kwargs = dict(
@@ -141,7 +148,7 @@ def make_model(config: PPOConfig, venv, init: Path, device: torch.device, tensor
     )
 
 
-def run(config: PPOConfig) -> dict:
+def run(config: PPOConfig) -> dict[str, Any]:
     """Train (or resume), evaluate every budget, save ``final``; returns the summary (also summary.json)."""
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import CallbackList
@@ -172,11 +179,14 @@ def run(config: PPOConfig) -> dict:
         state = ckpt.load_json(latest / "state.json")
         lagrange.load_state_dict(state["lagrange"])
         model.set_random_seed(config.seed + model.num_timesteps)  # fresh draws, not a replay of the start
-        model._last_obs = venv.reset()  # a seeded reset clears the normalisers: restore them after it
+        obs = venv.reset()  # a seeded reset clears the normalisers: restore them after it
+        if not isinstance(obs, dict):
+            raise TypeError(f"expected Dict observations from the vector env, got {type(obs).__name__}")
+        model._last_obs = obs
         model._last_episode_starts = np.ones(venv.num_envs, dtype=bool)
         adapter.reward_stats.load_state_dict(state["reward_stats"])
 
-    def save_checkpoint(model) -> None:
+    def save_checkpoint(model: BaseAlgorithm) -> None:
         state = {
             "num_timesteps": int(model.num_timesteps), "lagrange": lagrange.state_dict(),
             "reward_stats": adapter.reward_stats.state_dict(),
@@ -200,7 +210,10 @@ def run(config: PPOConfig) -> dict:
     train_seconds = time.time() - t0
 
     # Final evaluation (greedy over V + 1, teacher on call) on the eval split, sharing the loaded teacher.
-    student = model.policy.student
+    policy = model.policy
+    if not isinstance(policy, LMActorCriticPolicy):
+        raise TypeError(f"the PPO model's policy is a {type(policy).__name__}, expected an LMActorCriticPolicy")
+    student = policy.student
     evaluation = None
     if config.eval_examples:
         ceiling = budgets_are_ceilings(config.lagrange_floor)

@@ -29,19 +29,27 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import spaces
+from gymnasium.vector import VectorEnv
+from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from stable_baselines3.common.vec_env import VecEnv
+from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
 from torch import nn
 
 from agents.lagrangian import BudgetDual
-from agents.policy import StudentPolicy, ValueNetwork, choose_actions
+from agents.policy import PromptFeatures, StudentPolicy, ValueNetwork, choose_actions
+from tw_env.rewards import RunningRewardStats
+from tw_env.vector_env import TeacherAssistedDecodingVectorEnv
 
 # ---------------------------------------------------------------------------------------------- env
 
@@ -74,19 +82,19 @@ class SB3VecEnvAdapter(VecEnv):
     one object: ``get_attr``/``env_method`` read it once and repeat the answer for every index.
     """
 
-    def __init__(self, env):
-        env = getattr(env, "unwrapped", env)
-        if not callable(getattr(env, "reset_done_rows", None)):
+    def __init__(self, env: VectorEnv) -> None:
+        unwrapped: Any = getattr(env, "unwrapped", env)  # duck-typed: checked for reset_done_rows() below
+        if not callable(getattr(unwrapped, "reset_done_rows", None)):
             raise TypeError(
                 f"SB3VecEnvAdapter needs a vector env with reset_done_rows() (a TeacherAssistedDecodingVectorEnv), "
-                f"got {type(env).__name__}"
+                f"got {type(unwrapped).__name__}"
             )
-        self.env = env
+        self.env: TeacherAssistedDecodingVectorEnv = unwrapped
         self._actions: np.ndarray | None = None
         super().__init__(self.env.num_envs, self.env.single_observation_space, self.env.single_action_space)
 
     # SB3 API ---------------------------------------------------------------------------------
-    def reset(self):
+    def reset(self) -> VecEnvObs:
         seed = next((s for s in self._seeds if s is not None), None)
         obs, info = self.env.reset(seed=seed, options=self._batched_options())
         self.reset_infos = unbatch_infos(info, self.num_envs)
@@ -97,7 +105,7 @@ class SB3VecEnvAdapter(VecEnv):
     def step_async(self, actions: np.ndarray) -> None:
         self._actions = np.asarray(actions).reshape(self.num_envs).astype(np.int64)
 
-    def step_wait(self):
+    def step_wait(self) -> VecEnvStepReturn:
         if self._actions is None:
             raise RuntimeError("step_wait() called without step_async()")
         actions, self._actions = self._actions, None
@@ -115,17 +123,19 @@ class SB3VecEnvAdapter(VecEnv):
     def close(self) -> None:
         self.env.close()
 
-    def get_attr(self, attr_name: str, indices=None) -> list[Any]:
+    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
         return [getattr(self.env, attr_name)] * len(self._indices(indices))
 
-    def set_attr(self, attr_name: str, value: Any, indices=None) -> None:
+    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
         setattr(self.env, attr_name, value)
 
-    def env_method(self, method_name: str, *method_args, indices=None, **method_kwargs) -> list[Any]:
+    def env_method(
+        self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any
+    ) -> list[Any]:
         result = getattr(self.env, method_name)(*method_args, **method_kwargs)
         return [result] * len(self._indices(indices))
 
-    def env_is_wrapped(self, wrapper_class, indices=None) -> list[bool]:
+    def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
         return [False] * len(self._indices(indices))
 
     def get_images(self) -> Sequence[np.ndarray | None]:
@@ -140,11 +150,11 @@ class SB3VecEnvAdapter(VecEnv):
         self.env.set_lagrange_multipliers(multipliers)
 
     @property
-    def reward_stats(self):
+    def reward_stats(self) -> RunningRewardStats:
         return self.env.reward_stats
 
     # helpers ---------------------------------------------------------------------------------
-    def _indices(self, indices) -> list[int]:
+    def _indices(self, indices: VecEnvIndices) -> list[int]:
         if indices is None:
             return list(range(self.num_envs))
         if isinstance(indices, int):
@@ -206,13 +216,13 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         self,
         observation_space: spaces.Dict,
         action_space: spaces.Discrete,
-        lr_schedule,
+        lr_schedule: Schedule,
         student: str | StudentPolicy | None = None,
         value_model: str = "head",
         value_hidden: Sequence[int] = (256,),
         value_lr_scale: float = 1.0,
-        **kwargs,
-    ):
+        **kwargs: Any,
+    ) -> None:
         if student is None:
             raise ValueError("LMActorCriticPolicy needs policy_kwargs={'student': <phase-1 policy directory>}")
         if value_model not in ("head", "network"):
@@ -227,9 +237,13 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         kwargs.setdefault("ortho_init", False)
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
-    def _build(self, lr_schedule) -> None:
+    def _build(self, lr_schedule: Schedule) -> None:
         source = self._student_source[0]
         student = source if isinstance(source, StudentPolicy) else StudentPolicy.load(source, device="cpu")
+        if not isinstance(self.action_space, spaces.Discrete):
+            raise TypeError(
+                f"LMActorCriticPolicy needs a Discrete action space (V + 1 actions), got {self.action_space}"
+            )
         if student.vocab_size + 1 != self.action_space.n:
             raise ValueError(
                 f"the student has V = {student.vocab_size} (so {student.vocab_size + 1} actions) but the env's "
@@ -248,7 +262,7 @@ class LMActorCriticPolicy(ActorCriticPolicy):
             layers.append(nn.Linear(width, 1))
             self.value_head = nn.Sequential(*layers)
             if self.ortho_init:
-                for module in self.value_head[:-1]:
+                for module in list(self.value_head)[:-1]:
                     module.apply(lambda m: self.init_weights(m, gain=np.sqrt(2)))
                 self.init_weights(self.value_head[-1], gain=1.0)
             value_parameters = list(self.value_head.parameters())
@@ -256,7 +270,8 @@ class LMActorCriticPolicy(ActorCriticPolicy):
             {"params": list(self.student.parameters()), "lr_scale": 1.0},
             {"params": value_parameters, "lr_scale": self.value_lr_scale},
         ]
-        self.optimizer = self.optimizer_class(groups, lr=lr_schedule(1), **self.optimizer_kwargs)
+        # optimizer_class is an Optimizer subclass taking lr (Adam by default), as SB3's own _build assumes.
+        self.optimizer = self.optimizer_class(groups, lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
         self.optimizer.register_step_pre_hook(_scale_lr)
         self.optimizer.register_step_post_hook(_restore_lr)
 
@@ -276,61 +291,84 @@ class LMActorCriticPolicy(ActorCriticPolicy):
             self.value_network.eval()
 
     # distributions and values ------------------------------------------------------------------
-    def _evaluate(self, obs, need_values: bool = True, need_logits: bool = True):
-        """Action logits ``[B, V+1]`` and values ``[B, 1]`` at each observation's current state."""
-        t = observation_batch(obs, self.device)
+    def _batch(self, obs: PyTorchObs) -> dict[str, torch.Tensor]:
+        if not isinstance(obs, Mapping):
+            raise TypeError(f"LMActorCriticPolicy reads Dict observations, got a {type(obs).__name__}")
+        return observation_batch(obs, self.device)
+
+    def _current_states(self, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, PromptFeatures]:
+        """The student's final decoder state ``[B, d]`` after each observation's last action, and its prompt reads."""
         index = t["state_length"]
         rows = torch.arange(len(index), device=self.device)
-        logits = values = None
-        if need_logits or self.value_model == "head":
-            encoded = self.student.encode(t["prompt_ids"], t["prompt_mask"])
-            prompt = self.student.prompt_features(encoded, t["prompt_mask"])
-            states = self.student.decoder_states(
-                t["prompt_ids"], t["prompt_mask"], t["state_ids"], t["state_mask"], encoded, prompt.summary
-            )
-            current = states[rows, index]  # the state after the last action: position L of [B, T+1]
-            if need_logits:
-                logits = self.student.head(current, prompt).float()
-            if need_values and self.value_model == "head":
-                values = self.value_head(current.detach().to(self.value_head[0].weight.dtype)).float()
-        if need_values and self.value_model == "network":
-            all_values = self.value_network(t["prompt_ids"], t["prompt_mask"], t["state_ids"], t["state_mask"])
-            values = all_values[rows, index].float()[:, None]
+        encoded = self.student.encode(t["prompt_ids"], t["prompt_mask"])
+        prompt = self.student.prompt_features(encoded, t["prompt_mask"])
+        states = self.student.decoder_states(
+            t["prompt_ids"], t["prompt_mask"], t["state_ids"], t["state_mask"], encoded, prompt.summary
+        )
+        return states[rows, index], prompt  # the state after the last action: position L of [B, T+1]
+
+    def _head_values(self, current: torch.Tensor) -> torch.Tensor:
+        # The head's dtype is that of its first parameter (the first Linear's weight).
+        return self.value_head(current.detach().to(next(self.value_head.parameters()).dtype)).float()
+
+    def _network_values(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        index = t["state_length"]
+        rows = torch.arange(len(index), device=self.device)
+        all_values = self.value_network(t["prompt_ids"], t["prompt_mask"], t["state_ids"], t["state_mask"])
+        return all_values[rows, index].float()[:, None]
+
+    def _evaluate(self, obs: PyTorchObs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Action logits ``[B, V+1]`` and values ``[B, 1]`` at each observation's current state."""
+        t = self._batch(obs)
+        current, prompt = self._current_states(t)
+        logits = self.student.head(current, prompt).float()
+        values = self._head_values(current) if self.value_model == "head" else self._network_values(t)
         return logits, values
 
-    def forward(self, obs, deterministic: bool = False):
+    def _logits(self, obs: PyTorchObs) -> torch.Tensor:
+        """Action logits ``[B, V+1]`` at each observation's current state."""
+        current, prompt = self._current_states(self._batch(obs))
+        return self.student.head(current, prompt).float()
+
+    def forward(
+        self, obs: PyTorchObs, deterministic: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits, values = self._evaluate(obs)
         distribution = self.action_dist.proba_distribution(action_logits=logits)
         actions = choose_actions(logits) if deterministic else distribution.get_actions()
-        return actions.reshape((-1, *self.action_space.shape)), values, distribution.log_prob(actions)
+        return actions.reshape(-1), values, distribution.log_prob(actions)  # Discrete: one action per row
 
-    def evaluate_actions(self, obs, actions: torch.Tensor):
+    def evaluate_actions(
+        self, obs: PyTorchObs, actions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         logits, values = self._evaluate(obs)
         distribution = self.action_dist.proba_distribution(action_logits=logits)
         return values, distribution.log_prob(actions), distribution.entropy()
 
-    def get_distribution(self, obs):
-        logits, _ = self._evaluate(obs, need_values=False)
-        return self.action_dist.proba_distribution(action_logits=logits)
+    def get_distribution(self, obs: PyTorchObs) -> Distribution:
+        return self.action_dist.proba_distribution(action_logits=self._logits(obs))
 
-    def predict_values(self, obs) -> torch.Tensor:
-        return self._evaluate(obs, need_logits=False)[1]
+    def predict_values(self, obs: PyTorchObs) -> torch.Tensor:
+        t = self._batch(obs)
+        if self.value_model == "head":
+            return self._head_values(self._current_states(t)[0])
+        return self._network_values(t)
 
-    def _predict(self, observation, deterministic: bool = False) -> torch.Tensor:
+    def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> torch.Tensor:
         # Deterministic means the greedy rule of every decoder here (call iff π(<τ>) > ½, else the
         # top token), not SB3's argmax over V + 1; sampling is the categorical over V + 1 either way.
         if deterministic:
-            return choose_actions(self._evaluate(observation, need_values=False)[0])
+            return choose_actions(self._logits(observation))
         return self.get_distribution(observation).get_actions()
 
 
-def _scale_lr(optimizer, args, kwargs) -> None:
+def _scale_lr(optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
         group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
 
 
-def _restore_lr(optimizer, args, kwargs) -> None:
+def _restore_lr(optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     for group in optimizer.param_groups:
         group["lr"] = group.pop("base_lr", group["lr"])
 
@@ -351,7 +389,7 @@ class LagrangeCallback(BaseCallback):
     def __init__(
         self, budgets: Sequence[float], lr: float = 1e-2, cap: float = 2.0, window: int = 4, floor: float = 0.0,
         lambdas: Mapping[float, float] | None = None, verbose: int = 0,
-    ):
+    ) -> None:
         super().__init__(verbose)
         self.dual = BudgetDual(budgets, lr=lr, cap=cap, floor=floor, window=window)
         if lambdas:
@@ -367,14 +405,19 @@ class LagrangeCallback(BaseCallback):
         return self.dual.fractions
 
     @property
-    def history(self) -> deque:
+    def history(self) -> deque[dict[float, tuple[int, int]]]:
         return self.dual.history
 
     def _init_callback(self) -> None:
         self._env().set_lagrange_multipliers(self.lambdas)
 
-    def _env(self):
-        return self.training_env.unwrapped
+    def _env(self) -> SB3VecEnvAdapter:
+        env = self.training_env.unwrapped
+        if not isinstance(env, SB3VecEnvAdapter):
+            raise TypeError(
+                f"LagrangeCallback sets λ on an SB3VecEnvAdapter, but the training env is a {type(env).__name__}"
+            )
+        return env
 
     def _on_rollout_start(self) -> None:
         self._counts = {}
@@ -410,7 +453,7 @@ class LagrangeCallback(BaseCallback):
 class WallTimeCallback(BaseCallback):
     """Stop ``learn`` once ``seconds`` have passed since it started (None: never)."""
 
-    def __init__(self, seconds: float | None, verbose: int = 0):
+    def __init__(self, seconds: float | None, verbose: int = 0) -> None:
         super().__init__(verbose)
         self.seconds = seconds
         self.stopped = False
@@ -433,7 +476,7 @@ class PeriodicCallback(BaseCallback):
     optimiser and λ are consistent with each other there.
     """
 
-    def __init__(self, every: int, action, verbose: int = 0):
+    def __init__(self, every: int, action: Callable[[BaseAlgorithm], None], verbose: int = 0) -> None:
         super().__init__(verbose)
         self.every, self.action = every, action
         self.last = 0

@@ -44,6 +44,7 @@ from agents.trajectories import (
     oracle_batch,
 )
 from tw_env.atomic import publish_dir, write_json
+from tw_env.models import load_model as load_lm
 from tw_env.prompts import BUDGETS
 from tw_env.rewards import eq17_reward
 from tw_env.task import Task
@@ -159,7 +160,8 @@ def make_setup(config: TrainConfig) -> Setup:
     )
 
 
-def student_source(setup: Setup) -> str:
+def student_source(setup: Setup) -> str | PreTrainedModel:
+    """The student phase 1 starts from: ``--student`` (a hub id or directory), else the task's (a name or a model)."""
     source = setup.config.student or setup.task.student
     if source is None:
         raise ValueError("no student model: pass --student (a hub id or a directory) or a task with a default student")
@@ -180,7 +182,9 @@ def run(config: TrainConfig) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- phase 1
-def round_up_draws(config: TrainConfig, rng: np.random.Generator, rows: int, device) -> torch.Tensor | None:
+def round_up_draws(
+    config: TrainConfig, rng: np.random.Generator, rows: int, device: torch.device
+) -> torch.Tensor | None:
     """Uniform draws for the oracle's stochastic rounding, or None for the paper's floor."""
     if config.oracle_rounding == "floor":
         return None
@@ -193,7 +197,12 @@ def train_phase1(setup: Setup) -> dict:
     final_dir = setup.out / "phase1"
     if (final_dir / "done.json").exists():
         return json.loads((final_dir / "done.json").read_text())
-    policy = StudentPolicy.load(student_source(setup), device=setup.device)
+    source = student_source(setup)
+    if isinstance(source, PreTrainedModel):  # a task's loaded student: a fresh β/<τ> head around it
+        policy = StudentPolicy(load_lm(source, role="student", device=setup.device))
+        policy = policy.to(policy.model.device)
+    else:
+        policy = StudentPolicy.load(source, device=setup.device)
     policy.eval()  # dropout off (§5.2); gradients still flow
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.bc_lr, weight_decay=config.bc_weight_decay)
     rng = np.random.default_rng(config.seed)
@@ -231,7 +240,7 @@ def train_phase1(setup: Setup) -> dict:
         setup.writer.add_scalar("phase1/loss", loss.item(), step)
         progress.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.bc_batches:
-            def write(folder: Path, step=step) -> None:
+            def write(folder: Path, step: int = step) -> None:
                 policy.save(folder / "policy")
                 ckpt.save_optimizer(folder / "optimizer.pt", optimizer)
                 ckpt.save_json(folder / "state.json", {"step": step + 1, "rng": ckpt.rng_state(rng)})

@@ -8,14 +8,19 @@ during training, so rewards are recomputed from the raw parts whenever an episod
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
 
+from agents.decoding import generation_model
 from agents.objectives import oracle_call_mask, teacher_student_kl
 from agents.policy import StudentPolicy, choose_actions
 from tw_env.families import family_of
+from tw_env.vector_env import TeacherAssistedDecodingVectorEnv
 
 
 @dataclass
@@ -80,8 +85,8 @@ class OracleBatch:
 
 @torch.no_grad()
 def oracle_batch(
-    teacher, policy: StudentPolicy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, budgets: torch.Tensor,
-    max_new_tokens: int, eos_token_id: int, round_up_draws: torch.Tensor | None = None,
+    teacher: PreTrainedModel, policy: StudentPolicy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+    budgets: torch.Tensor, max_new_tokens: int, eos_token_id: int, round_up_draws: torch.Tensor | None = None,
     teacher_prompts: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> OracleBatch:
     """The oracle of §2.4.1 on the teacher's greedy trajectories.
@@ -97,7 +102,7 @@ def oracle_batch(
     """
     vocab = policy.vocab_size
     teacher_ids, teacher_mask = teacher_prompts if teacher_prompts is not None else (prompt_ids, prompt_mask)
-    generated = teacher.generate(
+    generated = generation_model(teacher).generate(
         input_ids=teacher_ids, attention_mask=teacher_mask, max_new_tokens=max_new_tokens, do_sample=False,
         num_beams=1, output_logits=True, return_dict_in_generate=True,
     )
@@ -127,9 +132,9 @@ def oracle_batch(
 
 @torch.no_grad()
 def collect_on_policy(
-    envs, policy: StudentPolicy, budgets: list[float], indices: list[int], generator: torch.Generator,
-    temperature: float = 1.0,
-) -> tuple[Trajectories, list[dict]]:
+    envs: TeacherAssistedDecodingVectorEnv, policy: StudentPolicy, budgets: list[float], indices: list[int],
+    generator: torch.Generator, temperature: float = 1.0,
+) -> tuple[Trajectories, list[dict[str, Any]]]:
     """One episode per row of the vector env, sampled from π; returns the batch and the end infos.
 
     The env runs without autoreset for this batch (one episode per row): a row that finishes early
@@ -144,7 +149,7 @@ def collect_on_policy(
     rollout = policy.rollout(n, envs.max_new_tokens)
     done = np.zeros(n, dtype=bool)
     steps: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    finals: list[dict | None] = [None] * n
+    finals: list[dict[str, Any] | None] = [None] * n
     was_truncated = np.zeros(n, dtype=bool)
     while not done.all():
         actions = choose_actions(rollout.logits(obs), temperature, generator).cpu().numpy()
@@ -154,14 +159,19 @@ def collect_on_policy(
             finals[row] = {k: info[k][row] for k in ("output_ids", "output_text", "teacher_fraction", "reference")}
             was_truncated[row] = bool(truncated[row])
         done |= terminated | truncated
-    lengths = np.array([len(f["output_ids"]) for f in finals])
+    ends: list[dict[str, Any]] = []
+    for i, final in enumerate(finals):
+        if final is None:  # every row is done, and a row's info is kept as it ends
+            raise RuntimeError(f"row {i} of the vector env ended without its end-of-episode info")
+        ends.append(final)
+    lengths = np.array([len(f["output_ids"]) for f in ends])
     width = int(lengths.max())
     actions = np.stack([s[0] for s in steps], axis=1)[:, :width]
     logprob = np.stack([s[1] for s in steps], axis=1)[:, :width]
     valid = np.arange(width)[None, :] < lengths[:, None]
     output = np.zeros((n, width), dtype=np.int64)
-    for row, f in enumerate(finals):
-        output[row, : lengths[row]] = f["output_ids"]
+    for i, f in enumerate(ends):
+        output[i, : lengths[i]] = f["output_ids"]
     vocab = policy.vocab_size
     is_call = (actions == vocab) & valid
     trajectories = Trajectories(
@@ -174,13 +184,13 @@ def collect_on_policy(
         budget=torch.as_tensor(budgets, dtype=torch.float32, device=device),
         truncated=torch.as_tensor(was_truncated, device=device),
     )
-    return trajectories, finals
+    return trajectories, ends
 
 
 class ReplayBuffer:
     """A FIFO of episodes kept on the CPU, sampled uniformly with the trainer's generator."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.data: Trajectories | None = None
 
@@ -199,12 +209,10 @@ class ReplayBuffer:
         index = torch.randint(len(self.data), (min(count, len(self.data)),), generator=generator)
         return self.data.select(index)
 
-    def save(self, path) -> None:
+    def save(self, path: str | Path) -> None:
         if self.data is not None:
             save_file({f.name: getattr(self.data, f.name).contiguous() for f in fields(Trajectories)}, str(path))
 
-    def load(self, path) -> None:
-        from pathlib import Path
-
+    def load(self, path: str | Path) -> None:
         if Path(path).exists():
             self.data = Trajectories(**load_file(str(path)))
