@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:
 #   make demo   sets everything up and runs the main job on the embedded task (train, GKD, eval, plot)
-#   make test   sets everything up and runs the default test suite (what CI runs, with `make acceptance`)
+#   make test   sets everything up and runs the default test suite (what CI runs, with make type and make lint)
 # Everything installs into $(VENV) from constraints.txt, the versions CI tests against.
 
 SHELL := /bin/bash

@@ -36,7 +36,7 @@ from agents.evaluation import (
 from agents.lagrangian import BudgetDual
 from agents.objectives import pcl_loss, phase1_loss
 from agents.policy import StudentPolicy, ValueNetwork
-from agents.run import check_selection_data, load_tasks, start_run
+from agents.run import Run, check_selection_data, load_tasks, start_run
 from agents.trajectories import (
     ReplayBuffer,
     Trajectories,
@@ -126,12 +126,20 @@ class Setup:
     """What both phases read: the config, the task and its selection examples, the vector env, the run."""
 
     config: TrainConfig
+    run: Run
     task: Task
     envs: TeacherAssistedDecodingVectorEnv
     eval_examples: list[Example]
-    device: torch.device
-    out: Path
     writer: SummaryWriter
+
+    @property
+    def device(self) -> torch.device:
+        return self.run.device
+
+    @property
+    def out(self) -> Path:
+        assert self.run.out is not None  # start_run made it: TrainConfig.output_dir is a folder
+        return self.run.out
 
     @property
     def teacher(self) -> PreTrainedModel:
@@ -153,10 +161,9 @@ def make_setup(config: TrainConfig) -> Setup:
     tasks = load_tasks(config.env_id, {"reward_clip": config.reward_clip, **config.env_kwargs}, config.eval_split,
                        config.eval_env_kwargs, run.device, budgets=config.budgets, max_new_tokens=config.max_new_tokens)
     envs = TeacherAssistedDecodingVectorEnv(config.num_envs, tasks.train, **tasks.env_options)
-    assert run.out is not None
     return Setup(
-        config, tasks.train, envs, seeded_subset(tasks.selection.examples, config.eval_examples, config.seed),
-        run.device, run.out, SummaryWriter(str(run.out / "tensorboard")),
+        config, run, tasks.train, envs, seeded_subset(tasks.selection.examples, config.eval_examples, config.seed),
+        SummaryWriter(str(Path(config.output_dir) / "tensorboard")),
     )
 
 
@@ -176,7 +183,7 @@ def run(config: TrainConfig) -> dict:
         summary["phase1"] = train_phase1(setup)
     if config.phase in ("pcl", "both"):
         summary["phase2"] = train_phase2(setup)
-    write_json(setup.out / "summary.json", summary)  # the run scaffold's format (agents.run)
+    setup.run.write_summary(summary)
     setup.writer.close()
     return summary
 
