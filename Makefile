@@ -22,7 +22,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 install: $(BIN)/.installed
 
-# The README's main job: ~8 minutes on 2 CPU cores from a clean cache (docs/results-synthetic.md).
+# The README's main job: 45 minutes measured on this project's 2-core machine from a clean cache (docs/results-synthetic.md).
 demo: install
 	$(BIN)/tw train --config configs/synthetic.json
 	$(BIN)/tw gkd   --config configs/synthetic-gkd.json
@@ -32,7 +32,7 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# The main job's claims on held-out data (tests/test_acceptance.py), about 7 minutes from a clean cache.
+# The main job's claims on held-out data (tests/test_acceptance.py): over 30 minutes from a clean cache here.
 acceptance: install
 	$(BIN)/python -m pytest -q -m slow tests/test_acceptance.py
 
