@@ -111,6 +111,7 @@ def load_tasks(
     task_kwargs.update({k: v for k, v in task_overrides.items() if v is not None})
     train = make_task(env_id, **task_kwargs)
     _, selection_overrides = split_env_options(dict(selection_kwargs))
-    selection = make_task(env_id, **{**task_kwargs, "teacher": train.teacher, "split": selection_split,
-                                     **selection_overrides})
+    # The selection split shares the loaded teacher and tokenizer: nothing is loaded twice.
+    shared = {"teacher": train.teacher, "tokenizer": train.tokenizer}
+    selection = make_task(env_id, **{**task_kwargs, **shared, "split": selection_split, **selection_overrides})
     return Tasks(train, selection, env_options)
