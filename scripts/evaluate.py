@@ -56,7 +56,7 @@ from agents.run import start_run
 from tw_env.atomic import write_json
 from tw_env.metrics import quality
 from tw_env.models import load_model
-from tw_env.prompts import BUDGETS, PLAIN_TEMPLATE, keyword_for
+from tw_env.prompts import BUDGETS, PLAIN_TEMPLATE, check_template, keyword_for
 from tw_env.registration import make_task, split_env_options
 from tw_env.task import Task
 from tw_env.tasks import Example
@@ -139,8 +139,7 @@ class EvalConfig:
             raise ValueError(f"draft lengths must be >= 1, got {self.draft_lengths}")
         if any(float(t) < 0 for t in self.thresholds):
             raise ValueError(f"thresholds must be >= 0, got {self.thresholds}")
-        if "{source}" not in self.plain_prompt:
-            raise ValueError(f"plain_prompt must contain '{{source}}', got {self.plain_prompt!r}")
+        check_template(self.plain_prompt, "plain_prompt")
 
     def selected_methods(self) -> list[str]:
         if self.methods is not None:

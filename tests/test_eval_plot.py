@@ -186,3 +186,14 @@ def test_cli_help_and_validation(task):
     assert EvalConfig().selected_methods() == ["student", "teacher", "speculative", "fallback"]
     assert EvalConfig(tw_policy="p", draft="d").selected_methods() == [
         "student", "teacher", "training_wheels", "distillspec", "fallback"]
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{instruction}:", "no \\{source\\} field"),
+    ("{budget} {instruction}: {source}", "may only use the fields"),
+])
+def test_eval_refuses_a_plain_prompt_the_prompt_module_refuses(template, message):
+    from scripts.evaluate import EvalConfig
+
+    with pytest.raises(ValueError, match=f"plain_prompt .* is not usable: {message}"):
+        EvalConfig(plain_prompt=template).validate()
