@@ -189,11 +189,11 @@ def test_cli_help_and_validation(task):
 
 
 @pytest.mark.parametrize("template, message", [
-    ("{instruction}:", "no \\{source\\} field"),
+    ("{instruction}:", "has no \\{source\\} field"),
     ("{budget} {instruction}: {source}", "may only use the fields"),
 ])
 def test_eval_refuses_a_plain_prompt_the_prompt_module_refuses(template, message):
     from scripts.evaluate import EvalConfig
 
-    with pytest.raises(ValueError, match=f"plain_prompt .* is not usable: {message}"):
+    with pytest.raises(ValueError, match=f"plain_prompt .* is not usable: it {message}"):
         EvalConfig(plain_prompt=template).validate()
