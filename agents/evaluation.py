@@ -9,6 +9,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from agents.distributed import SINGLE, Distributed, all_gather_objects, shard
 from agents.policy import StudentPolicy
 from tw_env.metrics import quality
 from tw_env.task import Task
@@ -27,19 +28,24 @@ class BudgetResult:
 
 def evaluate_budgets(
     policy: StudentPolicy, task: Task, examples: Sequence[Example], budgets: Sequence[float], max_new_tokens: int,
-    batch_size: int = 64,
+    batch_size: int = 64, dist: Distributed = SINGLE,
 ) -> list[BudgetResult]:
-    """Decode every example at every budget (greedy over V + 1, teacher on call) and score it."""
+    """Decode every example at every budget (greedy over V + 1, teacher on call) and score it.
+
+    Under data parallelism each rank decodes its shard of ``examples`` and the hypotheses are
+    gathered in order, so every rank scores the whole set and returns the same results.
+    """
     from agents.decoding import decode_text, teacher_help_decode
 
     results: list[BudgetResult] = []
     was_training = policy.training
     policy.eval()
+    local_examples = shard(examples, dist)
     for budget in budgets:
         hypotheses: list[str] = []
         calls = tokens = 0
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
+        for start in range(0, len(local_examples), batch_size):
+            chunk = local_examples[start : start + batch_size]
             sources, chunk_budgets = [e.source for e in chunk], [budget] * len(chunk)
             ids, mask = task.prompts(sources, chunk_budgets, policy.device)
             teacher_ids, teacher_mask = task.teacher_prompts(sources, chunk_budgets, policy.device)
@@ -49,6 +55,9 @@ def evaluate_budgets(
             calls += sum(result.teacher_calls)
             tokens += sum(len(o) for o in result.output_ids)
             hypotheses += decode_text(result, task.tokenizer)
+        parts = all_gather_objects((hypotheses, calls, tokens), dist)
+        hypotheses = [h for part, _, _ in parts for h in part]
+        calls, tokens = sum(p[1] for p in parts), sum(p[2] for p in parts)
         score = quality(task.metric, hypotheses, [e.reference for e in examples])
         results.append(BudgetResult(float(budget), calls / max(tokens, 1), score, len(examples)))
     policy.train(was_training)

@@ -29,13 +29,28 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import tw_env  # noqa: F401  (registers the tasks)
 from agents import checkpoint as ckpt
 from agents.decoding import generation_model
+from agents.distributed import (
+    SINGLE,
+    Distributed,
+    all_gather_objects,
+    all_sum,
+    barrier,
+    check_replicas,
+    data_parallel_loss_scale,
+    draw_examples,
+    rank_part,
+    rank_seed,
+    rows_per_rank,
+    shard,
+    summary_writer,
+    wrap,
+)
 from agents.evaluation import seeded_subset
 from agents.objectives import reverse_kl
 from agents.run import check_selection_data, load_tasks, start_run
@@ -78,6 +93,7 @@ class GKDConfig:
     eval_split: str = "validation"  # split of the task used for selection
     checkpoint_every: int = 50  # batches between resumable checkpoints
     keep_checkpoints: int = 2  # resumable checkpoints kept on disk
+    check_replicas: bool = False  # data-parallel runs: verify after every update that all ranks hold identical weights
 
     def validate(self) -> None:
         for name in ("batches", "eval_every", "threads", "batch_size", "updates_per_batch", "eval_examples",
@@ -158,26 +174,36 @@ def teacher_forcing_inputs(model: PreTrainedModel, tokens: torch.Tensor) -> torc
     return torch.cat([start, tokens[:, :-1]], dim=1)
 
 
-def logits_on(model: PreTrainedModel, batch: GKDBatch) -> torch.Tensor:
-    """``[B, T, V]`` next-token logits of ``model`` at every position of the batch."""
-    return model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
-                 decoder_input_ids=teacher_forcing_inputs(model, batch.tokens)).logits
+def logits_on(model: PreTrainedModel, batch: GKDBatch, forward: torch.nn.Module | None = None) -> torch.Tensor:
+    """``[B, T, V]`` next-token logits of ``model`` at every position of the batch.
+
+    ``forward`` is what runs the model, when it is not the model itself (its DDP wrapper).
+    """
+    return (forward or model)(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
+                              decoder_input_ids=teacher_forcing_inputs(model, batch.tokens)).logits
 
 
 # ---------------------------------------------------------------------------------------------- loss and update
-def gkd_loss(student: PreTrainedModel, batch: GKDBatch, teacher_logits: torch.Tensor) -> torch.Tensor:
+def gkd_loss(
+    student: PreTrainedModel, batch: GKDBatch, teacher_logits: torch.Tensor, forward: torch.nn.Module | None = None
+) -> torch.Tensor:
     """Token-wise reverse KL( π ‖ p ) averaged over the valid positions of every trajectory."""
-    return reverse_kl(logits_on(student, batch).float(), teacher_logits, batch.mask)
+    return reverse_kl(logits_on(student, batch, forward).float(), teacher_logits, batch.mask)
 
 
 def gkd_update(
     student: PreTrainedModel, optimizer: torch.optim.Optimizer, batch: GKDBatch, teacher_logits: torch.Tensor,
-    grad_clip: float,
+    grad_clip: float, forward: torch.nn.Module | None = None, loss_scale: float = 1.0,
 ) -> float:
-    """One gradient step; the teacher's logits are computed once per batch and reused (it does not change)."""
-    loss = gkd_loss(student, batch, teacher_logits)
+    """One gradient step; the teacher's logits are computed once per batch and reused (it does not change).
+
+    Data-parallel: ``forward`` is the student's DDP wrapper and ``loss_scale``
+    (:func:`~agents.distributed.data_parallel_loss_scale`) makes the averaged gradient that of the
+    token mean over every rank's trajectories. Returns this rank's loss.
+    """
+    loss = gkd_loss(student, batch, teacher_logits, forward)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * loss_scale if loss_scale != 1.0 else loss).backward()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
     optimizer.step()
@@ -187,15 +213,22 @@ def gkd_update(
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(
-    student: PreTrainedModel, task: Task, examples: list[Example], template: str, max_new_tokens: int, batch_size: int
+    student: PreTrainedModel, task: Task, examples: list[Example], template: str, max_new_tokens: int, batch_size: int,
+    dist: Distributed = SINGLE,
 ) -> float:
-    """The task's metric of the student's greedy outputs alone: what the draft model knows by itself."""
+    """The task's metric of the student's greedy outputs alone: what the draft model knows by itself.
+
+    Data-parallel: each rank decodes its shard; the hypotheses are gathered in order and every rank
+    returns the score of the whole set.
+    """
     hypotheses: list[str] = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
+    local = shard(examples, dist)
+    for start in range(0, len(local), batch_size):
+        chunk = local[start : start + batch_size]
         ids, mask = task.plain_prompts([e.source for e in chunk], template, student.device)
         tokens, valid = generate(student, ids, mask, max_new_tokens, task.eos_token_id, sample=False)
         hypotheses += task.tokenizer.batch_decode(tokens.masked_fill(~valid, 0), skip_special_tokens=True)
+    hypotheses = [h for part in all_gather_objects(hypotheses, dist) for h in part]
     return quality(task.metric, hypotheses, [e.reference for e in examples])
 
 
@@ -215,13 +248,13 @@ def save_model_dir(
 
 def select(
     student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, score: float, step: int, selection: dict[str, Any],
-    out: Path,
+    out: Path, write: bool = True,
 ) -> dict[str, Any]:
-    """Keep the checkpoint with the best validation quality in OUTPUT_DIR/best (§3.3)."""
+    """Keep the checkpoint with the best validation quality in OUTPUT_DIR/best (§3.3); ``write``: rank 0."""
     record = {"step": step, "quality": score}
     best = selection["best"]
     better = best is None or score > best["quality"]
-    if better:
+    if better and write:
         save_model_dir(student, tokenizer, out / "best", record)
     return {"best": record if better else best, "evaluations": selection["evaluations"] + [record]}
 
@@ -231,8 +264,9 @@ def run(config: GKDConfig) -> dict:
     """Distil the teacher into the student with GKD; returns a summary (also OUTPUT_DIR/summary.json)."""
     check_selection_data(config.env_kwargs, config.eval_split, config.eval_env_kwargs,
                          config.allow_selection_on_training_data)
-    run_ = start_run(config, config.output_dir)
-    device = run_.device
+    run_ = start_run(config, config.output_dir, data_parallel=True)
+    device, dist = run_.device, run_.dist
+    rows = rows_per_rank(config.batch_size, dist.world_size, "batch_size")  # this rank's prompts per batch
     out, run_dir = Path(config.output_dir), Path(config.output_dir) / "checkpoints"
     # The task (teacher, tokenizer, training examples, metric) and its evaluation split, which shares
     # the loaded teacher. GKD never steps an env.
@@ -255,8 +289,8 @@ def run(config: GKDConfig) -> dict:
         return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
     optimizer = make_optimizer(student)
-    rng = np.random.default_rng(config.seed)
-    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(rank_seed(config.seed, dist.rank))
+    torch.manual_seed(rank_seed(config.seed, dist.rank))
     selection: dict = {"best": None, "evaluations": []}
     start = 0
     latest = ckpt.latest_checkpoint(run_dir)
@@ -266,30 +300,38 @@ def run(config: GKDConfig) -> dict:
         ckpt.load_optimizer(latest / "optimizer.pt", optimizer)
         state = ckpt.load_json(latest / "state.json")
         start, selection = state["step"], state["selection"]
-        ckpt.restore_rng_state(state["rng"], rng)  # last: loading must not move the restored RNGs
+        # last: loading must not move the restored RNGs
+        ckpt.restore_rng_state(rank_part(state, "rng", dist, latest), rng)
+    trained = wrap(student, dist)  # the training forward: gradients averaged over ranks
 
     def checkpoint(step: int) -> None:
-        state = {"step": step, "selection": selection, "rng": ckpt.rng_state(rng)}
+        rank_rngs = all_gather_objects(ckpt.rng_state(rng), dist)
+        state = {"step": step, "selection": selection, "rng": rank_rngs[0], "world_size": dist.world_size,
+                 "rank_rng": rank_rngs}
 
         def write(folder: Path) -> None:
             student.save_pretrained(folder / "student")
             ckpt.save_optimizer(folder / "optimizer.pt", optimizer)
             ckpt.save_json(folder / "state.json", state)
-        ckpt.write_checkpoint(run_dir, step, write, keep=config.keep_checkpoints)
+        if dist.is_main:
+            ckpt.write_checkpoint(run_dir, step, write, keep=config.keep_checkpoints)
+        barrier(dist)  # every rank then reads the same latest checkpoint
 
-    writer = SummaryWriter(str(out / "tensorboard"))
+    writer = summary_writer(str(out / "tensorboard"), dist)
 
     def evaluate_and_select(step: int) -> dict:
-        score = evaluate(student, eval_task, eval_examples, config.prompt, max_new_tokens, config.batch_size)
+        score = evaluate(student, eval_task, eval_examples, config.prompt, max_new_tokens, config.batch_size, dist)
         writer.add_scalar("eval/quality", score, step)
-        return select(student, tokenizer, score, step, selection, out)
+        return select(student, tokenizer, score, step, selection, out, write=dist.is_main)
 
-    n_student = math.floor(config.student_fraction * config.batch_size + 0.5)
+    n_student = math.floor(config.student_fraction * rows + 0.5)
     t0 = time.time()
-    progress = tqdm(range(start, config.batches), desc="GKD", initial=start, total=config.batches)
+    progress = tqdm(range(start, config.batches), desc="GKD", initial=start, total=config.batches,
+                    disable=not dist.is_main)
     for step in progress:
-        # 1. Trajectories: student samples (on-policy) and teacher outputs for random training prompts.
-        index = rng.integers(len(train_examples), size=config.batch_size)
+        # 1. Trajectories: student samples (on-policy) and teacher outputs for random training prompts
+        #    (each rank: its batch_size / N prompts from its shard of the examples).
+        index = draw_examples(rng, len(train_examples), rows, dist)
         ids, mask = task.plain_prompts([train_examples[i].source for i in index], config.prompt, device)
         if config.pairing == "per_prompt":
             ids, mask, n_student = pair_prompts(ids, mask)
@@ -297,8 +339,12 @@ def run(config: GKDConfig) -> dict:
         with torch.no_grad():
             teacher_logits = logits_on(teacher, batch)[..., :vocab].float()
         # 2. Several reverse-KL updates on the same trajectories.
-        losses = [gkd_update(student, optimizer, batch, teacher_logits, config.grad_clip)
+        tokens = float(batch.mask.sum())
+        scale = data_parallel_loss_scale(tokens, all_sum(tokens, dist), dist.world_size)
+        losses = [gkd_update(student, optimizer, batch, teacher_logits, config.grad_clip, trained, scale)
                   for _ in range(config.updates_per_batch)]
+        if config.check_replicas:
+            check_replicas(dist, list(student.parameters()), what=f"student after GKD batch {step + 1}")
         writer.add_scalar("gkd/loss", float(np.mean(losses)), step)
         writer.add_scalar("gkd/loss_before_updates", losses[0], step)
         lengths = batch.mask.sum(dim=1).float()
@@ -318,13 +364,15 @@ def run(config: GKDConfig) -> dict:
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is None or ckpt.load_json(latest / "state.json")["step"] != config.batches:
         checkpoint(config.batches)  # a finished run re-run (or extended) resumes from here
-    save_model_dir(student, tokenizer, out / "final")
+    if dist.is_main:
+        save_model_dir(student, tokenizer, out / "final")
+    barrier(dist)
     writer.close()
     summary = {
         "batches": config.batches, "updates": config.batches * config.updates_per_batch,
         "seconds_this_run": time.time() - t0, "prompt": config.prompt, "eval_examples": len(eval_examples),
         "metric": eval_task.metric, "best": selection["best"], "evaluations": selection["evaluations"],
-        "best_dir": str(out / "best"), "final_dir": str(out / "final"),
+        "best_dir": str(out / "best"), "final_dir": str(out / "final"), "processes": dist.world_size,
     }
     run_.write_summary(summary)
     return summary

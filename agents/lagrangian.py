@@ -29,6 +29,16 @@ def trailing_fractions(history: Iterable[Counts]) -> dict[float, float]:
     return {b: calls / tokens for b, (calls, tokens) in totals.items() if tokens > 0}
 
 
+def merge_counts(parts: Iterable[Counts]) -> dict[float, tuple[int, int]]:
+    """{budget: (calls, tokens)} summed over several rollouts (e.g. one per data-parallel rank)."""
+    totals: dict[float, tuple[int, int]] = {}
+    for counts in parts:
+        for b, (calls, tokens) in counts.items():
+            c, t = totals.get(b, (0, 0))
+            totals[b] = (c + int(calls), t + int(tokens))
+    return totals
+
+
 class BudgetDual:
     """λ per budget and the trailing window of teacher use that drives it."""
 

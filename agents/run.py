@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from agents.config import config_to_json
+from agents.distributed import SINGLE, Distributed, from_environment
 from tw_env.atomic import write_json, write_text
 from tw_env.models import resolve_device
 from tw_env.registration import make_task, split_env_options
@@ -34,30 +35,40 @@ class CommandConfig(Protocol):
 
 @dataclass(frozen=True)
 class Run:
-    """A started command: its config, device and output folder (``None`` for commands that write none)."""
+    """A started command: its config, device, output folder (``None`` for commands that write none) and
+    its place in a data-parallel job (:mod:`agents.distributed`; one process unless a launcher started N)."""
 
     config: Any
     device: torch.device
     out: Path | None
+    dist: Distributed = SINGLE
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        """``summary.json``, atomically."""
-        if self.out is not None:
+        """``summary.json``, atomically (rank 0 only)."""
+        if self.out is not None and self.dist.is_main:
             write_json(self.out / "summary.json", summary)
 
 
-def start_run(config: CommandConfig, output_dir: str | Path | None) -> Run:
-    """Validate ``config``, apply its threads and device, create ``output_dir`` with ``config.json``."""
+def start_run(config: CommandConfig, output_dir: str | Path | None, data_parallel: bool = False) -> Run:
+    """Validate ``config``, apply its threads and device, create ``output_dir`` with ``config.json``.
+
+    ``data_parallel`` commands (``tw train``, ``tw gkd``) join the process group a launcher
+    describes (:func:`agents.distributed.from_environment`); the others always run as one process.
+    """
     config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
+    info = SINGLE
+    if data_parallel:
+        info, device = from_environment(device)
     out = None
     if output_dir is not None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "config.json", config_to_json(config))
-    return Run(config, device, out)
+        if info.is_main:
+            write_text(out / "config.json", config_to_json(config))
+    return Run(config, device, out, info)
 
 
 def check_selection_data(

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,23 @@ from transformers import PreTrainedModel
 
 import tw_env  # noqa: F401  (registers the tasks)
 from agents import checkpoint as ckpt
+from agents.distributed import (
+    Distributed,
+    NullWriter,
+    all_gather_objects,
+    all_sum,
+    all_sum_counts,
+    barrier,
+    check_replicas,
+    data_parallel_loss_scale,
+    draw_examples,
+    merge_reward_stats,
+    rank_part,
+    rank_seed,
+    rows_per_rank,
+    summary_writer,
+    wrap,
+)
 from agents.evaluation import (
     BudgetResult,
     budgets_are_ceilings,
@@ -103,6 +121,7 @@ class TrainConfig:
     delta: float = 0.02  # tolerance δ: f ≤ b + δ per budget (a ceiling, floor ≥ 0) or |f − b| ≤ δ (a target, floor < 0)
     checkpoint_every: int = 50  # batches between resumable checkpoints
     keep_checkpoints: int = 2  # resumable checkpoints kept on disk
+    check_replicas: bool = False  # data-parallel runs: verify after every update that all ranks hold identical weights, λ, μ_r, σ_r
 
     def validate(self) -> None:
         if self.phase not in ("bc", "pcl", "both"):
@@ -123,18 +142,26 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------- setup
 @dataclass
 class Setup:
-    """What both phases read: the config, the task and its selection examples, the vector env, the run."""
+    """What both phases read: the config, the task and its selection examples, the vector env, the run.
+
+    Under data parallelism (:mod:`agents.distributed`) the vector env holds this rank's
+    ``num_envs / N`` rows and the writer is TensorBoard's on rank 0 only.
+    """
 
     config: TrainConfig
     run: Run
     task: Task
     envs: TeacherAssistedDecodingVectorEnv
     eval_examples: list[Example]
-    writer: SummaryWriter
+    writer: SummaryWriter | NullWriter
 
     @property
     def device(self) -> torch.device:
         return self.run.device
+
+    @property
+    def dist(self) -> Distributed:
+        return self.run.dist
 
     @property
     def out(self) -> Path:
@@ -157,13 +184,16 @@ class Setup:
 def make_setup(config: TrainConfig) -> Setup:
     check_selection_data(config.env_kwargs, config.eval_split, config.eval_env_kwargs,
                          config.allow_selection_on_training_data)
-    run = start_run(config, config.output_dir)
+    run = start_run(config, config.output_dir, data_parallel=True)
+    world = run.dist.world_size
+    rows = rows_per_rank(config.num_envs, world, "num_envs")
+    rows_per_rank(config.bc_batch_size, world, "bc_batch_size")
     tasks = load_tasks(config.env_id, {"reward_clip": config.reward_clip, **config.env_kwargs}, config.eval_split,
                        config.eval_env_kwargs, run.device, budgets=config.budgets, max_new_tokens=config.max_new_tokens)
-    envs = TeacherAssistedDecodingVectorEnv(config.num_envs, tasks.train, **tasks.env_options)
+    envs = TeacherAssistedDecodingVectorEnv(rows, tasks.train, **tasks.env_options)
     return Setup(
         config, run, tasks.train, envs, seeded_subset(tasks.selection.examples, config.eval_examples, config.seed),
-        SummaryWriter(str(Path(config.output_dir) / "tensorboard")),
+        summary_writer(str(Path(config.output_dir) / "tensorboard"), run.dist),
     )
 
 
@@ -199,8 +229,12 @@ def round_up_draws(
 
 
 def train_phase1(setup: Setup) -> dict:
-    """Behaviour cloning of the oracle: −log π(<τ>) at the top ⌊l·b⌋ KL positions, KL elsewhere."""
-    config, run_dir = setup.config, setup.out / "phase1-checkpoints"
+    """Behaviour cloning of the oracle: −log π(<τ>) at the top ⌊l·b⌋ KL positions, KL elsewhere.
+
+    On N processes each rank clones on its ``bc_batch_size / N`` prompts and DDP averages the
+    gradients of the loss rescaled to the global token mean (:func:`data_parallel_loss_scale`).
+    """
+    config, run_dir, dist = setup.config, setup.out / "phase1-checkpoints", setup.dist
     final_dir = setup.out / "phase1"
     if (final_dir / "done.json").exists():
         return json.loads((final_dir / "done.json").read_text())
@@ -212,8 +246,8 @@ def train_phase1(setup: Setup) -> dict:
         policy = StudentPolicy.load(source, device=setup.device)
     policy.eval()  # dropout off (§5.2); gradients still flow
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.bc_lr, weight_decay=config.bc_weight_decay)
-    rng = np.random.default_rng(config.seed)
-    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(rank_seed(config.seed, dist.rank))
+    torch.manual_seed(rank_seed(config.seed, dist.rank))
     start = 0
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is not None:
@@ -221,44 +255,58 @@ def train_phase1(setup: Setup) -> dict:
         optimizer = torch.optim.AdamW(policy.parameters(), lr=config.bc_lr, weight_decay=config.bc_weight_decay)
         ckpt.load_optimizer(latest / "optimizer.pt", optimizer)
         state = ckpt.load_json(latest / "state.json")
-        ckpt.restore_rng_state(state["rng"], rng)
+        ckpt.restore_rng_state(rank_part(state, "rng", dist, latest), rng)
         start = state["step"]
+    trained = wrap(policy, dist)  # the training forward: gradients averaged over ranks
+    rows = rows_per_rank(config.bc_batch_size, dist.world_size, "bc_batch_size")
     eos = setup.task.eos_token_id
     t0 = time.time()
-    progress = tqdm(range(start, config.bc_batches), desc="phase 1 (BC)", initial=start, total=config.bc_batches)
+    progress = tqdm(range(start, config.bc_batches), desc="phase 1 (BC)", initial=start, total=config.bc_batches,
+                    disable=not dist.is_main)
     for step in progress:
-        index = rng.integers(len(setup.train_examples), size=config.bc_batch_size)
-        budgets = rng.choice(np.array(config.budgets, dtype=np.float64), size=config.bc_batch_size)
+        index = draw_examples(rng, len(setup.train_examples), rows, dist)
+        budgets = rng.choice(np.array(config.budgets, dtype=np.float64), size=rows)
         sources = [setup.train_examples[i].source for i in index]
         ids, mask = setup.task.prompts(sources, budgets.tolist(), setup.device)
         oracle = oracle_batch(
             setup.teacher, policy, ids, mask, torch.as_tensor(budgets, device=setup.device),
-            setup.max_new_tokens, eos, round_up_draws(config, rng, config.bc_batch_size, setup.device),
+            setup.max_new_tokens, eos, round_up_draws(config, rng, rows, setup.device),
             setup.task.teacher_prompts(sources, budgets.tolist(), setup.device),
         )
         traj = oracle.trajectories
-        logits = policy(ids, mask, traj.state_ids, traj.mask.long())
+        logits = trained(ids, mask, traj.state_ids, traj.mask.long())
         loss = phase1_loss(logits, oracle.teacher_logits, traj.is_call, traj.mask)
+        tokens = float(traj.mask.sum())
+        scale = data_parallel_loss_scale(tokens, all_sum(tokens, dist), dist.world_size)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * scale if dist.enabled else loss).backward()
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
         optimizer.step()
+        if config.check_replicas:
+            check_replicas(dist, list(policy.parameters()), what=f"policy after phase-1 batch {step + 1}")
         setup.writer.add_scalar("phase1/loss", loss.item(), step)
         progress.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.bc_batches:
-            def write(folder: Path, step: int = step) -> None:
+            rank_rngs = all_gather_objects(ckpt.rng_state(rng), dist)
+
+            def write(folder: Path, step: int = step, rank_rngs: list = rank_rngs) -> None:
                 policy.save(folder / "policy")
                 ckpt.save_optimizer(folder / "optimizer.pt", optimizer)
-                ckpt.save_json(folder / "state.json", {"step": step + 1, "rng": ckpt.rng_state(rng)})
-            ckpt.write_checkpoint(run_dir, step + 1, write, keep=config.keep_checkpoints)
-    summary = {"batches": config.bc_batches, "seconds_this_run": time.time() - t0}
+                ckpt.save_json(folder / "state.json", {"step": step + 1, "rng": rank_rngs[0],
+                                                       "world_size": dist.world_size, "rank_rng": rank_rngs})
+            if dist.is_main:
+                ckpt.write_checkpoint(run_dir, step + 1, write, keep=config.keep_checkpoints)
+            barrier(dist)
+    summary = {"batches": config.bc_batches, "seconds_this_run": time.time() - t0, "processes": dist.world_size}
 
     def build(folder: Path) -> None:
         policy.save(folder)
         write_json(folder / "done.json", summary)
 
-    publish_dir(final_dir, build)
+    if dist.is_main:
+        publish_dir(final_dir, build)
+    barrier(dist)  # phase 2 on every rank reads the published policy
     return summary
 
 
@@ -280,10 +328,15 @@ def _budget_key(lambdas: dict[float, float], budget: float) -> float:
 
 
 def pcl_update(
-    policy: StudentPolicy, value: ValueNetwork, batch: Trajectories, rewards: torch.Tensor, config: TrainConfig,
-    optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
+    policy: StudentPolicy | torch.nn.Module, value: ValueNetwork | torch.nn.Module, batch: Trajectories, rewards: torch.Tensor, config: TrainConfig,
+    optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer], loss_scale: float = 1.0,
 ) -> float:
-    """One gradient step of both networks on the soft path-consistency loss."""
+    """One gradient step of both networks on the soft path-consistency loss; returns the loss.
+
+    ``policy`` and ``value`` may be their ``DistributedDataParallel`` wrappers; ``loss_scale``
+    (:func:`~agents.distributed.data_parallel_loss_scale`) then makes the averaged gradient that
+    of the loss over every rank's episodes.
+    """
     mask = batch.mask
     logits = policy(batch.prompt_ids, batch.prompt_mask, batch.state_ids, mask.long()).float()
     log_pi = torch.log_softmax(logits, dim=-1).gather(-1, batch.actions[..., None]).squeeze(-1)
@@ -299,7 +352,7 @@ def pcl_update(
     loss = pcl_loss(log_pi, values[:, :-1], rewards, mask, config.tau, config.gamma, config.horizon, bootstrap)
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * loss_scale if loss_scale != 1.0 else loss).backward()
     if config.grad_clip:
         torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
         torch.nn.utils.clip_grad_norm_(value.parameters(), config.grad_clip)
@@ -321,6 +374,11 @@ class PCLState:
 
     With the env's reward normalisers and RNG (which the env owns), this is the whole state: a run
     resumed from a checkpoint continues bit-identically.
+
+    Under data parallelism every rank holds one: the models, optimisers, dual and selection are
+    identical on every rank; the replay buffer and the random streams are the rank's own.
+    ``trained_policy``/``trained_value`` are what the training forwards call (the DDP wrappers,
+    or the models themselves for one process).
     """
 
     policy: StudentPolicy
@@ -332,39 +390,67 @@ class PCLState:
     generator: torch.Generator  # rollout sampling and replay draws
     selection: dict = field(default_factory=lambda: {"best": None, "evaluations": []})
     step: int = 0
+    dist: Distributed = field(default_factory=Distributed)
+    trained_policy: torch.nn.Module | None = None
+    trained_value: torch.nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        # DDP broadcasts rank 0's weights when it wraps, so every rank starts from the same ones.
+        self.trained_policy = wrap(self.policy, self.dist)
+        self.trained_value = wrap(self.value, self.dist)
 
     @classmethod
     def start(cls, config: TrainConfig, policy_dir: Path, device: torch.device,
-              envs: TeacherAssistedDecodingVectorEnv) -> PCLState:
-        """A fresh state from a policy folder; every random stream comes from the run's seed."""
-        torch.manual_seed(config.seed + 1)  # the value head's initialisation
+              envs: TeacherAssistedDecodingVectorEnv, dist: Distributed | None = None) -> PCLState:
+        """A fresh state from a policy folder; every random stream comes from the run's seed (and rank)."""
+        dist = dist or Distributed()
+        seed = rank_seed(config.seed, dist.rank)
+        torch.manual_seed(config.seed + 1)  # the value head's initialisation: the same on every rank
         policy = StudentPolicy.load(policy_dir, device=device).eval()
         value = ValueNetwork.from_policy(policy).eval()
-        envs.np_random = np.random.default_rng(config.seed + 2)  # the env's own draws (teacher sampling)
+        envs.np_random = np.random.default_rng(seed + 2)  # the env's own draws (teacher sampling)
         dual = BudgetDual(config.budgets, lr=config.lagrange_lr, cap=config.lagrange_cap,
                           floor=config.lagrange_floor, window=config.lagrange_window)
         return cls(policy, value, optimizers_for(config, policy, value), dual, ReplayBuffer(config.replay_capacity),
-                   np.random.default_rng(config.seed + 1), torch.Generator().manual_seed(config.seed + 1))
+                   np.random.default_rng(seed + 1), torch.Generator().manual_seed(seed + 1), dist=dist)
 
     @classmethod
     def resume(cls, folder: Path, config: TrainConfig, device: torch.device,
-               envs: TeacherAssistedDecodingVectorEnv) -> PCLState:
-        """The state saved by :meth:`save` in ``folder``: models, optimisers, λ, replay, normalisers, RNGs, step."""
-        state = cls.start(config, folder / "policy", device, envs)
+               envs: TeacherAssistedDecodingVectorEnv, dist: Distributed | None = None) -> PCLState:
+        """The state saved by :meth:`save` in ``folder``: models, optimisers, λ, replay, normalisers, RNGs, step.
+
+        Rank r > 0 of a data-parallel run reads its own replay and random states from ``rank-r/``;
+        a checkpoint resumes only with the world size that wrote it (:func:`rank_part`).
+        """
+        dist = dist or Distributed()
+        shared = ckpt.load_json(folder / "state.json")
+        rank_part(shared, "rng", dist, folder)  # refuses a different world size before anything loads
+        state = cls.start(config, folder / "policy", device, envs, dist)
         load_model(state.value, str(folder / "value.safetensors"), device=str(device))
         ckpt.load_optimizer(folder / "policy_optimizer.pt", state.optimizers[0])
         ckpt.load_optimizer(folder / "value_optimizer.pt", state.optimizers[1])
-        state.replay.load(folder / "replay.safetensors")
-        state.load_state_dict(ckpt.load_json(folder / "state.json"), envs)  # last: it restores the RNGs
+        own = folder if dist.rank == 0 else folder / f"rank-{dist.rank}"
+        state.replay.load(own / "replay.safetensors")
+        state.load_state_dict(ckpt.load_json(own / "state.json"), envs)  # last: it restores the RNGs
         return state
 
-    def save(self, folder: Path, envs: TeacherAssistedDecodingVectorEnv) -> None:
+    def save(self, folder: Path, envs: TeacherAssistedDecodingVectorEnv,
+             other_ranks: list[tuple[dict[str, Any], ReplayBuffer]] | None = None) -> None:
+        """Write the checkpoint (rank 0); ``other_ranks`` are ranks 1.. N−1's :meth:`rank_state`."""
         self.policy.save(folder / "policy")
         save_model(self.value, str(folder / "value.safetensors"))
         ckpt.save_optimizer(folder / "policy_optimizer.pt", self.optimizers[0])
         ckpt.save_optimizer(folder / "value_optimizer.pt", self.optimizers[1])
         self.replay.save(folder / "replay.safetensors")
         ckpt.save_json(folder / "state.json", self.state_dict(envs))
+        for rank, (state, replay) in enumerate(other_ranks or [], start=1):
+            (folder / f"rank-{rank}").mkdir()
+            replay.save(folder / f"rank-{rank}" / "replay.safetensors")
+            ckpt.save_json(folder / f"rank-{rank}" / "state.json", state)
+
+    def rank_state(self, envs: TeacherAssistedDecodingVectorEnv) -> tuple[dict[str, Any], ReplayBuffer]:
+        """What only this rank knows, for rank 0 to write: the JSON state and the replay buffer."""
+        return self.state_dict(envs), self.replay
 
     def state_dict(self, envs: TeacherAssistedDecodingVectorEnv) -> dict[str, Any]:
         """The JSON part of a checkpoint (tensors go to safetensors files beside it)."""
@@ -372,6 +458,7 @@ class PCLState:
             "step": self.step, "dual": self.dual.state_dict(), "selection": self.selection,
             "reward_stats": envs.reward_stats.state_dict(), "env_rng": envs.np_random.bit_generator.state,
             "rng": ckpt.rng_state(self.rng), "generator": self.generator.get_state().tolist(),
+            "world_size": self.dist.world_size,
         }
 
     def load_state_dict(self, state: dict[str, Any], envs: TeacherAssistedDecodingVectorEnv) -> None:
@@ -388,31 +475,35 @@ def train_phase2(setup: Setup) -> dict:
 
     Each batch: rollout → oracle → updates → λ step → logging → selection → checkpoint.
     """
-    config, envs, device = setup.config, setup.envs, setup.device
+    config, envs, device, dist = setup.config, setup.envs, setup.device, setup.dist
     run_dir = setup.out / "phase2-checkpoints"
     init = Path(config.init) if config.init else setup.out / "phase1"
     if not init.exists():
         raise FileNotFoundError(f"phase 2 starts from a phase-1 policy, but '{init}' does not exist; run phase 1 "
                                 "first (--phase bc or both) or pass --init DIR")
     latest = ckpt.latest_checkpoint(run_dir)
-    state = PCLState.start(config, init, device, envs) if latest is None else PCLState.resume(latest, config, device, envs)
+    state = (PCLState.start(config, init, device, envs, dist) if latest is None
+             else PCLState.resume(latest, config, device, envs, dist))
     budgets_cycle = np.array(config.budgets, dtype=np.float64)
     t0 = time.time()
     if state.step == 0 and config.eval_every:  # the phase-1 policy is a candidate too
         state.selection = evaluate_and_select(setup, state, 0)
     progress = tqdm(range(state.step, config.pcl_batches), desc="phase 2 (PCL)", initial=state.step,
-                    total=config.pcl_batches)
+                    total=config.pcl_batches, disable=not dist.is_main)
+    rows = envs.num_envs  # this rank's rows: num_envs / N
     for step in progress:
-        # 1. One on-policy episode per prompt, budgets balanced over the batch.
-        budgets = state.rng.permutation(np.resize(budgets_cycle, config.num_envs))
-        index = state.rng.integers(len(setup.train_examples), size=config.num_envs)
+        # 1. One on-policy episode per prompt, budgets balanced over the batch (each rank: its rows, its examples).
+        budgets = state.rng.permutation(np.resize(budgets_cycle, rows))
+        index = draw_examples(state.rng, len(setup.train_examples), rows, dist)
         envs.set_lagrange_multipliers(state.dual.lambdas)
+        before = envs.reward_stats.mark()
         on_policy, _ = collect_on_policy(envs, state.policy, budgets.tolist(), index.tolist(), state.generator,
                                          config.rollout_temperature)
+        merge_reward_stats(envs.reward_stats, before, dist)  # μ_r, σ_r from every rank's episodes
         # 2. One oracle (off-policy) episode per prompt.
         oracle = oracle_batch(
             setup.teacher, state.policy, on_policy.prompt_ids, on_policy.prompt_mask, on_policy.budget,
-            setup.max_new_tokens, setup.task.eos_token_id, round_up_draws(config, state.rng, config.num_envs, device),
+            setup.max_new_tokens, setup.task.eos_token_id, round_up_draws(config, state.rng, rows, device),
             setup.task.teacher_prompts([setup.train_examples[i].source for i in index], budgets.tolist(), device),
         ).trajectories
         # 3. Several updates on a mix of on-policy, oracle and replayed episodes.
@@ -425,13 +516,19 @@ def train_phase2(setup: Setup) -> dict:
                 parts.append(replayed.to(device))
             batch = Trajectories.concat(parts)
             rewards = episode_rewards(batch, state.dual.lambdas, mu, sigma, config.reward_clip)
-            losses.append(pcl_update(state.policy, state.value, batch, rewards, config, state.optimizers))
+            scale = data_parallel_loss_scale(len(batch), all_sum(len(batch), dist), dist.world_size)
+            assert state.trained_policy is not None and state.trained_value is not None
+            losses.append(pcl_update(state.trained_policy, state.trained_value, batch, rewards, config,
+                                     state.optimizers, scale))
         state.replay.add(on_policy)
         state.replay.add(oracle)
-        # 4. The Lagrangian step from the trailing on-policy teacher use.
-        state.dual.record(on_policy.teacher_fraction_by_budget())
+        # 4. The Lagrangian step from the trailing on-policy teacher use (of every rank).
+        state.dual.record(all_sum_counts(on_policy.teacher_fraction_by_budget(), dist))
         state.dual.step()
         state.step = step + 1
+        if config.check_replicas:
+            check_replicas(dist, [*state.policy.parameters(), *state.value.parameters()], state.dual.lambdas,
+                           envs.reward_stats.mu, envs.reward_stats.sigma, what=f"state after phase-2 batch {state.step}")
         # 5. Logging.
         log_phase2_batch(setup.writer, step, on_policy, losses, state.dual, mu, sigma, config.reward_clip)
         fractions = state.dual.fractions
@@ -441,15 +538,21 @@ def train_phase2(setup: Setup) -> dict:
         if (config.eval_every and state.step % config.eval_every == 0) or done:
             state.selection = evaluate_and_select(setup, state, state.step)
         if state.step % config.checkpoint_every == 0 and not done:
-            ckpt.write_checkpoint(run_dir, state.step, lambda folder: state.save(folder, envs), keep=config.keep_checkpoints)
-    publish_dir(setup.out / "final", state.policy.save)
+            rank_states = all_gather_objects(state.rank_state(envs), dist)
+            if dist.is_main:
+                ckpt.write_checkpoint(run_dir, state.step, partial(state.save, envs=envs, other_ranks=rank_states[1:]),
+                                      keep=config.keep_checkpoints)
+            barrier(dist)
+    if dist.is_main:
+        publish_dir(setup.out / "final", state.policy.save)
+    barrier(dist)
     return {"batches": config.pcl_batches, "seconds_this_run": time.time() - t0, "lambdas": state.dual.lambdas,
             "reward_normalisers": {"mu": envs.reward_stats.mu, "sigma": envs.reward_stats.sigma},
-            "selection": state.selection}
+            "selection": state.selection, "processes": dist.world_size}
 
 
 def log_phase2_batch(
-    writer: SummaryWriter, step: int, on_policy: Trajectories, losses: list[float], dual: BudgetDual,
+    writer: SummaryWriter | NullWriter, step: int, on_policy: Trajectories, losses: list[float], dual: BudgetDual,
     mu: float, sigma: float, reward_clip: float,
 ) -> None:
     """TensorBoard scalars of one PCL batch: loss, reward, normalisers, teacher use and λ per budget."""
@@ -467,7 +570,8 @@ def log_phase2_batch(
 
 
 def evaluate_and_select(setup: Setup, state: PCLState, step: int) -> dict:
-    results = evaluate_budgets(state.policy, setup.task, setup.eval_examples, setup.config.budgets, setup.max_new_tokens)
+    results = evaluate_budgets(state.policy, setup.task, setup.eval_examples, setup.config.budgets, setup.max_new_tokens,
+                               dist=setup.dist)
     return select_checkpoint(setup, state.policy, results, step, state.selection)
 
 
@@ -499,7 +603,7 @@ def select_checkpoint(setup: Setup, policy: StudentPolicy, results: list[BudgetR
         or (not record["meets_budgets"] and not best["meets_budgets"] and record["worst_violation"] < best["worst_violation"])
     )
     selection = {"best": record if better else best, "evaluations": selection["evaluations"] + [record]}
-    if better:
+    if better and setup.dist.is_main:
         def build(folder: Path) -> None:
             policy.save(folder)
             write_json(folder / "selection.json", record)

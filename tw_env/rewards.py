@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -72,12 +73,31 @@ class RunningRewardStats:
         self._teacher: deque[float] = deque(maxlen=window)
         self._student: deque[float] = deque(maxlen=window)
         self._mu, self._sigma = 0.0, 1.0
+        self._added = [0, 0]  # values ever added (teacher, student): what :meth:`added_since` counts from
 
     def update(self, teacher_token_logprobs: Iterable[float], student_token_logprobs: Iterable[float]) -> None:
         """Add one episode's teacher log-likelihoods of teacher and of student tokens; refreshes μ_r, σ_r."""
-        self._teacher.extend(float(x) for x in teacher_token_logprobs)
-        self._student.extend(float(x) for x in student_token_logprobs)
+        teacher, student = [float(x) for x in teacher_token_logprobs], [float(x) for x in student_token_logprobs]
+        self._teacher.extend(teacher)
+        self._student.extend(student)
+        self._added[0] += len(teacher)
+        self._added[1] += len(student)
         self._refresh()
+
+    def mark(self) -> dict[str, Any]:
+        """A snapshot to rewind to, and to count new values from (:meth:`added_since`)."""
+        return {"state": self.state_dict(), "added": list(self._added)}
+
+    def added_since(self, mark: Mapping[str, Any]) -> tuple[list[float], list[float]]:
+        """The (teacher, student) values added since ``mark``, the last ``window`` of each at most.
+
+        Data-parallel training merges every rank's new values into one window
+        (``agents.distributed.merge_reward_stats``); older values would have left it anyway.
+        """
+        new = [min(now - then, self.window) for now, then in zip(self._added, mark["added"], strict=True)]
+        teacher = list(self._teacher)[len(self._teacher) - new[0]:] if new[0] else []
+        student = list(self._student)[len(self._student) - new[1]:] if new[1] else []
+        return teacher, student
 
     def _refresh(self) -> None:
         # Computed here, once per episode, because every env step reads them.
