@@ -121,8 +121,9 @@ def data_parallel_loss_scale(local_count: float, global_count: float, world_size
 
 def shard_bounds(total: int, world_size: int, rank: int) -> tuple[int, int]:
     """The contiguous ``[start, stop)`` of ``total`` items a rank evaluates (sizes differ by at most 1)."""
-    edges = np.linspace(0, total, world_size + 1).round().astype(int)
-    return int(edges[rank]), int(edges[rank + 1])
+    base, extra = divmod(total, world_size)  # the first `extra` ranks take one more
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
 
 
 def fingerprint(tensors: Sequence[torch.Tensor], *extra: Any) -> str:
