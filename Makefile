@@ -22,7 +22,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 install: $(BIN)/.installed
 
-# The README's main job: 45 minutes measured on this project's 2-core machine from a clean cache (docs/results-synthetic.md).
+# The README's main job: about 47 minutes on this project's 2-core machine from a clean cache (docs/results-synthetic.md).
 demo: install
 	$(BIN)/tw train --config configs/synthetic.json
 	$(BIN)/tw gkd   --config configs/synthetic-gkd.json
