@@ -337,7 +337,7 @@ def run(config: GKDConfig) -> dict:
             ids, mask, n_student = pair_prompts(ids, mask)
         batch = collect(student, teacher, ids, mask, n_student, max_new_tokens, eos)
         with torch.no_grad():
-            teacher_logits = logits_on(teacher, batch)[..., :vocab].float()
+            teacher_logits = logits_on(teacher, batch)[..., :vocab].float().to(device)
         # 2. Several reverse-KL updates on the same trajectories.
         tokens = float(batch.mask.sum())
         scale = data_parallel_loss_scale(tokens, all_sum(tokens, dist), dist.world_size)

@@ -106,8 +106,9 @@ def oracle_batch(
         input_ids=teacher_ids, attention_mask=teacher_mask, max_new_tokens=max_new_tokens, do_sample=False,
         num_beams=1, output_logits=True, return_dict_in_generate=True,
     )
-    output = family_of(teacher).generated_tokens(generated.sequences, teacher_ids.shape[1])
-    teacher_logits = torch.stack(generated.logits, dim=1)[..., :vocab].float()
+    # .to: a teacher spread over devices (device_map) returns on its own devices.
+    output = family_of(teacher).generated_tokens(generated.sequences, teacher_ids.shape[1]).to(prompt_ids.device)
+    teacher_logits = torch.stack(generated.logits, dim=1)[..., :vocab].float().to(prompt_ids.device)
     width = output.shape[1]
     is_eos = output == eos_token_id
     # Valid up to and including the first EOS (generate pads finished rows after it).

@@ -360,3 +360,46 @@ def test_real_xsum(shared):
         first = json.loads(f.readline())
     assert examples[0] == Example(first["document"], first["summary"])
     assert len(examples) == 3 and all(len(e.source) > len(e.reference) for e in examples)
+
+
+# ---------------------------------------------------------------------------------------------- a teacher over several devices
+def test_a_teacher_loaded_with_a_device_map_steps_the_env_like_one_on_its_device(tmp_path):
+    """``teacher_device_map`` (transformers' big-model loading through Accelerate). With no GPU here the
+    map puts the decoder's blocks on "disk" (offloaded, loaded by Accelerate's hooks as it runs) and the rest on
+    the CPU: the model is really dispatched, and the env, which calls the decoder directly, must see
+    exactly the rewards of the teacher loaded whole."""
+    import numpy as np
+
+    from tests.tiny_task import make_tiny_task
+    from tw_env.env import TeacherAssistedDecodingEnv
+    from tw_env.registration import make_task
+
+    tiny = make_tiny_task(tmp_path, n_train=8, n_validation=4)
+    plain = make_task("TrainingWheels-Synthetic-v0", **tiny.env_kwargs(), max_new_tokens=5)
+    device_map = {"shared": "cpu", "encoder": "cpu", "decoder.embed_tokens": "cpu", "decoder.block": "disk",
+                  "decoder.final_layer_norm": "cpu", "lm_head": "cpu"}
+    mapped = make_task("TrainingWheels-Synthetic-v0", **tiny.env_kwargs(), max_new_tokens=5,
+                       teacher_device_map=device_map, teacher_offload_folder=str(tmp_path / "offload"))
+    assert mapped.teacher.hf_device_map == device_map  # dispatched by Accelerate, not moved afterwards
+    # The decoder's weights are not in memory (meta tensors): its hook brings them in for each forward.
+    assert hasattr(mapped.teacher.decoder.block[0], "_hf_hook")
+    assert next(mapped.teacher.decoder.block.parameters()).device.type == "meta"
+    rewards = []
+    for task in (plain, mapped):
+        env = TeacherAssistedDecodingEnv(task)
+        env.reset(seed=0, options={"budget": 0.3, "index": 1})
+        steps = [env.step(a) for a in (5, env.unwrapped.teacher_action, 7)]
+        rewards.append(np.array([[reward, info["teacher_logprob"]] for _, reward, _, _, info in steps]))
+    np.testing.assert_array_equal(rewards[0], rewards[1])
+
+
+def test_a_bad_device_map_is_refused_before_loading(tmp_path):
+    from tests.tiny_task import make_tiny_task
+    from tw_env.models import load_model
+
+    tiny = make_tiny_task(tmp_path, n_train=8, n_validation=4)
+    with pytest.raises(ValueError, match=r"teacher_device_map must be one of \['auto', 'balanced'.*got 'everywhere'"):
+        load_model(str(tiny.teacher_dir), role="teacher", device_map="everywhere")
+    loaded = load_model(str(tiny.teacher_dir), role="teacher")
+    with pytest.raises(ValueError, match="device_map applies when the teacher is loaded"):
+        load_model(loaded, role="teacher", device_map="auto")

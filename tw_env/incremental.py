@@ -170,7 +170,8 @@ class IncrementalDecoder:
 
     def logits(self, decoder_states: torch.Tensor) -> torch.Tensor:
         """The LM head's logits ``[..., V]`` for final decoder states (as the model's own forward)."""
-        return lm_head_logits(self.model, decoder_states)
+        # .to: a teacher spread over devices (device_map) leaves its logits on its last one.
+        return lm_head_logits(self.model, decoder_states).to(self.device)
 
     def _compact(self) -> None:
         if self.self_mask.shape[1] <= 2 * self.max_episode_len + 1:

@@ -6,12 +6,14 @@ transformers ships are loaded, and weights come from safetensors files.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import os
 import socket
 import urllib.request
 from functools import cache
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import torch
@@ -160,32 +162,63 @@ def load_model(
     role: str = "model",
     device: str | torch.device | None = "cpu",
     dtype: str | torch.dtype | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> PreTrainedModel:
     """Load a teacher or student LM in eval mode from a hub id or a local directory.
 
     The model's family (:mod:`tw_env.families`) is read from its config first and decides the auto
     class; safetensors weights only, never remote code. A loaded model is moved and returned.
+
+    ``device_map`` spreads a model too large for one device over several (``"auto"``,
+    ``"balanced"``, or a ``{module: device}`` dict): transformers' big-model loading through
+    Accelerate (``pip install 'training-wheels[multi-device]'``). The model then stays where the
+    map put it (``device`` is ignored); its inputs go to its first device and the env moves its
+    logits back (``tw_env.incremental``). Modules mapped to ``"disk"`` are kept in
+    ``offload_folder`` and loaded as they run.
     """
     from tw_env.families import family_of
 
     if isinstance(name_or_path, PreTrainedModel):
+        if device_map is not None:
+            raise ValueError(f"device_map applies when the {role} is loaded; got an already loaded model: "
+                             "load it with from_pretrained(..., device_map=...) yourself, or pass its name")
         model = name_or_path
     else:
         source = _check_source(str(name_or_path), role)
+        if device_map is not None:
+            _check_device_map(device_map, role)
         try:
             offline = _offline_kwargs(source)
             config = AutoConfig.from_pretrained(source, trust_remote_code=False, **offline)
-            model = family_of(config).load(source, resolve_dtype(dtype), **offline)
+            placement: dict[str, Any] = {} if device_map is None else {"device_map": device_map}
+            if offload_folder is not None:
+                placement["offload_folder"] = str(offload_folder)
+            model = family_of(config).load(source, resolve_dtype(dtype), **offline, **placement)
         except (OSError, ValueError) as err:  # transformers raises ValueError for a folder without a model
             if "decoder-only" in str(err):
                 raise
             raise OSError(
                 f"could not load the {role} '{source}': {err}\n" + OFFLINE_HINT.format(name=source, role=role)
             ) from err
+        if device_map is not None:
+            return model.eval()
     # transformers decorates PreTrainedModel.to with functools.wraps(torch.nn.Module.to), which
     # typeshed types as the unbound Module.to (self missing); the call is the ordinary bound one.
     moved: PreTrainedModel = model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))  # type: ignore[call-arg]
     return moved.eval()
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _check_device_map(device_map: str | dict[str, Any], role: str) -> None:
+    if isinstance(device_map, str) and device_map not in DEVICE_MAP_STRATEGIES:
+        raise ValueError(f"{role}_device_map must be one of {list(DEVICE_MAP_STRATEGIES)} or a {{module: device}} "
+                         f"dict, got {device_map!r}")
+    if importlib.util.find_spec("accelerate") is None:
+        raise ImportError(f"{role}_device_map needs Accelerate (transformers' big-model loading): "
+                          "pip install 'training-wheels[multi-device]'")
 
 
 def load_tokenizer(

@@ -113,6 +113,8 @@ class Task:
         teacher_prompt: str | None = None,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype | None = None,
+        teacher_device_map: str | dict[str, Any] | None = None,
+        teacher_offload_folder: str | None = None,
     ) -> Task:
         """Check every argument and load the teacher and tokenizer; raises before loading on bad input.
 
@@ -127,6 +129,9 @@ class Task:
             max_new_tokens, max_prompt_length: output horizon and prompt truncation.
             teacher_prompt: None (the teacher reads Y) or a template with ``{source}``.
             device, dtype: where and in which precision the teacher runs.
+            teacher_device_map: a teacher too large for one device, spread over several
+                (``"auto"`` or a ``{module: device}`` dict; :func:`~tw_env.models.load_model`);
+                ``teacher_offload_folder`` keeps the modules it maps to ``"disk"``.
         """
         if max_new_tokens < 1 or max_prompt_length < 2:
             raise ValueError(
@@ -142,7 +147,8 @@ class Task:
             keyword_for(b)  # every budget needs a prompt keyword
         checked_examples = as_examples(examples)
         loaded_tokenizer = load_tokenizer(tokenizer)
-        loaded_teacher = load_model(teacher, role="teacher", device=device, dtype=dtype)
+        loaded_teacher = load_model(teacher, role="teacher", device=device, dtype=dtype, device_map=teacher_device_map,
+                                    offload_folder=teacher_offload_folder)
         vocab_size = output_vocab_size(loaded_teacher)
         family = family_of(loaded_teacher)
         if student is not None:
