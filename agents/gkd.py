@@ -53,7 +53,7 @@ from agents.distributed import (
 )
 from agents.evaluation import seeded_subset
 from agents.objectives import reverse_kl
-from agents.run import check_selection_data, load_tasks, start_run
+from agents.run import Throughput, check_selection_data, load_tasks, start_run
 from tw_env.atomic import publish_dir, write_json
 from tw_env.families import family_of
 from tw_env.metrics import quality
@@ -328,7 +328,9 @@ def run(config: GKDConfig) -> dict:
     t0 = time.time()
     progress = tqdm(range(start, config.batches), desc="GKD", initial=start, total=config.batches,
                     disable=not dist.is_main)
+    throughput = Throughput()
     for step in progress:
+        batch_start = time.perf_counter()
         # 1. Trajectories: student samples (on-policy) and teacher outputs for random training prompts
         #    (each rank: its batch_size / N prompts from its shard of the examples).
         index = draw_examples(rng, len(train_examples), rows, dist)
@@ -340,9 +342,11 @@ def run(config: GKDConfig) -> dict:
             teacher_logits = logits_on(teacher, batch)[..., :vocab].float().to(device)
         # 2. Several reverse-KL updates on the same trajectories.
         tokens = float(batch.mask.sum())
-        scale = data_parallel_loss_scale(tokens, all_sum(tokens, dist), dist.world_size)
+        all_tokens = all_sum(tokens, dist)
+        scale = data_parallel_loss_scale(tokens, all_tokens, dist.world_size)
         losses = [gkd_update(student, optimizer, batch, teacher_logits, config.grad_clip, trained, scale)
                   for _ in range(config.updates_per_batch)]
+        throughput.add(int(all_tokens), time.perf_counter() - batch_start)
         if config.check_replicas:
             check_replicas(dist, list(student.parameters()), what=f"student after GKD batch {step + 1}")
         writer.add_scalar("gkd/loss", float(np.mean(losses)), step)
@@ -373,6 +377,7 @@ def run(config: GKDConfig) -> dict:
         "seconds_this_run": time.time() - t0, "prompt": config.prompt, "eval_examples": len(eval_examples),
         "metric": eval_task.metric, "best": selection["best"], "evaluations": selection["evaluations"],
         "best_dir": str(out / "best"), "final_dir": str(out / "final"), "processes": dist.world_size,
+        **throughput.summary("trajectory"),
     }
     run_.write_summary(summary)
     return summary

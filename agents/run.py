@@ -126,3 +126,18 @@ def load_tasks(
     shared = {"teacher": train.teacher, "tokenizer": train.tokenizer}
     selection = make_task(env_id, **{**task_kwargs, **shared, "split": selection_split, **selection_overrides})
     return Tasks(train, selection, env_options)
+
+
+class Throughput:
+    """Tokens and seconds of the training steps alone (no evaluation, no checkpoint), all ranks' tokens."""
+
+    def __init__(self) -> None:
+        self.tokens, self.seconds = 0, 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens += int(tokens)
+        self.seconds += seconds
+
+    def summary(self, what: str) -> dict[str, float]:
+        return {f"{what}_tokens": self.tokens, "training_seconds": self.seconds,
+                f"{what}_tokens_per_s": self.tokens / self.seconds if self.seconds else 0.0}

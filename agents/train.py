@@ -54,7 +54,7 @@ from agents.evaluation import (
 from agents.lagrangian import BudgetDual
 from agents.objectives import pcl_loss, phase1_loss
 from agents.policy import StudentPolicy, ValueNetwork
-from agents.run import Run, check_selection_data, load_tasks, start_run
+from agents.run import Run, Throughput, check_selection_data, load_tasks, start_run
 from agents.trajectories import (
     ReplayBuffer,
     Trajectories,
@@ -491,7 +491,9 @@ def train_phase2(setup: Setup) -> dict:
     progress = tqdm(range(state.step, config.pcl_batches), desc="phase 2 (PCL)", initial=state.step,
                     total=config.pcl_batches, disable=not dist.is_main)
     rows = envs.num_envs  # this rank's rows: num_envs / N
+    throughput = Throughput()
     for step in progress:
+        batch_start = time.perf_counter()
         # 1. One on-policy episode per prompt, budgets balanced over the batch (each rank: its rows, its examples).
         budgets = state.rng.permutation(np.resize(budgets_cycle, rows))
         index = draw_examples(state.rng, len(setup.train_examples), rows, dist)
@@ -523,8 +525,10 @@ def train_phase2(setup: Setup) -> dict:
         state.replay.add(on_policy)
         state.replay.add(oracle)
         # 4. The Lagrangian step from the trailing on-policy teacher use (of every rank).
-        state.dual.record(all_sum_counts(on_policy.teacher_fraction_by_budget(), dist))
+        used = all_sum_counts(on_policy.teacher_fraction_by_budget(), dist)
+        state.dual.record(used)
         state.dual.step()
+        throughput.add(sum(tokens for _, tokens in used.values()), time.perf_counter() - batch_start)
         state.step = step + 1
         if config.check_replicas:
             check_replicas(dist, [*state.policy.parameters(), *state.value.parameters()], state.dual.lambdas,
@@ -548,7 +552,7 @@ def train_phase2(setup: Setup) -> dict:
     barrier(dist)
     return {"batches": config.pcl_batches, "seconds_this_run": time.time() - t0, "lambdas": state.dual.lambdas,
             "reward_normalisers": {"mu": envs.reward_stats.mu, "sigma": envs.reward_stats.sigma},
-            "selection": state.selection, "processes": dist.world_size}
+            "selection": state.selection, "processes": dist.world_size, **throughput.summary("on_policy")}
 
 
 def log_phase2_batch(

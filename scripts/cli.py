@@ -6,6 +6,7 @@
     tw plot  --results DIR                        # operating-point plots and the token view
     tw gkd   --config ...                         # DistillSpec's draft model (GKD), for the baseline
     tw bench-env ... | tw bench-decode ...        # speed benchmarks (docs/benchmarks.md)
+    tw bench-parallel ...                         # data-parallel training throughput (docs/benchmarks.md)
 
 Each subcommand has one typed config (a dataclass) that ``--config FILE.json`` and flags set;
 ``tw COMMAND --help`` lists its flags.
@@ -26,6 +27,7 @@ COMMANDS = {
     "plot": ("scripts.plot", "PlotConfig", "run"),
     "bench-env": ("scripts.bench_env", "BenchEnvConfig", "run"),
     "bench-decode": ("scripts.bench_decode", "BenchDecodeConfig", "run"),
+    "bench-parallel": ("scripts.bench_parallel", "BenchParallelConfig", "run"),
 }
 
 # subcommand -> what it does, for `tw --help` and `tw COMMAND --help`.  Written here rather than
@@ -43,6 +45,8 @@ HELP = {
                  "(docs/benchmarks.md).",
     "bench-decode": "Speed benchmark: decode latency (batch 1) and batched throughput of Training "
                     "Wheels against its neighbours (docs/benchmarks.md).",
+    "bench-parallel": "Speed benchmark: phase-2 and GKD tokens/s with 1 process against N data-parallel "
+                      "processes on the same cores (docs/benchmarks.md).",
 }
 
 

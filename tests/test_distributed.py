@@ -339,3 +339,22 @@ def test_killed_two_process_run_resumes_exactly(tiny, tmp_path):
     sb = json.loads((tmp_path / "interrupted" / "summary.json").read_text())["phase2"]
     assert sa["lambdas"] == sb["lambdas"] and sa["reward_normalisers"] == sb["reward_normalisers"]
     assert sa["selection"]["evaluations"] == sb["selection"]["evaluations"]
+
+
+@pytest.mark.slow
+def test_the_parallel_benchmark_reports_both_variants(tiny, tmp_path):
+    from scripts.bench_parallel import BenchParallelConfig
+    from scripts.bench_parallel import run as bench
+
+    policy = tmp_path / "phase1"
+    StudentPolicy.load(tiny.student_dir, device=torch.device("cpu")).save(policy)
+    train, gkd = tmp_path / "train.json", tmp_path / "gkd.json"
+    train.write_text(json.dumps({"num_envs": 6, "max_new_tokens": 6, "replay_per_update": 4}))
+    gkd.write_text(json.dumps({"batch_size": 4, "max_new_tokens": 6}))
+    result = bench(BenchParallelConfig(env_kwargs=tiny.env_kwargs(), init=str(policy), train_config=str(train),
+                                       gkd_config=str(gkd), pcl_batches=2, gkd_batches=2, repeats=1,
+                                       output=str(tmp_path / "out.json")))
+    assert [(r["processes"], r["threads_per_process"]) for r in result["runs"]] == [(1, 2), (2, 1)]
+    assert all(r["pcl_tokens_per_s"] > 0 and r["gkd_tokens_per_s"] > 0 for r in result["runs"])
+    assert len(result["pcl_parallel_over_single"]) == 1
+    assert json.loads((tmp_path / "out.json").read_text())["runs"] == result["runs"]
