@@ -182,17 +182,18 @@ def merge_reward_stats(stats: RunningRewardStats, before: dict[str, Any], info: 
     stats.update([x for teacher, _ in parts for x in teacher], [x for _, student in parts for x in student])
 
 
-def wrap(module: torch.nn.Module, info: Distributed) -> torch.nn.Module:
+def wrap(module: torch.nn.Module, info: Distributed, find_unused_parameters: bool = False) -> torch.nn.Module:
     """``module`` under ``DistributedDataParallel`` (gradients averaged in backward), or itself alone.
 
     Only the training forwards go through the wrapper; rollouts and evaluation call the module
-    itself under ``no_grad``. ``find_unused_parameters``: a loss need not reach every parameter
-    (the value network never reads the LM head).
+    itself under ``no_grad``. ``find_unused_parameters`` for a module whose loss does not reach
+    every parameter (the value network never reads its copy of the LM head).
     """
     if not info.enabled:
         return module
     device_ids = [module_device(module).index] if module_device(module).type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True)
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids,
+                                                     find_unused_parameters=find_unused_parameters)
 
 
 def module_device(module: torch.nn.Module) -> torch.device:

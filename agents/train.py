@@ -397,7 +397,7 @@ class PCLState:
     def __post_init__(self) -> None:
         # DDP broadcasts rank 0's weights when it wraps, so every rank starts from the same ones.
         self.trained_policy = wrap(self.policy, self.dist)
-        self.trained_value = wrap(self.value, self.dist)
+        self.trained_value = wrap(self.value, self.dist, find_unused_parameters=True)  # its LM head is unused
 
     @classmethod
     def start(cls, config: TrainConfig, policy_dir: Path, device: torch.device,
