@@ -152,8 +152,6 @@ def all_sum(value: float, info: Distributed) -> float:
 
 def all_sum_counts(counts: Counts, info: Distributed) -> dict[float, tuple[int, int]]:
     """{budget: (teacher calls, tokens)} summed over every rank's rollout (λ steps on all of them)."""
-    if not info.enabled:
-        return {b: (int(c), int(t)) for b, (c, t) in counts.items()}
     return merge_counts(all_gather_objects(dict(counts), info))
 
 
@@ -241,11 +239,11 @@ def draw_examples(rng: np.random.Generator, total: int, size: int, info: Distrib
     return start + rng.integers(stop - start, size=size)
 
 
-def rank_part(state: dict[str, Any], key: str, info: Distributed, folder: Path) -> Any:
-    """This rank's entry of a checkpoint's per-rank list (``rank_<key>``), after checking the world size.
+def check_world_size(state: dict[str, Any], info: Distributed, folder: Path) -> None:
+    """Refuse a checkpoint written by another number of processes, saying what to do instead.
 
-    A checkpoint holds one random state per rank, so it resumes only with the number of processes
-    that wrote it (a single-process checkpoint has no ``world_size``: 1).
+    A checkpoint holds one random state (and replay buffer) per rank, so it resumes exactly only
+    with the number of processes that wrote it (a single-process checkpoint has no ``world_size``: 1).
     """
     written_by = int(state.get("world_size", 1))
     if written_by != info.world_size:
@@ -255,4 +253,9 @@ def rank_part(state: dict[str, Any], key: str, info: Distributed, folder: Path) 
             f"--nproc-per-node/--nnodes giving {written_by} processes, or start a new output_dir "
             f"(e.g. with init pointing at {folder}/policy to continue from its weights)"
         )
+
+
+def rank_part(state: dict[str, Any], key: str, info: Distributed, folder: Path) -> Any:
+    """This rank's entry of a checkpoint's per-rank list (``rank_<key>``), after :func:`check_world_size`."""
+    check_world_size(state, info, folder)
     return state[f"rank_{key}"][info.rank] if f"rank_{key}" in state else state[key]

@@ -203,7 +203,7 @@ def gkd_update(
     """
     loss = gkd_loss(student, batch, teacher_logits, forward)
     optimizer.zero_grad(set_to_none=True)
-    (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+    (loss * loss_scale).backward()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
     optimizer.step()

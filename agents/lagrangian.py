@@ -20,13 +20,7 @@ Counts = Mapping[float, tuple[int, int]]  # {budget: (teacher calls, output toke
 
 def trailing_fractions(history: Iterable[Counts]) -> dict[float, float]:
     """Token-level teacher fraction per budget over the rollouts in ``history``."""
-    totals: dict[float, list[int]] = {}
-    for counts in history:
-        for b, (calls, tokens) in counts.items():
-            acc = totals.setdefault(b, [0, 0])
-            acc[0] += calls
-            acc[1] += tokens
-    return {b: calls / tokens for b, (calls, tokens) in totals.items() if tokens > 0}
+    return {b: calls / tokens for b, (calls, tokens) in merge_counts(history).items() if tokens > 0}
 
 
 def merge_counts(parts: Iterable[Counts]) -> dict[float, tuple[int, int]]:

@@ -26,6 +26,7 @@ from transformers import PreTrainedModel
 import tw_env  # noqa: F401  (registers the tasks)
 from agents import checkpoint as ckpt
 from agents.distributed import (
+    SINGLE,
     Distributed,
     NullWriter,
     all_gather_objects,
@@ -33,6 +34,7 @@ from agents.distributed import (
     all_sum_counts,
     barrier,
     check_replicas,
+    check_world_size,
     data_parallel_loss_scale,
     draw_examples,
     merge_reward_stats,
@@ -279,7 +281,7 @@ def train_phase1(setup: Setup) -> dict:
         tokens = float(traj.mask.sum())
         scale = data_parallel_loss_scale(tokens, all_sum(tokens, dist), dist.world_size)
         optimizer.zero_grad(set_to_none=True)
-        (loss * scale if dist.enabled else loss).backward()
+        (loss * scale).backward()  # scale is 1 for one process (exact: the run is unchanged)
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
         optimizer.step()
@@ -352,7 +354,7 @@ def pcl_update(
     loss = pcl_loss(log_pi, values[:, :-1], rewards, mask, config.tau, config.gamma, config.horizon, bootstrap)
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
-    (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+    (loss * loss_scale).backward()
     if config.grad_clip:
         torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
         torch.nn.utils.clip_grad_norm_(value.parameters(), config.grad_clip)
@@ -390,9 +392,9 @@ class PCLState:
     generator: torch.Generator  # rollout sampling and replay draws
     selection: dict = field(default_factory=lambda: {"best": None, "evaluations": []})
     step: int = 0
-    dist: Distributed = field(default_factory=Distributed)
-    trained_policy: torch.nn.Module | None = None
-    trained_value: torch.nn.Module | None = None
+    dist: Distributed = SINGLE
+    trained_policy: torch.nn.Module = field(init=False)
+    trained_value: torch.nn.Module = field(init=False)
 
     def __post_init__(self) -> None:
         # DDP broadcasts rank 0's weights when it wraps, so every rank starts from the same ones.
@@ -401,9 +403,8 @@ class PCLState:
 
     @classmethod
     def start(cls, config: TrainConfig, policy_dir: Path, device: torch.device,
-              envs: TeacherAssistedDecodingVectorEnv, dist: Distributed | None = None) -> PCLState:
+              envs: TeacherAssistedDecodingVectorEnv, dist: Distributed = SINGLE) -> PCLState:
         """A fresh state from a policy folder; every random stream comes from the run's seed (and rank)."""
-        dist = dist or Distributed()
         seed = rank_seed(config.seed, dist.rank)
         torch.manual_seed(config.seed + 1)  # the value head's initialisation: the same on every rank
         policy = StudentPolicy.load(policy_dir, device=device).eval()
@@ -416,15 +417,13 @@ class PCLState:
 
     @classmethod
     def resume(cls, folder: Path, config: TrainConfig, device: torch.device,
-               envs: TeacherAssistedDecodingVectorEnv, dist: Distributed | None = None) -> PCLState:
+               envs: TeacherAssistedDecodingVectorEnv, dist: Distributed = SINGLE) -> PCLState:
         """The state saved by :meth:`save` in ``folder``: models, optimisers, λ, replay, normalisers, RNGs, step.
 
         Rank r > 0 of a data-parallel run reads its own replay and random states from ``rank-r/``;
-        a checkpoint resumes only with the world size that wrote it (:func:`rank_part`).
+        a checkpoint resumes only with the world size that wrote it (:func:`check_world_size`).
         """
-        dist = dist or Distributed()
-        shared = ckpt.load_json(folder / "state.json")
-        rank_part(shared, "rng", dist, folder)  # refuses a different world size before anything loads
+        check_world_size(ckpt.load_json(folder / "state.json"), dist, folder)  # before anything loads
         state = cls.start(config, folder / "policy", device, envs, dist)
         load_model(state.value, str(folder / "value.safetensors"), device=str(device))
         ckpt.load_optimizer(folder / "policy_optimizer.pt", state.optimizers[0])
@@ -519,7 +518,6 @@ def train_phase2(setup: Setup) -> dict:
             batch = Trajectories.concat(parts)
             rewards = episode_rewards(batch, state.dual.lambdas, mu, sigma, config.reward_clip)
             scale = data_parallel_loss_scale(len(batch), all_sum(len(batch), dist), dist.world_size)
-            assert state.trained_policy is not None and state.trained_value is not None
             losses.append(pcl_update(state.trained_policy, state.trained_value, batch, rewards, config,
                                      state.optimizers, scale))
         state.replay.add(on_policy)

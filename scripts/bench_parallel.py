@@ -12,6 +12,7 @@ excluded), read from its ``summary.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -100,7 +101,7 @@ def run(config: BenchParallelConfig) -> dict[str, Any]:
                        "gkd_tokens_per_s": distil["trajectory_tokens_per_s"], "gkd_seconds": distil["training_seconds"]}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    result: dict[str, Any] = {"config": {k: v for k, v in vars(config).items()}, "runs": rows}
+    result: dict[str, Any] = {"config": dataclasses.asdict(config), "runs": rows}
     for what in ("pcl", "gkd"):
         ratios = [p[f"{what}_tokens_per_s"] / s[f"{what}_tokens_per_s"] for s, p in zip(rows[::2], rows[1::2], strict=True)]
         result[f"{what}_parallel_over_single"] = ratios
