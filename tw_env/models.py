@@ -26,6 +26,12 @@ OFFLINE_HINT = (
     "e.g. gym.make(..., {role}='DIR')."
 )
 
+
+
+class UnsupportedModelError(ValueError):
+    """A model (or config) the library cannot run exactly: the wrong family, or an unsupported variant."""
+
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -195,9 +201,9 @@ def load_model(
             if offload_folder is not None:
                 placement["offload_folder"] = str(offload_folder)
             model = family_of(config).load(source, resolve_dtype(dtype), **offline, **placement)
+        except UnsupportedModelError:
+            raise  # already says what was loaded and what is expected
         except (OSError, ValueError) as err:  # transformers raises ValueError for a folder without a model
-            if "decoder-only" in str(err):
-                raise
             raise OSError(
                 f"could not load the {role} '{source}': {err}\n" + OFFLINE_HINT.format(name=source, role=role)
             ) from err
@@ -271,11 +277,12 @@ def cache_keyword(module: torch.nn.Module) -> str:
 def lm_head_logits(model: PreTrainedModel, decoder_hidden: torch.Tensor) -> torch.Tensor:
     """Apply the model's LM head to final decoder states exactly as its own forward does.
 
-    T5 with tied embeddings rescales the decoder output by d_model^-0.5 before the head.
+    T5 with tied embeddings rescales the decoder output by d_model^-0.5 before the head; a causal LM
+    (Llama, Qwen) applies its head as is, tied or not.
     """
     scale = getattr(model.config, "scale_decoder_outputs", None)
-    if scale is None:  # transformers 4.x names it after weight tying
-        scale = getattr(model.config, "tie_word_embeddings", False)
+    if scale is None and getattr(model.config, "is_encoder_decoder", False):
+        scale = getattr(model.config, "tie_word_embeddings", False)  # transformers 4.x names it after weight tying
     if scale:
         decoder_hidden = decoder_hidden * (model.config.d_model**-0.5)
     return model.get_output_embeddings()(decoder_hidden)

@@ -1,0 +1,315 @@
+"""Batched incremental decoding of a causal (decoder-only) LM in which each row restarts on its own.
+
+Why this exists: the environment steps N episodes in lock step, with one teacher forward per step,
+and episodes end at different times (autoreset). A causal teacher reads its prompt C^(T) followed
+by X^(out); re-running a prefix is never allowed, so the prompt is prefilled into the KV cache once
+per episode and every env step is one decoder step. Rows have prompts of different lengths and
+restart, roll back and advance without disturbing each other.
+
+How (the same interface as :class:`tw_env.incremental.IncrementalDecoder`):
+
+- **One row, one contiguous run of cache columns, column = position.** Each row's keys and values
+  live in its own row of a preallocated ``[N, kv_heads, capacity, head_dim]`` buffer per layer,
+  from column 0: row b's token at position p sits in column p. ``length[b]`` is the number of
+  tokens the row holds, which is also the position of its next token.
+- **Positions.** Every forward passes explicit per-row ``position_ids`` (``length[b] + 0..k-1``),
+  so RoPE positions are exactly those of an unbatched run: 0..L−1 for the context, then L, L+1, ...
+- **Masks.** A 4D additive mask ``[N, 1, k, width]`` (0 where visible, the dtype's minimum
+  elsewhere) lets the query at position q see columns 0..q of its own row (and, for sliding-window
+  layers, only the last ``sliding_window`` of them). Columns past a row's own length hold stale
+  values of an earlier episode or a rolled-back draft; causality hides them, and the row's next
+  tokens overwrite them. No padding is ever visible, so no 2D padding mask is needed.
+- **Restart** of rows R runs one forward over those rows only (their contexts right-padded to a
+  common width L, positions 0..L−1, causal mask) and writes their keys/values into columns 0..L−1
+  of their own buffer rows; the other rows are not touched and need no forward. A padded context
+  token lands past its row's length, where causality hides it. The context is what
+  :meth:`~tw_env.families.DecoderOnlyFamily.restart_inputs` returns: the prompt minus its last
+  token, which the row's first step reads (as T5's decoder reads its start token).
+- **Step** writes the k new tokens of every row at columns ``length[b]..length[b]+k−1`` (a scatter)
+  and attends ``width = max(length) + k`` columns.
+- **Rollback** of the newest ``discard[b]`` tokens of row b only rewinds ``length[b]``: the row stays
+  contiguous, so the next token gets the right position and column, and the discarded keys are
+  hidden by causality until they are overwritten. Exact, and nothing is copied.
+- **Compaction.** Nothing is ever dropped from the middle (a row has no gaps). Attention reads only
+  ``max(length) + k`` columns; the buffer grows when a longer context arrives and is trimmed when it
+  holds more than twice what the rows need, so memory stays N × (longest context + episode).
+
+Only architectures whose attention takes an explicit 4D mask and position ids run here: the eager
+and SDPA attention implementations, full or sliding-window layers, an LM head applied as is
+(:func:`check_supported_causal_lm` says why a model is refused). Tested on Llama, Qwen2 (with and
+without sliding-window layers) and Qwen3.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from tw_env.models import UnsupportedModelError, cache_keyword, lm_head_logits
+
+SUPPORTED_ATTENTION = ("eager", "sdpa")
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def check_supported_causal_lm(model: PreTrainedModel) -> None:
+    """Raise :class:`~tw_env.models.UnsupportedModelError` for a causal LM this decoder cannot run exactly."""
+    config = model.config
+    name = getattr(config, "model_type", type(model).__name__)
+    attention = getattr(config, "_attn_implementation", None) or "eager"
+    if attention not in SUPPORTED_ATTENTION:
+        raise UnsupportedModelError(
+            f"the {name} model uses attn_implementation={attention!r}; the causal incremental decoder passes its own "
+            f"4D attention masks, which need one of {list(SUPPORTED_ATTENTION)} (load it with attn_implementation='sdpa')"
+        )
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    if not layer_types <= set(SUPPORTED_LAYER_TYPES):
+        raise UnsupportedModelError(
+            f"the {name} model has layer types {sorted(layer_types - set(SUPPORTED_LAYER_TYPES))}; the causal "
+            f"incremental decoder supports {list(SUPPORTED_LAYER_TYPES)}"
+        )
+    for key in ("final_logit_softcapping", "logit_scale"):
+        if getattr(config, key, None) not in (None, 1, 1.0):
+            raise UnsupportedModelError(
+                f"the {name} model sets {key}={getattr(config, key)!r}, which its LM head applies and the incremental "
+                "decoder does not; expected a model whose logits are its LM head's output (Llama, Qwen2, Qwen3)"
+            )
+    if "position_ids" not in inspect.signature(model.base_model.forward).parameters:
+        raise UnsupportedModelError(
+            f"the {name} model takes no position_ids; the causal incremental decoder gives each row its own positions"
+        )
+
+
+@dataclass
+class _Slots:
+    """Where the forward in progress writes its new keys/values, shared by every cache layer."""
+
+    batch_size: int
+    capacity: int = 0  # columns each layer's buffer must hold
+    rows: torch.Tensor | None = None  # the rows this forward reads ([R]); None: every row
+    columns: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.long))  # [R, k]
+    width: int = 0  # columns the forward attends
+    prefill: bool = False  # a restart: the forward attends its own new tokens only
+
+
+class _RowLayer(CacheLayerMixin):
+    """One layer's keys/values ``[N, kv_heads, capacity, head_dim]``; a forward writes its tokens at
+    per-row columns (:class:`_Slots`) and attends the first ``width`` columns."""
+
+    is_sliding = False  # the window is in the mask; every layer keeps all columns
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, slots: _Slots) -> None:
+        super().__init__()
+        self.slots = slots
+        self._keys = torch.zeros(0)
+        self._values = torch.zeros(0)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        shape = (self.slots.batch_size, key_states.shape[1], self.slots.capacity)
+        self._keys = key_states.new_zeros((*shape, key_states.shape[-1]))
+        self._values = value_states.new_zeros((*shape, value_states.shape[-1]))
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.slots
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        elif self._keys.shape[2] < s.capacity:
+            self.resize(s.capacity)
+        rows = torch.arange(s.batch_size, device=key_states.device) if s.rows is None else s.rows
+        if torch.is_grad_enabled():  # keep the tensors earlier forwards saved for backward intact
+            self._keys, self._values = self._keys.clone(), self._values.clone()
+        index = (rows[:, None], slice(None), s.columns)  # -> [R, k, kv_heads, head_dim]
+        self._keys[index] = key_states.transpose(1, 2).to(self._keys.dtype)
+        self._values[index] = value_states.transpose(1, 2).to(self._values.dtype)
+        self.keys, self.values = self._keys, self._values
+        if s.prefill:  # a restarted row's context attends only itself
+            return key_states, value_states
+        return self._keys[:, :, : s.width], self._values[:, :, : s.width]
+
+    def resize(self, capacity: int) -> None:
+        """Grow (zero-padded) or trim the buffers to ``capacity`` columns."""
+        pad = capacity - self._keys.shape[2]
+        if pad >= 0:
+            self._keys, self._values = F.pad(self._keys, (0, 0, 0, pad)), F.pad(self._values, (0, 0, 0, pad))
+        else:  # clone: a slice would keep the whole old buffer alive
+            self._keys, self._values = self._keys[:, :, :capacity].clone(), self._values[:, :, :capacity].clone()
+        self.keys, self.values = self._keys, self._values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.slots.width, 0
+
+    def get_seq_length(self) -> int:
+        return self.slots.width
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class CausalIncrementalDecoder:
+    """Incremental decoding state for ``batch_size`` rows of one causal LM (see the module docstring).
+
+    Call :meth:`restart` for rows that begin a new episode with their context (right-padded ids and
+    mask; a row's context may be empty), then :meth:`step` once per token with one input per row
+    (token ids or embeddings). The caller chooses ``torch.no_grad()``.
+    """
+
+    def __init__(self, model: PreTrainedModel, batch_size: int, max_episode_len: int) -> None:
+        check_supported_causal_lm(model)
+        self.model = model
+        self.batch_size = batch_size
+        self.max_episode_len = max_episode_len
+        self.device = model.device
+        self.body = model.base_model  # the transformer without its LM head
+        config = model.config
+        self._mask_dtype = model.get_input_embeddings().weight.dtype
+        layer_types = list(getattr(config, "layer_types", None) or ())
+        window = getattr(config, "sliding_window", None)
+        # Models with per-layer types take one mask per type; others one mask (windowed if they slide).
+        self._mask_types = sorted(set(layer_types)) if "sliding_attention" in layer_types else None
+        self._window: int | None = int(window) if window is not None and (self._mask_types or not layer_types) else None
+        self.length = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # tokens held = next position
+        self.read = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # tokens stepped since restart
+        self._slots = _Slots(batch_size)
+        self._layers = [_RowLayer(self._slots) for _ in range(config.num_hidden_layers)]
+        self.cache = Cache(layers=list(self._layers))
+        self._cache_keyword = cache_keyword(self.body)
+        self._restarted = False
+
+    # ------------------------------------------------------------------ restarts
+    def restart(self, rows: torch.Tensor | list[int], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Begin new episodes in ``rows`` whose contexts are ``input_ids`` ([len(rows), L], right-padded)."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        if not self._restarted and len(rows) != self.batch_size:
+            raise ValueError(f"the first restart must cover all {self.batch_size} rows, got {len(rows)}")
+        input_ids = input_ids.to(self.device)
+        attention_mask = attention_mask.to(self.device)
+        lengths = attention_mask.sum(dim=1).long()
+        width = input_ids.shape[1]
+        columns = torch.arange(width, device=self.device)
+        if not torch.equal(attention_mask.bool(), columns[None, :] < lengths[:, None]):
+            raise ValueError("restart() expects right-padded contexts: each mask row all ones, then all zeros")
+        self._restarted = True
+        self.length[rows] = 0
+        self.read[rows] = 0
+        if lengths.numel() and int(lengths.max()) > 0:
+            self._reserve(max(width, int(self.length.max()) + 1))
+            positions = columns[None, :].expand(len(rows), width)
+            self._slots.rows, self._slots.columns, self._slots.width, self._slots.prefill = rows, positions, width, True
+            try:
+                self._forward(positions, {"input_ids": input_ids})
+            finally:
+                self._slots.rows, self._slots.prefill = None, False
+        self.length[rows] = lengths
+        self._compact()
+
+    # ------------------------------------------------------------------ steps
+    def step(
+        self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Advance every row by one token (``[B]`` ids or ``[B, d]`` embeddings): final states ``[B, d]``.
+
+        Inputs with an extra time axis (``[B, k]`` ids or ``[B, k, d]`` embeddings) advance every row
+        by k tokens in one forward, as a verifier or a catching-up teacher does; then ``[B, k, d]``.
+        """
+        if not self._restarted:
+            raise RuntimeError("restart() must be called for every row before step()")
+        inputs = input_ids if inputs_embeds is None else inputs_embeds
+        if inputs is None:
+            raise TypeError("step() needs input_ids or inputs_embeds")
+        single = inputs.dim() == (1 if inputs_embeds is None else 2)  # no time axis
+        inputs = inputs[:, None] if single else inputs
+        k = inputs.shape[1]
+        positions = self.length[:, None] + torch.arange(k, device=self.device)[None, :]
+        width = int(self.length.max()) + k
+        self._reserve(width)
+        self._slots.columns, self._slots.width = positions, width
+        hidden = self._forward(positions, {"input_ids" if inputs_embeds is None else "inputs_embeds": inputs})
+        self.length += k
+        self.read += k
+        return hidden[:, -1] if single else hidden
+
+    def rollback(self, discard: torch.Tensor) -> None:
+        """Forget the newest ``discard[b]`` tokens of each row b (rejected drafts), per row.
+
+        Only the row's length rewinds: its next token takes the first discarded position and column,
+        and the discarded keys stay hidden (causally) until they are overwritten.
+        """
+        discard = torch.as_tensor(discard, dtype=torch.long, device=self.device)
+        if bool((discard < 0).any()) or bool((discard > self.read).any()):
+            raise ValueError(
+                f"rollback discards {discard.tolist()} tokens, but the rows read {self.read.tolist()} since their "
+                "restart; expected 0 <= discard <= what each row read"
+            )
+        self.length -= discard
+        self.read -= discard
+
+    def logits(self, decoder_states: torch.Tensor) -> torch.Tensor:
+        """The LM head's logits ``[..., V]`` for final states (as the model's own forward)."""
+        # .to: a model spread over devices (device_map) leaves its logits on its last one.
+        return lm_head_logits(self.model, decoder_states).to(self.device)
+
+    @property
+    def clock(self) -> int:
+        """The columns the next step attends before its own: the longest row (context + tokens read)."""
+        return int(self.length.max())
+
+    @property
+    def capacity(self) -> int:
+        """The columns each layer's key/value buffer holds now."""
+        return self._slots.capacity
+
+    # ------------------------------------------------------------------ internals
+    def _forward(self, positions: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self.body(
+            **inputs,
+            attention_mask=self._attention_mask(positions, self._slots.width),
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_keyword: self.cache},
+        )
+        hidden: torch.Tensor = out.last_hidden_state
+        return hidden
+
+    def _attention_mask(self, positions: torch.Tensor, width: int) -> torch.Tensor | dict[str, torch.Tensor]:
+        # Query at position q sees its own row's columns 0..q (columns are positions); sliding-window
+        # layers only the last `window` of them. Additive: a float mask works for eager and SDPA alike.
+        columns = torch.arange(width, device=self.device)[None, None, :]
+        queries = positions[:, :, None]
+        causal = columns <= queries
+        minimum = torch.finfo(self._mask_dtype).min
+
+        def additive(visible: torch.Tensor) -> torch.Tensor:
+            mask = torch.zeros(visible.shape, dtype=self._mask_dtype, device=self.device)
+            return mask.masked_fill(~visible, minimum)[:, None]
+
+        if self._window is None:
+            return additive(causal)
+        windowed = additive(causal & (columns > queries - self._window))
+        if self._mask_types is None:
+            return windowed
+        return {"full_attention": additive(causal), "sliding_attention": windowed}
+
+    def _reserve(self, columns: int) -> None:
+        if columns > self._slots.capacity:
+            # Room for a whole episode past the need, so that a step rarely grows the buffers.
+            self._slots.capacity = columns + self.max_episode_len + 1
+
+    def _compact(self) -> None:
+        # Trim buffers that hold more than twice what the rows need (after a long context has gone).
+        need = int(self.length.max()) + self.max_episode_len + 1
+        if self._slots.capacity > 2 * need:
+            self._slots.capacity = need
+            for layer in self._layers:
+                if layer.is_initialized:
+                    layer.resize(need)
