@@ -236,9 +236,12 @@ class TeacherAssistedDecodingEnv(TaskAttributes, gym.Env):
     the teacher (part of the environment's dynamics) for that token. Two sequences are kept
     (Eq. 13–14): X^(out), the output text, and X^(in), the student's internal state, in which a
     teacher-produced token t is stored as t + V so that the student can see where it asked for help.
-    The teacher reads (X^(out), C^(T)): its encoder runs once per episode and its decoder advances
-    one token per step with a KV cache, so its distribution p(·|X^(out)_<i, C^(T)) is always at
-    hand, both to score a student token and to produce a teacher token. C^(T) is the teacher's own
+    The teacher reads (X^(out), C^(T)) and advances one token per step with a KV cache, so its
+    distribution p(·|X^(out)_<i, C^(T)) is always at hand, both to score a student token and to
+    produce a teacher token. An encoder-decoder teacher (T5) runs its encoder on C^(T) once per
+    episode; a decoder-only teacher (``AutoModelForCausalLM``: Llama, Qwen) reads C^(T) followed
+    directly by X^(out), its prompt prefilled into the cache once per episode
+    (:mod:`tw_env.causal_incremental`). C^(T) is the teacher's own
     prompt (the paper's §2.3 names the two prefixes C^(S) and C^(T)): by default Y itself; with
     ``teacher_prompt`` a budget-free template, so that an instruction meant for the student does
     not move the teacher.
@@ -279,7 +282,8 @@ class TeacherAssistedDecodingEnv(TaskAttributes, gym.Env):
     examples, instruction, metric, budgets, prompts and lengths, validated once), or the task's
     fields as keywords, which build one (``Task.build``):
 
-    - ``teacher``: hub id, local directory or a loaded seq2seq model.
+    - ``teacher``: hub id, local directory or a loaded model: seq2seq (T5) or causal LM (Llama, Qwen),
+      read from its config; a ``student`` must be of the same family.
     - ``tokenizer``: the student's tokenizer (hub id, directory or object); the vocabulary is shared.
     - ``examples``: (source, reference) pairs.
     - ``instruction``: e.g. ``"summarize"`` or ``"translate German to English"``.

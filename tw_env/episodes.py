@@ -60,9 +60,11 @@ class EpisodeBatch:
         self.reward_clip = reward_clip
         self.device = teacher.device
         self.family = family if family is not None else family_of(teacher)
-        self.start_token_id = self.family.start_token_id(teacher)
         self.decoder = self.family.incremental_decoder(teacher, num_rows, max_new_tokens)
         n, m, p = num_rows, max_new_tokens, max_prompt_length
+        # The token each row's teacher reads first: T5's decoder start token, a causal LM's last prompt
+        # token (ModelFamily.restart_inputs); set when the row starts an episode.
+        self.first_tokens = np.zeros(n, dtype=np.int64)
         self.prompt_ids = np.zeros((n, p), dtype=np.int64)
         self.prompt_length = np.zeros(n, dtype=np.int64)
         self.state_ids = np.zeros((n, m), dtype=np.int64)  # X^(in): teacher tokens stored as t + V
@@ -80,17 +82,20 @@ class EpisodeBatch:
         self, rows: np.ndarray, prompts: list[list[int]], budgets: np.ndarray, advance: bool = True,
         teacher_prompts: list[list[int]] | None = None,
     ) -> None:
-        """Begin episodes in ``rows``; with ``advance`` the teacher reads the decoder start token now.
+        """Begin episodes in ``rows``; with ``advance`` the teacher reads each row's first token now.
 
-        Without ``advance`` (the vector env) the start token joins the next batched step instead.
-        ``prompts`` are the student's (observed) prompts Y; the teacher's encoder reads
-        ``teacher_prompts`` (C^(T)) when given, else Y.
+        Without ``advance`` (the vector env) the first tokens (``first_tokens``) join the next batched
+        step instead. ``prompts`` are the student's (observed) prompts Y; the teacher reads
+        ``teacher_prompts`` (C^(T)) when given, else Y: an encoder-decoder's encoder reads it whole and
+        its decoder starts from the start token; a causal LM's cache is prefilled with all of it
+        but its last token, which is the row's first token (``ModelFamily.restart_inputs``).
         """
         rows = np.asarray(rows, dtype=np.int64)
         teacher_prompts = prompts if teacher_prompts is None else teacher_prompts
         if len(teacher_prompts) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(teacher_prompts)} teacher prompts")
-        ids, mask = pad_token_lists(teacher_prompts)
+        context, first_tokens = self.family.restart_inputs(self.teacher, teacher_prompts)
+        ids, mask = pad_token_lists(context)
         for row, prompt in zip(rows, prompts, strict=True):
             self.prompt_ids[row] = 0
             self.prompt_ids[row, : len(prompt)] = prompt
@@ -103,22 +108,22 @@ class EpisodeBatch:
         self.calls[rows] = 0
         self.budget[rows] = budgets
         self.done[rows] = False
+        self.first_tokens[rows] = first_tokens
         if len(rows) == self.num_rows:
             # Every row restarts: drop the old caches, so a full reset always starts from the same state.
             self.decoder = self.family.incremental_decoder(self.teacher, self.num_rows, self.max_new_tokens)
         with torch.no_grad():
             self.decoder.restart(torch.from_numpy(rows), ids, mask)
         if advance and len(rows) == self.num_rows:
-            self.advance(np.full(self.num_rows, self.start_token_id))
+            self.advance(self.first_tokens.copy())
         elif advance:
             self._advance_subset(rows)
 
     def _advance_subset(self, rows: np.ndarray) -> None:
-        # Only `rows` should read the start token now; the shared clock steps every row, so the
-        # others read a placeholder that is rolled back at once, and keep their distributions.
+        # Only `rows` should read their first token now; a step advances every row, so the others
+        # read a placeholder that is rolled back at once, and keep their distributions.
         previous = self.teacher_logprobs
-        tokens = np.full(self.num_rows, self.start_token_id)
-        self.advance(tokens)
+        self.advance(self.first_tokens.copy())
         others = np.setdiff1d(np.arange(self.num_rows), rows)
         discard = torch.zeros(self.num_rows, dtype=torch.long)
         discard[torch.from_numpy(others)] = 1

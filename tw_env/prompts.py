@@ -88,7 +88,8 @@ def fill_template(template: str, instruction: str, source: str) -> str:
 def pad_token_lists(
     encoded: Sequence[Sequence[int]], device: torch.device | str | None = None, pad_id: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token-id lists into ``[B, L]`` ids and an attention mask (every list non-empty)."""
+    """Right-pad token-id lists into ``[B, L]`` ids and an attention mask (a list may be empty: a causal
+    teacher's context for a one-token prompt)."""
     if not encoded:
         raise ValueError("nothing to pad: expected at least one token list")
     width = max(len(e) for e in encoded)

@@ -119,13 +119,15 @@ class Task:
         """Check every argument and load the teacher and tokenizer; raises before loading on bad input.
 
         Args:
-            teacher: hub id, local directory or a loaded model.
+            teacher: hub id, local directory or a loaded model, encoder-decoder (T5) or causal LM
+                (Llama, Qwen2, Qwen3); the family is read from its config (:mod:`tw_env.families`).
             tokenizer: the (shared) tokenizer: hub id, directory or object.
             examples: (source, reference) pairs, Examples, or dicts with ``source``/``reference``.
             instruction: the task's instruction.
             metric: ``"bleu"`` or ``"rouge2"``.
             budgets: the budgets an episode may draw; each needs a Table 1 keyword.
-            student: optional student (name or model): its vocabulary and family are checked.
+            student: optional student (name or model): its family (the teacher's) and its vocabulary
+                (the teacher's output layer) are checked, in that order.
             max_new_tokens, max_prompt_length: output horizon and prompt truncation.
             teacher_prompt: None (the teacher reads Y) or a template with ``{source}``.
             device, dtype: where and in which precision the teacher runs.

@@ -25,7 +25,7 @@ class TeacherAssistedDecodingVectorEnv(TaskAttributes, VectorEnv):
     same task and options (or the task's fields as keywords).
 
     Every step runs one batched teacher decoder forward for all N rows, each row with its own KV
-    cache (see :mod:`tw_env.incremental`). Autoreset follows Gymnasium's NEXT_STEP mode: the step
+    cache (see :mod:`tw_env.incremental`, and :mod:`tw_env.causal_incremental` for a causal teacher). Autoreset follows Gymnasium's NEXT_STEP mode: the step
     after an episode ends resets that row and ignores its action. Infos are dicts of arrays with
     ``_key`` masks; the end-of-episode keys are present only for rows that just ended.
     """
@@ -104,11 +104,11 @@ class TeacherAssistedDecodingVectorEnv(TaskAttributes, VectorEnv):
         terminated = np.zeros(self.num_envs, dtype=bool)
         truncated = np.zeros(self.num_envs, dtype=bool)
         infos: dict[str, Any] = {}
-        tokens = np.full(self.num_envs, batch.start_token_id, dtype=np.int64)
+        emitted = np.zeros(0, dtype=np.int64)
         if len(acting):
             outcome = batch.act(actions[acting], acting, self._episodes.lagrange(acting), self.np_random)
             rewards[acting], terminated[acting], truncated[acting] = outcome.reward, outcome.terminated, outcome.truncated
-            tokens[acting] = outcome.emitted
+            emitted = outcome.emitted
             for j, row in enumerate(acting.tolist()):
                 info = {
                     "teacher_logprob": float(outcome.teacher_logprob[j]),
@@ -123,7 +123,11 @@ class TeacherAssistedDecodingVectorEnv(TaskAttributes, VectorEnv):
                 infos = self._add_info(infos, info, row)
         if len(resetting):
             self._start_rows(resetting, self._per_row_options(None), advance=False)
-        if not batch.done.all():  # rows that just ended read a harmless token; they restart next step
+        if not batch.done.all():
+            # Restarted rows read their first token; rows that just ended read a harmless one (their
+            # last first token) and restart next step.
+            tokens = batch.first_tokens.copy()
+            tokens[acting] = emitted
             batch.advance(tokens)
         return self._observations(), rewards, terminated, truncated, infos
 
