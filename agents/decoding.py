@@ -37,8 +37,7 @@ from agents.objectives import (
     lossy_speculative_accept_length,
 )
 from agents.policy import StudentPolicy, choose_actions, encoder_outputs
-from tw_env.families import family_of
-from tw_env.incremental import IncrementalDecoder
+from tw_env.families import IncrementalDecoding, family_of
 from tw_env.models import check_same_vocabulary, output_vocab_size
 
 
@@ -200,7 +199,7 @@ class _CatchUpTeacher:
         self.teacher = teacher
         self.input_ids, self.attention_mask = input_ids, attention_mask
         self.max_len = max_len
-        self.decoder: IncrementalDecoder | None = None
+        self.decoder: IncrementalDecoding | None = None
         self.start_id = family_of(teacher).start_token_id(teacher)
         self.seen = 0  # decoder inputs consumed so far (the same for every row)
         self.forwards = 0

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from tw_env.families import family_of
+from tw_env.families import IncrementalDecoding, family_of
 from tw_env.incremental import IncrementalDecoder
 from tw_env.models import lm_head_logits, load_model, output_vocab_size
 
@@ -188,7 +188,7 @@ class StudentPolicy(_Seq2SeqStateModel):
         states = self.decoder_states(prompt_ids, prompt_mask, state_ids, state_mask, encoded, prompt.summary)
         return self.head(states[:, :-1], prompt)
 
-    def step_head(self, decoder: IncrementalDecoder, ids: torch.Tensor, prompt: PromptFeatures) -> torch.Tensor:
+    def step_head(self, decoder: IncrementalDecoding, ids: torch.Tensor, prompt: PromptFeatures) -> torch.Tensor:
         """``[B, V+1]`` logits of one incremental step that feeds X^(in) tokens ``ids`` to ``decoder``.
 
         ``prompt`` is :meth:`prompt_features` of the decoder's encoder states (computed once per episode).
@@ -301,8 +301,12 @@ def _sample_categorical(logits: torch.Tensor, generator: torch.Generator) -> tor
     return torch.searchsorted(cdf, u.to(cdf.device)).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
-def encoder_outputs(decoder: IncrementalDecoder) -> tuple[torch.Tensor, torch.Tensor]:
+def encoder_outputs(decoder: IncrementalDecoding) -> tuple[torch.Tensor, torch.Tensor]:
     """The decoder's encoder states ``[B, L, d]`` and mask ``[B, L]`` (set by its first ``restart``)."""
+    if not isinstance(decoder, IncrementalDecoder):
+        raise NotImplementedError(
+            "the student policy reads an encoder's states: it runs over encoder-decoder models (T5) only so far"
+        )
     if decoder.encoder_states is None or decoder.encoder_mask is None:
         raise RuntimeError("the decoder has no encoder states yet: restart() every row before reading them")
     return decoder.encoder_states, decoder.encoder_mask

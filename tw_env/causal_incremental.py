@@ -172,7 +172,7 @@ class CausalIncrementalDecoder:
         self.device = model.device
         self.body = model.base_model  # the transformer without its LM head
         config = model.config
-        self._mask_dtype = model.get_input_embeddings().weight.dtype
+        self._mask_dtype: torch.dtype = model.dtype  # the queries' dtype: SDPA wants the mask in it
         layer_types = list(getattr(config, "layer_types", None) or ())
         window = getattr(config, "sliding_window", None)
         # Models with per-layer types take one mask per type; others one mask (windowed if they slide).

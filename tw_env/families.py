@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -31,6 +31,30 @@ from transformers import PretrainedConfig, PreTrainedModel
 from tw_env.causal_incremental import CausalIncrementalDecoder, check_supported_causal_lm
 from tw_env.incremental import IncrementalDecoder
 from tw_env.models import UnsupportedModelError
+
+
+class IncrementalDecoding(Protocol):
+    """The interface both incremental decoders share (:class:`~tw_env.incremental.IncrementalDecoder`
+    for encoder-decoders, :class:`~tw_env.causal_incremental.CausalIncrementalDecoder` for causal LMs)."""
+
+    batch_size: int
+    device: torch.device
+
+    def restart(self, rows: torch.Tensor | list[int], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Begin new episodes in ``rows`` with what :meth:`ModelFamily.restart_inputs` gives as context."""
+
+    def step(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Advance every row by one token (or k): the final states."""
+
+    def rollback(self, discard: torch.Tensor) -> None:
+        """Forget the newest ``discard[b]`` tokens of each row b."""
+
+    def logits(self, decoder_states: torch.Tensor) -> torch.Tensor:
+        """The LM head's logits for final states."""
+
+    @property
+    def clock(self) -> int:
+        """The cache columns the next step attends before its own."""
 
 
 class ModelFamily(ABC):
@@ -43,14 +67,12 @@ class ModelFamily(ABC):
         """``from_pretrained`` with the family's auto class (safetensors only, no remote code)."""
 
     @abstractmethod
-    def incremental_decoder(
-        self, model: PreTrainedModel, batch_size: int, max_episode_len: int
-    ) -> IncrementalDecoder | CausalIncrementalDecoder:
+    def incremental_decoder(self, model: PreTrainedModel, batch_size: int, max_episode_len: int) -> IncrementalDecoding:
         """The per-row incremental decoding state the env, the decoders and the rollouts step.
 
-        Both kinds share one interface: ``restart(rows, input_ids, attention_mask)`` with what
-        :meth:`restart_inputs` returns as context, ``step(input_ids=... | inputs_embeds=...)`` (one or
-        k tokens per row), ``rollback(discard)``, ``logits(states)`` and ``clock``.
+        Both kinds share one interface (:class:`IncrementalDecoding`): ``restart(rows, input_ids,
+        attention_mask)`` with what :meth:`restart_inputs` returns as context, ``step(input_ids=... |
+        inputs_embeds=...)`` (one or k tokens per row), ``rollback(discard)``, ``logits(states)``, ``clock``.
         """
 
     @abstractmethod
