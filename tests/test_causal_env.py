@@ -157,6 +157,24 @@ def test_buffers_grow_for_long_contexts_and_are_trimmed_after(model):
     assert tr.dec.capacity <= 2 * (tr.dec.clock + 4 + 1)
 
 
+def test_gradients_through_the_decoder_equal_a_full_forwards(model):
+    """With grad enabled (a training forward), the buffers are written out of place: the loss and its
+    gradient are a full forward's."""
+    contexts, steps = [[5, 6, 7, 8], [9]], [[10, 11], [12, 13]]
+    dec = CausalIncrementalDecoder(model, 2, 4)
+    dec.restart([0, 1], *padded(contexts))
+    first = dec.logits(dec.step(input_ids=torch.tensor([s[0] for s in steps])))
+    second = dec.logits(dec.step(input_ids=torch.tensor([s[1] for s in steps])))
+    loss = first.logsumexp(-1).sum() + second.logsumexp(-1).sum()
+    weight = model.get_input_embeddings().weight
+    (incremental,) = torch.autograd.grad(loss, weight)
+    full_loss = sum(model(input_ids=torch.tensor([c + s])).logits[0, -2:].logsumexp(-1).sum()
+                    for c, s in zip(contexts, steps, strict=True))
+    (full,) = torch.autograd.grad(full_loss, weight)
+    torch.testing.assert_close(loss, full_loss, atol=1e-4, rtol=0)
+    torch.testing.assert_close(incremental, full, atol=1e-5, rtol=1e-4)
+
+
 def test_decoder_errors(model):
     dec = CausalIncrementalDecoder(model, 3, 8)
     with pytest.raises(RuntimeError, match="restart"):

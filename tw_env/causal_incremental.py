@@ -90,6 +90,7 @@ class _Slots:
     """Where the forward in progress writes its new keys/values, shared by every cache layer."""
 
     batch_size: int
+    all_rows: torch.Tensor  # arange(batch_size) on the model's device
     capacity: int = 0  # columns each layer's buffer must hold
     rows: torch.Tensor | None = None  # the rows this forward reads ([R]); None: every row
     columns: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.long))  # [R, k]
@@ -126,10 +127,12 @@ class _RowLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         elif self._keys.shape[2] < s.capacity:
             self.resize(s.capacity)
-        rows = torch.arange(s.batch_size, device=key_states.device) if s.rows is None else s.rows
+        # .to: no-op on one device; a model spread over devices (device_map) has layers elsewhere.
+        rows = (s.all_rows if s.rows is None else s.rows).to(key_states.device)
+        columns = s.columns.to(key_states.device)
         if torch.is_grad_enabled():  # keep the tensors earlier forwards saved for backward intact
             self._keys, self._values = self._keys.clone(), self._values.clone()
-        index = (rows[:, None], slice(None), s.columns)  # -> [R, k, kv_heads, head_dim]
+        index = (rows[:, None], slice(None), columns)  # -> [R, k, kv_heads, head_dim]
         self._keys[index] = key_states.transpose(1, 2).to(self._keys.dtype)
         self._values[index] = value_states.transpose(1, 2).to(self._values.dtype)
         self.keys, self.values = self._keys, self._values
@@ -180,7 +183,7 @@ class CausalIncrementalDecoder:
         self._window: int | None = int(window) if window is not None and (self._mask_types or not layer_types) else None
         self.length = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # tokens held = next position
         self.read = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # tokens stepped since restart
-        self._slots = _Slots(batch_size)
+        self._slots = _Slots(batch_size, torch.arange(batch_size, device=self.device))
         self._layers = [_RowLayer(self._slots) for _ in range(config.num_hidden_layers)]
         self.cache = Cache(layers=list(self._layers))
         self._cache_keyword = cache_keyword(self.body)
