@@ -1,10 +1,18 @@
 """Test-time decoders, batched and greedy: Training Wheels, each model alone, lossy speculative
 decoding (Appendix 5.3, Algorithm 1) and Big Little Decoder's confidence fallback.
 
-Every decoder takes a batch of tokenised prompts (``input_ids [B, L]``, ``attention_mask [B, L]``)
-and ``max_new_tokens``, decodes greedily under ``torch.no_grad()`` with KV caches on both sides
-(:class:`~tw_env.incremental.IncrementalDecoder`; a prefix is never re-run), stops as soon as every
-row has produced EOS and returns a :class:`DecodeResult`.
+Every decoder takes a batch of tokenised prompts (``input_ids [B, L]``, ``attention_mask [B, L]``,
+right-padded) and ``max_new_tokens``, decodes greedily under ``torch.no_grad()`` with KV caches on
+both sides (the family's incremental decoder: :class:`~tw_env.incremental.IncrementalDecoder` for
+T5, :class:`~tw_env.causal_incremental.CausalIncrementalDecoder` for causal LMs; a prefix is never
+re-run), stops as soon as every row has produced EOS and returns a :class:`DecodeResult`.
+
+Both models of a pair must be of one family (:func:`~tw_env.families.check_same_family`) and share
+the vocabulary. What a model reads first comes from the family seam
+(:meth:`~tw_env.families.ModelFamily.restart_batch`): T5's encoder reads the prompt and its decoder
+starts from ``decoder_start_token_id``; a causal LM has its prompt but the last token prefilled into
+its cache, and its first step reads that last token (so it yields p(x_1 | prompt)). Each row keeps
+its own positions, so rows with prompts of different lengths decode as they would alone.
 
 Where the time goes (what these functions count, so that latency can be compared):
 
@@ -36,8 +44,8 @@ from agents.objectives import (
     confidence_fallback,
     lossy_speculative_accept_length,
 )
-from agents.policy import StudentPolicy, choose_actions, encoder_outputs
-from tw_env.families import IncrementalDecoding, family_of
+from agents.policy import StudentPolicy, choose_actions
+from tw_env.families import IncrementalDecoding, check_same_family, family_of
 from tw_env.models import check_same_vocabulary, output_vocab_size
 
 
@@ -94,7 +102,7 @@ def _as_model(model: PreTrainedModel | StudentPolicy) -> PreTrainedModel:
 def generation_model(model: PreTrainedModel) -> GenerationMixin:
     """``model`` as the class that defines ``generate`` (every ``...ForConditionalGeneration`` LM is one)."""
     if not isinstance(model, GenerationMixin):
-        raise TypeError(f"{type(model).__name__} has no generate(): expected a seq2seq LM with a generation head")
+        raise TypeError(f"{type(model).__name__} has no generate(): expected an LM with a generation head")
     return model
 
 
@@ -189,18 +197,20 @@ class _CatchUpTeacher:
     """The teacher at test time: idle until asked, then one forward over everything it has not seen.
 
     All rows advance together, so when output token n is wanted the teacher's decoder input is
-    ``[start, x_0, …, x_{n-1}]`` for every row (finished rows hold padding there) and the unseen part
-    has the same length for every row. The encoder runs at the first request only.
+    ``[first, x_0, …, x_{n-1}]`` for every row (finished rows hold padding there) and the unseen part
+    has the same length for every row. ``first`` is T5's start token or a causal teacher's last prompt
+    token. The prompt is read at the first request only (T5's encoder; a causal teacher's prefill of
+    its prompt minus the last token, which the catch-up forward then reads first).
     """
 
     def __init__(
         self, teacher: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_len: int
     ) -> None:
         self.teacher = teacher
-        self.input_ids, self.attention_mask = input_ids, attention_mask
+        self.family = family_of(teacher)
+        self.input_ids, self.attention_mask, self.first = self.family.restart_batch(teacher, input_ids, attention_mask)
         self.max_len = max_len
         self.decoder: IncrementalDecoding | None = None
-        self.start_id = family_of(teacher).start_token_id(teacher)
         self.seen = 0  # decoder inputs consumed so far (the same for every row)
         self.forwards = 0
 
@@ -208,10 +218,9 @@ class _CatchUpTeacher:
         """Teacher logits ``[B, V]`` for the token after ``outputs`` (``[B, n]`` X^(out) so far)."""
         batch_size = outputs.shape[0]
         if self.decoder is None:
-            self.decoder = family_of(self.teacher).incremental_decoder(self.teacher, batch_size, self.max_len + 1)
+            self.decoder = self.family.incremental_decoder(self.teacher, batch_size, self.max_len + 1)
             self.decoder.restart(torch.arange(batch_size), self.input_ids, self.attention_mask)
-        start = torch.full((batch_size, 1), self.start_id, dtype=torch.long, device=outputs.device)
-        decoder_inputs = torch.cat([start, outputs], dim=1)
+        decoder_inputs = torch.cat([self.first[:, None].to(outputs.device), outputs], dim=1)
         unseen = decoder_inputs[:, self.seen :].to(self.decoder.device)
         states = self.decoder.step(input_ids=unseen)  # [B, k, d], one forward however many tokens
         self.seen = decoder_inputs.shape[1]
@@ -239,7 +248,7 @@ def teacher_help_decode(
 
     Args:
         policy: the trained :class:`~agents.policy.StudentPolicy` (action V = <τ>).
-        teacher: the teacher seq2seq LM (same output vocabulary).
+        teacher: the teacher LM (the policy's family, the same output vocabulary).
         input_ids, attention_mask: ``[B, L]`` prompts (including the budget keyword), right-padded.
         max_new_tokens: the most output tokens per row.
         budget_cap: optional hard cap b ∈ [0, 1]: at the step that would produce output token n
@@ -271,6 +280,7 @@ def teacher_help_decode(
         raise ValueError(f"cap_rule must be one of {list(CAP_RULES)}, got {cap_rule!r}")
     model = policy.model
     vocab = policy.vocab_size
+    check_same_family(teacher, model)
     check_same_vocabulary(teacher, vocab)
     device = model.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -288,12 +298,11 @@ def teacher_help_decode(
     out = _Outputs(batch_size, max_new_tokens, _pad_id(model), _eos_ids(model, device))
     with _eval_mode(policy, teacher):
         student = family_of(model).incremental_decoder(model, batch_size, max_new_tokens + 1)
-        student.restart(torch.arange(batch_size), input_ids, attention_mask)
-        prompt = policy.prompt_features(*encoder_outputs(student))  # once, not per step
+        rows = torch.arange(batch_size, device=device)
+        prompt, x_in = policy.begin(student, rows, input_ids, attention_mask)  # the prompt read once, not per step
         helper = _CatchUpTeacher(
             teacher, teacher_input_ids.to(teacher.device), teacher_attention_mask.to(teacher.device), max_new_tokens
         )
-        x_in = torch.full((batch_size,), policy.start_token_id, dtype=torch.long, device=device)
         forwards = 0
         for n in range(max_new_tokens):
             if bool(out.done.all()):
@@ -334,26 +343,30 @@ def generate_alone(
 
     With ``is_teacher`` every token is marked as from the teacher and counted in ``teacher_calls``
     and ``teacher_forwards``; otherwise the forwards count as ``student_forwards``. A StudentPolicy is
-    decoded over V only (its underlying LM; <τ> is not an action here).
+    decoded over V only (its underlying LM; <τ> is not an action here). The right-padded prompts go
+    to ``generate`` as the family wants them (:meth:`~tw_env.families.ModelFamily.generation_inputs`:
+    a causal LM's left-padded, so that each row continues its own last token).
     """
     _check_inputs(input_ids, attention_mask, max_new_tokens)
     model = _as_model(model)
+    family = family_of(model)
     device = model.device
     eos = set(_eos_ids(model, device).tolist())
     if max_new_tokens == 0:
         rows: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
         return DecodeResult(rows, [[] for _ in rows], [0] * len(rows), 0, [0] * len(rows))
+    generate_ids, generate_mask = family.generation_inputs(input_ids.to(device), attention_mask.to(device))
     with _eval_mode(model):
         generated = generation_model(model).generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
+            input_ids=generate_ids,
+            attention_mask=generate_mask,
             do_sample=False,
             num_beams=1,
             max_new_tokens=max_new_tokens,
             min_new_tokens=0,
         )
     out: list[list[int]] = []
-    for row in generated[:, 1:].tolist():  # drop the decoder start token
+    for row in family.generated_tokens(generated, generate_ids.shape[1]).tolist():  # no start token, no prompt
         # Cut at the first EOS only: the pad id may be an ordinary output token (T5: pad = start = 0).
         end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
         out.append(row[:end])
@@ -404,6 +417,7 @@ def speculative_decode(
     if not 0.0 <= lenience <= 1.0:
         raise ValueError(f"lenience must lie in [0, 1], got {lenience}")
     drafter = _as_model(draft_model)
+    check_same_family(teacher, drafter, "draft model")
     check_same_vocabulary(teacher, output_vocab_size(drafter), "draft model")
     device = drafter.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -417,19 +431,23 @@ def speculative_decode(
     max_len = max_new_tokens + 2 * draft_length + 4
     teacher_forwards = student_forwards = 0
     with _eval_mode(drafter, teacher):
-        draft = family_of(drafter).incremental_decoder(drafter, batch_size, max_len)
-        verify = family_of(teacher).incremental_decoder(teacher, batch_size, max_len)
-        draft.restart(rows, input_ids, attention_mask)
-        verify.restart(rows, input_ids.to(teacher.device), attention_mask.to(teacher.device))
-        # Tokens each model must read before it can predict the next one. The teacher always has one
-        # (the start token, then the last replacement/bonus token). The draft model has two after a
-        # full acceptance: its own last draft (never fed, it was the K-th) and the bonus token.
-        draft_pending = torch.full((batch_size, 2), pad, dtype=torch.long, device=device)
-        draft_pending[:, 0] = family_of(drafter).start_token_id(drafter)
-        two_pending = torch.zeros(batch_size, dtype=torch.bool, device=device)
-        teacher_pending = torch.full(
-            (batch_size,), family_of(teacher).start_token_id(teacher), dtype=torch.long, device=device
+        family = family_of(drafter)
+        draft = family.incremental_decoder(drafter, batch_size, max_len)
+        verify = family.incremental_decoder(teacher, batch_size, max_len)
+        draft_context, draft_mask, draft_first = family.restart_batch(drafter, input_ids, attention_mask)
+        teacher_context, teacher_mask, teacher_first = family.restart_batch(
+            teacher, input_ids.to(teacher.device), attention_mask.to(teacher.device)
         )
+        draft.restart(rows, draft_context, draft_mask)
+        verify.restart(rows.to(teacher.device), teacher_context, teacher_mask)
+        # Tokens each model must read before it can predict the next one. The teacher always has one
+        # (its first token: the start token or the prompt's last, then the last replacement/bonus
+        # token). The draft model has two after a full acceptance: its own last draft (never fed, it
+        # was the K-th) and the bonus token.
+        draft_pending = torch.full((batch_size, 2), pad, dtype=torch.long, device=device)
+        draft_pending[:, 0] = draft_first
+        two_pending = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        teacher_pending = teacher_first.to(device)
         while not bool(out.done.all()):
             live = ~out.done
             remaining = max_new_tokens - out.lengths
@@ -518,6 +536,7 @@ def confidence_fallback_decode(
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
     model = _as_model(student_model)
+    check_same_family(teacher, model)
     check_same_vocabulary(teacher, output_vocab_size(model))
     device = model.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -525,12 +544,10 @@ def confidence_fallback_decode(
     out = _Outputs(batch_size, max_new_tokens, _pad_id(model), _eos_ids(model, device))
     with _eval_mode(model, teacher):
         student = family_of(model).incremental_decoder(model, batch_size, max_new_tokens + 1)
-        student.restart(torch.arange(batch_size), input_ids, attention_mask)
+        context, context_mask, token = family_of(model).restart_batch(model, input_ids, attention_mask)
+        student.restart(torch.arange(batch_size), context, context_mask)
         helper = _CatchUpTeacher(
             teacher, input_ids.to(teacher.device), attention_mask.to(teacher.device), max_new_tokens
-        )
-        token = torch.full(
-            (batch_size,), family_of(model).start_token_id(model), dtype=torch.long, device=device
         )
         forwards = 0
         for n in range(max_new_tokens):

@@ -1,6 +1,7 @@
-"""The student policy π over V ∪ {<τ>}, and the value network, both around a transformers seq2seq LM.
+"""The student policy π over V ∪ {<τ>}, and the value network, both around a transformers LM of either
+model family: an encoder-decoder (T5) or a causal, decoder-only LM (``AutoModelForCausalLM``).
 
-- One extra output logit for <τ>: a linear read of the decoder's final state (next to the LM head),
+- One extra output logit for <τ>: a linear read of the LM's final state (next to the LM head),
   of the student's confidence in its own next token, and of the prompt (see :class:`StudentPolicy`).
 - :func:`choose_actions`: how the policy acts, deciding the call first and then the token.
 - X^(in) is embedded as in Eq. 15: a student token x as Embed(x), a teacher token t (stored as t + V)
@@ -8,7 +9,22 @@
 - Full teacher-forced forwards for training; :class:`PolicyRollout` for incremental decoding with a
   KV cache while acting in the (vector) environment.
 - Saved with safetensors: the underlying LM through ``save_pretrained`` (loadable by plain
-  transformers) and the Training Wheels parameters (β, the <τ> head) beside it.
+  transformers) and the Training Wheels parameters (β, the <τ> head) beside it, with the family.
+
+What depends on the family is how the LM reads the prompt Y and then X^(in) (:class:`_FamilyReads`);
+the rest (Eq. 15, the prompt summary, the heads, the rollout) is written once:
+
+=================  ==========================================  ===============================================
+                   encoder-decoder (T5)                        decoder-only (causal LM)
+=================  ==========================================  ===============================================
+Y is read by       the encoder, once                           a prefill of Y minus its last token into the
+                                                               KV cache, once (as the env's causal teacher)
+X^(in) stream      [decoder start ; x_1 … x_T] in the decoder  [last token of Y ; x_1 … x_T] after the cache,
+                                                               at positions |Y|−1, |Y|, … of each row
+prompt states      the encoder states of Y                     the final states of Y minus its last token
+teacher-forced     encoder, then one decoder pass              prefill, then one k-token step of the same
+                                                               incremental decoder the rollout steps
+=================  ==========================================  ===============================================
 """
 
 from __future__ import annotations
@@ -16,6 +32,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from tw_env.families import IncrementalDecoding, family_of
+from tw_env.families import DECODER_ONLY, ENCODER_DECODER, FAMILIES, IncrementalDecoding, ModelFamily, family_of
 from tw_env.incremental import IncrementalDecoder
 from tw_env.models import lm_head_logits, load_model, output_vocab_size
 
@@ -64,7 +81,7 @@ class _StateEmbedding(nn.Module):
     def __init__(self, model: PreTrainedModel, vocab_size: int) -> None:
         super().__init__()
         self.vocab_size = vocab_size
-        self.beta = nn.Parameter(torch.zeros(model.config.d_model))
+        self.beta = nn.Parameter(torch.zeros(model.config.hidden_size))
 
     def forward(self, embed: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
         from_teacher = ids >= self.vocab_size
@@ -72,11 +89,138 @@ class _StateEmbedding(nn.Module):
         return vectors + from_teacher.unsqueeze(-1).to(vectors.dtype) * self.beta.to(vectors.dtype)
 
 
-class _Seq2SeqStateModel(nn.Module):
-    """Shared plumbing: an LM that reads (Y, X^(in)) with the Eq. 15 embedding.
+# ------------------------------------------------------------------------------------ the family's reads
 
-    Besides Eq. 15, every decoder input also receives a *prompt summary*: a learnt projection of
-    the mean encoder state, zero at initialisation (so the pretrained LM is unchanged at first).
+
+@dataclass
+class _PromptPass:
+    """What a teacher-forced pass keeps of the prompt between reading it and reading X^(in)."""
+
+    states: torch.Tensor  # [B, L, d]: the prompt states the summary is the mean of
+    mask: torch.Tensor  # [B, L]: which of them are real tokens
+    first: torch.Tensor  # [B]: the token the X^(in) stream reads first (before x_1)
+    decoder: IncrementalDecoding | None = None  # causal: the incremental decoder holding the prompt's cache
+
+
+class _FamilyReads(ABC):
+    """How the policy's LM reads the prompt Y and then X^(in), for one model family.
+
+    The X^(in) stream is ``[first ; x_1 … x_T]`` (``first``: T5's decoder start token, a causal LM's
+    last prompt token, as :meth:`~tw_env.families.ModelFamily.restart_inputs` says); the state after
+    stream token i gives π for action i+1.
+    """
+
+    @abstractmethod
+    def read_prompt(
+        self, model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, steps: int,
+        encoded: torch.Tensor | None = None,
+    ) -> _PromptPass:
+        """Read right-padded prompts ``[B, L]`` for a teacher-forced pass over ``steps`` stream tokens."""
+
+    @abstractmethod
+    def read_stream(
+        self, model: PreTrainedModel, prompt: _PromptPass, embeds: torch.Tensor, state_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Final states ``[B, T+1, d]`` of the embedded stream ``embeds`` ``[B, T+1, d]`` (mask ``[B, T]`` of X^(in))."""
+
+    @abstractmethod
+    def restart(
+        self, model: PreTrainedModel, decoder: IncrementalDecoding, rows: torch.Tensor, prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Begin episodes in ``rows`` of an incremental decoder: their prompt states ``[R, L, d]``, mask and first tokens ``[R]``."""
+
+
+class _EncoderDecoderReads(_FamilyReads):
+    """T5: the encoder reads Y; the decoder reads the stream with cross-attention to the encoder states."""
+
+    def read_prompt(
+        self, model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, steps: int,
+        encoded: torch.Tensor | None = None,
+    ) -> _PromptPass:
+        if encoded is None:
+            encoded = model.get_encoder()(input_ids=prompt_ids, attention_mask=prompt_mask).last_hidden_state
+        first = torch.full_like(prompt_ids[:, 0], ENCODER_DECODER.start_token_id(model))
+        return _PromptPass(encoded, prompt_mask, first)
+
+    def read_stream(
+        self, model: PreTrainedModel, prompt: _PromptPass, embeds: torch.Tensor, state_mask: torch.Tensor
+    ) -> torch.Tensor:
+        mask = torch.cat([torch.ones_like(state_mask[:, :1]), state_mask], dim=1).long()
+        out = model.get_decoder()(
+            inputs_embeds=embeds, attention_mask=mask, encoder_hidden_states=prompt.states,
+            encoder_attention_mask=prompt.mask, use_cache=False,
+        )
+        states: torch.Tensor = out.last_hidden_state
+        return states
+
+    def restart(
+        self, model: PreTrainedModel, decoder: IncrementalDecoding, rows: torch.Tensor, prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        decoder.restart(rows, prompt_ids, prompt_mask)
+        encoder_states, encoder_mask = encoder_outputs(decoder)
+        first = torch.full_like(rows, ENCODER_DECODER.start_token_id(model))
+        return encoder_states[rows], encoder_mask[rows], first
+
+
+class _DecoderOnlyReads(_FamilyReads):
+    """A causal LM: Y minus its last token is prefilled into a KV cache, then the stream follows it.
+
+    The prompt states are the prefill's final states. Why those and not the last prompt token's state
+    (the best single summary of Y in a causal model): the last prompt token is the stream's first
+    token, whose input the summary is added to, so its state cannot feed the summary. A one-token
+    prompt has no prefill; its summary reads a mean of nothing, zero.
+
+    The teacher-forced pass runs the same :class:`~tw_env.causal_incremental.CausalIncrementalDecoder`
+    as the rollout: a prefill, then the whole stream in one k-token step. Each token is read once;
+    right padding, per-row positions (|Y_b|−1, |Y_b|, … for the stream of row b) and masks are those
+    of the incremental path by construction.
+    """
+
+    def read_prompt(
+        self, model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, steps: int,
+        encoded: torch.Tensor | None = None,
+    ) -> _PromptPass:
+        if encoded is not None:
+            raise TypeError("encoded (an encoder's output) applies to encoder-decoder policies; this policy is decoder-only")
+        decoder = DECODER_ONLY.incremental_decoder(model, prompt_ids.shape[0], steps)
+        states, mask, first = self.restart(
+            model, decoder, torch.arange(prompt_ids.shape[0], device=prompt_ids.device), prompt_ids, prompt_mask
+        )
+        return _PromptPass(states, mask, first, decoder)
+
+    def read_stream(
+        self, model: PreTrainedModel, prompt: _PromptPass, embeds: torch.Tensor, state_mask: torch.Tensor
+    ) -> torch.Tensor:
+        # Right padding of X^(in) needs no mask: a padded position comes after every real one of its row.
+        if prompt.decoder is None:
+            raise RuntimeError("a decoder-only prompt pass holds its incremental decoder")
+        return prompt.decoder.step(inputs_embeds=embeds)
+
+    def restart(
+        self, model: PreTrainedModel, decoder: IncrementalDecoding, rows: torch.Tensor, prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        context_ids, context_mask, first = DECODER_ONLY.restart_batch(model, prompt_ids, prompt_mask)
+        states = decoder.restart(rows, context_ids, context_mask)
+        if states is None:
+            raise TypeError(f"{type(decoder).__name__} is not a causal LM's incremental decoder (its restart returns no states)")
+        return states, context_mask.to(states.device), first.to(states.device)
+
+
+_READS: dict[str, _FamilyReads] = {ENCODER_DECODER.name: _EncoderDecoderReads(), DECODER_ONLY.name: _DecoderOnlyReads()}
+
+
+# ------------------------------------------------------------------------------------ policy and value
+
+
+class _StateModel(nn.Module):
+    """Shared plumbing: an LM that reads (Y, X^(in)) with the Eq. 15 embedding, for either family.
+
+    Besides Eq. 15, every input of the X^(in) stream also receives a *prompt summary*: a learnt
+    projection of the mean prompt state (the encoder states of T5; see :class:`_DecoderOnlyReads` for
+    a causal LM), zero at initialisation (so the pretrained LM is unchanged at first).
     Why: the budget lives in the prompt, and a small student's cross-attention is busy aligning
     source words; on the embedded task a 60k-parameter student could not tell "no", "light",
     "moderate-light" and "moderate" apart through cross-attention alone after phase 1 (its
@@ -86,70 +230,95 @@ class _Seq2SeqStateModel(nn.Module):
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
         self.model = model
+        family_of(model)  # refuses a model of neither family now, with the model type in the message
         self.vocab_size = output_vocab_size(model)
         self.state_embedding = _StateEmbedding(model, self.vocab_size)
-        self.prompt_summary = nn.Linear(model.config.d_model, model.config.d_model, bias=False)
+        hidden = model.config.hidden_size
+        self.prompt_summary = nn.Linear(hidden, hidden, bias=False)
         nn.init.zeros_(self.prompt_summary.weight)
-        self.start_token_id = family_of(model).start_token_id(model)
+
+    @property
+    def family(self) -> ModelFamily:
+        """The LM's model family (read from its config)."""
+        return family_of(self.model)
+
+    @property
+    def _reads(self) -> _FamilyReads:
+        return _READS[self.family.name]
+
+    @property
+    def start_token_id(self) -> int:
+        """The decoder start token (encoder-decoder policies only; a causal stream starts with the prompt's last token)."""
+        return self.family.start_token_id(self.model)
 
     @staticmethod
     def prompt_mean(encoder_states: torch.Tensor, encoder_mask: torch.Tensor) -> torch.Tensor:
-        """``[B, d]``: the mean of the encoder states over the prompt's tokens."""
+        """``[B, d]``: the mean of the prompt states over the prompt's tokens."""
         weights = encoder_mask.to(encoder_states.dtype).unsqueeze(-1)
         return (encoder_states * weights).sum(1) / weights.sum(1).clamp(min=1)
 
     def prompt_vector(self, encoder_states: torch.Tensor, encoder_mask: torch.Tensor) -> torch.Tensor:
-        """``[B, d]``: the projected mean of the encoder states over the prompt's tokens."""
+        """``[B, d]``: the projected mean of the prompt states over the prompt's tokens."""
         mean = self.prompt_mean(encoder_states, encoder_mask)
         return self.prompt_summary(mean.to(self.prompt_summary.weight.dtype)).to(encoder_states.dtype)
 
     def encode(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """The encoder states of the prompts (encoder-decoder policies)."""
+        if self.family is not ENCODER_DECODER:
+            raise TypeError("encode() runs an encoder; this policy is decoder-only (use state_features or decoder_states)")
         return self.model.get_encoder()(input_ids=prompt_ids, attention_mask=prompt_mask).last_hidden_state
+
+    def read_prompt(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, steps: int, encoded: torch.Tensor | None = None
+    ) -> _PromptPass:
+        return self._reads.read_prompt(self.model, prompt_ids, prompt_mask, steps, encoded)
+
+    def stream_states(
+        self, prompt: _PromptPass, summary: torch.Tensor, state_ids: torch.Tensor, state_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Final states ``[B, T+1, d]`` of the stream ``[first ; X^(in)]`` after the prompt pass."""
+        inputs = torch.cat([prompt.first[:, None].to(state_ids.dtype), state_ids], dim=1)
+        embeds = self.state_embedding(self.model.get_input_embeddings(), inputs)
+        embeds = embeds + summary[:, None].to(embeds.dtype)
+        return self._reads.read_stream(self.model, prompt, embeds, state_mask)
 
     def decoder_states(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, state_ids: torch.Tensor, state_mask: torch.Tensor,
         encoded: torch.Tensor | None = None, summary: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final decoder states ``[B, T+1, d]`` for every state s_0..s_T of the episodes.
+        """Final states ``[B, T+1, d]`` for every state s_0..s_T of the episodes (one teacher-forced pass).
 
-        ``encoded`` (the encoder's output for the prompts) and ``summary`` (:meth:`prompt_vector`
-        of it) are computed when not given.
+        ``encoded`` (an encoder-decoder's encoder output for the prompts) and ``summary``
+        (:meth:`prompt_vector` of the prompt states) are computed when not given.
         """
-        inputs = decoder_inputs(state_ids, self.start_token_id)
-        mask = torch.cat([torch.ones_like(state_mask[:, :1]), state_mask], dim=1).long()
-        if encoded is None:
-            encoded = self.encode(prompt_ids, prompt_mask)
+        prompt = self.read_prompt(prompt_ids, prompt_mask, state_ids.shape[1] + 1, encoded)
         if summary is None:
-            summary = self.prompt_vector(encoded, prompt_mask)
-        embeds = self.state_embedding(self.model.get_input_embeddings(), inputs)
-        embeds = embeds + summary[:, None].to(embeds.dtype)
-        out = self.model.get_decoder()(
-            inputs_embeds=embeds, attention_mask=mask, encoder_hidden_states=encoded,
-            encoder_attention_mask=prompt_mask, use_cache=False,
-        )
-        return out.last_hidden_state
+            summary = self.prompt_vector(prompt.states, prompt.mask)
+        return self.stream_states(prompt, summary, state_ids, state_mask)
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
 
-class StudentPolicy(_Seq2SeqStateModel):
+class StudentPolicy(_StateModel):
     """π(· | X^(in)_<i, Y) over V + 1 actions; action V is <τ>.
 
     The <τ> logit is a sum of three linear reads, all zero at initialisation:
 
-    - of the decoder's final state (the paper's extra output logit);
+    - of the LM's final state (the paper's extra output logit);
     - of the student's confidence in its own next token (max log-probability and entropy of its
       distribution over V). Why: whether to ask is mostly "how unsure am I", a non-linear function
       of the state that a linear head on a small decoder approximates poorly;
-    - of the prompt's mean encoder state. Why: the budget keyword shifts the threshold of that
+    - of the mean prompt state. Why: the budget keyword shifts the threshold of that
       decision, and this gives it a direct path from the prompt to the <τ> logit.
+
+    ``StudentPolicy(model)`` takes a T5-style seq2seq LM or a causal LM; the family is read from its config.
     """
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__(model)
-        d_model = model.config.d_model
+        d_model = model.config.hidden_size
         self.call_head = nn.Linear(d_model, 1)
         self.call_confidence = nn.Linear(2, 1, bias=False)
         self.call_prompt = nn.Linear(d_model, 1, bias=False)
@@ -163,13 +332,14 @@ class StudentPolicy(_Seq2SeqStateModel):
         return self.vocab_size
 
     def prompt_features(self, encoder_states: torch.Tensor, encoder_mask: torch.Tensor) -> PromptFeatures:
-        """The per-episode prompt reads: the decoder-input summary and the <τ> logit's prompt part."""
+        """The per-episode prompt reads from the prompt states (T5: the encoder's; causal: the prefill's):
+        the stream-input summary and the <τ> logit's prompt part."""
         mean = self.prompt_mean(encoder_states, encoder_mask)
         summary = self.prompt_summary(mean.to(self.prompt_summary.weight.dtype)).to(encoder_states.dtype)
         return PromptFeatures(summary, self.call_prompt(mean.to(self.call_prompt.weight.dtype)))
 
     def head(self, decoder_states: torch.Tensor, prompt: PromptFeatures) -> torch.Tensor:
-        """Logits over V + 1 actions from final decoder states ``[B, (T,) d]`` and the prompt's features."""
+        """Logits over V + 1 actions from final states ``[B, (T,) d]`` and the prompt's features."""
         token_logits = lm_head_logits(self.model, decoder_states)
         dtype = self.call_head.weight.dtype
         log_probs = torch.log_softmax(token_logits.detach().to(dtype), dim=-1)
@@ -179,19 +349,33 @@ class StudentPolicy(_Seq2SeqStateModel):
         call_logit = self.call_head(decoder_states.to(dtype)) + self.call_confidence(confidence) + call_bias
         return torch.cat([token_logits, call_logit.to(token_logits.dtype)], dim=-1)
 
+    def state_features(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, state_ids: torch.Tensor, state_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, PromptFeatures]:
+        """One teacher-forced pass: the final states ``[B, T+1, d]`` of s_0..s_T and the prompt's features."""
+        read = self.read_prompt(prompt_ids, prompt_mask, state_ids.shape[1] + 1)
+        prompt = self.prompt_features(read.states, read.mask)
+        return self.stream_states(read, prompt.summary, state_ids, state_mask), prompt
+
     def forward(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, state_ids: torch.Tensor, state_mask: torch.Tensor
     ) -> torch.Tensor:
         """Logits ``[B, T, V+1]``: position i is π(· | X^(in)_<i, Y), i.e. the distribution of action i."""
-        encoded = self.encode(prompt_ids, prompt_mask)
-        prompt = self.prompt_features(encoded, prompt_mask)
-        states = self.decoder_states(prompt_ids, prompt_mask, state_ids, state_mask, encoded, prompt.summary)
+        states, prompt = self.state_features(prompt_ids, prompt_mask, state_ids, state_mask)
         return self.head(states[:, :-1], prompt)
+
+    def begin(
+        self, decoder: IncrementalDecoding, rows: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+    ) -> tuple[PromptFeatures, torch.Tensor]:
+        """Begin episodes in ``rows`` of ``decoder`` (an incremental decoder of this policy's LM) with
+        right-padded prompts: their :class:`PromptFeatures` and the token each row's first step reads."""
+        states, mask, first = self._reads.restart(self.model, decoder, rows, prompt_ids, prompt_mask)
+        return self.prompt_features(states, mask), first
 
     def step_head(self, decoder: IncrementalDecoding, ids: torch.Tensor, prompt: PromptFeatures) -> torch.Tensor:
         """``[B, V+1]`` logits of one incremental step that feeds X^(in) tokens ``ids`` to ``decoder``.
 
-        ``prompt`` is :meth:`prompt_features` of the decoder's encoder states (computed once per episode).
+        ``prompt`` is what :meth:`begin` returned (computed once per episode).
         """
         embeds = self.state_embedding(self.model.get_input_embeddings(), ids)
         states = decoder.step(inputs_embeds=embeds + prompt.summary.to(embeds.dtype))
@@ -202,7 +386,7 @@ class StudentPolicy(_Seq2SeqStateModel):
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> None:
-        """Write the LM (``save_pretrained``, safetensors) and β/<τ> head to ``directory``."""
+        """Write the LM (``save_pretrained``, safetensors) and β/<τ> head to ``directory``, with the family."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory, safe_serialization=True)
@@ -215,15 +399,39 @@ class StudentPolicy(_Seq2SeqStateModel):
             "call_prompt.weight": self.call_prompt.weight.detach().contiguous().cpu(),
         }
         save_file(extra, str(directory / EXTRA_WEIGHTS))
-        (directory / EXTRA_CONFIG).write_text(json.dumps({"vocab_size": self.vocab_size, "format": 1}))
+        (directory / EXTRA_CONFIG).write_text(
+            json.dumps({"vocab_size": self.vocab_size, "format": 1, "family": self.family.name})
+        )
 
     @classmethod
     def load(
-        cls, directory: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
+        cls, directory: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+        family: str | ModelFamily | None = None,
     ) -> StudentPolicy:
-        """Load a policy written by :meth:`save`, or wrap a plain seq2seq LM directory (fresh β/<τ> head)."""
+        """Load a policy written by :meth:`save`, or wrap a plain LM directory (fresh β/<τ> head).
+
+        ``family`` (a name in :data:`~tw_env.families.FAMILIES` or a family): the family the caller
+        expects, e.g. its task's; a policy of another family is refused. A directory whose LM is not
+        of the family its policy was saved with (an LM written over it) is refused too.
+        """
         directory = Path(directory)
+        expected = _resolve_family(family)
+        config_path = directory / EXTRA_CONFIG
+        recorded = json.loads(config_path.read_text()) if config_path.exists() else {}
         policy = cls(load_model(str(directory), role="student", device=device, dtype=dtype))
+        actual = policy.family
+        what = f"the policy in {directory} is {actual.name} ({policy.model.config.model_type})"
+        if "family" in recorded and recorded["family"] != actual.name:
+            raise ValueError(
+                f"{what}, but it was saved as {recorded['family']} ({EXTRA_CONFIG}); its LM was replaced "
+                "after the policy was saved: expected the LM the policy was trained around"
+            )
+        if expected is not None and expected.name != actual.name:
+            raise ValueError(f"{what}; expected a {expected.name} policy (its teacher and task are {expected.name})")
+        if "vocab_size" in recorded and int(recorded["vocab_size"]) != policy.vocab_size:
+            raise ValueError(
+                f"{what} with V = {policy.vocab_size}, but it was saved with V = {recorded['vocab_size']} ({EXTRA_CONFIG})"
+            )
         extra_path = directory / EXTRA_WEIGHTS
         if extra_path.exists():
             extra = load_file(str(extra_path))
@@ -237,12 +445,20 @@ class StudentPolicy(_Seq2SeqStateModel):
         return policy.to(policy.model.device)
 
 
-class ValueNetwork(_Seq2SeqStateModel):
+def _resolve_family(family: str | ModelFamily | None) -> ModelFamily | None:
+    if family is None or isinstance(family, ModelFamily):
+        return family
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
+    return FAMILIES[family]
+
+
+class ValueNetwork(_StateModel):
     """V(X^(in)_<i, Y): the student's architecture (a copy of its weights) with a scalar head."""
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__(model)
-        self.value_head = nn.Linear(model.config.d_model, 1)
+        self.value_head = nn.Linear(model.config.hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
@@ -302,10 +518,12 @@ def _sample_categorical(logits: torch.Tensor, generator: torch.Generator) -> tor
 
 
 def encoder_outputs(decoder: IncrementalDecoding) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decoder's encoder states ``[B, L, d]`` and mask ``[B, L]`` (set by its first ``restart``)."""
+    """An encoder-decoder's incremental decoder's encoder states ``[B, L, d]`` and mask ``[B, L]`` (set by
+    its first ``restart``). A causal LM's decoder has none: its ``restart`` returns its context's states."""
     if not isinstance(decoder, IncrementalDecoder):
-        raise NotImplementedError(
-            "the student policy reads an encoder's states: it runs over encoder-decoder models (T5) only so far"
+        raise TypeError(
+            f"encoder_outputs reads an encoder-decoder's IncrementalDecoder, got {type(decoder).__name__}; a causal "
+            "LM has no encoder (its decoder's restart returns the prompt states)"
         )
     if decoder.encoder_states is None or decoder.encoder_mask is None:
         raise RuntimeError("the decoder has no encoder states yet: restart() every row before reading them")
@@ -327,13 +545,15 @@ class PolicyRollout:
     """Incremental π for acting: call :meth:`logits` exactly once per environment step.
 
     Rows whose observation has ``state_length == 0`` start a new episode (a reset or a NEXT_STEP
-    autoreset): their encoder runs once; every other row feeds only its newest X^(in) token.
+    autoreset): their prompt is read once (T5's encoder; a causal LM's prefill); every other row feeds
+    only its newest X^(in) token.
     """
 
     def __init__(self, policy: StudentPolicy, num_rows: int, max_episode_len: int) -> None:
         self.policy = policy
-        self.decoder = family_of(policy.model).incremental_decoder(policy.model, num_rows, max_episode_len)
+        self.decoder = policy.family.incremental_decoder(policy.model, num_rows, max_episode_len)
         self.prompt: PromptFeatures | None = None  # per row, refreshed when a row's episode starts
+        self.first: torch.Tensor | None = None  # per row: the token its first step reads
 
     @torch.no_grad()
     def logits(self, obs: dict[str, np.ndarray]) -> torch.Tensor:
@@ -342,15 +562,14 @@ class PolicyRollout:
         length = t["state_length"]
         new = torch.nonzero(length == 0).squeeze(-1)
         if len(new):
-            self.decoder.restart(new, t["prompt_ids"][new], t["prompt_mask"][new])
-            encoder_states, encoder_mask = encoder_outputs(self.decoder)
-            fresh = self.policy.prompt_features(encoder_states[new], encoder_mask[new])
-            if self.prompt is None:  # the first restart covers every row (the decoder insists on it)
-                self.prompt = fresh
+            fresh, first = self.policy.begin(self.decoder, new, t["prompt_ids"][new], t["prompt_mask"][new])
+            if self.prompt is None or self.first is None:  # the first restart covers every row (the decoder insists)
+                self.prompt, self.first = fresh, first
             else:
                 self.prompt.assign(new, fresh)
-        if self.prompt is None:
+                self.first[new] = first
+        if self.prompt is None or self.first is None:
             raise RuntimeError("the first observations must start an episode in every row (state_length 0)")
         last = t["state_ids"].gather(1, (length - 1).clamp(min=0)[:, None]).squeeze(1)
-        tokens = torch.where(length == 0, torch.full_like(last, self.policy.start_token_id), last)
+        tokens = torch.where(length == 0, self.first.to(last.device), last)
         return self.policy.step_head(self.decoder, tokens, self.prompt).float()

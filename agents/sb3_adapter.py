@@ -300,11 +300,7 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         """The student's final decoder state ``[B, d]`` after each observation's last action, and its prompt reads."""
         index = t["state_length"]
         rows = torch.arange(len(index), device=self.device)
-        encoded = self.student.encode(t["prompt_ids"], t["prompt_mask"])
-        prompt = self.student.prompt_features(encoded, t["prompt_mask"])
-        states = self.student.decoder_states(
-            t["prompt_ids"], t["prompt_mask"], t["state_ids"], t["state_mask"], encoded, prompt.summary
-        )
+        states, prompt = self.student.state_features(t["prompt_ids"], t["prompt_mask"], t["state_ids"], t["state_mask"])
         return states[rows, index], prompt  # the state after the last action: position L of [B, T+1]
 
     def _head_values(self, current: torch.Tensor) -> torch.Tensor:

@@ -190,8 +190,15 @@ class CausalIncrementalDecoder:
         self._restarted = False
 
     # ------------------------------------------------------------------ restarts
-    def restart(self, rows: torch.Tensor | list[int], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        """Begin new episodes in ``rows`` whose contexts are ``input_ids`` ([len(rows), L], right-padded)."""
+    def restart(
+        self, rows: torch.Tensor | list[int], input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Begin new episodes in ``rows`` whose contexts are ``input_ids`` ([len(rows), L], right-padded).
+
+        Returns the contexts' final states ``[len(rows), L, d]`` (what the prefill computed; zeros where
+        the mask is 0, and all zeros when every context is empty): the student policy reads its prompt
+        summary from them, so that the prompt is still read once per episode.
+        """
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)
         if not self._restarted and len(rows) != self.batch_size:
             raise ValueError(f"the first restart must cover all {self.batch_size} rows, got {len(rows)}")
@@ -210,11 +217,17 @@ class CausalIncrementalDecoder:
             positions = columns[None, :].expand(len(rows), width)
             self._slots.rows, self._slots.columns, self._slots.width, self._slots.prefill = rows, positions, width, True
             try:
-                self._forward(positions, {"input_ids": input_ids})
+                hidden = self._forward(positions, {"input_ids": input_ids})
             finally:
                 self._slots.rows, self._slots.prefill = None, False
+            states = hidden.to(self.device) * attention_mask[..., None].to(hidden.dtype)
+        else:  # nothing to prefill (one-token prompts): no forward
+            states = torch.zeros(
+                len(rows), width, self.model.config.hidden_size, dtype=self.model.dtype, device=self.device
+            )
         self.length[rows] = lengths
         self._compact()
+        return states
 
     # ------------------------------------------------------------------ steps
     def step(

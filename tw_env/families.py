@@ -40,8 +40,13 @@ class IncrementalDecoding(Protocol):
     batch_size: int
     device: torch.device
 
-    def restart(self, rows: torch.Tensor | list[int], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        """Begin new episodes in ``rows`` with what :meth:`ModelFamily.restart_inputs` gives as context."""
+    def restart(
+        self, rows: torch.Tensor | list[int], input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Begin new episodes in ``rows`` with what :meth:`ModelFamily.restart_inputs` gives as context.
+
+        The causal decoder returns the contexts' final states (its prefill's); the encoder-decoder one
+        returns None (it keeps its encoder states)."""
 
     def step(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Advance every row by one token (or k): the final states."""
@@ -86,6 +91,13 @@ class ModelFamily(ABC):
         """
 
     @abstractmethod
+    def restart_batch(
+        self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`restart_inputs` for a batch of right-padded prompt tensors ``[B, L]`` (the decoders and
+        the policy): the contexts and their mask (right-padded, for ``restart``) and the first tokens ``[B]``."""
+
+    @abstractmethod
     def start_token_id(self, model: PreTrainedModel) -> int:
         """The token the output X^(out) is conditioned on before its first token, where it is one
         token for every prompt (encoder-decoder models); see :meth:`restart_inputs` otherwise."""
@@ -125,6 +137,13 @@ class EncoderDecoderFamily(ModelFamily):
         # The encoder reads the whole prompt; every row's decoder starts from decoder_start_token_id.
         _check_non_empty(prompts)
         return [list(p) for p in prompts], np.full(len(prompts), self.start_token_id(model), dtype=np.int64)
+
+    def restart_batch(
+        self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        _check_non_empty_rows(attention_mask)
+        first = torch.full((input_ids.shape[0],), self.start_token_id(model), dtype=torch.long, device=input_ids.device)
+        return input_ids, attention_mask, first
 
     def start_token_id(self, model: PreTrainedModel) -> int:
         return int(model.config.decoder_start_token_id)
@@ -172,6 +191,17 @@ class DecoderOnlyFamily(ModelFamily):
         _check_non_empty(prompts)
         return [list(p[:-1]) for p in prompts], np.array([int(p[-1]) for p in prompts], dtype=np.int64)
 
+    def restart_batch(
+        self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # As restart_inputs: the last real token of each row is its first step's input, the rest the context.
+        lengths = _check_non_empty_rows(attention_mask)
+        first = input_ids.gather(1, (lengths - 1)[:, None]).squeeze(1).long()
+        width = int(lengths.max()) - 1
+        columns = torch.arange(width, device=input_ids.device)
+        context_mask = (columns[None, :] < (lengths - 1)[:, None]).to(attention_mask.dtype)
+        return input_ids[:, :width], context_mask, first
+
     def start_token_id(self, model: PreTrainedModel) -> int:
         raise TypeError(
             f"a decoder-only model ({model.config.model_type!r}) has no start token shared by every prompt: its first "
@@ -198,6 +228,15 @@ def _check_non_empty(prompts: Sequence[Sequence[int]]) -> None:
     empty = [i for i, p in enumerate(prompts) if len(p) == 0]
     if empty:
         raise ValueError(f"prompts {empty} are empty; expected at least one token per prompt")
+
+
+def _check_non_empty_rows(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The prompts' lengths ``[B]``; raises on an empty prompt (a mask row of zeros)."""
+    lengths = attention_mask.sum(dim=1).long()
+    empty = torch.nonzero(lengths == 0).flatten().tolist()
+    if empty:
+        raise ValueError(f"prompts {empty} are empty; expected at least one token per prompt")
+    return lengths
 
 
 ENCODER_DECODER = EncoderDecoderFamily()
