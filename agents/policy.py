@@ -42,7 +42,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from tw_env.families import DECODER_ONLY, ENCODER_DECODER, FAMILIES, IncrementalDecoding, ModelFamily, family_of
+from tw_env.families import (
+    DECODER_ONLY,
+    ENCODER_DECODER,
+    FAMILIES,
+    IncrementalDecoding,
+    ModelFamily,
+    family_of,
+)
 from tw_env.incremental import IncrementalDecoder
 from tw_env.models import lm_head_logits, load_model, output_vocab_size
 
