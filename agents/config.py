@@ -1,7 +1,7 @@
 """Typed configs that a JSON file or command-line flags can set (flags win over the file).
 
-Each command has one dataclass; every field has a one-line docstring-style comment, which becomes
-its ``--help`` text.
+Each command has one dataclass; every field has a one-line comment after it (``# ...``) or, in
+CleanRL's style, a docstring on the line below it, which becomes its ``--help`` text.
 """
 
 from __future__ import annotations
@@ -22,12 +22,15 @@ T = TypeVar("T", bound="DataclassInstance")
 
 
 def _field_help(cls: type) -> dict[str, str]:
-    # "name: type = default  # help" lines in the class source become --help texts.
+    """Each field's help text, from the class source: a trailing ``# comment`` on the field's line,
+    or (CleanRL's style) a string literal on the line after the field."""
+    import ast
     import inspect
+    import textwrap
 
     helps: dict[str, str] = {}
     try:
-        source = inspect.getsource(cls)
+        source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):
         return helps
     for line in source.splitlines():
@@ -35,6 +38,11 @@ def _field_help(cls: type) -> dict[str, str]:
         if ":" in stripped and "#" in stripped and not stripped.startswith("#"):
             name = stripped.split(":", 1)[0].strip()
             helps[name] = stripped.split("#", 1)[1].strip()
+    body = next((node.body for node in ast.parse(source).body if isinstance(node, ast.ClassDef)), [])
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            helps[node.target.id] = " ".join(after.value.value.split())
     return helps
 
 
