@@ -44,16 +44,14 @@ class Args:
     """the task's data (a folder of split files); None: the task's"""
     seed: int = 1
     """seed of the agent's initialisation, its call draws and the choice of training prompts"""
-    threads: int = 2
-    """torch CPU threads (0: torch's default)"""
+    threads: int = 1
+    """torch CPU threads (0: torch's default); the models are tiny, and one thread is fastest"""
     total_batches: int = 400
     """training batches; each plays one episode per row of the vector env, then takes one update"""
     num_envs: int = 64
     """rows of the native vector env: the episodes of one batch"""
     budgets: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
     """the teacher-use budgets the agent trains on (each row draws one)"""
-    hidden: int = 64
-    """width of the hidden layer of the actor and of the critic"""
     learning_rate: float = 3e-3
     """Adam learning rate of the actor and the critic"""
     gamma: float = 0.9
@@ -72,6 +70,10 @@ class Args:
     """upper bound of λ_b"""
     lagrange_window: int = 4
     """trailing batches whose teacher fraction f_b drives λ_b"""
+    anneal: bool = True
+    """decay the learning rate and the λ step linearly to 0 over training, so that both settle"""
+    greedy_eval: bool = False
+    """at test time call iff π(<τ> | s) > ½ (our PCL evaluation's rule) instead of sampling the call"""
     eval_split: str = "test"
     """split of the final evaluation (tune on "validation", report on "test")"""
     eval_examples: int = 512
@@ -115,23 +117,30 @@ class Student:
         return log_p.argmax(-1).numpy(), state
 
 
-N_FEATURES = 4  # the columns of Student.read's state
+N_FEATURES = 3  # the columns of Student.read's state before the budget: the student's confidence
 
 
 # ---------------------------------------------------------------------------------------- the agent
 class Agent(nn.Module):
-    """The actor π(<τ> | s) (a logit) and the critic V(s) (the baseline), two small MLPs over s."""
+    """The actor: a score of how much the student needs help (linear in its confidence) against one
+    threshold per budget, the logit of π(<τ> | s); the critic V(s), the baseline: linear per budget."""
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, budgets: list[float]) -> None:
         super().__init__()
-        self.actor = nn.Sequential(nn.Linear(N_FEATURES, hidden), nn.Tanh(), nn.Linear(hidden, 1))
-        self.critic = nn.Sequential(nn.Linear(N_FEATURES, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        self.budgets = torch.tensor(budgets, dtype=torch.float32)
+        self.score = nn.Linear(N_FEATURES, 1)
+        self.thresholds = nn.Parameter(torch.zeros(len(budgets)))
+        self.critic = nn.Linear(N_FEATURES, len(budgets))
+
+    def budget_index(self, state: torch.Tensor) -> torch.Tensor:
+        return (state[..., -1:] - self.budgets).abs().argmin(-1)  # the row's budget (observations are float32)
 
     def call_logit(self, state: torch.Tensor) -> torch.Tensor:
-        return self.actor(state).squeeze(-1)
+        return self.score(state[..., :N_FEATURES]).squeeze(-1) - self.thresholds[self.budget_index(state)]
 
     def value(self, state: torch.Tensor) -> torch.Tensor:
-        return self.critic(state).squeeze(-1)
+        values = self.critic(state[..., :N_FEATURES])
+        return values.gather(-1, self.budget_index(state)[..., None]).squeeze(-1)
 
 
 # ---------------------------------------------------------------------------------------- episodes
@@ -265,7 +274,7 @@ def train(args: Args) -> dict:
                         reward_clip=args.reward_clip, split="train", budgets=args.budgets, **models)
     envs.reset(seed=args.seed)
     student = Student(str(envs.unwrapped.student), envs.unwrapped.vocab_size)
-    agent = Agent(args.hidden)
+    agent = Agent(args.budgets)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate)
     dual = BudgetDual(args.budgets, lr=args.lagrange_lr, cap=args.lagrange_cap, floor=args.lagrange_floor,
                       window=args.lagrange_window)
@@ -277,6 +286,9 @@ def train(args: Args) -> dict:
         return torch.bernoulli(torch.sigmoid(agent.call_logit(states)))
 
     for batch in range(args.total_batches):
+        if args.anneal:
+            remaining = 1 - batch / args.total_batches
+            optimizer.param_groups[0]["lr"], dual.lr = args.learning_rate * remaining, args.lagrange_lr * remaining
         # 1. Rollout: one episode per row, each row with its own budget; λ_b sets the price of a call.
         envs.unwrapped.set_lagrange_multipliers(dual.lambdas)
         budgets = rng.choice(args.budgets, size=args.num_envs)
@@ -289,6 +301,7 @@ def train(args: Args) -> dict:
         values = agent.value(episodes.states)
         alive = episodes.alive
         advantages = (returns - values).detach()[alive]
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
         policy_loss = -(advantages * policy.log_prob(episodes.calls)[alive]).mean()
         value_loss = ((returns - values)[alive] ** 2).mean()
         entropy = policy.entropy()[alive].mean()
@@ -309,17 +322,24 @@ def train(args: Args) -> dict:
             writer.add_scalar(f"teacher_fraction/b={b}", f, batch)
             writer.add_scalar(f"lambda/b={b}", dual.lambdas[b], batch)
         if batch % 50 == 0 or batch == args.total_batches - 1:
-            fractions = " ".join(f"{f:.2f}" for f in dual.fractions.values())
-            print(f"batch {batch}: teacher fractions {fractions}  ({time.time() - start:.0f} s)", flush=True)
+            fractions = " ".join(f"{dual.fractions.get(b, 0):.2f}" for b in args.budgets)
+            lambdas = " ".join(f"{dual.lambdas[b]:+.2f}" for b in args.budgets)
+            print(f"batch {batch}: teacher fractions {fractions}, λ {lambdas} ({time.time() - start:.0f} s)", flush=True)
 
-    # Held-out evaluation, greedy: call iff π(<τ> | s) > ½.
+    # Held-out evaluation: the agent samples its calls as in training (or calls iff π(<τ> | s) > ½).
+    generator = torch.Generator().manual_seed(args.seed)
+
+    def policy_calls(states: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(agent.call_logit(states))
+        return (p > 0.5).float() if args.greedy_eval else torch.bernoulli(p, generator=generator)
+
     eval_envs = gym.make_vec(args.env_id, num_envs=args.num_envs, vectorization_mode="vector_entry_point",
                              split=args.eval_split, limit=args.eval_examples, **models)
     examples = min(args.eval_examples, len(eval_envs.unwrapped.examples))
     with torch.no_grad():
         results = {
             "metric": eval_envs.unwrapped.metric, "train_seconds": time.time() - start, "lambdas": dual.lambdas,
-            "agent": evaluate(eval_envs, student, lambda s: (agent.call_logit(s) > 0).float(), list(eval_envs.unwrapped.budgets), examples),
+            "agent": evaluate(eval_envs, student, policy_calls, args.budgets, examples),
             "student alone": evaluate(eval_envs, student, lambda s: torch.zeros(len(s)), [0.0], examples)[0],
             "teacher alone": evaluate(eval_envs, student, lambda s: torch.ones(len(s)), [0.0], examples)[0],
         }
