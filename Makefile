@@ -40,7 +40,7 @@ slow: install
 	$(BIN)/python -m pytest -q -m slow
 
 lint: install
-	$(BIN)/ruff check tw_env agents scripts tests
+	$(BIN)/ruff check tw_env agents scripts tests examples
 
 # mypy with the [tool.mypy] settings in pyproject.toml; clean is the bar.
 type: install

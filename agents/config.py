@@ -26,6 +26,7 @@ def _field_help(cls: type) -> dict[str, str]:
     or (CleanRL's style) a string literal on the line after the field."""
     import ast
     import inspect
+    import itertools
     import textwrap
 
     helps: dict[str, str] = {}
@@ -39,7 +40,7 @@ def _field_help(cls: type) -> dict[str, str]:
             name = stripped.split(":", 1)[0].strip()
             helps[name] = stripped.split("#", 1)[1].strip()
     body = next((node.body for node in ast.parse(source).body if isinstance(node, ast.ClassDef)), [])
-    for node, after in zip(body, body[1:]):
+    for node, after in itertools.pairwise(body):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
                 and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
             helps[node.target.id] = " ".join(after.value.value.split())

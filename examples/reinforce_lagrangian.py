@@ -52,7 +52,7 @@ class Args:
     """rows of the native vector env: the episodes of one batch"""
     budgets: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
     """the teacher-use budgets the agent trains on (each row draws one)"""
-    learning_rate: float = 3e-3
+    learning_rate: float = 0.05
     """Adam learning rate of the actor and the critic"""
     gamma: float = 0.9
     """discount of the return-to-go that weighs each decision"""
@@ -60,13 +60,16 @@ class Args:
     """weight of the entropy bonus of the call decision"""
     vf_coef: float = 0.5
     """weight of the critic's (baseline's) squared error in the loss"""
-    reward_clip: float = 4.0
-    """the env clips every Eq. 17 reward to [-reward_clip, reward_clip] (the paper: 2)"""
-    lagrange_lr: float = 0.2
+    reward_clip: float = 8.0
+    """the env clips every Eq. 17 reward to [-reward_clip, reward_clip] (the paper: 2; a call then costs at
+    most reward_clip whatever λ_b is, so the λ cap is set to match it)"""
+    teacher_sampling: bool = False
+    """on <τ> the teacher samples its token (temperature 1) instead of taking its greedy one, in training and evaluation"""
+    lagrange_lr: float = 0.5
     """step size of λ_b ← clip(λ_b + lr·(f_b − b), floor, cap)"""
-    lagrange_floor: float = -4.0
+    lagrange_floor: float = -8.0
     """lower bound of λ_b: below 0, a budget is a target (calls are paid for when f_b < b)"""
-    lagrange_cap: float = 4.0
+    lagrange_cap: float = 8.0
     """upper bound of λ_b"""
     lagrange_window: int = 4
     """trailing batches whose teacher fraction f_b drives λ_b"""
@@ -271,7 +274,8 @@ def train(args: Args) -> dict:
     models = {k: v for k, v in (("teacher", args.teacher), ("student", args.student),
                                 ("tokenizer", args.tokenizer), ("data", args.data)) if v is not None}
     envs = gym.make_vec(args.env_id, num_envs=args.num_envs, vectorization_mode="vector_entry_point",
-                        reward_clip=args.reward_clip, split="train", budgets=args.budgets, **models)
+                        reward_clip=args.reward_clip, teacher_sampling=args.teacher_sampling, split="train",
+                        budgets=args.budgets, **models)
     envs.reset(seed=args.seed)
     student = Student(str(envs.unwrapped.student), envs.unwrapped.vocab_size)
     agent = Agent(args.budgets)
@@ -334,7 +338,9 @@ def train(args: Args) -> dict:
         return (p > 0.5).float() if args.greedy_eval else torch.bernoulli(p, generator=generator)
 
     eval_envs = gym.make_vec(args.env_id, num_envs=args.num_envs, vectorization_mode="vector_entry_point",
-                             split=args.eval_split, limit=args.eval_examples, **models)
+                             teacher_sampling=args.teacher_sampling, split=args.eval_split,
+                             limit=args.eval_examples, **models)
+    eval_envs.reset(seed=args.seed)  # seeds the teacher's draws when it samples
     examples = min(args.eval_examples, len(eval_envs.unwrapped.examples))
     with torch.no_grad():
         results = {
