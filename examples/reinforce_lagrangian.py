@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
-from transformers import AutoModelForSeq2SeqLM
 
 import tw_env  # noqa: F401  (registers the tasks)
 from agents.lagrangian import BudgetDual
 from tw_env.metrics import quality
+from tw_env.models import load_model
 
 
 @dataclass
@@ -92,7 +92,7 @@ class Student:
     """The task's student LM, frozen: its greedy next token, and the features the agent reads."""
 
     def __init__(self, name: str, vocab_size: int) -> None:
-        self.lm = AutoModelForSeq2SeqLM.from_pretrained(name).eval().requires_grad_(False)
+        self.lm = load_model(name, role="student").requires_grad_(False)  # safetensors only, in eval mode
         self.vocab_size = vocab_size  # action V is <τ>
 
     @torch.no_grad()
