@@ -199,9 +199,12 @@ def observation_batch(obs: Mapping[str, torch.Tensor], device: torch.device) -> 
 class LMActorCriticPolicy(ActorCriticPolicy):
     """π and V for SB3's PPO around a pretrained :class:`~agents.policy.StudentPolicy`.
 
-    The action distribution is Categorical over V + 1: the student's LM head plus its <τ> logit,
-    evaluated by one teacher-forced forward over each observation's (prompt, X^(in) prefix). Nothing
-    of SB3's MLP/action head is built. The value is either ``"head"`` (an MLP on the student's final
+    The action distribution is Categorical over V + 1: the student's LM head plus its <τ> logit at
+    the state after each observation's (prompt, X^(in) prefix), for either model family. A rollout
+    (no gradients, the same rows at every step) reads it incrementally (:class:`IncrementalStates`:
+    one decoder step per env step, a row restarting on a new episode); a training minibatch by one
+    teacher-forced pass per episode in it (:func:`teacher_forced_states`). Nothing of SB3's
+    MLP/action head is built. The value is either ``"head"`` (an MLP on the student's final
     decoder state, detached, so that only the policy loss trains the LM) or ``"network"`` (a
     :class:`~agents.policy.ValueNetwork`, a copy of the student with a scalar head).
 
