@@ -303,6 +303,30 @@ class _StateModel(nn.Module):
             summary = self.prompt_vector(prompt.states, prompt.mask)
         return self.stream_states(prompt, summary, state_ids, state_mask)
 
+    def prompt_features(self, encoder_states: torch.Tensor, encoder_mask: torch.Tensor) -> PromptFeatures:
+        """The per-episode prompt reads from the prompt states: the stream-input summary (and no <τ>
+        bias: only :class:`StudentPolicy` has a <τ> logit)."""
+        summary = self.prompt_vector(encoder_states, encoder_mask)
+        return PromptFeatures(summary, summary.new_zeros(summary.shape[0], 1))
+
+    def begin(
+        self, decoder: IncrementalDecoding, rows: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+    ) -> tuple[PromptFeatures, torch.Tensor]:
+        """Begin episodes in ``rows`` of ``decoder`` (an incremental decoder of this model's LM) with
+        right-padded prompts: their :class:`PromptFeatures` and the token each row's first step reads."""
+        states, mask, first = self._reads.restart(self.model, decoder, rows, prompt_ids, prompt_mask)
+        return self.prompt_features(states, mask), first
+
+    def step_states(self, decoder: IncrementalDecoding, ids: torch.Tensor, prompt: PromptFeatures) -> torch.Tensor:
+        """Final states of one incremental step that feeds X^(in) tokens ``ids`` ``[B]`` to ``decoder``: ``[B, d]``.
+
+        ``ids`` ``[B, k]`` feed k stream tokens per row in one forward (a teacher-forced catch-up): ``[B, k, d]``.
+        ``prompt`` is what :meth:`begin` returned (computed once per episode).
+        """
+        embeds = self.state_embedding(self.model.get_input_embeddings(), ids)
+        summary = prompt.summary if ids.dim() == 1 else prompt.summary[:, None]
+        return decoder.step(inputs_embeds=embeds + summary.to(embeds.dtype))
+
     @property
     def device(self) -> torch.device:
         return self.model.device
@@ -371,22 +395,12 @@ class StudentPolicy(_StateModel):
         states, prompt = self.state_features(prompt_ids, prompt_mask, state_ids, state_mask)
         return self.head(states[:, :-1], prompt)
 
-    def begin(
-        self, decoder: IncrementalDecoding, rows: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
-    ) -> tuple[PromptFeatures, torch.Tensor]:
-        """Begin episodes in ``rows`` of ``decoder`` (an incremental decoder of this policy's LM) with
-        right-padded prompts: their :class:`PromptFeatures` and the token each row's first step reads."""
-        states, mask, first = self._reads.restart(self.model, decoder, rows, prompt_ids, prompt_mask)
-        return self.prompt_features(states, mask), first
-
     def step_head(self, decoder: IncrementalDecoding, ids: torch.Tensor, prompt: PromptFeatures) -> torch.Tensor:
         """``[B, V+1]`` logits of one incremental step that feeds X^(in) tokens ``ids`` to ``decoder``.
 
         ``prompt`` is what :meth:`begin` returned (computed once per episode).
         """
-        embeds = self.state_embedding(self.model.get_input_embeddings(), ids)
-        states = decoder.step(inputs_embeds=embeds + prompt.summary.to(embeds.dtype))
-        return self.head(states, prompt)
+        return self.head(self.step_states(decoder, ids, prompt), prompt)
 
     def rollout(self, num_rows: int, max_episode_len: int) -> PolicyRollout:
         return PolicyRollout(self, num_rows, max_episode_len)

@@ -47,7 +47,8 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvO
 from torch import nn
 
 from agents.lagrangian import BudgetDual
-from agents.policy import PromptFeatures, StudentPolicy, ValueNetwork, choose_actions
+from agents.policy import PromptFeatures, StudentPolicy, ValueNetwork, _StateModel, choose_actions
+from tw_env.families import IncrementalDecoding
 from tw_env.rewards import RunningRewardStats
 from tw_env.vector_env import TeacherAssistedDecodingVectorEnv
 
@@ -198,9 +199,12 @@ def observation_batch(obs: Mapping[str, torch.Tensor], device: torch.device) -> 
 class LMActorCriticPolicy(ActorCriticPolicy):
     """π and V for SB3's PPO around a pretrained :class:`~agents.policy.StudentPolicy`.
 
-    The action distribution is Categorical over V + 1: the student's LM head plus its <τ> logit,
-    evaluated by one teacher-forced forward over each observation's (prompt, X^(in) prefix). Nothing
-    of SB3's MLP/action head is built. The value is either ``"head"`` (an MLP on the student's final
+    The action distribution is Categorical over V + 1: the student's LM head plus its <τ> logit at
+    the state after each observation's (prompt, X^(in) prefix), for either model family. A rollout
+    (no gradients, the same rows at every step) reads it incrementally (:class:`IncrementalStates`:
+    one decoder step per env step, a row restarting on a new episode); a training minibatch by one
+    teacher-forced pass per episode in it (:func:`teacher_forced_states`). Nothing of SB3's
+    MLP/action head is built. The value is either ``"head"`` (an MLP on the student's final
     decoder state, detached, so that only the policy loss trains the LM) or ``"network"`` (a
     :class:`~agents.policy.ValueNetwork`, a copy of the student with a scalar head).
 
@@ -250,12 +254,18 @@ class LMActorCriticPolicy(ActorCriticPolicy):
                 f"action space has {self.action_space.n}; the student and the teacher must share the vocabulary"
             )
         self.student = student.eval()
+        # Rollouts read the student (and a value network) incrementally, one reader per batch size.
+        self._readers: dict[tuple[int, int], IncrementalStates] = {}
+        state_space = self.observation_space["state_ids"] if isinstance(self.observation_space, spaces.Dict) else None
+        if state_space is None or state_space.shape is None:
+            raise TypeError(f"LMActorCriticPolicy reads the env's Dict observations, got {self.observation_space}")
+        self._max_episode_len = int(state_space.shape[0])
         if self.value_model == "network":
             self.value_network = ValueNetwork.from_policy(student).eval()
             value_parameters = list(self.value_network.parameters())
         else:
             layers: list[nn.Module] = []
-            width = student.model.config.d_model
+            width = student.model.config.hidden_size  # T5 configs map it to d_model
             for hidden in self.value_hidden:
                 layers += [nn.Linear(width, hidden), nn.Tanh()]
                 width = hidden
@@ -296,22 +306,34 @@ class LMActorCriticPolicy(ActorCriticPolicy):
             raise TypeError(f"LMActorCriticPolicy reads Dict observations, got a {type(obs).__name__}")
         return observation_batch(obs, self.device)
 
+    def _reader(self, model: _StateModel, t: dict[str, torch.Tensor]) -> IncrementalStates | None:
+        """The incremental reader of ``model`` for this batch, or None where a teacher-forced pass applies.
+
+        A rollout calls the policy without gradients with the same rows at every step: one reader per
+        (model, batch size), so that SB3's one-row calls on terminal observations leave the rollout's cache alone.
+        """
+        if torch.is_grad_enabled():
+            return None  # a training forward: one teacher-forced pass per episode carries the gradients
+        key = (id(model), len(t["state_length"]))
+        reader = self._readers.get(key)
+        if reader is None:
+            reader = self._readers[key] = IncrementalStates(model, self._max_episode_len)
+        return reader
+
     def _current_states(self, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, PromptFeatures]:
-        """The student's final decoder state ``[B, d]`` after each observation's last action, and its prompt reads."""
-        index = t["state_length"]
-        rows = torch.arange(len(index), device=self.device)
-        states, prompt = self.student.state_features(t["prompt_ids"], t["prompt_mask"], t["state_ids"], t["state_mask"])
-        return states[rows, index], prompt  # the state after the last action: position L of [B, T+1]
+        """The student's final state ``[B, d]`` after each observation's last action, and its prompt reads."""
+        reader = self._reader(self.student, t)
+        return reader.current(t) if reader is not None else teacher_forced_states(self.student, t)
 
     def _head_values(self, current: torch.Tensor) -> torch.Tensor:
         # The head's dtype is that of its first parameter (the first Linear's weight).
         return self.value_head(current.detach().to(next(self.value_head.parameters()).dtype)).float()
 
     def _network_values(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
-        index = t["state_length"]
-        rows = torch.arange(len(index), device=self.device)
-        all_values = self.value_network(t["prompt_ids"], t["prompt_mask"], t["state_ids"], t["state_mask"])
-        return all_values[rows, index].float()[:, None]
+        reader = self._reader(self.value_network, t)
+        states = reader.current(t)[0] if reader is not None else teacher_forced_states(self.value_network, t)[0]
+        head = self.value_network.value_head
+        return head(states.to(head.weight.dtype)).float()
 
     def _evaluate(self, obs: PyTorchObs) -> tuple[torch.Tensor, torch.Tensor]:
         """Action logits ``[B, V+1]`` and values ``[B, 1]`` at each observation's current state."""
@@ -356,6 +378,133 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         if deterministic:
             return choose_actions(self._logits(observation))
         return self.get_distribution(observation).get_actions()
+
+
+# ---------------------------------------------------------------------------------------------- the two reads
+
+
+def episode_groups(t: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Observations that lie on one sequence: ``(representatives [G], group of each observation [N])``.
+
+    Two observations belong together when their prompts are equal and one's X^(in) prefix is the
+    start of the other's (steps of one episode, or of episodes that agree so far): π and V at a state
+    depend only on (prompt, prefix), so one teacher-forced pass over the longest of a group gives every
+    member's state at its own length. The representative of a group is its longest observation.
+    """
+    prompt_length, state_length = t["prompt_mask"].sum(1).tolist(), t["state_length"].tolist()
+    prompts, states = t["prompt_ids"].tolist(), t["state_ids"].tolist()
+    order = sorted(range(len(state_length)), key=lambda i: -state_length[i])  # longest first: it founds the group
+    representatives: list[int] = []
+    by_prompt: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+    group = [0] * len(order)
+    for i in order:
+        prefix = states[i][: state_length[i]]
+        candidates = by_prompt.setdefault(tuple(prompts[i][: prompt_length[i]]), [])
+        found = next((g for g, longest in candidates if longest[: len(prefix)] == prefix), None)
+        if found is None:
+            found = len(representatives)
+            representatives.append(i)
+            candidates.append((found, prefix))
+        group[i] = found
+    device = t["state_length"].device
+    return torch.tensor(representatives, device=device), torch.tensor(group, device=device)
+
+
+def teacher_forced_states(model: _StateModel, t: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, PromptFeatures]:
+    """Final states ``[N, d]`` of ``model`` after each observation's prefix, and their prompt reads, by one
+    teacher-forced pass per group of :func:`episode_groups` (the training forward: gradients flow)."""
+    representatives, group = episode_groups(t)
+    lengths = t["state_length"]
+    width = max(int(lengths[representatives].max()), 1)
+    read = model.read_prompt(t["prompt_ids"][representatives], t["prompt_mask"][representatives], width + 1)
+    prompt = model.prompt_features(read.states, read.mask)
+    states = model.stream_states(read, prompt.summary, t["state_ids"][representatives, :width],
+                                 t["state_mask"][representatives, :width])
+    return states[group, lengths], PromptFeatures(prompt.summary[group], prompt.call_bias[group])
+
+
+def _agree(new: torch.Tensor, old: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """``[B]``: whether each row of ``new`` and ``old`` (``[B, *]``, trimmed to different widths) agree before ``length``."""
+    width = min(new.shape[1], old.shape[1])
+    columns = torch.arange(width, device=new.device)[None, :]
+    same = ((new[:, :width] == old[:, :width]) | (columns >= length[:, None])).all(1)
+    return same & (length <= width)
+
+
+def _weights_version(model: nn.Module) -> tuple[int, ...]:
+    # Every in-place write to a parameter (an optimiser step, load_state_dict, copy_) bumps its version
+    # counter: a cache built before it holds keys and values of other weights.
+    return tuple(p._version for p in model.parameters())
+
+
+class IncrementalStates:
+    """A :class:`~agents.policy._StateModel`'s final states at the current observations of a fixed set of
+    rows, one incremental decoder step per environment step (the family's KV-cached decoder).
+
+    Per row it keeps what the cache has read (prompt, X^(in) prefix). An observation that starts an
+    episode (``state_length == 0``) restarts its row (T5: the encoder; causal: the prefill); one that
+    extends the row's prefix by one token feeds that token; a batch that is the last one again is
+    answered from memory. Anything else (the first call, weights changed since the cache was built,
+    e.g. by PPO's update between two rollouts, or observations that do not follow on) rebuilds every
+    row: a restart and one teacher-forced step over each prefix, then a per-row rollback of the padding.
+    """
+
+    def __init__(self, model: _StateModel, max_episode_len: int) -> None:
+        self.model = model
+        self.max_episode_len = max_episode_len
+        self.decoder: IncrementalDecoding | None = None
+        self.version: tuple[int, ...] = ()
+        self.rebuilds = 0  # how often the cache was rebuilt (the tests read it)
+        self._prompt_ids = self._prompt_length = self._state_ids = self._state_length = torch.empty(0)
+        self._features: PromptFeatures | None = None
+        self._first = torch.empty(0)
+        self._last = torch.empty(0)  # the final states of the last call
+
+    @torch.no_grad()
+    def current(self, t: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, PromptFeatures]:
+        """``[B, d]`` final states after each observation's prefix, and the rows' prompt reads."""
+        if self.decoder is None or self._features is None or self.version != _weights_version(self.model):
+            return self._rebuild(t)
+        length, prompt_length = t["state_length"], t["prompt_mask"].sum(1)
+        known = self._state_length
+        # Equal lengths, then equal tokens before them (both batches are at least that wide where lengths agree).
+        same_prompt = (prompt_length == self._prompt_length) & _agree(t["prompt_ids"], self._prompt_ids, prompt_length)
+        same_prefix = (length >= known) & _agree(t["state_ids"], self._state_ids, known)
+        if bool((same_prompt & same_prefix & (length == known)).all()):
+            return self._last, self._features  # the last observations again (e.g. values, then actions)
+        fresh = length == 0
+        follows = same_prompt & same_prefix & (length == known + 1)
+        if not bool((fresh | follows).all()):
+            return self._rebuild(t)
+        rows = torch.nonzero(fresh).squeeze(-1)
+        if len(rows):
+            features, first = self.model.begin(self.decoder, rows, t["prompt_ids"][rows], t["prompt_mask"][rows])
+            self._features.assign(rows, features)
+            self._first[rows] = first.to(self._first.device)
+        newest = t["state_ids"].gather(1, (length - 1).clamp(min=0)[:, None]).squeeze(1)
+        tokens = torch.where(fresh, self._first.to(newest.device), newest)
+        self._last = self.model.step_states(self.decoder, tokens, self._features)
+        self._remember(t)
+        return self._last, self._features
+
+    def _rebuild(self, t: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, PromptFeatures]:
+        self.rebuilds += 1
+        length = t["state_length"]
+        rows = torch.arange(len(length), device=length.device)
+        self.decoder = self.model.family.incremental_decoder(self.model.model, len(length), self.max_episode_len)
+        self._features, self._first = self.model.begin(self.decoder, rows, t["prompt_ids"], t["prompt_mask"])
+        width = int(length.max())
+        stream = torch.cat([self._first[:, None].to(t["state_ids"].dtype), t["state_ids"][:, :width]], dim=1)
+        states = self.model.step_states(self.decoder, stream, self._features)  # [B, width + 1, d]
+        self.decoder.rollback(width - length)  # what each row read past its own prefix (padding)
+        self._last = states[rows, length]
+        self.version = _weights_version(self.model)
+        self._remember(t)
+        return self._last, self._features
+
+    def _remember(self, t: Mapping[str, torch.Tensor]) -> None:
+        self._prompt_ids, self._prompt_length = t["prompt_ids"].clone(), t["prompt_mask"].sum(1)
+        self._state_ids, self._state_length = t["state_ids"].clone(), t["state_length"].clone()
 
 
 def _scale_lr(optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

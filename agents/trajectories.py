@@ -96,18 +96,25 @@ def oracle_batch(
     The student's distribution for the ranking is read with every token as its own (no call
     markers): which positions become calls is what is being decided.
 
+    Either model family: a causal teacher reads C^(T) followed by its output, as in the env
+    (``generate`` gets the prompts as :meth:`~tw_env.families.ModelFamily.generation_inputs` says).
+
     ``round_up_draws`` switches ⌊l·b⌋ to stochastic rounding (see
     :func:`~agents.objectives.oracle_call_mask`); ``teacher_prompts`` (ids, mask) are the teacher's
     prompts C^(T), by default the student's.
     """
     vocab = policy.vocab_size
     teacher_ids, teacher_mask = teacher_prompts if teacher_prompts is not None else (prompt_ids, prompt_mask)
+    family = family_of(teacher)
+    # The prompts are right-padded; a causal teacher continues the end of its input, so generate gets them
+    # left-padded (the family says how; T5's encoder reads right padding as it is).
+    generate_ids, generate_mask = family.generation_inputs(teacher_ids, teacher_mask)
     generated = generation_model(teacher).generate(
-        input_ids=teacher_ids, attention_mask=teacher_mask, max_new_tokens=max_new_tokens, do_sample=False,
+        input_ids=generate_ids, attention_mask=generate_mask, max_new_tokens=max_new_tokens, do_sample=False,
         num_beams=1, output_logits=True, return_dict_in_generate=True,
     )
     # .to: a teacher spread over devices (device_map) returns on its own devices.
-    output = family_of(teacher).generated_tokens(generated.sequences, teacher_ids.shape[1]).to(prompt_ids.device)
+    output = family.generated_tokens(generated.sequences, generate_ids.shape[1]).to(prompt_ids.device)
     teacher_logits = torch.stack(generated.logits, dim=1)[..., :vocab].float().to(prompt_ids.device)
     width = output.shape[1]
     is_eos = output == eos_token_id
