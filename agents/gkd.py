@@ -129,14 +129,17 @@ class GKDBatch:
 def generate(
     model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: int, sample: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Outputs of ``model`` (without the decoder start token) and their valid positions."""
+    """Outputs of ``model`` for right-padded prompts (without the decoder start token or a causal model's
+    prompt) and their valid positions."""
     # Pure ancestral sampling at temperature 1: top_k=0 and top_p=1 switch off the generation
     # config's defaults (top_k=50), which would otherwise truncate the student's distribution.
     options = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
+    family = family_of(model)
+    generate_ids, generate_mask = family.generation_inputs(ids, mask)  # left padding for a causal model
     sequences = generation_model(model).generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, num_beams=1, **options
+        input_ids=generate_ids, attention_mask=generate_mask, max_new_tokens=max_new_tokens, num_beams=1, **options
     )
-    tokens = family_of(model).generated_tokens(sequences, ids.shape[1])
+    tokens = family.generated_tokens(sequences, ids.shape[1])
     is_eos = tokens == eos
     # Valid up to and including the first EOS; generate pads finished rows after it.
     valid = (torch.cumsum(is_eos.long(), dim=1) - is_eos.long()) == 0
@@ -168,19 +171,13 @@ def collect(
     return GKDBatch(ids, mask, torch.cat(pad), torch.cat(valid), from_student.to(ids.device))
 
 
-def teacher_forcing_inputs(model: PreTrainedModel, tokens: torch.Tensor) -> torch.Tensor:
-    """Teacher forcing: the start token followed by every output token but the last."""
-    start = torch.full_like(tokens[:, :1], family_of(model).start_token_id(model))
-    return torch.cat([start, tokens[:, :-1]], dim=1)
-
-
 def logits_on(model: PreTrainedModel, batch: GKDBatch, forward: torch.nn.Module | None = None) -> torch.Tensor:
-    """``[B, T, V]`` next-token logits of ``model`` at every position of the batch.
+    """``[B, T, V]`` next-token logits of ``model`` at every position of the batch: one teacher-forced
+    forward, as the model's family reads prompt and output (:meth:`~tw_env.families.ModelFamily.teacher_forced_logits`).
 
     ``forward`` is what runs the model, when it is not the model itself (its DDP wrapper).
     """
-    return (forward or model)(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
-                              decoder_input_ids=teacher_forcing_inputs(model, batch.tokens)).logits
+    return family_of(model).teacher_forced_logits(model, batch.prompt_ids, batch.prompt_mask, batch.tokens, forward)
 
 
 # ---------------------------------------------------------------------------------------------- loss and update

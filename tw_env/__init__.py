@@ -1,11 +1,13 @@
 """Training Wheels: teacher-assisted decoding as a Gymnasium environment (arXiv 2502.17717).
 
-Importing this package registers three tasks; nothing is downloaded or trained at import:
+Importing this package registers four tasks; nothing is downloaded or trained at import:
 
 - ``TrainingWheels-XSum-v0``: summarization, teacher google/flan-t5-xl, student google/flan-t5-small.
 - ``TrainingWheels-WMT19-v0``: German→English (wmt/wmt19, de-en), same models.
 - ``TrainingWheels-Synthetic-v0``: the embedded task, a synthetic translation language whose small
   models train on a CPU in minutes on first use.
+- ``TrainingWheels-SyntheticCausal-v0``: the same language with a decoder-only (Llama-style) teacher
+  and student, also trained on first use.
 
 Each has a native vector form: ``gym.make_vec(id, num_envs=N, vectorization_mode="vector_entry_point")``.
 """
@@ -37,6 +39,7 @@ _TASKS = {
     "TrainingWheels-XSum-v0": "xsum",
     "TrainingWheels-WMT19-v0": "wmt19",
     "TrainingWheels-Synthetic-v0": "synthetic",
+    "TrainingWheels-SyntheticCausal-v0": "synthetic_causal",
 }
 for _env_id, _name in _TASKS.items():
     if _env_id not in registry:

@@ -112,6 +112,15 @@ class ModelFamily(ABC):
     def generated_tokens(self, sequences: torch.Tensor, prompt_width: int) -> torch.Tensor:
         """The new tokens of a ``generate`` result (``[B, T]``), without what the model was fed."""
 
+    @abstractmethod
+    def teacher_forced_logits(
+        self, model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens: torch.Tensor,
+        forward: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
+        """``[B, T, V]`` logits of ``model`` predicting each of ``tokens`` (``[B, T]``) from the right-padded
+        prompts and the tokens before it: one teacher-forced forward (GKD's loss, a whole output at once).
+        ``forward`` runs the model when it is not the model itself (a DDP wrapper)."""
+
     def __repr__(self) -> str:
         return f"<model family {self.name}>"
 
@@ -156,6 +165,16 @@ class EncoderDecoderFamily(ModelFamily):
     def generated_tokens(self, sequences: torch.Tensor, prompt_width: int) -> torch.Tensor:
         # An encoder-decoder's generate returns the decoder sequence: the start token, then the output.
         return sequences[:, 1:]
+
+    def teacher_forced_logits(
+        self, model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens: torch.Tensor,
+        forward: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
+        # The decoder reads the start token, then every output token but the last.
+        start = torch.full_like(tokens[:, :1], self.start_token_id(model))
+        decoder_input_ids = torch.cat([start, tokens[:, :-1]], dim=1)
+        return (forward or model)(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                  decoder_input_ids=decoder_input_ids).logits
 
 
 class DecoderOnlyFamily(ModelFamily):
@@ -222,6 +241,22 @@ class DecoderOnlyFamily(ModelFamily):
     def generated_tokens(self, sequences: torch.Tensor, prompt_width: int) -> torch.Tensor:
         # A causal model's generate returns its (left-padded) input followed by the new tokens.
         return sequences[:, prompt_width:]
+
+    def teacher_forced_logits(
+        self, model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens: torch.Tensor,
+        forward: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
+        # One sequence per row: the prompt left-padded (so every output starts in the same column),
+        # then the output. Positions count real tokens only, so a padded row reads exactly what it
+        # would alone; the logits at columns L-1 … L+T-2 predict the T output tokens.
+        left_ids, left_mask = self.generation_inputs(prompt_ids, prompt_mask)
+        width, length = left_ids.shape[1], tokens.shape[1]
+        input_ids = torch.cat([left_ids, tokens.to(left_ids.dtype)], dim=1)
+        attention_mask = torch.cat([left_mask, torch.ones_like(tokens, dtype=left_mask.dtype)], dim=1)
+        position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        logits = (forward or model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    logits_to_keep=length + 1).logits
+        return logits[:, :length] if logits.shape[1] == length + 1 else logits[:, width - 1 : width - 1 + length]
 
 
 def _check_non_empty(prompts: Sequence[Sequence[int]]) -> None:

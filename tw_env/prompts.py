@@ -10,6 +10,7 @@ through :func:`encode_texts`, so every component pads and truncates the same way
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -101,13 +102,103 @@ def pad_token_lists(
     return ids.to(device), mask.to(device)
 
 
-def encode_text(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) -> list[int]:
-    """Token ids of one prompt, truncated to ``max_length`` (the tokenizer adds EOS as T5 expects)."""
-    return list(tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
+PROMPT_FORMATS = ("text", "plain", "chat")
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a prompt's text becomes the ids a model reads (the same for every prompt of a task).
+
+    - ``"text"``: the text as the tokenizer encodes it, with its special tokens (T5 appends EOS).
+      T5's format, and the embedded causal task's (its models were trained on exactly this).
+    - ``"plain"``: a decoder-only model's plain continuation, ``"{prompt}\n"``, with the tokenizer's
+      special tokens (a Llama tokenizer prepends BOS): the output follows the newline.
+    - ``"chat"``: one user turn through the tokenizer's chat template, with the generation prompt
+      (``apply_chat_template(..., add_generation_prompt=True)``): what an instruction-tuned causal
+      model expects; the output is the assistant's reply.
+
+    A prompt longer than ``max_length`` loses the end of its *text*, never the format's wrapping
+    (a chat template's closing and generation-prompt tokens, the newline).
+    """
+
+    kind: str = "text"
+
+    def __post_init__(self) -> None:
+        if self.kind not in PROMPT_FORMATS:
+            raise ValueError(f"prompt format must be one of {list(PROMPT_FORMATS)}, got {self.kind!r}")
+
+    def _ids(self, tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+        if self.kind == "plain":
+            return list(tokenizer(text + "\n")["input_ids"])
+        if self.kind == "chat":
+            # The template rendered as text, then tokenised without adding special tokens: the
+            # template writes them itself (a BOS would otherwise appear twice).
+            rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                     add_generation_prompt=True)
+            return list(tokenizer(str(rendered), add_special_tokens=False)["input_ids"])
+        return list(tokenizer(text)["input_ids"])
+
+    def encode(self, tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) -> list[int]:
+        """Token ids of one prompt, at most ``max_length`` of them."""
+        if self.kind == "text":
+            return list(tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
+        ids = self._ids(tokenizer, text)
+        if len(ids) <= max_length:
+            return ids
+        # Cut the text, keep the wrapping: shorten the text's own tokens by the excess until it fits
+        # (decoding and re-encoding a cut can move a token boundary, hence the loop).
+        text_ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        keep = len(text_ids) - (len(ids) - max_length)
+        while keep > 0:
+            ids = self._ids(tokenizer, tokenizer.decode(text_ids[:keep]))
+            if len(ids) <= max_length:
+                return ids
+            keep -= len(ids) - max_length
+        raise ValueError(
+            f"max_prompt_length {max_length} is too short for the {self.kind!r} prompt format: its wrapping alone "
+            f"takes {len(self._ids(tokenizer, ''))} tokens; expected a longer max_prompt_length"
+        )
+
+
+TEXT_FORMAT = PromptFormat("text")
+
+
+def resolve_prompt_format(
+    prompt_format: str | PromptFormat | None, causal: bool, tokenizer: PreTrainedTokenizerBase,
+    chat_template: bool | None = None,
+) -> PromptFormat:
+    """The task's prompt format: the one asked for, else ``"text"`` for an encoder-decoder pair and, for a
+    causal pair, ``"chat"`` when the tokenizer has a chat template (unless ``chat_template=False``),
+    else ``"plain"``. ``chat_template=True`` without a template in the tokenizer is an error."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat_template and not has_template:
+        raise ValueError("chat_template=True but the tokenizer has no chat template; expected a tokenizer with "
+                         "one (tokenizer.chat_template), or chat_template=None/False")
+    if prompt_format is not None:
+        chosen = prompt_format if isinstance(prompt_format, PromptFormat) else PromptFormat(str(prompt_format))
+        if chosen.kind == "chat" and not has_template:
+            raise ValueError("prompt_format 'chat' needs a tokenizer with a chat template; this one has none. "
+                             "Expected prompt_format 'plain' or 'text' for it")
+        if chat_template is not None and (chosen.kind == "chat") != chat_template:
+            raise ValueError(f"prompt_format {chosen.kind!r} contradicts chat_template={chat_template}; give one of them")
+        return chosen
+    if not causal:
+        if chat_template:
+            raise ValueError("chat_template=True applies to decoder-only pairs; an encoder-decoder reads its prompt as text")
+        return TEXT_FORMAT
+    return PromptFormat("chat" if has_template and chat_template is not False else "plain")
+
+
+def encode_text(
+    tokenizer: PreTrainedTokenizerBase, text: str, max_length: int, prompt_format: PromptFormat = TEXT_FORMAT
+) -> list[int]:
+    """Token ids of one prompt, at most ``max_length`` (format ``"text"``: the tokenizer adds EOS as T5 expects)."""
+    return prompt_format.encode(tokenizer, text, max_length)
 
 
 def encode_texts(
-    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int, device: torch.device | str | None = None
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int, device: torch.device | str | None = None,
+    prompt_format: PromptFormat = TEXT_FORMAT,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The one batched encoding of prompts: truncated to ``max_length``, right-padded with id 0."""
-    return pad_token_lists([encode_text(tokenizer, t, max_length) for t in texts], device)
+    """The one batched encoding of prompts: at most ``max_length`` tokens each, right-padded with id 0."""
+    return pad_token_lists([encode_text(tokenizer, t, max_length, prompt_format) for t in texts], device)

@@ -29,22 +29,26 @@ SYNTHETIC_TEACHER_PROMPT = NO_TEACHER_USE_TEMPLATE
 XSUM_ID = "TrainingWheels-XSum-v0"
 WMT19_ID = "TrainingWheels-WMT19-v0"
 SYNTHETIC_ID = "TrainingWheels-Synthetic-v0"
+SYNTHETIC_CAUSAL_ID = "TrainingWheels-SyntheticCausal-v0"
 
 
 @dataclass(frozen=True)
 class Registered:
     """What a registered id adds to a :class:`~tw_env.tasks.TaskSpec`: default models and lengths."""
 
-    spec: TaskSpec | None  # None: the embedded task (models and data made on first use)
+    spec: TaskSpec | None  # None: an embedded task (models and data made on first use)
     max_new_tokens: int
     max_prompt_length: int
     teacher_prompt: str
+    causal: bool = False  # the embedded task's decoder-only pair (TrainingWheels-SyntheticCausal-v0)
 
 
 REGISTERED: dict[str, Registered] = {
     XSUM_ID: Registered(XSUM, max_new_tokens=64, max_prompt_length=512, teacher_prompt=HUB_TEACHER_PROMPT),
     WMT19_ID: Registered(WMT19, max_new_tokens=64, max_prompt_length=128, teacher_prompt=HUB_TEACHER_PROMPT),
     SYNTHETIC_ID: Registered(None, max_new_tokens=20, max_prompt_length=32, teacher_prompt=SYNTHETIC_TEACHER_PROMPT),
+    SYNTHETIC_CAUSAL_ID: Registered(None, max_new_tokens=20, max_prompt_length=32,
+                                    teacher_prompt=SYNTHETIC_TEACHER_PROMPT, causal=True),
 }
 
 _UNSET: Any = object()  # "not given": lets teacher_prompt=None mean "the student's prompt"
@@ -73,10 +77,13 @@ def make_task(
 
     Hub tasks (XSum, WMT19): teacher ``google/flan-t5-xl``, student ``google/flan-t5-small`` (its
     tokenizer too) and the hub dataset by default; any of them may be a local directory or file
-    (a folder of data gives its ``{split}`` file). The embedded task trains and caches its models
+    (a folder of data gives its ``{split}`` file). A decoder-only pair (two ``AutoModelForCausalLM``
+    models sharing a vocabulary, e.g. ``Qwen/Qwen3-1.7B`` with ``Qwen/Qwen3-0.6B``) reads its prompts
+    through the tokenizer's chat template when it has one (``chat_template=False``: ``"{prompt}\n"``
+    instead), see :class:`~tw_env.prompts.PromptFormat`. The embedded task trains and caches its models
     and data on first use (``cache_dir``, ``seed``). ``teacher_prompt`` defaults to the id's
     (pass None for the student's prompt). Further keywords (``budgets``, ``device``, ``dtype``,
-    ``metric``, ``instruction``, ``examples``) go to :meth:`Task.build`.
+    ``metric``, ``instruction``, ``examples``, ``prompt_format``, ``chat_template``) go to :meth:`Task.build`.
     """
     if env_id not in REGISTERED:
         raise ValueError(f"unknown task id {env_id!r}; expected one of {sorted(REGISTERED)}")
@@ -84,9 +91,15 @@ def make_task(
     spec = registered.spec
     tokenizer_or_student: str | PreTrainedTokenizerBase | PreTrainedModel  # the student's name by default
     if spec is None:
-        teacher, student, tokenizer_or_student, data = _synthetic_parts(cache_dir, seed, teacher, student, tokenizer, data)
+        teacher, student, tokenizer_or_student, data = _synthetic_parts(
+            cache_dir, seed, teacher, student, tokenizer, data, causal=registered.causal
+        )
         instruction, metric, fields = _synthetic_instruction(), "bleu", ("source", "target")
         dataset_config = None
+        if registered.causal and "chat_template" not in build_kwargs:
+            # The embedded causal models were trained on the prompt text as the tokenizer encodes it
+            # (ending in EOS), not on a chat template or a newline.
+            build_kwargs.setdefault("prompt_format", "text")
     else:
         teacher = teacher if teacher is not None else FLAN_T5_XL
         student = student if student is not None else FLAN_T5_SMALL
@@ -118,13 +131,13 @@ def _synthetic_instruction() -> str:
 
 def _synthetic_parts(
     cache_dir: str | None, seed: int, teacher: str | PreTrainedModel | None, student: str | PreTrainedModel | None,
-    tokenizer: str | PreTrainedTokenizerBase | None, data: str | None,
+    tokenizer: str | PreTrainedTokenizerBase | None, data: str | None, causal: bool = False,
 ) -> tuple[str | PreTrainedModel, str | PreTrainedModel, str | PreTrainedTokenizerBase, str]:
-    """The embedded task's models and data folder; trains and caches them on first use (minutes, CPU)."""
+    """An embedded task's models and data folder; trains and caches them on first use (minutes, CPU)."""
     if teacher is None or student is None or tokenizer is None or data is None:
         from tw_env.synthetic import ensure_synthetic_models
 
-        assets = ensure_synthetic_models(cache_dir=cache_dir, seed=seed)
+        assets = ensure_synthetic_models(cache_dir=cache_dir, seed=seed, causal=causal)
         teacher = teacher if teacher is not None else str(assets.teacher_dir)
         student = student if student is not None else str(assets.student_dir)
         tokenizer = tokenizer if tokenizer is not None else str(assets.tokenizer_dir)
@@ -159,7 +172,8 @@ def _entry_points(env_id: str) -> tuple[Callable[..., TeacherAssistedDecodingEnv
 
     registered = REGISTERED[env_id]
     if registered.spec is None:
-        defaults = "models and data trained and cached on first use (tw_env.synthetic)"
+        pair = "Llama teacher and student" if registered.causal else "T5 teacher and student"
+        defaults = f"a {pair}, and data, trained and cached on first use (tw_env.synthetic)"
     else:
         defaults = (f"teacher {FLAN_T5_XL}, student {FLAN_T5_SMALL} (its tokenizer too), data "
                     f"{registered.spec.default_data}; local directories/files override any of them")
@@ -173,3 +187,4 @@ def _entry_points(env_id: str) -> tuple[Callable[..., TeacherAssistedDecodingEnv
 make_xsum_env, make_xsum_vector_env = _entry_points(XSUM_ID)
 make_wmt19_env, make_wmt19_vector_env = _entry_points(WMT19_ID)
 make_synthetic_env, make_synthetic_vector_env = _entry_points(SYNTHETIC_ID)
+make_synthetic_causal_env, make_synthetic_causal_vector_env = _entry_points(SYNTHETIC_CAUSAL_ID)

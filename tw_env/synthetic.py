@@ -38,12 +38,15 @@ from tw_env.prompts import BUDGET_KEYWORDS, make_prompt
 
 if TYPE_CHECKING:  # heavy imports stay lazy: building the language needs neither torch nor transformers
     import torch
-    from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast, PretrainedConfig
 
 __all__ = [
     "SYNTHETIC_INSTRUCTION",
     "BUDGET_KEYWORDS",
     "FORMAT_VERSION",
+    "CAUSAL_FORMAT_VERSION",
+    "CAUSAL_TEACHER_SPEC",
+    "CAUSAL_STUDENT_SPEC",
     "SyntheticLanguage",
     "SyntheticAssets",
     "build_tokenizer",
@@ -66,6 +69,8 @@ SYNTHETIC_INSTRUCTION = "translate Synthetic to English"
 # Bump when the language, the tokenizer or the training recipe changes: the cache folder is named
 # after it, so stale models are never silently reused.
 FORMAT_VERSION = "v1"
+# The same for the causal embedded pair (its own cache folder, its own recipe).
+CAUSAL_FORMAT_VERSION = "v1"
 
 PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "</s>", "<unk>"
 # Metaspace marks word starts with this character, which makes decoding an exact inverse of encoding.
@@ -308,9 +313,30 @@ class ModelSpec:
     warmup: int = 100
     batch_size: int = 64
     tie_word_embeddings: bool = True
+    architecture: str = "t5"  # "t5" (encoder-decoder) or "llama" (decoder-only, the causal embedded task)
+    num_kv_heads: int | None = None  # "llama": grouped-query attention (None: one per head)
 
-    def config(self, vocab_size: int) -> T5Config:
-        """The ``T5Config`` of this model for a (padded) vocabulary size."""
+    @property
+    def is_causal(self) -> bool:
+        """Whether the model is decoder-only (it reads prompt and target as one sequence)."""
+        return self.architecture == "llama"
+
+    def config(self, vocab_size: int) -> PretrainedConfig:
+        """The model's config (``T5Config`` or ``LlamaConfig``) for a (padded) vocabulary size."""
+        if self.architecture not in ("t5", "llama"):
+            raise ValueError(f"architecture must be 't5' or 'llama', got {self.architecture!r}")
+        if self.is_causal:
+            from transformers import LlamaConfig
+
+            # Ids as the word-level tokenizer's (pad 0, EOS 1, no BOS: the prompt ends in EOS, which
+            # separates it from the target); RoPE positions up to a prompt plus a target.
+            return LlamaConfig(
+                vocab_size=vocab_size, hidden_size=self.d_model, intermediate_size=self.d_ff,
+                num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
+                num_key_value_heads=self.num_kv_heads or self.num_heads, head_dim=self.d_model // self.num_heads,
+                max_position_embeddings=128, tie_word_embeddings=self.tie_word_embeddings,
+                pad_token_id=0, eos_token_id=1, bos_token_id=None, attention_dropout=0.0,
+            )
         from transformers import T5Config
 
         # T5Config takes further config keys (tie_word_embeddings, decoder_start_token_id) through **kwargs
@@ -333,12 +359,21 @@ TEACHER_SPEC = ModelSpec(d_model=64, num_layers=2, d_ff=256, num_heads=4, steps=
 STUDENT_SPEC = ModelSpec(d_model=32, num_layers=1, d_ff=64, num_heads=2, steps=3500, lr=5e-3)
 
 
-def teacher_config(vocab_size: int) -> T5Config:
+# The causal embedded task (TrainingWheels-SyntheticCausal-v0): Llama-style decoder-only models on the
+# same language, which read the prompt and then the target as one sequence. Sized and stepped in
+# docs/synthetic-task.md ("The causal pair") so that both train in minutes on two CPU cores.
+CAUSAL_TEACHER_SPEC = ModelSpec(d_model=64, num_layers=2, d_ff=256, num_heads=4, steps=2500, lr=3e-3,
+                                architecture="llama", num_kv_heads=2)
+CAUSAL_STUDENT_SPEC = ModelSpec(d_model=32, num_layers=1, d_ff=64, num_heads=2, steps=2500, lr=5e-3,
+                                architecture="llama")
+
+
+def teacher_config(vocab_size: int) -> PretrainedConfig:
     """``T5Config`` of the embedded teacher."""
     return TEACHER_SPEC.config(vocab_size)
 
 
-def student_config(vocab_size: int) -> T5Config:
+def student_config(vocab_size: int) -> PretrainedConfig:
     """``T5Config`` of the embedded student."""
     return STUDENT_SPEC.config(vocab_size)
 
@@ -371,6 +406,18 @@ class _BatchEncoder:
         labels = _pad([tgt for _, tgt in pairs], -100)
         return input_ids, (input_ids != 0).long(), labels
 
+    def causal_batch(self, idx: Sequence[int], budgets: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The same pairs for a decoder-only model: one sequence, the prompt (ending in EOS, as the env
+        encodes it) then the target, right-padded; the loss is on the target only (labels -100 on the
+        prompt and the padding; the model shifts them by one itself)."""
+        pairs = [self._ids(i) for i in idx]
+        prompts = [self.prefix[b] + src for (src, _), b in zip(pairs, budgets, strict=True)]
+        sequences = [p + tgt for p, (_, tgt) in zip(prompts, pairs, strict=True)]
+        input_ids = _pad(sequences, 0)
+        mask = _pad([[1] * len(q) for q in sequences], 0)
+        labels = _pad([[-100] * len(p) + tgt for p, (_, tgt) in zip(prompts, pairs, strict=True)], -100)
+        return input_ids, mask, labels
+
 
 def _pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     import torch
@@ -384,8 +431,9 @@ def _pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
 
 def train_model(spec: ModelSpec, vocab_size: int, tokenizer: PreTrainedTokenizerFast,
                 train_rows: Sequence[dict[str, str]], seed: int,
-                verbose: bool = False, progress: str | None = None) -> T5ForConditionalGeneration:
-    """Train one T5 from scratch with cross-entropy on budget-keyword prompts; returns the model.
+                verbose: bool = False, progress: str | None = None) -> PreTrainedModel:
+    """Train one model (T5, or a Llama for a causal spec) from scratch with cross-entropy on budget-keyword
+    prompts; returns the model.
 
     Deterministic: the weights are initialised after ``torch.manual_seed``, the data order and the
     prompt budgets come from seeded generators, and the step count is fixed.  ``progress``, if
@@ -394,10 +442,11 @@ def train_model(spec: ModelSpec, vocab_size: int, tokenizer: PreTrainedTokenizer
     """
     import torch
     from tqdm import tqdm
-    from transformers import T5ForConditionalGeneration
+    from transformers import LlamaForCausalLM, T5ForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = T5ForConditionalGeneration(spec.config(vocab_size))
+    model_class = LlamaForCausalLM if spec.is_causal else T5ForConditionalGeneration
+    model = model_class(spec.config(vocab_size))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
 
@@ -413,6 +462,7 @@ def train_model(spec: ModelSpec, vocab_size: int, tokenizer: PreTrainedTokenizer
     rng = random.Random(f"synthetic-train-{seed}")
     budgets_all = sorted(BUDGET_KEYWORDS)
     encoder = _BatchEncoder(tokenizer, train_rows)
+    make_batch = encoder.causal_batch if spec.is_causal else encoder.batch
     order: list[int] = []
     start = time.perf_counter()
     bar = tqdm(total=spec.steps, desc=progress, unit="step", file=sys.stderr, dynamic_ncols=True,
@@ -424,7 +474,7 @@ def train_model(spec: ModelSpec, vocab_size: int, tokenizer: PreTrainedTokenizer
         idx, order = order[: spec.batch_size], order[spec.batch_size:]
         # A fresh random budget keyword for every example, so the model sees each sentence under
         # several prompts and handles every prompt the environment will show.
-        input_ids, attention_mask, labels = encoder.batch(idx, [rng.choice(budgets_all) for _ in idx])
+        input_ids, attention_mask, labels = make_batch(idx, [rng.choice(budgets_all) for _ in idx])
         out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -441,19 +491,24 @@ def train_model(spec: ModelSpec, vocab_size: int, tokenizer: PreTrainedTokenizer
     return model
 
 
-def generate_targets(model: T5ForConditionalGeneration, tokenizer: PreTrainedTokenizerFast,
+def generate_targets(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,
                      sources: Sequence[str], budget: float = 0.0,
                      batch_size: int = 64, max_new_tokens: int = 20) -> list[str]:
-    """Greedy translations of ``sources`` (each wrapped in the prompt for ``budget``)."""
+    """Greedy translations of ``sources`` (each wrapped in the prompt for ``budget``), T5 or causal."""
     import torch
 
+    from tw_env.families import family_of
+    from tw_env.prompts import encode_texts
+
+    family = family_of(model)
     outputs: list[str] = []
     with torch.inference_mode():
         for i in range(0, len(sources), batch_size):
             prompts = [make_prompt(SYNTHETIC_INSTRUCTION, s, budget) for s in sources[i: i + batch_size]]
-            batch = tokenizer(prompts, return_tensors="pt", padding=True)
-            gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-            outputs.extend(tokenizer.batch_decode(gen, skip_special_tokens=True))
+            ids, mask = family.generation_inputs(*encode_texts(tokenizer, prompts, max_length=64))
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, num_beams=1, pad_token_id=0)
+            outputs.extend(tokenizer.batch_decode(family.generated_tokens(gen, ids.shape[1]), skip_special_tokens=True))
     return outputs
 
 
@@ -461,12 +516,12 @@ def evaluate_bleu(model_dir: str | Path, tokenizer_dir: str | Path, examples: Se
                   batch_size: int = 64, max_new_tokens: int = 20, budget: float = 0.0) -> float:
     """Corpus BLEU (sacrebleu) of greedy decoding of the model in ``model_dir`` on ``examples``."""
     import sacrebleu
-    import torch
-    from transformers import PreTrainedTokenizerFast, T5ForConditionalGeneration
+    from transformers import PreTrainedTokenizerFast
+
+    from tw_env.models import load_model
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
-    model = T5ForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32)
-    model.eval()
+    model = load_model(str(model_dir), role="model", dtype="float32")  # either family, read from its config
     hyps = generate_targets(model, tokenizer, [e["source"] for e in examples], budget=budget,
                             batch_size=batch_size, max_new_tokens=max_new_tokens)
     return float(sacrebleu.corpus_bleu(hyps, [[e["target"] for e in examples]]).score)
@@ -494,6 +549,7 @@ _SPLIT_NAMES = ("train", "validation", "test")
 # What the first-use message promises: teacher + student training measured 122 s and 146 s on two
 # CPU cores (docs/synthetic-task.md).
 _TRAINING_TIME = "about 2 minutes on 2 CPU cores"
+_CAUSAL_TRAINING_TIME = "about 5 minutes on 2 CPU cores"
 _COMPLETE_MARKER = "COMPLETE.json"
 
 
@@ -530,7 +586,7 @@ def _write_split(path: Path, rows: Sequence[dict[str, str]]) -> None:
             f.write(json.dumps({"source": row["source"], "target": row["target"]}, ensure_ascii=False) + "\n")
 
 
-def _save_quietly(model: T5ForConditionalGeneration, out_dir: Path) -> None:
+def _save_quietly(model: PreTrainedModel, out_dir: Path) -> None:
     """``save_pretrained`` without transformers' "Writing model shards" bar (one tiny shard)."""
     from transformers.utils import logging as hf_logging
 
@@ -545,10 +601,13 @@ def _save_quietly(model: T5ForConditionalGeneration, out_dir: Path) -> None:
 
 def ensure_synthetic_models(cache_dir: str | Path | None = None, seed: int = 0,
                             verbose: bool = False, force: bool = False,
-                            progress: bool = True) -> SyntheticAssets:
+                            progress: bool = True, causal: bool = False) -> SyntheticAssets:
     """Return the embedded task's teacher, student, tokenizer and data, training them on first use.
 
-    The folder is ``<cache_dir>/synthetic-<FORMAT_VERSION>-seed<seed>``.  If it is complete, nothing
+    ``causal=False``: the T5 pair of ``TrainingWheels-Synthetic-v0`` (``TEACHER_SPEC``, ``STUDENT_SPEC``)
+    in ``<cache_dir>/synthetic-<FORMAT_VERSION>-seed<seed>``. ``causal=True``: the Llama pair of
+    ``TrainingWheels-SyntheticCausal-v0`` (``CAUSAL_TEACHER_SPEC``, ``CAUSAL_STUDENT_SPEC``) in
+    ``<cache_dir>/synthetic-causal-<CAUSAL_FORMAT_VERSION>-seed<seed>``; same language, splits and tokenizer.  If it is complete, nothing
     is loaded or trained and the paths are returned at once.  Otherwise everything is built in a
     temporary sibling folder and moved into place with ``os.replace`` at the very end, so an
     interrupted run never leaves a half-written cache behind.  ``force=True`` rebuilds it.
@@ -559,7 +618,12 @@ def ensure_synthetic_models(cache_dir: str | Path | None = None, seed: int = 0,
     a tqdm progress bar over each model's training steps; a complete cache prints nothing.
     """
     base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    root = base / f"synthetic-{FORMAT_VERSION}-seed{seed}"
+    if causal:
+        root = base / f"synthetic-causal-{CAUSAL_FORMAT_VERSION}-seed{seed}"
+        teacher_spec, student_spec, label, how_long = CAUSAL_TEACHER_SPEC, CAUSAL_STUDENT_SPEC, "SyntheticCausal", _CAUSAL_TRAINING_TIME
+    else:
+        root = base / f"synthetic-{FORMAT_VERSION}-seed{seed}"
+        teacher_spec, student_spec, label, how_long = TEACHER_SPEC, STUDENT_SPEC, "Synthetic", _TRAINING_TIME
     if _is_complete(root) and not force:
         return _assets_in(root)
 
@@ -567,7 +631,7 @@ def ensure_synthetic_models(cache_dir: str | Path | None = None, seed: int = 0,
 
     if progress:
         why = "rebuild asked for" if force and _is_complete(root) else "first use"
-        print(f"Training the embedded Synthetic teacher and student ({why}, {_TRAINING_TIME}); "
+        print(f"Training the embedded {label} teacher and student ({why}, {how_long}); "
               f"cached in {root}", file=sys.stderr, flush=True)
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=base))
@@ -588,22 +652,22 @@ def ensure_synthetic_models(cache_dir: str | Path | None = None, seed: int = 0,
         torch.set_num_threads(2)
         seconds: dict[str, float] = {}
         try:
-            for name, spec, out_dir in (("teacher", TEACHER_SPEC, assets.teacher_dir),
-                                        ("student", STUDENT_SPEC, assets.student_dir)):
+            for name, spec, out_dir in (("teacher", teacher_spec, assets.teacher_dir),
+                                        ("student", student_spec, assets.student_dir)):
                 if verbose:
-                    print(f"training the synthetic {name} ({spec.steps} steps)", flush=True)
+                    print(f"training the {label} {name} ({spec.steps} steps)", flush=True)
                 start = time.perf_counter()
                 # Different seeds for the two models so that they do not share an initialisation.
                 model = train_model(spec, vocab_size, tokenizer, splits["train"],
                                     seed=seed * 1000 + (1 if name == "teacher" else 2), verbose=verbose,
-                                    progress=f"Synthetic {name}" if progress else None)
+                                    progress=f"{label} {name}" if progress else None)
                 seconds[name] = time.perf_counter() - start
                 _save_quietly(model, out_dir)
         finally:
             torch.set_num_threads(threads)
-        meta = {"format_version": FORMAT_VERSION, "seed": seed, "vocab_size": vocab_size,
-                "tokenizer_size": len(tokenizer), "train_seconds": seconds,
-                "teacher": TEACHER_SPEC.__dict__, "student": STUDENT_SPEC.__dict__}
+        meta = {"format_version": CAUSAL_FORMAT_VERSION if causal else FORMAT_VERSION, "seed": seed,
+                "vocab_size": vocab_size, "tokenizer_size": len(tokenizer), "train_seconds": seconds,
+                "teacher": teacher_spec.__dict__, "student": student_spec.__dict__}
         (tmp / _COMPLETE_MARKER).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if root.exists():  # a stale or incomplete folder (or force=True): replace it
             shutil.rmtree(root)

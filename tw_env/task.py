@@ -20,6 +20,8 @@ from tw_env.families import ModelFamily, check_same_family, family_of
 from tw_env.models import check_same_vocabulary, load_model, load_tokenizer, output_vocab_size
 from tw_env.prompts import (
     BUDGETS,
+    TEXT_FORMAT,
+    PromptFormat,
     check_budget,
     check_template,
     encode_text,
@@ -27,6 +29,7 @@ from tw_env.prompts import (
     fill_template,
     keyword_for,
     make_prompt,
+    resolve_prompt_format,
 )
 from tw_env.tasks import Example
 
@@ -84,6 +87,8 @@ class Task:
         max_prompt_length: prompts are truncated to this many tokens.
         student: the task's default student (a name or a model), or None.
         family: the model family both models belong to (:mod:`tw_env.families`).
+        prompt_format: how every prompt's text becomes ids (:class:`~tw_env.prompts.PromptFormat`:
+            ``"text"`` for T5, a chat template or ``"{prompt}\n"`` for a causal pair).
     """
 
     teacher: PreTrainedModel
@@ -97,6 +102,7 @@ class Task:
     max_prompt_length: int
     student: str | PreTrainedModel | None
     family: ModelFamily
+    prompt_format: PromptFormat = TEXT_FORMAT
 
     @classmethod
     def build(
@@ -115,6 +121,8 @@ class Task:
         dtype: str | torch.dtype | None = None,
         teacher_device_map: str | dict[str, Any] | None = None,
         teacher_offload_folder: str | None = None,
+        prompt_format: str | PromptFormat | None = None,
+        chat_template: bool | None = None,
     ) -> Task:
         """Check every argument and load the teacher and tokenizer; raises before loading on bad input.
 
@@ -134,6 +142,11 @@ class Task:
             teacher_device_map: a teacher too large for one device, spread over several
                 (``"auto"`` or a ``{module: device}`` dict; :func:`~tw_env.models.load_model`);
                 ``teacher_offload_folder`` keeps the modules it maps to ``"disk"``.
+            prompt_format: ``"text"``, ``"plain"`` or ``"chat"`` (:class:`~tw_env.prompts.PromptFormat`);
+                None: ``"text"`` for encoder-decoders; for a causal pair the tokenizer's chat template
+                when it has one, else ``"plain"`` (``"{prompt}\n"``).
+            chat_template: the switch for a causal pair's default: False never uses the chat template
+                (``"plain"``), True requires one.
         """
         if max_new_tokens < 1 or max_prompt_length < 2:
             raise ValueError(
@@ -148,6 +161,8 @@ class Task:
         for b in checked_budgets:
             keyword_for(b)  # every budget needs a prompt keyword
         checked_examples = as_examples(examples)
+        if prompt_format is not None and not isinstance(prompt_format, PromptFormat):
+            PromptFormat(str(prompt_format))  # a bad name fails before anything is loaded
         loaded_tokenizer = load_tokenizer(tokenizer)
         loaded_teacher = load_model(teacher, role="teacher", device=device, dtype=dtype, device_map=teacher_device_map,
                                     offload_folder=teacher_offload_folder)
@@ -161,8 +176,10 @@ class Task:
                 f"the tokenizer has {len(loaded_tokenizer)} entries but the teacher's output layer only "
                 f"{vocab_size} rows; expected a tokenizer no larger than the model's vocabulary"
             )
+        chosen_format = resolve_prompt_format(prompt_format, family.name == "decoder-only", loaded_tokenizer,
+                                              chat_template)
         return cls(
-            teacher=loaded_teacher, tokenizer=loaded_tokenizer, examples=checked_examples, instruction=instruction,
+            prompt_format=chosen_format, teacher=loaded_teacher, tokenizer=loaded_tokenizer, examples=checked_examples, instruction=instruction,
             metric=metric, budgets=checked_budgets, teacher_prompt=teacher_prompt, max_new_tokens=int(max_new_tokens),
             max_prompt_length=int(max_prompt_length), student=student, family=family,
         )
@@ -185,7 +202,8 @@ class Task:
     # ------------------------------------------------------------------ prompts
     def encode_prompt(self, source: str, budget: float) -> list[int]:
         """Token ids of the student's prompt Y for ``source`` at ``budget``."""
-        return encode_text(self.tokenizer, make_prompt(self.instruction, source, budget), self.max_prompt_length)
+        return encode_text(self.tokenizer, make_prompt(self.instruction, source, budget), self.max_prompt_length,
+                           self.prompt_format)
 
     def encode_teacher_prompt(self, source: str, budget: float) -> list[int]:
         """Token ids of the teacher's prompt C^(T) (Y itself when the task has no ``teacher_prompt``)."""
@@ -195,14 +213,15 @@ class Task:
 
     def encode_plain_prompt(self, source: str, template: str) -> list[int]:
         """Token ids of a budget-free prompt (GKD's and the baselines')."""
-        return encode_text(self.tokenizer, fill_template(template, self.instruction, source), self.max_prompt_length)
+        return encode_text(self.tokenizer, fill_template(template, self.instruction, source), self.max_prompt_length,
+                           self.prompt_format)
 
     def prompts(
         self, sources: Sequence[str], budgets: Sequence[float], device: torch.device | str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Batched student prompts Y: right-padded ``[B, L]`` ids and mask."""
         texts = [make_prompt(self.instruction, s, b) for s, b in zip(sources, budgets, strict=True)]
-        return encode_texts(self.tokenizer, texts, self.max_prompt_length, device)
+        return encode_texts(self.tokenizer, texts, self.max_prompt_length, device, self.prompt_format)
 
     def teacher_prompts(
         self, sources: Sequence[str], budgets: Sequence[float], device: torch.device | str | None = None
@@ -218,4 +237,4 @@ class Task:
         """Batched budget-free prompts from ``template`` (checked here)."""
         check_template(template)
         texts = [fill_template(template, self.instruction, s) for s in sources]
-        return encode_texts(self.tokenizer, texts, self.max_prompt_length, device)
+        return encode_texts(self.tokenizer, texts, self.max_prompt_length, device, self.prompt_format)
