@@ -38,7 +38,7 @@ from tw_env.prompts import BUDGET_KEYWORDS, make_prompt
 
 if TYPE_CHECKING:  # heavy imports stay lazy: building the language needs neither torch nor transformers
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerFast, PretrainedConfig
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 __all__ = [
     "SYNTHETIC_INSTRUCTION",
