@@ -48,8 +48,9 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 T5_TOKENIZER_DIR = SHARED / "models" / "t5-tokenizer"
 XSUM_JSONL = SHARED / "data" / "xsum" / "xsum.jsonl"
 SYNTHETIC_ID = "TrainingWheels-Synthetic-v0"
+SYNTHETIC_CAUSAL_ID = "TrainingWheels-SyntheticCausal-v0"
 XSUM_ID = "TrainingWheels-XSum-v0"
-MODEL_CHOICES = ("embedded", "flan-t5-random")
+MODEL_CHOICES = ("embedded", "embedded-causal", "flan-t5-random", "qwen3-random")
 ENV_GOALS = {"cpu": 0.8, "cuda": 0.9}  # env / teacher_generate, from the issue
 _OVERRIDES = ("teacher", "student", "tokenizer", "data")
 
@@ -57,6 +58,14 @@ _OVERRIDES = ("teacher", "student", "tokenizer", "data")
 FLAN_T5_CONFIGS = {
     "small": dict(d_model=512, d_ff=1024, num_heads=6, num_layers=8, num_decoder_layers=8),
     "xl": dict(d_model=2048, d_ff=5120, num_heads=32, num_layers=24, num_decoder_layers=24),
+}
+# Qwen3-0.6B's public configuration (the teacher of "qwen3-random") and a quarter-depth, half-width
+# student with the same 151,936-entry vocabulary (tied embeddings, as Qwen3-0.6B's).
+QWEN3_CONFIGS = {
+    "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=128),
+    "student": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=7, num_attention_heads=8,
+                    num_key_value_heads=4, head_dim=64),
 }
 
 
@@ -66,10 +75,10 @@ class BenchEnvConfig:
 
     env_id: str | None = None  # registered task (default: the Synthetic task for "embedded", XSum for "flan-t5-random")
     env_kwargs: dict = field(default_factory=dict)  # env overrides; teacher/student/tokenizer (dirs) and data (file) replace the models
-    models: str = "embedded"  # "embedded" (the synthetic task's models) or "flan-t5-random" (FLAN-T5-small/XL configs, random weights)
+    models: str = "embedded"  # "embedded" (the synthetic task's T5s), "embedded-causal" (its Llamas), "flan-t5-random" (FLAN-T5-small/XL configs, random weights) or "qwen3-random" (a Qwen3-0.6B teacher config, random weights)
     batch_size: int = 32  # rows of the vector env = generate batch size
-    new_tokens: int | None = None  # tokens per episode (default: 20 embedded, 64 flan-t5-random)
-    prompt_length: int | None = None  # max prompt tokens (default: 32 embedded, 512 flan-t5-random)
+    new_tokens: int | None = None  # tokens per episode (default: 20 embedded, 64 flan-t5-random, 32 qwen3-random)
+    prompt_length: int | None = None  # max prompt tokens (default: 32 embedded, 512 flan-t5-random, 128 qwen3-random)
     repeats: int = 10  # timed episodes per variant (interleaved); medians are reported
     device: str = "cpu"  # "cpu", "cuda" or "auto"
     dtype: str = "float32"  # "float32", "bfloat16" or "float16"
@@ -133,6 +142,17 @@ def _random_t5(config, device: torch.device, dtype: torch.dtype, seed: int):
     return model.to(dtype=dtype).eval()
 
 
+def _random_qwen3(size: str, device: torch.device, dtype: torch.dtype, seed: int):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=None, **QWEN3_CONFIGS[size])
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen3ForCausalLM(config)
+    return model.to(dtype=dtype).eval()
+
+
 def flan_t5_config(size: str, vocab_size: int = 32128):
     """The T5Config of FLAN-T5-``size`` ("small" or "xl") as published (T5 v1.1, gated-gelu, untied)."""
     from transformers import T5Config
@@ -164,24 +184,38 @@ def prepare_models(
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     given = {k: env_kwargs.get(k) for k in _OVERRIDES}
     parts: dict[str, Any] = {}
-    if models == "embedded":
+    if models in ("embedded", "embedded-causal"):
         defaults = (20, 32)
-        env_id = env_id or SYNTHETIC_ID
+        causal = models == "embedded-causal"
+        env_id = env_id or (SYNTHETIC_CAUSAL_ID if causal else SYNTHETIC_ID)
         if all(given.values()):
             description = "given models"
-        elif train_embedded and _synthetic_assets_available():
+        elif causal or (train_embedded and _synthetic_assets_available()):
             from tw_env.synthetic import ensure_synthetic_models
 
-            assets = ensure_synthetic_models(seed=seed)
+            assets = ensure_synthetic_models(seed=seed, causal=causal)
             parts = dict(
                 teacher=str(assets.teacher_dir), student=str(assets.student_dir),
                 tokenizer=str(assets.tokenizer_dir), data=str(Path(assets.data_dir) / "validation.jsonl"),
             )
-            description = "embedded synthetic-task models (trained, cached by tw_env.synthetic)"
+            pair = "Llama" if causal else "T5"
+            description = f"embedded synthetic-task {pair} models (trained, cached by tw_env.synthetic)"
         else:
             parts = _random_embedded(dev, dt, seed)
             why = "tw_env.synthetic.ensure_synthetic_models is not available" if train_embedded else "train_embedded=false"
             description = f"embedded architectures with random weights ({why})"
+    elif models == "qwen3-random":
+        defaults = (32, 128)
+        env_id = env_id or XSUM_ID
+        # The real T5 tokenizer's 32k ids are a subset of the model's 151,936 rows: the prompts are real
+        # XSum text, the compute is the Qwen3-0.6B architecture's (its full output layer included).
+        parts = {"tokenizer": str(T5_TOKENIZER_DIR), "data": str(XSUM_JSONL)}
+        if not given["teacher"]:
+            parts["teacher"] = _random_qwen3("0.6b", dev, dt, seed)
+        if not given["student"]:
+            parts["student"] = _random_qwen3("student", dev, dt, seed + 1)
+        description = ("Qwen3-0.6B teacher config and a 7-layer, 512-wide Qwen3 student, random weights, "
+                       "vocabulary 151,936; XSum prompts through the real T5 tokenizer")
     else:
         defaults = (64, 512)
         env_id = env_id or XSUM_ID
@@ -303,7 +337,7 @@ def finite_ratio(numerator: float, denominator: float) -> float:
 def _fixed_action(bm: BenchModels, vocab_size: int) -> int:
     """A token that is neither EOS nor padding (nor, where possible, a special token)."""
     special = {bm.tokenizer.eos_token_id, bm.tokenizer.pad_token_id, bm.tokenizer.unk_token_id,
-               bm.teacher.config.eos_token_id, bm.teacher.config.decoder_start_token_id}
+               bm.teacher.config.eos_token_id, getattr(bm.teacher.config, "decoder_start_token_id", None)}
     return next(t for t in range(3, vocab_size) if t not in special)
 
 
@@ -338,19 +372,38 @@ def _rollout_episode(envs, policy, options: dict, new_tokens: int, eos: int, gen
 
 
 def _generate(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """``generate`` on right-padded prompts, as the model's family wants them (a causal LM's left-padded)."""
+    from tw_env.families import family_of
+
+    family = family_of(model)
+    generate_ids, generate_mask = family.generation_inputs(ids, mask)
     out = model.generate(
-        input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1,
+        input_ids=generate_ids, attention_mask=generate_mask, do_sample=False, num_beams=1,
         min_new_tokens=new_tokens, max_new_tokens=new_tokens,
         pad_token_id=model.config.pad_token_id, eos_token_id=model.config.eos_token_id,
     )
-    if out.shape[1] != new_tokens + 1:
-        raise RuntimeError(f"generate produced {out.shape[1] - 1} tokens, expected {new_tokens}")
+    produced = family.generated_tokens(out, generate_ids.shape[1]).shape[1]
+    if produced != new_tokens:
+        raise RuntimeError(f"generate produced {produced} tokens, expected {new_tokens}")
     return out
 
 
 @torch.no_grad()
 def _no_cache(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, eos: int) -> torch.Tensor:
-    """Greedy decoding that re-runs the full forward (encoder and decoder) on the whole prefix each step."""
+    """Greedy decoding that re-runs the full forward on the whole prefix at every step (for T5 the
+    encoder and the decoder; for a causal LM the left-padded prompt and the output so far)."""
+    from tw_env.families import DECODER_ONLY, family_of
+
+    if family_of(model) is DECODER_ONLY:
+        sequence, sequence_mask = DECODER_ONLY.generation_inputs(ids, mask)
+        for _ in range(new_tokens):
+            positions = (sequence_mask.cumsum(dim=1) - 1).clamp(min=0)
+            logits = model(input_ids=sequence, attention_mask=sequence_mask, position_ids=positions,
+                           use_cache=False, logits_to_keep=1).logits[:, -1]
+            logits[:, eos] = -math.inf
+            sequence = torch.cat([sequence, logits.argmax(dim=-1, keepdim=True)], dim=1)
+            sequence_mask = torch.cat([sequence_mask, torch.ones_like(sequence_mask[:, :1])], dim=1)
+        return sequence
     prefix = torch.full((ids.shape[0], 1), model.config.decoder_start_token_id, dtype=torch.long, device=ids.device)
     for _ in range(new_tokens):
         logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=prefix, use_cache=False).logits[:, -1]

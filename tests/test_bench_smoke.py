@@ -128,3 +128,39 @@ def test_bench_decode_with_a_saved_policy(tiny_task, tmp_path: Path) -> None:
     _positive_finite(result["latency_ratios"])
     _positive_finite(result["throughput_ratios"])
     assert result["models"].endswith(f"trained policy {tmp_path / 'policy'}")
+
+
+@pytest.fixture(scope="module")
+def tiny_causal_task(tmp_path_factory) -> dict[str, str]:
+    """The tiny causal pair (a Llama teacher, a Qwen2 student) with its tokenizer and a data file."""
+    from tests.tiny_task import make_tiny_causal_task
+
+    task = make_tiny_causal_task(tmp_path_factory.mktemp("bench_causal"), n_train=12, n_validation=4)
+    return {"teacher": str(task.teacher_dir), "student": str(task.student_dir),
+            "tokenizer": str(task.tokenizer_dir), "data": str(task.train_file)}
+
+
+def test_bench_env_on_a_causal_pair(tiny_causal_task) -> None:
+    result = run_env(BenchEnvConfig(
+        models="embedded-causal", env_kwargs=tiny_causal_task, batch_size=3, new_tokens=4, prompt_length=24,
+        repeats=1,
+    ))
+    assert result["env_id"] == "TrainingWheels-SyntheticCausal-v0"
+    assert set(result["tokens_per_s"]) == {"env", "teacher_generate", "rollout", "student_generate", "no_cache"}
+    _positive_finite(result["tokens_per_s"])
+    _positive_finite(result["ratios"])
+
+
+def test_no_cache_reference_decodes_as_generate_does(tiny_causal_task) -> None:
+    """The causal no-cache reference (a full forward on the left-padded prefix every step) writes what
+    generate writes with EOS forbidden: the benchmark times two ways of doing the same work."""
+    from scripts.bench_env import _generate, _no_cache, make_vector_env, prepare_models, task_prompts
+
+    bm = prepare_models("embedded-causal", tiny_causal_task, "cpu", "float32", new_tokens=5, prompt_length=24)
+    envs = make_vector_env(bm, 3, {}, "cpu", "float32")
+    ids, mask = task_prompts(envs, [0, 1, 2], 0.3)
+    assert len(set(mask.sum(1).tolist())) > 1  # prompts of different lengths
+    eos = int(bm.teacher.config.eos_token_id)
+    want = _generate(bm.teacher, ids, mask, 5)[:, -5:]
+    got = _no_cache(bm.teacher, ids, mask, 5, eos)[:, -5:]
+    assert torch.equal(got, want)
