@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m scripts.train_synthetic_models [--cache-dir DIR] [--seed 0] [--force]
+    python -m scripts.train_synthetic_models [--cache-dir DIR] [--seed 0] [--force] [--causal]
 
 Training (first use, or ``--force``; about 2 minutes on 2 CPU cores) says so on stderr, shows a
 progress bar per model and prints the loss every 500 steps. Then it prints the test BLEU of both
@@ -21,7 +21,6 @@ from pathlib import Path
 
 from tw_env.prompts import make_prompt
 from tw_env.synthetic import (
-    FORMAT_VERSION,
     SYNTHETIC_INSTRUCTION,
     ensure_synthetic_models,
     evaluate_bleu,
@@ -35,13 +34,25 @@ _FREQ_BUCKETS = ((0, 19), (20, 49), (50, 99), (100, 299), (300, 10**9))
 def _token_correctness(model_dir: Path, tokenizer, test: list[dict]) -> list[list[bool]]:
     """Per target token (EOS included): is the teacher-forced argmax prediction right?"""
     import torch
-    from transformers import T5ForConditionalGeneration
 
-    model = T5ForConditionalGeneration.from_pretrained(str(model_dir)).eval()
+    from tw_env.families import DECODER_ONLY, family_of
+    from tw_env.models import load_model
+    from tw_env.synthetic import _BatchEncoder
+
+    model = load_model(str(model_dir))
     out: list[list[bool]] = []
     with torch.inference_mode():
         for i in range(0, len(test), 100):
             rows = test[i: i + 100]
+            if family_of(model) is DECODER_ONLY:
+                # Prompt then target in one sequence; position k predicts the label at k + 1.
+                ids, mask, labels = _BatchEncoder(tokenizer, rows).causal_batch(range(len(rows)), [0.0] * len(rows))
+                predicted = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)
+                targets = labels[:, 1:]
+                for j in range(len(rows)):
+                    keep = targets[j] != -100
+                    out.append((predicted[j][keep] == targets[j][keep]).tolist())
+                continue
             enc = tokenizer([make_prompt(SYNTHETIC_INSTRUCTION, r["source"], 0.0) for r in rows],
                             return_tensors="pt", padding=True)
             labels = tokenizer([r["target"] for r in rows], return_tensors="pt", padding=True).input_ids
@@ -97,13 +108,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="retrain even if the cache is complete")
     parser.add_argument("--n-test", type=int, default=1000, help="test examples for BLEU (at most 1000)")
     parser.add_argument("--no-analysis", action="store_true", help="skip the per-token error analysis")
+    parser.add_argument("--causal", action="store_true",
+                        help="the decoder-only (Llama) pair of TrainingWheels-SyntheticCausal-v0 instead of the T5 one")
     args = parser.parse_args(argv)
 
     import torch
     from transformers import PreTrainedTokenizerFast
 
     start = time.perf_counter()
-    assets = ensure_synthetic_models(args.cache_dir, seed=args.seed, verbose=True, force=args.force)
+    assets = ensure_synthetic_models(args.cache_dir, seed=args.seed, verbose=True, force=args.force, causal=args.causal)
     wall = time.perf_counter() - start
     meta = json.loads((assets.root / "COMPLETE.json").read_text())
 
@@ -120,12 +133,12 @@ def main(argv: list[str] | None = None) -> None:
         [make_prompt(SYNTHETIC_INSTRUCTION, r["source"], 0.5) for r in test])["input_ids"]]
 
     def n_params(path: Path) -> int:
-        from transformers import T5ForConditionalGeneration
+        from tw_env.models import load_model
 
         # parameters() counts the tied input/output embedding once.
-        return sum(p.numel() for p in T5ForConditionalGeneration.from_pretrained(str(path)).parameters())
+        return sum(p.numel() for p in load_model(str(path)).parameters())
 
-    print(f"cache folder        : {assets.root}  (format {FORMAT_VERSION}, seed {args.seed})")
+    print(f"cache folder        : {assets.root}  (format {meta['format_version']}, seed {args.seed})")
     print(f"ensure call         : {wall:.1f} s wall ({'trained now' if wall > 5 else 'found in cache'})")
     secs = meta["train_seconds"]
     print(f"training time       : teacher {secs['teacher']:.1f} s + student {secs['student']:.1f} s "

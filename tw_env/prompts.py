@@ -150,7 +150,7 @@ class PromptFormat:
         text_ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         keep = len(text_ids) - (len(ids) - max_length)
         while keep > 0:
-            ids = self._ids(tokenizer, tokenizer.decode(text_ids[:keep]))
+            ids = self._ids(tokenizer, str(tokenizer.decode(text_ids[:keep])))
             if len(ids) <= max_length:
                 return ids
             keep -= len(ids) - max_length

@@ -445,8 +445,9 @@ def train_model(spec: ModelSpec, vocab_size: int, tokenizer: PreTrainedTokenizer
     from transformers import LlamaForCausalLM, T5ForConditionalGeneration
 
     torch.manual_seed(seed)
-    model_class = LlamaForCausalLM if spec.is_causal else T5ForConditionalGeneration
-    model = model_class(spec.config(vocab_size))
+    config = spec.config(vocab_size)
+    model: PreTrainedModel = (LlamaForCausalLM(config) if spec.is_causal  # type: ignore[arg-type]
+                              else T5ForConditionalGeneration(config))  # type: ignore[arg-type]
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
 
@@ -496,9 +497,15 @@ def generate_targets(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,
                      batch_size: int = 64, max_new_tokens: int = 20) -> list[str]:
     """Greedy translations of ``sources`` (each wrapped in the prompt for ``budget``), T5 or causal."""
     import torch
+    from transformers import GenerationMixin
 
     from tw_env.families import family_of
     from tw_env.prompts import encode_texts
+
+    def generation_model(lm: PreTrainedModel) -> GenerationMixin:
+        if not isinstance(lm, GenerationMixin):
+            raise TypeError(f"{type(lm).__name__} has no generate(): expected a language model with a generation head")
+        return lm
 
     family = family_of(model)
     outputs: list[str] = []
@@ -506,7 +513,7 @@ def generate_targets(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,
         for i in range(0, len(sources), batch_size):
             prompts = [make_prompt(SYNTHETIC_INSTRUCTION, s, budget) for s in sources[i: i + batch_size]]
             ids, mask = family.generation_inputs(*encode_texts(tokenizer, prompts, max_length=64))
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+            gen = generation_model(model).generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=False, num_beams=1, pad_token_id=0)
             outputs.extend(tokenizer.batch_decode(family.generated_tokens(gen, ids.shape[1]), skip_special_tokens=True))
     return outputs
