@@ -7,6 +7,7 @@
     tw gkd   --config ...                         # DistillSpec's draft model (GKD), for the baseline
     tw bench-env ... | tw bench-decode ...        # speed benchmarks (docs/benchmarks.md)
     tw bench-parallel ...                         # data-parallel training throughput (docs/benchmarks.md)
+    tw train-mt --config configs/deen-models.json # a de-en teacher and student from scratch (real text)
 
 Each subcommand has one typed config (a dataclass) that ``--config FILE.json`` and flags set;
 ``tw COMMAND --help`` lists its flags.
@@ -28,6 +29,7 @@ COMMANDS = {
     "bench-env": ("scripts.bench_env", "BenchEnvConfig", "run"),
     "bench-decode": ("scripts.bench_decode", "BenchDecodeConfig", "run"),
     "bench-parallel": ("scripts.bench_parallel", "BenchParallelConfig", "run"),
+    "train-mt": ("scripts.train_translation", "TranslationConfig", "run"),
 }
 
 # subcommand -> what it does, for `tw --help` and `tw COMMAND --help`.  Written here rather than
@@ -47,6 +49,8 @@ HELP = {
                     "Wheels against its neighbours (docs/benchmarks.md).",
     "bench-parallel": "Speed benchmark: phase-2 and GKD tokens/s with 1 process against N data-parallel "
                       "processes on the same cores (docs/benchmarks.md).",
+    "train-mt": "Train a translation teacher and a smaller student from scratch on parallel JSON-lines text, "
+                "with a tokenizer trained on it (resumable; real-text models for TrainingWheels-WMT19-v0).",
 }
 
 

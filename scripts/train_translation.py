@@ -1,0 +1,327 @@
+"""`tw train-mt`: train a translation teacher and a much smaller student from scratch, with their tokenizer.
+
+For real text on a CPU (issue 12): parallel text in JSON lines (fields ``de``/``en`` by default, a
+``corpus`` field to select parts of it), a BPE tokenizer trained on the same text (the
+`tokenizers` library; T5's id conventions: pad 0, EOS 1, unk 2), then two T5 models (gated-GELU,
+no dropout) trained with cross-entropy, each saved as a plain transformers directory with the
+tokenizer (``from_pretrained`` loads it; safetensors weights). The models learn every prompt the
+registered WMT19 task shows them: the teacher's ``"translate German to English: {de}"`` and the
+student's six budget prompts (a prompt drawn at random for each example, as the embedded task does).
+
+Resumable: the tokenizer and each finished model are published atomically; a model being trained
+writes an atomic checkpoint (weights, optimiser, step) every ``checkpoint_every`` steps, and a
+killed run continues from the newest one with the same data order (one seeded permutation per
+epoch), so it ends with the weights an uninterrupted run would have. A tqdm bar shows progress;
+validation BLEU (sacrebleu, greedy) is printed every ``eval_every`` steps and at the end.
+
+    tw train-mt --config configs/deen-models.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from agents import checkpoint as ckpt
+from tw_env.atomic import publish_dir, write_json
+from tw_env.prompts import BUDGETS, PLAIN_TEMPLATE, fill_template, make_prompt
+
+INSTRUCTION = "translate German to English"  # the registered WMT19 task's instruction
+SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as T5's
+
+
+@dataclass
+class ModelSize:
+    """A T5's size and its fixed-step training recipe."""
+
+    d_model: int = 256
+    num_layers: int = 3  # encoder layers = decoder layers
+    d_ff: int = 1024
+    num_heads: int = 4
+    steps: int = 4000
+    lr: float = 1e-3
+    warmup: int = 200
+
+
+@dataclass
+class TranslationConfig:
+    """Everything `tw train-mt` needs (defaults: the issue's CPU-sized teacher and student)."""
+
+    train_data: str = "../shared/data/deen/train.jsonl"  # JSON lines with source, target (and corpus) fields
+    validation_data: str = "../shared/data/deen/validation.jsonl"  # JSON lines for the printed validation BLEU
+    corpora: list = field(default_factory=lambda: ["multi30k", "tatoeba"])  # training rows whose corpus starts with one of these ([]: all)
+    validation_corpora: list = field(default_factory=lambda: ["multi30k"])  # validation rows whose corpus starts with one of these ([]: all)
+    source_field: str = "de"  # source language field
+    target_field: str = "en"  # target language field
+    output_dir: str = "runs/deen-models"  # tokenizer/, teacher/, student/, checkpoints, summary.json
+    vocab_size: int = 8000  # BPE tokenizer size (model vocab_size: this rounded up to a multiple of 8)
+    teacher: ModelSize = field(default_factory=ModelSize)  # the teacher's size and recipe
+    student: ModelSize = field(default_factory=lambda: ModelSize(d_model=64, num_layers=1, d_ff=256, num_heads=2,
+                                                                  steps=4000, lr=3e-3, warmup=200))  # the student's
+    batch_size: int = 64  # sentence pairs per step
+    max_source_length: int = 64  # prompt tokens (longer prompts are cut)
+    max_target_length: int = 48  # target tokens (longer targets are cut, EOS kept)
+    eval_every: int = 1000  # steps between printed validation BLEU (0: only at the end)
+    eval_examples: int = 500  # validation pairs for the printed BLEU (the first N of the selected corpora)
+    checkpoint_every: int = 200  # steps between resumable checkpoints
+    threads: int = 2  # torch CPU threads (fixed, so that runs are reproducible)
+    seed: int = 0  # seeds initialisation, data order and prompts
+
+    def __post_init__(self) -> None:
+        # JSON configs give the sizes as dicts.
+        for name in ("teacher", "student"):
+            value = getattr(self, name)
+            if isinstance(value, str):  # a --teacher/--student flag: JSON
+                value = json.loads(value)
+            if isinstance(value, dict):
+                setattr(self, name, ModelSize(**value))
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "batch_size", "max_source_length", "max_target_length", "eval_examples",
+                     "checkpoint_every", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        for name in ("teacher", "student"):
+            size: ModelSize = getattr(self, name)
+            if size.steps < 1 or size.d_model % size.num_heads or size.lr <= 0:
+                raise ValueError(f"{name}: need steps >= 1, d_model divisible by num_heads and lr > 0, got {size}")
+        for path in (self.train_data, self.validation_data):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"no data file at '{path}'; expected JSON lines with fields "
+                                        f"'{self.source_field}' and '{self.target_field}'")
+
+
+# ---------------------------------------------------------------------------------------------- data
+def read_pairs(path: str | Path, source_field: str, target_field: str, corpora: Sequence[str]) -> list[tuple[str, str]]:
+    """(source, target) pairs of a JSON-lines file, keeping rows whose ``corpus`` starts with one of ``corpora``."""
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if corpora and not str(row.get("corpus", "")).startswith(tuple(corpora)):
+                continue
+            if source_field not in row or target_field not in row:
+                raise KeyError(f"line {number} of '{path}' has no field '{source_field}' or '{target_field}'; "
+                               f"found {sorted(row)}")
+            pairs.append((str(row[source_field]), str(row[target_field])))
+    if not pairs:
+        raise ValueError(f"no pairs in '{path}' for the corpora {list(corpora)}; expected at least one row")
+    return pairs
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int):
+    """A BPE ``PreTrainedTokenizerFast`` (Metaspace, NFKC) trained on ``texts``; appends EOS as T5 does.
+
+    BPE rather than T5's Unigram: the `tokenizers` Unigram trainer's scores vary slightly from run to
+    run (its EM sums in a varying order), so two runs could segment differently; BPE's merges are
+    deterministic, which keeps a from-scratch run reproducible."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   clean_up_tokenization_spaces=False)
+
+
+def prompt_texts(source: str, choice: int) -> str:
+    """Prompt ``choice`` for a source: 0 the teacher's plain prompt, 1…6 the student's budget prompts."""
+    if choice == 0:
+        return fill_template(PLAIN_TEMPLATE, INSTRUCTION, source)
+    return make_prompt(INSTRUCTION, source, BUDGETS[choice - 1])
+
+
+class Batches:
+    """Deterministic batches: epoch e shuffles with ``Random(f"{seed}-{e}")``, step s is a pure function
+    of (seed, s), so a resumed run reads exactly the batches an uninterrupted one would."""
+
+    def __init__(self, tokenizer, pairs: Sequence[tuple[str, str]], config: TranslationConfig) -> None:
+        self.tokenizer, self.pairs, self.config = tokenizer, pairs, config
+        self.per_epoch = max(1, len(pairs) // config.batch_size)
+        self._order: dict[int, list[int]] = {}
+        self._targets: dict[int, list[int]] = {}
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if epoch not in self._order:
+            order = list(range(len(self.pairs)))
+            random.Random(f"mt-order-{self.config.seed}-{epoch}").shuffle(order)
+            self._order = {epoch: order}  # one epoch kept in memory
+        return self._order[epoch]
+
+    def _target(self, i: int) -> list[int]:
+        if i not in self._targets:
+            ids = self.tokenizer(self.pairs[i][1], truncation=True, max_length=self.config.max_target_length)["input_ids"]
+            self._targets[i] = list(ids)
+        return self._targets[i]
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        epoch, offset = divmod(step, self.per_epoch)
+        size = self.config.batch_size
+        idx = self._epoch_order(epoch)[offset * size : (offset + 1) * size]
+        rng = random.Random(f"mt-prompts-{self.config.seed}-{step}")
+        prompts = [prompt_texts(self.pairs[i][0], rng.randrange(len(BUDGETS) + 1)) for i in idx]
+        enc = self.tokenizer(prompts, truncation=True, max_length=self.config.max_source_length, padding=True,
+                             return_tensors="pt")
+        targets = [self._target(i) for i in idx]
+        width = max(len(t) for t in targets)
+        labels = torch.full((len(targets), width), -100, dtype=torch.long)
+        for row, t in enumerate(targets):
+            labels[row, : len(t)] = torch.tensor(t)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------- models
+def t5_config(size: ModelSize, vocab_size: int):
+    from transformers import T5Config
+
+    return T5Config(  # type: ignore[call-arg]
+        vocab_size=vocab_size, d_model=size.d_model, d_kv=size.d_model // size.num_heads, d_ff=size.d_ff,
+        num_layers=size.num_layers, num_decoder_layers=size.num_layers, num_heads=size.num_heads,
+        feed_forward_proj="gated-gelu", dropout_rate=0.0, tie_word_embeddings=False,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )
+
+
+@torch.no_grad()
+def validation_bleu(model, tokenizer, pairs: Sequence[tuple[str, str]], config: TranslationConfig,
+                    batch_size: int = 64) -> float:
+    """Corpus BLEU (sacrebleu) of greedy translations with the teacher's plain prompt."""
+    import sacrebleu
+
+    model.eval()
+    hypotheses: list[str] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        enc = tokenizer([prompt_texts(s, 0) for s, _ in chunk], truncation=True, max_length=config.max_source_length,
+                        padding=True, return_tensors="pt")
+        out = model.generate(**enc, max_new_tokens=config.max_target_length, do_sample=False, num_beams=1)
+        hypotheses += tokenizer.batch_decode(out, skip_special_tokens=True)
+    model.train()
+    return float(sacrebleu.corpus_bleu(hypotheses, [[t for _, t in pairs]]).score)
+
+
+def train_one(name: str, size: ModelSize, vocab_size: int, tokenizer, batches: Batches,
+              validation: Sequence[tuple[str, str]], config: TranslationConfig, out: Path) -> dict[str, Any]:
+    """Train one model to ``size.steps`` (resuming from its newest checkpoint) and publish it in ``out/name``."""
+    from safetensors.torch import load_model, save_model
+    from transformers import T5ForConditionalGeneration
+
+    run_dir = out / "checkpoints" / name
+    torch.manual_seed(config.seed * 1000 + (1 if name == "teacher" else 2))
+    model = T5ForConditionalGeneration(t5_config(size, vocab_size))
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=size.lr, weight_decay=0.0)
+
+    def lr_at(step: int) -> float:  # linear warm-up, then cosine decay to 10%
+        if step < size.warmup:
+            return (step + 1) / size.warmup
+        progress = (step - size.warmup) / max(1, size.steps - size.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    start, evaluations, seconds = 0, [], 0.0
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is not None:
+        load_model(model, str(latest / "model.safetensors"))
+        ckpt.load_optimizer(latest / "optimizer.pt", optimizer)
+        state = ckpt.load_json(latest / "state.json")
+        start, evaluations, seconds = int(state["step"]), state["evaluations"], float(state["seconds"])
+        scheduler.load_state_dict(state["scheduler"])
+        print(f"{name}: resuming at step {start} from {latest}", flush=True)
+
+    def checkpoint(step: int) -> None:
+        def write(folder: Path) -> None:
+            save_model(model, str(folder / "model.safetensors"))  # shared (tied) tensors stored once
+            ckpt.save_optimizer(folder / "optimizer.pt", optimizer)
+            ckpt.save_json(folder / "state.json", {"step": step, "evaluations": evaluations, "seconds": seconds,
+                                                   "scheduler": scheduler.state_dict()})
+
+        ckpt.write_checkpoint(run_dir, step, write)
+
+    bar = tqdm(total=size.steps, initial=start, desc=f"{name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M)",
+               unit="step", file=sys.stderr, dynamic_ncols=True)
+    began = time.perf_counter()
+    for step in range(start, size.steps):
+        loss = model(**batches.batch(step)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        done = step + 1
+        if config.eval_every and done % config.eval_every == 0 and done < size.steps:
+            bleu = validation_bleu(model, tokenizer, validation, config)
+            evaluations.append({"step": done, "bleu": bleu})
+            tqdm.write(f"{name} step {done}: validation BLEU {bleu:.1f}", file=sys.stdout)
+        if done % config.checkpoint_every == 0 or done == size.steps:
+            seconds_now = seconds + time.perf_counter() - began
+            seconds, began = seconds_now, time.perf_counter()
+            checkpoint(done)
+    bar.close()
+    bleu = validation_bleu(model, tokenizer, validation, config)
+    evaluations.append({"step": size.steps, "bleu": bleu})
+    print(f"{name}: validation BLEU {bleu:.1f} after {size.steps} steps ({seconds:.0f} s of training)", flush=True)
+
+    def build(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    publish_dir(out / name, build)
+    return {"parameters": sum(p.numel() for p in model.parameters()), "steps": size.steps,
+            "training_seconds": seconds, "validation_bleu": bleu, "evaluations": evaluations}
+
+
+def run(config: TranslationConfig) -> dict[str, Any]:
+    """Tokenizer, then teacher, then student; each part already finished is reused (a resumed run)."""
+    from transformers import PreTrainedTokenizerFast
+
+    config.validate()
+    torch.set_num_threads(config.threads)  # fixed: the reduction order, hence the weights, is reproducible
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", asdict(config))
+    pairs = read_pairs(config.train_data, config.source_field, config.target_field, config.corpora)
+    validation = read_pairs(config.validation_data, config.source_field, config.target_field,
+                            config.validation_corpora)[: config.eval_examples]
+    summary_path = out / "summary.json"
+    summary: dict[str, Any] = ckpt.load_json(summary_path) if summary_path.is_file() else {}
+    if not (out / "tokenizer" / "tokenizer.json").is_file():
+        began = time.perf_counter()
+        tokenizer = train_tokenizer([t for pair in pairs for t in pair], config.vocab_size)
+        publish_dir(out / "tokenizer", tokenizer.save_pretrained)
+        summary["tokenizer"] = {"size": len(tokenizer), "seconds": time.perf_counter() - began,
+                                "training_pairs": len(pairs)}
+        write_json(summary_path, summary)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(out / "tokenizer"))
+    vocab_size = int(math.ceil(len(tokenizer) / 8) * 8)
+    batches = Batches(tokenizer, pairs, config)
+    for name in ("teacher", "student"):
+        if (out / name / "model.safetensors").is_file() and name in summary:
+            continue
+        summary[name] = train_one(name, getattr(config, name), vocab_size, tokenizer, batches, validation, config, out)
+        write_json(summary_path, summary)
+    gap = summary["teacher"]["validation_bleu"] - summary["student"]["validation_bleu"]
+    print(f"teacher {summary['teacher']['validation_bleu']:.1f} BLEU, student {summary['student']['validation_bleu']:.1f} "
+          f"(gap {gap:.1f}) on {len(validation)} validation pairs of {config.validation_corpora}", flush=True)
+    return summary
