@@ -32,13 +32,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from agents.decoding import (
-    DecodeResult,
     confidence_fallback_decode,
     generate_alone,
     speculative_decode,
     teacher_help_decode,
 )
 from agents.policy import EXTRA_CONFIG, StudentPolicy, ValueNetwork
+from tests.helpers import assert_same_rows, check_well_formed, per_row, single_rows
 from tests.tiny_task import tiny_causal_lm, tiny_t5
 from tw_env.families import DECODER_ONLY
 
@@ -94,36 +94,12 @@ def prompts():
     return make_prompts(PROMPT_LENGTHS)
 
 
-def single_rows(prompts):
-    """Each prompt alone, unpadded: ``[(ids [1, L_i], mask [1, L_i])]``."""
-    ids, mask = prompts
-    return [(ids[i : i + 1, :n], mask[i : i + 1, :n]) for i, n in enumerate(mask.sum(dim=1).tolist())]
 
 
-def per_row(decode, prompts) -> DecodeResult:
-    results = [decode(ids, mask) for ids, mask in single_rows(prompts)]
-    return DecodeResult(
-        output_ids=[r.output_ids[0] for r in results],
-        from_teacher=[r.from_teacher[0] for r in results],
-        teacher_calls=[r.teacher_calls[0] for r in results],
-        teacher_forwards=sum(r.teacher_forwards for r in results),
-        wasted_tokens=[r.wasted_tokens[0] for r in results],
-    )
 
 
-def assert_same_rows(batched: DecodeResult, single: DecodeResult) -> None:
-    assert batched.output_ids == single.output_ids
-    assert batched.from_teacher == single.from_teacher
-    assert batched.teacher_calls == single.teacher_calls
-    assert batched.wasted_tokens == single.wasted_tokens
 
 
-def check_well_formed(result: DecodeResult, max_new_tokens: int = MAX_NEW) -> None:
-    for ids, flags, calls in zip(result.output_ids, result.from_teacher, result.teacher_calls, strict=True):
-        assert 1 <= len(ids) <= max_new_tokens
-        assert EOS not in ids[:-1]
-        assert ids[-1] == EOS or len(ids) == max_new_tokens
-        assert len(flags) == len(ids) and calls == sum(flags)
 
 
 @torch.no_grad()
@@ -208,7 +184,7 @@ def test_the_tiny_causal_models_are_not_trivial(teacher, student, prompts):
 def test_generate_alone_left_pads_a_causal_lm(teacher, student, prompts):
     """Right-padded prompts become left-padded generate inputs: each row is the model's greedy output alone."""
     alone = generate_alone(teacher, *prompts, MAX_NEW, is_teacher=True)
-    check_well_formed(alone)
+    check_well_formed(alone, MAX_NEW)
     assert alone.output_ids == greedy_rows(teacher, prompts)
     assert all(all(f) for f in alone.from_teacher) and alone.teacher_forwards == max(alone.lengths)
     student_alone = generate_alone(student, *prompts, MAX_NEW)
@@ -226,7 +202,7 @@ def test_generate_alone_left_pads_a_causal_lm(teacher, student, prompts):
 def test_speculative_lenience_one_is_the_teacher_greedy_output(request, teacher, prompts, drafter_name, draft_length):
     drafter = request.getfixturevalue(drafter_name)
     batched = speculative_decode(drafter, teacher, *prompts, MAX_NEW, lenience=1.0, draft_length=draft_length)
-    check_well_formed(batched)
+    check_well_formed(batched, MAX_NEW)
     assert batched.output_ids == greedy_rows(teacher, prompts)
     single = per_row(
         lambda i, m: speculative_decode(drafter, teacher, i, m, MAX_NEW, lenience=1.0, draft_length=draft_length),
@@ -265,7 +241,7 @@ def test_speculative_matches_transformers_assisted_generation(request, teacher, 
 @pytest.mark.parametrize("draft_length", [2, 4])
 def test_speculative_lenience_zero_accepts_every_draft(teacher, student, prompts, draft_length):
     result = speculative_decode(student, teacher, *prompts, MAX_NEW, lenience=0.0, draft_length=draft_length)
-    check_well_formed(result)
+    check_well_formed(result, MAX_NEW)
     assert result.wasted_tokens == [0] * 4
     for (ids, _), out, flags in zip(single_rows(prompts), result.output_ids, result.from_teacher, strict=True):
         # Bonus teacher tokens exactly after every K drafts; every token the argmax of its model.
@@ -278,7 +254,7 @@ def test_speculative_lenience_zero_accepts_every_draft(teacher, student, prompts
 def test_speculative_batched_equals_batch_size_one(request, teacher, prompts, drafter_name):
     drafter = request.getfixturevalue(drafter_name)
     batched = speculative_decode(drafter, teacher, *prompts, MAX_NEW, lenience=0.5, draft_length=3)
-    check_well_formed(batched)
+    check_well_formed(batched, MAX_NEW)
     single = per_row(
         lambda i, m: speculative_decode(drafter, teacher, i, m, MAX_NEW, lenience=0.5, draft_length=3), prompts
     )
@@ -327,7 +303,7 @@ def test_teacher_help_always_calling_is_the_teacher(teacher, student, prompts):
 def test_teacher_help_batched_equals_batch_size_one(teacher, student, prompts):
     policy = policy_with_call_bias(student, **MIXED)
     batched = teacher_help_decode(policy, teacher, *prompts, MAX_NEW)
-    check_well_formed(batched)
+    check_well_formed(batched, MAX_NEW)
     assert any(0 < c < len(o) for c, o in zip(batched.teacher_calls, batched.output_ids, strict=True))  # a real mix
     single = per_row(lambda i, m: teacher_help_decode(policy, teacher, i, m, MAX_NEW), prompts)
     assert_same_rows(batched, single)
@@ -397,7 +373,7 @@ def test_teacher_help_gives_a_causal_teacher_its_own_prompts(teacher, student, p
 @pytest.mark.parametrize("budget", [0.1, 0.3])
 def test_teacher_help_budget_cap_holds_at_every_prefix(teacher, student, prompts, budget):
     result = teacher_help_decode(policy_with_call_bias(student, 1e4), teacher, *prompts, MAX_NEW, budget_cap=budget)
-    check_well_formed(result)
+    check_well_formed(result, MAX_NEW)
     for flags in result.from_teacher:  # an always-calling policy gets exactly ⌈b·n⌉ at every prefix
         assert [sum(flags[:n]) for n in range(1, len(flags) + 1)] == [
             math.ceil(Fraction(str(budget)) * n) for n in range(1, len(flags) + 1)
@@ -417,7 +393,7 @@ def test_confidence_fallback_extremes(teacher, student, prompts):
 
 def test_confidence_fallback_batched_equals_batch_size_one(teacher, student, prompts):
     batched = confidence_fallback_decode(student, teacher, *prompts, MAX_NEW, threshold=0.6)
-    check_well_formed(batched)
+    check_well_formed(batched, MAX_NEW)
     assert any(0 < c < len(o) for c, o in zip(batched.teacher_calls, batched.output_ids, strict=True))
     single = per_row(lambda i, m: confidence_fallback_decode(student, teacher, i, m, MAX_NEW, threshold=0.6), prompts)
     assert_same_rows(batched, single)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM
 
+from tests.helpers import assert_obs_equal, row_obs
 from tests.tiny_task import make_tiny_causal_task, tiny_causal_lm
 from tw_env import TeacherAssistedDecodingEnv, TeacherAssistedDecodingVectorEnv, eq17_reward
 from tw_env.causal_incremental import CausalIncrementalDecoder, check_supported_causal_lm
@@ -351,14 +352,8 @@ def test_env_checkers_on_the_causal_env(causal_task):
 
 
 # ------------------------------------------------------------------------------------- the vector env
-def row_obs(obs: dict, row: int) -> dict:
-    return {k: v[row] for k, v in obs.items()}
 
 
-def assert_obs_equal(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def random_actions(rng: np.random.Generator, envs, p_eos: float = 0.2) -> np.ndarray:

@@ -36,6 +36,7 @@ from agents.decoding import (
     teacher_help_decode,
 )
 from agents.policy import StudentPolicy
+from tests.helpers import assert_same_rows, check_well_formed, per_row, single_rows
 from tw_env.models import lm_head_logits
 
 VOCAB = 128
@@ -104,45 +105,16 @@ def prompts():
     return ids, mask
 
 
-def single_rows(prompts):
-    """Each prompt alone, unpadded: ``[(ids [1, L_i], mask [1, L_i])]``."""
-    ids, mask = prompts
-    return [(ids[i : i + 1, :n], mask[i : i + 1, :n]) for i, n in enumerate(mask.sum(dim=1).tolist())]
 
 
 def greedy(model, prompts, max_new_tokens: int = MAX_NEW) -> list[list[int]]:
     return generate_alone(model, *prompts, max_new_tokens).output_ids
 
 
-def per_row(decode, prompts) -> DecodeResult:
-    """Run ``decode(ids, mask)`` on each prompt alone and gather the rows into one result."""
-    results = [decode(ids, mask) for ids, mask in single_rows(prompts)]
-    return DecodeResult(
-        output_ids=[r.output_ids[0] for r in results],
-        from_teacher=[r.from_teacher[0] for r in results],
-        teacher_calls=[r.teacher_calls[0] for r in results],
-        teacher_forwards=sum(r.teacher_forwards for r in results),
-        wasted_tokens=[r.wasted_tokens[0] for r in results],
-    )
 
 
-def assert_same_rows(batched: DecodeResult, single: DecodeResult) -> None:
-    assert batched.output_ids == single.output_ids
-    assert batched.from_teacher == single.from_teacher
-    assert batched.teacher_calls == single.teacher_calls
-    assert batched.wasted_tokens == single.wasted_tokens
 
 
-def check_well_formed(result: DecodeResult, max_new_tokens: int = MAX_NEW) -> None:
-    """Each row ends at its first EOS or at max_new_tokens; the bookkeeping is consistent."""
-    for ids, flags, calls in zip(result.output_ids, result.from_teacher, result.teacher_calls, strict=True):
-        assert 1 <= len(ids) <= max_new_tokens
-        assert EOS not in ids[:-1]
-        assert ids[-1] == EOS or len(ids) == max_new_tokens
-        assert len(flags) == len(ids) and calls == sum(flags)
-    assert result.teacher_fraction == [
-        c / len(i) for c, i in zip(result.teacher_calls, result.output_ids, strict=True)
-    ]
 
 
 @torch.no_grad()
@@ -209,11 +181,11 @@ def test_the_tiny_models_are_not_trivial(teacher, student, prompts):
 
 def test_generate_alone(teacher, student, prompts):
     alone = generate_alone(teacher, *prompts, MAX_NEW, is_teacher=True)
-    check_well_formed(alone)
+    check_well_formed(alone, MAX_NEW)
     assert all(all(f) for f in alone.from_teacher) and alone.teacher_fraction == [1.0] * 4
     assert alone.teacher_forwards == max(alone.lengths)
     student_alone = generate_alone(student, *prompts, MAX_NEW)
-    check_well_formed(student_alone)
+    check_well_formed(student_alone, MAX_NEW)
     assert student_alone.teacher_calls == [0] * 4 and student_alone.teacher_forwards == 0
     # A StudentPolicy decodes over V through its LM: the same as the bare student.
     assert generate_alone(StudentPolicy(student), *prompts, MAX_NEW).output_ids == student_alone.output_ids
@@ -241,7 +213,7 @@ def test_speculative_lenience_one_is_the_teacher_greedy_output(
     drafter = request.getfixturevalue(drafter_name)
     expected = greedy(teacher, prompts)
     batched = speculative_decode(drafter, teacher, *prompts, MAX_NEW, lenience=1.0, draft_length=draft_length)
-    check_well_formed(batched)
+    check_well_formed(batched, MAX_NEW)
     assert batched.output_ids == expected
     single = per_row(
         lambda i, m: speculative_decode(
@@ -281,7 +253,7 @@ def test_speculative_matches_transformers_assisted_generation(request, teacher, 
 @pytest.mark.parametrize("draft_length", [2, 3, 4])
 def test_speculative_lenience_zero_accepts_every_draft(teacher, student, prompts, draft_length):
     result = speculative_decode(student, teacher, *prompts, MAX_NEW, lenience=0.0, draft_length=draft_length)
-    check_well_formed(result)
+    check_well_formed(result, MAX_NEW)
     assert result.wasted_tokens == [0] * 4
     student_alone = greedy(student, prompts)
     for (ids, mask), out, flags, alone in zip(
@@ -304,7 +276,7 @@ def test_speculative_lenience_zero_accepts_every_draft(teacher, student, prompts
 def test_speculative_batched_equals_batch_size_one(request, teacher, prompts, drafter_name):
     drafter = request.getfixturevalue(drafter_name)
     batched = speculative_decode(drafter, teacher, *prompts, MAX_NEW, lenience=0.5, draft_length=3)
-    check_well_formed(batched)
+    check_well_formed(batched, MAX_NEW)
     single = per_row(
         lambda i, m: speculative_decode(drafter, teacher, i, m, MAX_NEW, lenience=0.5, draft_length=3),
         prompts,
@@ -388,7 +360,7 @@ def test_teacher_help_gives_the_teacher_its_own_prompts(teacher, student, prompt
 def test_teacher_help_batched_equals_batch_size_one(teacher, student, prompts):
     policy = policy_with_call_bias(student, 8.0, weight_std=2.0)
     batched = teacher_help_decode(policy, teacher, *prompts, MAX_NEW)
-    check_well_formed(batched)
+    check_well_formed(batched, MAX_NEW)
     assert any(
         0 < c < len(o) for c, o in zip(batched.teacher_calls, batched.output_ids, strict=True)
     )  # a real mix
@@ -405,7 +377,7 @@ def test_teacher_help_budget_cap_holds_at_every_prefix(teacher, student, prompts
         policy_with_call_bias(student, 8.0, weight_std=2.0), teacher, *prompts, MAX_NEW, budget_cap=budget
     )
     for result in (always, moderate):
-        check_well_formed(result)
+        check_well_formed(result, MAX_NEW)
         for flags in result.from_teacher:
             for n in range(1, len(flags) + 1):
                 assert sum(flags[:n]) <= math.ceil(Fraction(str(budget)) * n)
@@ -560,7 +532,7 @@ def test_confidence_fallback_extremes(teacher, student, prompts):
 
 def test_confidence_fallback_batched_equals_batch_size_one(teacher, student, prompts):
     batched = confidence_fallback_decode(student, teacher, *prompts, MAX_NEW, threshold=0.6)
-    check_well_formed(batched)
+    check_well_formed(batched, MAX_NEW)
     assert any(0 < c < len(o) for c, o in zip(batched.teacher_calls, batched.output_ids, strict=True))
     single = per_row(
         lambda i, m: confidence_fallback_decode(student, teacher, i, m, MAX_NEW, threshold=0.6), prompts

@@ -17,6 +17,7 @@ import torch
 from transformers import T5ForConditionalGeneration
 
 from tests.conftest import EXAMPLES, INSTRUCTION, WORDS
+from tests.helpers import assert_obs_equal, row_obs
 from tw_env import TeacherAssistedDecodingVectorEnv, eq17_reward
 
 W = {w: i for i, w in enumerate(WORDS)}
@@ -55,14 +56,8 @@ def last_logprobs(model, prompt: np.ndarray, outputs: list[int]) -> np.ndarray:
     return torch.log_softmax(logits.float(), dim=-1).numpy()
 
 
-def row_obs(obs: dict, row: int) -> dict:
-    return {k: v[row] for k, v in obs.items()}
 
 
-def assert_obs_equal(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def choose_actions(rng: np.random.Generator, envs, p_eos: float = 0.2) -> np.ndarray:
