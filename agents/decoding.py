@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from agents.objectives import (
     CAP_RULES,
@@ -46,7 +46,7 @@ from agents.objectives import (
 )
 from agents.policy import StudentPolicy, choose_actions
 from tw_env.families import IncrementalDecoding, check_same_family, family_of
-from tw_env.models import check_same_vocabulary, output_vocab_size
+from tw_env.models import check_same_vocabulary, generation_model, output_vocab_size
 
 
 @dataclass
@@ -97,13 +97,6 @@ def decode_text(result: DecodeResult, tokenizer: PreTrainedTokenizerBase) -> lis
 def _as_model(model: PreTrainedModel | StudentPolicy) -> PreTrainedModel:
     # A GKD student may come wrapped in a StudentPolicy; its LM head over V is the model's own.
     return model.model if isinstance(model, StudentPolicy) else model
-
-
-def generation_model(model: PreTrainedModel) -> GenerationMixin:
-    """``model`` as the class that defines ``generate`` (every ``...ForConditionalGeneration`` LM is one)."""
-    if not isinstance(model, GenerationMixin):
-        raise TypeError(f"{type(model).__name__} has no generate(): expected an LM with a generation head")
-    return model
 
 
 def _eos_ids(model: PreTrainedModel, device: torch.device) -> torch.Tensor:

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from agents import checkpoint as ckpt
 from tw_env.atomic import publish_dir, write_json
 from tw_env.prompts import BUDGETS, PLAIN_TEMPLATE, fill_template, make_prompt
+from tw_env.synthetic import padded_vocab_size
 
 INSTRUCTION = "translate German to English"  # the registered WMT19 task's instruction
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as T5's
@@ -314,7 +315,7 @@ def run(config: TranslationConfig) -> dict[str, Any]:
                                 "training_pairs": len(pairs)}
         write_json(summary_path, summary)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(out / "tokenizer"))
-    vocab_size = int(math.ceil(len(tokenizer) / 8) * 8)
+    vocab_size = padded_vocab_size(tokenizer)  # rounded up to a multiple of 8, as the embedded models'
     batches = Batches(tokenizer, pairs, config)
     for name in ("teacher", "student"):
         if (out / name / "model.safetensors").is_file() and name in summary:

@@ -189,7 +189,7 @@ def test_causal_cache_is_a_llama_pair_beside_the_t5_one(tiny_causal_specs, tmp_p
     assets = syn.ensure_synthetic_models(tmp_path, seed=0, causal=True)
     assert assets.root == tmp_path / f"synthetic-causal-{syn.CAUSAL_FORMAT_VERSION}-seed0"
     assert capsys.readouterr().err.splitlines()[0] == (
-        "Training the embedded SyntheticCausal teacher and student (first use, about 5 minutes on 2 CPU cores); "
+        "Training the embedded SyntheticCausal teacher and student (first use, about 4 minutes on 2 CPU cores); "
         f"cached in {assets.root}")
     configs = [json.loads((d / "config.json").read_text()) for d in (assets.teacher_dir, assets.student_dir)]
     assert [c["model_type"] for c in configs] == ["llama", "llama"]

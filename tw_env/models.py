@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 
 OFFLINE_HINT = (
     "Expected a directory written by save_pretrained (config.json and safetensors weights) or a hub id. "
@@ -240,6 +240,14 @@ def load_tokenizer(
         raise OSError(
             f"could not load the {role} '{source}': {err}\n" + OFFLINE_HINT.format(name=source, role=role)
         ) from err
+
+
+def generation_model(model: PreTrainedModel) -> GenerationMixin:
+    """``model`` as the class that defines ``generate`` (every ``...ForConditionalGeneration`` or
+    ``...ForCausalLM`` LM is one)."""
+    if not isinstance(model, GenerationMixin):
+        raise TypeError(f"{type(model).__name__} has no generate(): expected an LM with a generation head")
+    return model
 
 
 def output_vocab_size(model: PreTrainedModel) -> int:
