@@ -38,7 +38,7 @@ def tiny_config(root: Path, out: str = "out", **overrides) -> TranslationConfig:
         teacher=ModelSize(d_model=16, num_layers=1, d_ff=32, num_heads=2, steps=6, lr=1e-2, warmup=2),
         student=ModelSize(d_model=8, num_layers=1, d_ff=16, num_heads=2, steps=6, lr=1e-2, warmup=2),
         batch_size=8, max_source_length=24, max_target_length=8, eval_every=3, eval_examples=4,
-        checkpoint_every=2, threads=1,
+        checkpoint_every=2, threads=1, selection_examples=2,
     )
     values.update(overrides)
     return TranslationConfig(**values)
@@ -102,10 +102,34 @@ def test_batches_are_a_function_of_the_step(tmp_path):
     assert not torch.equal(a.batch(0)["labels"], a.batch(1)["labels"])
 
 
+def test_writes_the_task_data_folder_that_the_wmt19_task_reads(tmp_path):
+    import gymnasium as gym
+    import numpy as np
+
+    import tw_env  # noqa: F401  (registers the tasks)
+
+    summary = mt.run(tiny_config(tmp_path))
+    out = tmp_path / "out"
+    assert summary["data"] == {"train": 40, "validation": 2, "test": 2}
+    rows = {split: [json.loads(line) for line in (out / "data" / f"{split}.jsonl").open()]
+            for split in ("train", "validation", "test")}
+    selection, test = ({r["de"] for r in rows[s]} for s in ("validation", "test"))
+    assert not selection & test and selection | test == {de for de, _ in PAIRS[:4]}  # disjoint, all of validation
+    assert all(r["corpus"].startswith(("multi30k", "tatoeba")) for r in rows["train"])
+    env = gym.make("TrainingWheels-WMT19-v0", teacher=str(out / "teacher"), student=str(out / "student"),
+                   tokenizer=str(out / "tokenizer"), data=str(out / "data"), split="test", max_new_tokens=4)
+    vocab_size = env.unwrapped.vocab_size
+    assert env.action_space.n == vocab_size + 1  # the vocabulary plus <τ>
+    obs, info = env.reset(seed=0)
+    obs, reward, terminated, truncated, info = env.step(vocab_size)  # <τ>: the teacher writes the token
+    assert np.isfinite(reward) and info["teacher_call"] and obs["state_length"][0] == 1
+
+
 @pytest.mark.parametrize("overrides, error, message", [
     (dict(batch_size=0), ValueError, "batch_size"),
     (dict(train_data="missing.jsonl"), FileNotFoundError, "no data file"),
     (dict(corpora=["europarl"]), ValueError, "no pairs"),
+    (dict(selection_examples=4), ValueError, "leaves no test rows"),
 ])
 def test_bad_input_is_refused(tmp_path, overrides, error, message):
     config = tiny_config(tmp_path, **overrides)
