@@ -1,8 +1,10 @@
-"""Quality and teacher use of a trained student at each budget, with greedy teacher-help decoding."""
+"""Quality and teacher use of a trained student at each budget (greedy teacher-help decoding), the
+confidence fallback's threshold calibration, and the latency cost model of `tw eval` / `tw plot`."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -101,3 +103,102 @@ def meets_budgets(results: list[BudgetResult], delta: float, ceiling: bool) -> b
 
 def mean_quality(results: list[BudgetResult]) -> float:
     return sum(r.quality for r in results) / len(results)
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+@dataclass
+class Calibration:
+    """A confidence threshold found for a target teacher fraction, and every threshold tried."""
+
+    target: float
+    threshold: float
+    teacher_fraction: float  # at ``threshold``, on the calibration examples
+    tried: list[tuple[float, float]]  # (threshold, teacher fraction), in the order measured
+
+
+def calibrate_threshold(
+    teacher_fraction_at: Callable[[float], float], target: float, tolerance: float = 0.005, iterations: int = 14,
+    lowest: float = 1e-6,
+) -> Calibration:
+    """The confidence-fallback threshold whose teacher fraction is closest to ``target``.
+
+    Co-LLM and Big Little Decoder compare at matched teacher use by calibrating the deferral
+    threshold per fraction on validation data; this does it by bisection. The fraction grows with
+    the threshold (more tokens fall below it), and the student's top probability spans orders of
+    magnitude (it can be under 0.01 on a tenth of the tokens), so the search bisects log10(t) over
+    [``lowest``, 1]. Target 0 is threshold 0, which never falls back. Stops once within ``tolerance``
+    of the target; returns the closest threshold seen otherwise.
+    """
+    if not 0.0 <= target <= 1.0:
+        raise ValueError(f"target teacher fraction must lie in [0, 1], got {target}")
+    if not 0.0 < lowest < 1.0 or iterations < 1 or tolerance < 0:
+        raise ValueError(f"need 0 < lowest < 1, iterations >= 1, tolerance >= 0; got {lowest}, {iterations}, {tolerance}")
+    tried: list[tuple[float, float]] = []
+
+    def measure(threshold: float) -> float:
+        fraction = float(teacher_fraction_at(threshold))
+        tried.append((threshold, fraction))
+        return fraction
+
+    if target == 0.0:
+        return Calibration(target, 0.0, measure(0.0), tried)
+    low, high = math.log10(lowest), 0.0
+    for end in (high, low):  # the ends: a target outside their range returns the nearer end
+        fraction = measure(10.0 ** end)
+        if abs(fraction - target) <= tolerance or (end == high and fraction < target) or (end == low and fraction > target):
+            return _closest(target, tried)
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        fraction = measure(10.0 ** middle)
+        if abs(fraction - target) <= tolerance:
+            break
+        low, high = (middle, high) if fraction < target else (low, middle)
+    return _closest(target, tried)
+
+
+def _closest(target: float, tried: list[tuple[float, float]]) -> Calibration:
+    threshold, fraction = min(tried, key=lambda tf: (abs(tf[1] - target), tf[0]))
+    return Calibration(target, threshold, fraction, tried)
+
+
+# ---------------------------------------------------------------------------------------------- cost model
+@dataclass(frozen=True)
+class ForwardCosts:
+    """What one decoder forward of each model costs, for projecting latency to other hardware.
+
+    A forward is one incremental decoder step at batch size 1 (a catch-up or verification forward
+    over several tokens is counted as one: on a GPU at batch size 1 such forwards cost about the
+    same as one token's, since they are memory-bound; on a CPU they cost more, which the projection
+    for CPU-measured costs leaves out)."""
+
+    teacher_ms: float
+    student_ms: float
+    label: str  # where the costs come from, printed on every projected figure
+
+    def __post_init__(self) -> None:
+        if not (self.teacher_ms > 0 and self.student_ms > 0):
+            raise ValueError(f"per-forward costs must be positive, got teacher {self.teacher_ms} ms, "
+                             f"student {self.student_ms} ms")
+
+
+def projected_latency_ms(teacher_forwards: float, student_forwards: float, costs: ForwardCosts) -> float:
+    """Latency of one example under the cost model: forwards of each model times its cost."""
+    return teacher_forwards * costs.teacher_ms + student_forwards * costs.student_ms
+
+
+def costs_measured_here(rows: Sequence[dict], label: str = "measured here") -> ForwardCosts | None:
+    """Per-forward costs from the teacher-alone and student-alone rows of a `tw eval` run: each
+    one's median latency over its forwards per example (None if either row or value is missing)."""
+    def per_forward(method: str, forwards_key: str) -> float | None:
+        for row in rows:
+            latency, forwards = row.get("latency_ms_median"), row.get(forwards_key)
+            if row.get("method") == method and latency is not None and forwards:
+                value = float(latency) / float(forwards)
+                return value if math.isfinite(value) and value > 0 else None
+        return None
+
+    teacher_ms = per_forward("teacher", "teacher_forwards_per_example")
+    student_ms = per_forward("student", "student_forwards_per_example")
+    if teacher_ms is None or student_ms is None:
+        return None
+    return ForwardCosts(teacher_ms, student_ms, label)

@@ -15,7 +15,12 @@ The methods (the paper's §3.1 and Figures 1–2, plus two reference points):
   draft model (``tw gkd``), one row per draft length × lenience; plain prompt.
 - ``speculative``: the same decoder with the plain student as the draft (no GKD); run by default
   only when no GKD draft is given.
-- ``fallback``: Big Little Decoder's confidence fallback, one row per threshold; plain prompt.
+- ``fallback``: Big Little Decoder's confidence fallback, one row per threshold; plain prompt. With
+  ``fallback_targets`` it also gets one row per target teacher fraction, its threshold calibrated
+  on ``calibration_examples`` of ``calibration_split`` (a seeded random subset, by default the
+  validation examples checkpoint selection reads) so that its teacher use lands at the target, as
+  Co-LLM calibrates its deferral threshold per fraction: the matched comparison with Training
+  Wheels at each budget. The thresholds tried are in results.json (``fallback_calibration``).
 
 What is measured for each method and setting:
 
@@ -29,6 +34,12 @@ What is measured for each method and setting:
   ``torch.cuda.synchronize()`` runs before every clock read on a GPU.
 - ``batched_tokens_per_s`` / ``batched_examples_per_s``: throughput of the batched quality run at
   ``batch_size`` (output tokens, including EOS, and examples per second of decoding).
+- ``projected_latency_ms``: a latency *projection* from the cost model
+  (:class:`~agents.evaluation.ForwardCosts`): teacher forwards × ``teacher_forward_ms`` + student
+  forwards × ``student_forward_ms`` per example. Without given costs it uses the costs measured
+  here (the teacher-alone and student-alone rows' latency per forward), which checks the model
+  against the measured latency; given costs (e.g. an H100's) project to other hardware, and
+  ``cost_label`` says which. ``tw plot`` draws it beside the measured latency, labelled a projection.
 
 Files written to ``output_dir``: ``results.json`` (config, device, rows), ``results.csv`` (one row per
 method × setting), ``outputs.jsonl`` (every output text; per-token provenance, source and reference
@@ -73,7 +84,7 @@ CSV_COLUMNS = [
     "batched_tokens_per_s", "examples", "device",
     # Beyond the columns the figures need:
     "batched_examples_per_s", "latency_ms_mean", "latency_examples", "output_tokens_per_example",
-    "student_forwards_per_example", "budget_cap",
+    "student_forwards_per_example", "budget_cap", "calibrated_for", "projected_latency_ms",
 ]
 
 
@@ -103,6 +114,14 @@ class EvalConfig:
     batch_size: int = 32  # batch size of the quality / teacher-use / throughput run
     latency_examples: int = 64  # examples timed one at a time (batch size 1); 0 skips latency
     warmup: int = 3  # untimed batch-size-1 examples before the timed ones
+    fallback_targets: list = field(default_factory=list)  # teacher fractions the fallback is calibrated to (one row each; [] for none)
+    calibration_split: str = "validation"  # split whose examples the fallback thresholds are calibrated on (never the evaluated one)
+    calibration_examples: int = 512  # a seeded random subset of calibration_split (checkpoint selection's, with the same seed)
+    calibration_seed: int = 0  # seeds that subset (tw train's seed selects the same examples)
+    calibration_tolerance: float = 0.005  # stop calibrating once the teacher fraction is this close to its target
+    teacher_forward_ms: float | None = None  # cost model: one teacher forward (None: measured here from the teacher-alone row)
+    student_forward_ms: float | None = None  # cost model: one student forward (None: measured here from the student-alone row)
+    cost_label: str = ""  # where given per-forward costs come from (e.g. "H100, FLAN-T5-XL / -small, bf16")
 
     def __post_init__(self) -> None:
         # Booleans of configs older than the two rules; anything else is left to validate().
@@ -140,6 +159,16 @@ class EvalConfig:
         if any(float(t) < 0 for t in self.thresholds):
             raise ValueError(f"thresholds must be >= 0, got {self.thresholds}")
         check_template(self.plain_prompt, "plain_prompt")
+        if any(not 0.0 <= float(b) <= 1.0 for b in self.fallback_targets):
+            raise ValueError(f"fallback_targets must be teacher fractions in [0, 1], got {self.fallback_targets}")
+        if self.fallback_targets and self.calibration_split == self.split:
+            raise ValueError(f"calibration_split {self.calibration_split!r} is the evaluated split; calibrate on "
+                             "another one (e.g. validation) so that the results stay held out")
+        if self.calibration_examples < 1 or self.calibration_tolerance < 0:
+            raise ValueError("calibration_examples must be >= 1 and calibration_tolerance >= 0")
+        given = [self.teacher_forward_ms, self.student_forward_ms]
+        if (given[0] is None) != (given[1] is None) or any(c is not None and c <= 0 for c in given):
+            raise ValueError(f"teacher_forward_ms and student_forward_ms are given together and positive, got {given}")
 
     def selected_methods(self) -> list[str]:
         if self.methods is not None:
@@ -165,10 +194,15 @@ class Setting:
     draft_length: int | None = None
     threshold: float | None = None
     budget_cap: str | None = None  # Training Wheels: "off", "rounded_up" or "guaranteed"; None for the other methods
+    calibrated_for: float | None = None  # fallback: the target teacher fraction its threshold was calibrated to
 
 
-def build_settings(config: EvalConfig, task: Task, device: torch.device) -> list[Setting]:
-    """Load the models the selected methods need (each once) and list every method × setting."""
+def build_settings(config: EvalConfig, task: Task, device: torch.device,
+                   calibrations: list | None = None) -> list[Setting]:
+    """Load the models the selected methods need (each once) and list every method × setting.
+
+    The fallback's calibrated thresholds are found here (on ``config.calibration_split``); each
+    :class:`~agents.evaluation.Calibration` is appended to ``calibrations``."""
     from agents.decoding import (
         confidence_fallback_decode,
         generate_alone,
@@ -227,13 +261,47 @@ def build_settings(config: EvalConfig, task: Task, device: torch.device) -> list
         elif method == "fallback":
             source = config.fallback_student or config.draft or student_source
             fallback_model = model(source, "fallback_student")
+            def fallback(threshold: float, f=fallback_model) -> Callable:
+                return lambda i, m: confidence_fallback_decode(f, teacher, i, m, max_new, threshold=threshold)
+
             for t in config.thresholds:
-                settings.append(Setting(
-                    "fallback", f"t={float(t):g}",
-                    lambda i, m, f=fallback_model, t=float(t): confidence_fallback_decode(
-                        f, teacher, i, m, max_new, threshold=t),
-                    threshold=float(t)))
+                settings.append(Setting("fallback", f"t={float(t):g}", fallback(float(t)), threshold=float(t)))
+            for found in calibrate_fallback(config, fallback, device):
+                if calibrations is not None:
+                    calibrations.append(found)
+                settings.append(Setting("fallback", f"t={found.threshold:.3g} (for {found.target:g})",
+                                        fallback(found.threshold), threshold=found.threshold,
+                                        calibrated_for=found.target))
     return settings
+
+
+def calibrate_fallback(config: EvalConfig, fallback: Callable[[float], Callable], device: torch.device) -> list:
+    """One calibrated threshold per ``config.fallback_targets``, on the calibration examples."""
+    from agents.evaluation import calibrate_threshold, seeded_subset
+
+    if not config.fallback_targets:
+        return []
+    task = make_eval_task(config, device, split=config.calibration_split)
+    examples = seeded_subset(task.examples, min(config.calibration_examples, len(task.examples)),
+                             config.calibration_seed)
+    sources = [e.source for e in examples]
+    prompts = [task.plain_prompts(sources[s : s + config.batch_size], config.plain_prompt, device)
+               for s in range(0, len(sources), config.batch_size)]
+    fractions: dict[float, float] = {}
+
+    def teacher_fraction_at(threshold: float) -> float:
+        if threshold not in fractions:  # the same threshold is decoded once
+            decode, calls, tokens = fallback(threshold), 0, 0
+            for inputs in prompts:
+                result = decode(*inputs)
+                calls, tokens = calls + sum(result.teacher_calls), tokens + sum(result.lengths)
+            fractions[threshold] = calls / max(tokens, 1)
+        return fractions[threshold]
+
+    found = []
+    for target in tqdm(config.fallback_targets, desc=f"calibrating the fallback on {config.calibration_split}"):
+        found.append(calibrate_threshold(teacher_fraction_at, float(target), tolerance=config.calibration_tolerance))
+    return found
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -291,13 +359,14 @@ def describe_device(device: torch.device) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- run
-def make_eval_task(config: EvalConfig, device: torch.device) -> Task:
-    """The task of ``config.env_id`` on the evaluated split (env options in ``env_kwargs`` are ignored)."""
+def make_eval_task(config: EvalConfig, device: torch.device, split: str | None = None) -> Task:
+    """The task of ``config.env_id`` on the evaluated split, or on ``split`` (env options in ``env_kwargs``
+    are ignored)."""
     _, task_kwargs = split_env_options(dict(config.env_kwargs))
     task_kwargs.setdefault("device", str(device))
     if config.max_new_tokens is not None:
         task_kwargs["max_new_tokens"] = config.max_new_tokens
-    return make_task(config.env_id, **{**task_kwargs, "split": config.split})
+    return make_task(config.env_id, **{**task_kwargs, "split": split or config.split})
 
 
 def evaluate_setting(setting: Setting, task: Task, examples: list[Example], config: EvalConfig, device: torch.device,
@@ -341,7 +410,7 @@ def evaluate_setting(setting: Setting, task: Task, examples: list[Example], conf
         "latency_ms_mean": timing["latency_ms_mean"], "latency_examples": len(timed),
         "output_tokens_per_example": tokens / n,
         "student_forwards_per_example": timing["student_forwards_per_example"],
-        "budget_cap": setting.budget_cap,
+        "budget_cap": setting.budget_cap, "calibrated_for": setting.calibrated_for,
     }
     records = []
     for index, (example, text, (ids, flags)) in enumerate(zip(examples, texts, outputs, strict=True)):
@@ -363,7 +432,8 @@ def run(config: EvalConfig) -> dict:
     device = run_.device
     task = make_eval_task(config, device)
     examples = task.examples[: config.examples]
-    settings = build_settings(config, task, device)
+    calibrations: list = []
+    settings = build_settings(config, task, device, calibrations)
     device_name = describe_device(device)
     out = Path(config.output_dir)
     rows = []
@@ -372,16 +442,35 @@ def run(config: EvalConfig) -> dict:
             row, records = evaluate_setting(setting, task, examples, config, device, device_name)
             rows.append(row)
             outputs_file.writelines(json.dumps(r) + "\n" for r in records)
+    costs = add_projection(rows, config)
     results = {
         "config": dataclasses.asdict(config), "env_id": config.env_id, "split": config.split,
         "metric": task.metric, "examples": len(examples), "max_new_tokens": task.max_new_tokens,
         "device": device_name, "torch": torch.__version__, "rows": [_json_safe(r) for r in rows],
+        "cost_model": dataclasses.asdict(costs) if costs else None,
+        "fallback_calibration": [dataclasses.asdict(c) for c in calibrations],
     }
     write_json(out / "results.json", results)
     write_csv(out / "results.csv", rows)
     print(format_table(rows))
     print(f"wrote {out / 'results.json'}, {out / 'results.csv'} and {out / 'outputs.jsonl'}")
     return results
+
+
+def add_projection(rows: list[dict], config: EvalConfig):
+    """Each row's ``projected_latency_ms`` under the given per-forward costs, else those measured
+    here; returns the :class:`~agents.evaluation.ForwardCosts` used (None: no costs to project with)."""
+    from agents.evaluation import ForwardCosts, costs_measured_here, projected_latency_ms
+
+    if config.teacher_forward_ms is not None and config.student_forward_ms is not None:
+        costs = ForwardCosts(config.teacher_forward_ms, config.student_forward_ms, config.cost_label or "given")
+    else:
+        costs = costs_measured_here(rows, "measured here (teacher- and student-alone latency per forward)")
+    for row in rows:
+        t, s = row.get("teacher_forwards_per_example"), row.get("student_forwards_per_example")
+        known = costs is not None and t is not None and s is not None and _finite(t) and _finite(s)
+        row["projected_latency_ms"] = projected_latency_ms(t, s, costs) if known else math.nan  # type: ignore[arg-type]
+    return costs
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -403,17 +492,19 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def format_table(rows: list[dict]) -> str:
     """A plain-text table of the main columns."""
-    header = ["method", "setting", "quality", "teacher%", "wasted/ex", "T-fwd/ex", "latency ms", "tok/s"]
+    header = ["method", "setting", "quality", "teacher%", "wasted/ex", "T-fwd/ex", "latency ms", "projected ms", "tok/s"]
 
     def cell(value, fmt: str) -> str:
         return "-" if value is None or not _finite(value) else format(value, fmt)
 
     lines = [[r["method"], r["setting"], cell(r["quality"], ".2f"), cell(100 * r["teacher_fraction"], ".1f"),
               cell(r["wasted_per_example"], ".2f"), cell(r["teacher_forwards_per_example"], ".2f"),
-              cell(r["latency_ms_median"], ".1f"), cell(r["batched_tokens_per_s"], ".0f")] for r in rows]
+              cell(r["latency_ms_median"], ".1f"), cell(r.get("projected_latency_ms"), ".1f"),
+              cell(r["batched_tokens_per_s"], ".0f")] for r in rows]
     widths = [max(len(str(x)) for x in column) for column in zip(header, *lines, strict=True)]
     metric = rows[0]["metric"] if rows else ""
-    text = [f"quality: {metric}; latency: median ms per example at batch size 1; tok/s: batched throughput"]
+    text = [f"quality: {metric}; latency: median ms per example at batch size 1; projected: the cost model's "
+            "latency (a projection); tok/s: batched throughput"]
     for line in [header, *lines]:
         text.append("  ".join(str(x).ljust(w) if i < 2 else str(x).rjust(w) for i, (x, w) in enumerate(zip(line, widths, strict=True))))
     return "\n".join(text)

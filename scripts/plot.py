@@ -5,6 +5,11 @@
   is one line over its budgets (each point labelled with b), DistillSpec / speculative decoding one
   line per draft length over the lenience values, the fallback one line over its thresholds, the
   student and the teacher alone one marker each.
+- ``operating_points_projected.png``: the same with the cost model's *projected* latency (teacher
+  and student forwards per example × per-forward costs; see :func:`agents.evaluation.projected_latency_ms`),
+  titled as a projection with the costs' source. The costs are `tw eval`'s (given, or measured
+  here) unless ``teacher_forward_ms`` / ``student_forward_ms`` are given to `tw plot`, which projects
+  the recorded forwards to other hardware without decoding again.
 - ``quality_vs_teacher_use.png``: quality against the token-level teacher-use fraction, same methods.
 - ``token_view.html`` (and the terminal, with ANSI colours): a few Training Wheels outputs at each
   budget with the tokens the student asked the teacher for highlighted.
@@ -41,10 +46,16 @@ class PlotConfig:
     token_view_examples: int = 5  # Training Wheels examples shown per budget in the token view
     token_view_budget: float | None = None  # show only this budget in the token view (None: every budget)
     terminal: bool = True  # also print the token view to the terminal with ANSI colours
+    teacher_forward_ms: float | None = None  # project with this cost of one teacher forward (None: tw eval's cost model)
+    student_forward_ms: float | None = None  # project with this cost of one student forward (None: tw eval's cost model)
+    cost_label: str = ""  # where the given costs come from, shown in the projected figure's title
 
     def validate(self) -> None:
         if self.token_view_examples < 0:
             raise ValueError(f"token_view_examples must be >= 0, got {self.token_view_examples}")
+        given = [self.teacher_forward_ms, self.student_forward_ms]
+        if (given[0] is None) != (given[1] is None) or any(c is not None and c <= 0 for c in given):
+            raise ValueError(f"teacher_forward_ms and student_forward_ms are given together and positive, got {given}")
 
 
 def load_results(path: str | Path) -> tuple[dict, Path]:
@@ -141,6 +152,34 @@ def plot_operating_points(results: dict, path: Path) -> None:
             "latency (ms per example, batch size 1, median)", title, path)
 
 
+def project(results: dict, config: PlotConfig) -> tuple[list[dict], str]:
+    """The rows with ``projected_latency_ms`` under the plot's given costs (else as `tw eval` wrote
+    them) and the costs' description."""
+    from agents.evaluation import ForwardCosts, projected_latency_ms
+
+    rows = results["rows"]
+    if config.teacher_forward_ms is None or config.student_forward_ms is None:
+        model = results.get("cost_model")
+        if not model:
+            return rows, "no cost model (tw eval had no teacher- and student-alone latency)"
+        return rows, f"{model['label']}: teacher {model['teacher_ms']:.3g} ms, student {model['student_ms']:.3g} ms per forward"
+    costs = ForwardCosts(config.teacher_forward_ms, config.student_forward_ms, config.cost_label or "given")
+    projected = []
+    for row in rows:
+        t, s = row.get("teacher_forwards_per_example"), row.get("student_forwards_per_example")
+        value = projected_latency_ms(t, s, costs) if t is not None and s is not None else None
+        projected.append({**row, "projected_latency_ms": value})
+    return projected, f"{costs.label}: teacher {costs.teacher_ms:.3g} ms, student {costs.student_ms:.3g} ms per forward"
+
+
+def plot_projected_operating_points(results: dict, config: PlotConfig, path: Path) -> None:
+    """Projected latency (cost model) against quality, titled as a projection."""
+    rows, description = project(results, config)
+    title = f"PROJECTION, not measured: {results.get('env_id', '')}\n{description}"
+    _figure(_series(rows, "projected_latency_ms"), _metric_name(results),
+            "projected latency (ms per example, batch size 1)", title, path)
+
+
 def plot_quality_vs_teacher_use(results: dict, path: Path) -> None:
     """Quality against the token-level teacher-use fraction."""
     metric = _metric_name(results)
@@ -227,17 +266,19 @@ def render_html(chosen: dict[float, list[dict]], title: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- run
 def run(config: PlotConfig) -> dict:
-    """Write operating_points.png, quality_vs_teacher_use.png and token_view.html; return their paths."""
+    """Write the three figures and token_view.html; return their paths."""
     config.validate()
     results, folder = load_results(config.results)
     out = Path(config.output_dir) if config.output_dir else folder
     out.mkdir(parents=True, exist_ok=True)
     files = {
         "operating_points": out / "operating_points.png",
+        "operating_points_projected": out / "operating_points_projected.png",
         "quality_vs_teacher_use": out / "quality_vs_teacher_use.png",
         "token_view": out / "token_view.html",
     }
     plot_operating_points(results, files["operating_points"])
+    plot_projected_operating_points(results, config, files["operating_points_projected"])
     plot_quality_vs_teacher_use(results, files["quality_vs_teacher_use"])
     chosen = token_view_records(folder / "outputs.jsonl", config.token_view_examples, config.token_view_budget)
     title = f"Where the student asked for help: {results.get('env_id', '')}"

@@ -79,6 +79,7 @@ def evaluated(task) -> tuple[dict, Path]:
         env_kwargs=task["env_kwargs"], examples=EXAMPLES, device="cpu", max_new_tokens=MAX_NEW, output_dir=str(out),
         tw_policy=task["policy"], budgets=[0.0, 0.5], budget_cap=True, draft=task["student"],
         lenience=[0.0, 1.0], draft_lengths=[3], thresholds=[0.0, 1.5], batch_size=4, latency_examples=2, warmup=1,
+        fallback_targets=[0.0, 0.5], calibration_examples=EXAMPLES,  # the data file is every split: calibrates on the rows it evaluates
     )
     return run_eval(config), out
 
@@ -98,7 +99,9 @@ def test_eval_writes_one_row_per_method_and_setting(evaluated):
     assert settings == [
         ("student", "alone"), ("teacher", "alone"), ("training_wheels", "b=0"), ("training_wheels", "b=0.5"),
         ("distillspec", "K=3 l=0"), ("distillspec", "K=3 l=1"), ("fallback", "t=0"), ("fallback", "t=1.5"),
+        ("fallback", "t=0 (for 0)"), settings[-1],
     ]
+    assert settings[-1][1].endswith("(for 0.5)")
     assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
     for r in rows:
         assert int(r["examples"]) == EXAMPLES and r["metric"] == "bleu" and r["device"].startswith("cpu")
@@ -137,10 +140,51 @@ def test_eval_reference_points(evaluated):
     assert all(sum(o["from_teacher"]) <= math.ceil(0.5 * len(o["tokens"])) for o in tw)
 
 
+def test_the_fallback_calibrated_per_target_teacher_fraction(evaluated):
+    results, _ = evaluated
+    calibrated = [r for r in results["rows"] if r["calibrated_for"] is not None]
+    found = results["fallback_calibration"]
+    assert [c["target"] for c in found] == [r["calibrated_for"] for r in calibrated] == [0.0, 0.5]
+    assert found[0]["threshold"] == 0.0 and calibrated[0]["teacher_fraction"] == 0.0
+    # The closest fraction of every threshold tried, and (the calibration rows being the evaluated
+    # ones here) the same fraction when evaluated.
+    closest = min(abs(f - 0.5) for _, f in found[1]["tried"])
+    assert abs(found[1]["teacher_fraction"] - 0.5) == pytest.approx(closest)
+    assert calibrated[1]["threshold"] == found[1]["threshold"]
+    assert calibrated[1]["teacher_fraction"] == pytest.approx(found[1]["teacher_fraction"])
+    assert 0.0 < calibrated[1]["teacher_fraction"] < 1.0
+
+
+def test_the_cost_model_projects_latency_from_forwards(evaluated):
+    from scripts.plot import project
+
+    results, out = evaluated
+    costs = results["cost_model"]
+    assert costs["label"].startswith("measured here")
+    row = {(r["method"], r["setting"]): r for r in results["rows"]}
+    teacher, student = row["teacher", "alone"], row["student", "alone"]
+    # Costs measured here are the alone rows' latency per forward, so those rows project to themselves.
+    assert teacher["projected_latency_ms"] == pytest.approx(teacher["latency_ms_median"])
+    assert student["projected_latency_ms"] == pytest.approx(student["latency_ms_median"])
+    for r in results["rows"]:
+        assert r["projected_latency_ms"] == pytest.approx(
+            r["teacher_forwards_per_example"] * costs["teacher_ms"] + r["student_forwards_per_example"] * costs["student_ms"])
+    # Given costs re-project the recorded forwards without decoding again.
+    rows, description = project(results, PlotConfig(teacher_forward_ms=55.0, student_forward_ms=14.0, cost_label="H100"))
+    tw = next(r for r in rows if r["method"] == "training_wheels")
+    assert tw["projected_latency_ms"] == pytest.approx(
+        55.0 * tw["teacher_forwards_per_example"] + 14.0 * tw["student_forwards_per_example"])
+    assert description.startswith("H100")
+    with pytest.raises(ValueError, match="given together"):
+        PlotConfig(teacher_forward_ms=1.0).validate()
+    with pytest.raises(ValueError, match="evaluated split"):
+        EvalConfig(fallback_targets=[0.1], split="validation").validate()
+
+
 def test_plot_writes_figures_and_token_view(evaluated, capsys):
     _, out = evaluated
     files = run_plot(PlotConfig(results=str(out), token_view_examples=2))
-    for key in ("operating_points", "quality_vs_teacher_use"):
+    for key in ("operating_points", "operating_points_projected", "quality_vs_teacher_use"):
         data = Path(files[key]).read_bytes()
         assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
     page = Path(files["token_view"]).read_text()

@@ -5,6 +5,10 @@ from __future__ import annotations
 import pytest
 
 from agents.evaluation import (
+    ForwardCosts,
+    calibrate_threshold,
+    costs_measured_here,
+    projected_latency_ms,
     BudgetResult,
     budget_violation,
     budgets_are_ceilings,
@@ -46,3 +50,61 @@ def test_the_selection_sample_is_seeded_random_and_in_order():
     assert a == sorted(a) and a != examples[:512] and max(a) > 1500
     assert seeded_subset(examples, 512, seed=1) != a
     assert seeded_subset(examples[:100], 512, seed=0) == examples[:100]  # fewer than asked: all of them
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+def staircase(threshold: float) -> float:
+    """A fallback's teacher fraction by hand: 10 tokens whose top probabilities are these."""
+    top = [0.001, 0.004, 0.02, 0.05, 0.2, 0.4, 0.6, 0.8, 0.95, 0.99]
+    return sum(p < threshold for p in top) / len(top)
+
+
+@pytest.mark.parametrize("target", [0.1, 0.2, 0.3, 0.5, 0.8])
+def test_calibration_finds_a_threshold_that_hits_the_target(target):
+    found = calibrate_threshold(staircase, target, tolerance=0.0)
+    assert found.teacher_fraction == pytest.approx(target) and staircase(found.threshold) == pytest.approx(target)
+    assert (found.threshold, found.teacher_fraction) in found.tried
+
+
+def test_calibration_reaches_thresholds_far_below_0_01():
+    # The 10% point sits between 0.001 and 0.004: a linear sweep over 0.01 … 0.9 never finds it.
+    found = calibrate_threshold(staircase, 0.1, tolerance=0.0)
+    assert 0.001 < found.threshold <= 0.004
+
+
+def test_calibration_of_zero_never_falls_back_and_unreachable_targets_give_the_nearer_end():
+    assert calibrate_threshold(staircase, 0.0).threshold == 0.0
+    always_low = calibrate_threshold(lambda t: 0.3 * t, 0.5)  # at most 0.3: the threshold 1 is closest
+    assert always_low.threshold == 1.0 and always_low.teacher_fraction == pytest.approx(0.3)
+    always_high = calibrate_threshold(lambda t: 0.4, 0.1, lowest=1e-3)
+    assert always_high.teacher_fraction == pytest.approx(0.4) and len(always_high.tried) == 2
+
+
+def test_calibration_stops_within_tolerance_and_refuses_bad_targets():
+    calls = []
+    found = calibrate_threshold(lambda t: calls.append(t) or min(1.0, t), 0.25, tolerance=0.02)
+    assert abs(found.teacher_fraction - 0.25) <= 0.02 and len(calls) < 16
+    with pytest.raises(ValueError, match="target teacher fraction"):
+        calibrate_threshold(staircase, 1.5)
+
+
+# ---------------------------------------------------------------------------------------------- cost model
+def test_projected_latency_by_hand():
+    costs = ForwardCosts(teacher_ms=55.0, student_ms=14.0, label="H100")
+    # 3 teacher forwards and 20 student forwards: 3 * 55 + 20 * 14 = 445 ms.
+    assert projected_latency_ms(3, 20, costs) == pytest.approx(445.0)
+    assert projected_latency_ms(0, 0, costs) == 0.0
+    with pytest.raises(ValueError, match="must be positive"):
+        ForwardCosts(teacher_ms=0.0, student_ms=1.0, label="x")
+
+
+def test_costs_measured_here_divide_latency_by_forwards():
+    rows = [
+        {"method": "student", "latency_ms_median": 30.0, "student_forwards_per_example": 15.0},
+        {"method": "teacher", "latency_ms_median": 120.0, "teacher_forwards_per_example": 12.0},
+        {"method": "fallback", "latency_ms_median": 80.0, "teacher_forwards_per_example": 3.0},
+    ]
+    costs = costs_measured_here(rows)
+    assert costs is not None and (costs.teacher_ms, costs.student_ms) == (10.0, 2.0)
+    assert costs_measured_here(rows[:1]) is None  # no teacher row
+    assert costs_measured_here([{**rows[0], "latency_ms_median": None}, rows[1]]) is None  # latency not measured
