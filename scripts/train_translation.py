@@ -7,7 +7,7 @@ no dropout) trained with cross-entropy, each saved as a plain transformers direc
 tokenizer (``from_pretrained`` loads it; safetensors weights). The models learn every prompt the
 registered WMT19 task shows them: the teacher's ``"translate German to English: {de}"`` and the
 student's six budget prompts and the plain one (a prompt drawn at random for each example).
-Batches are bucketed by length (less padding: about 1.4x faster here, measured).
+Batches are bucketed by length (less padding: 0.47 → 0.80 steps/s for the d256 3+3 teacher, measured here).
 
 Resumable: the tokenizer and each finished model are published atomically; a model being trained
 writes an atomic checkpoint (weights, optimiser, step) every ``checkpoint_every`` steps, and a

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from agents.evaluation import (
-    ForwardCosts,
-    calibrate_threshold,
-    costs_measured_here,
-    projected_latency_ms,
     BudgetResult,
+    ForwardCosts,
     budget_violation,
     budgets_are_ceilings,
+    calibrate_threshold,
+    costs_measured_here,
     meets_budgets,
+    projected_latency_ms,
     seeded_subset,
     worst_violation,
 )
