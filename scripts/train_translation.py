@@ -13,7 +13,8 @@ Resumable: the tokenizer and each finished model are published atomically; a mod
 writes an atomic checkpoint (weights, optimiser, step) every ``checkpoint_every`` steps, and a
 killed run continues from the newest one with the same data order (one seeded permutation per
 epoch), so it ends with the weights an uninterrupted run would have. A tqdm bar shows progress;
-validation BLEU (sacrebleu, greedy) is printed every ``eval_every`` steps and at the end.
+validation BLEU (sacrebleu, greedy, on the selection rows of the task data) is printed every
+``eval_every`` steps and at the end.
 
     tw train-mt --config configs/deen-models.json
 """
@@ -74,7 +75,7 @@ class TranslationConfig:
     max_source_length: int = 64  # prompt tokens (longer prompts are cut)
     max_target_length: int = 48  # target tokens (longer targets are cut, EOS kept)
     eval_every: int = 1000  # steps between printed validation BLEU (0: only at the end)
-    eval_examples: int = 500  # validation pairs for the printed BLEU (the first N of the selected corpora)
+    eval_examples: int = 512  # pairs for the printed BLEU: the first N of the task data's validation.jsonl (never its test rows)
     checkpoint_every: int = 200  # steps between resumable checkpoints
     threads: int = 2  # torch CPU threads (fixed, so that runs are reproducible)
     seed: int = 0  # seeds initialisation, data order and prompts
@@ -364,13 +365,15 @@ def run(config: TranslationConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", asdict(config))
     pairs = read_pairs(config.train_data, config.source_field, config.target_field, config.corpora)
-    validation = read_pairs(config.validation_data, config.source_field, config.target_field,
-                            config.validation_corpora)[: config.eval_examples]
     summary_path = out / "summary.json"
     summary: dict[str, Any] = ckpt.load_json(summary_path) if summary_path.is_file() else {}
     if not (out / "data" / "test.jsonl").is_file():
         summary["data"] = write_task_data(config, out / "data")
         write_json(summary_path, summary)
+    # The printed BLEU reads the selection rows only, so that nothing chosen by looking at it (a
+    # recipe, a number of steps) has seen the held-out test rows.
+    validation = read_pairs(out / "data" / "validation.jsonl", config.source_field, config.target_field,
+                            [])[: config.eval_examples]
     if not (out / "tokenizer" / "tokenizer.json").is_file():
         began = time.perf_counter()
         tokenizer = train_tokenizer([t for pair in pairs for t in pair], config.vocab_size)
@@ -388,5 +391,6 @@ def run(config: TranslationConfig) -> dict[str, Any]:
         write_json(summary_path, summary)
     gap = summary["teacher"]["validation_bleu"] - summary["student"]["validation_bleu"]
     print(f"teacher {summary['teacher']['validation_bleu']:.1f} BLEU, student {summary['student']['validation_bleu']:.1f} "
-          f"(gap {gap:.1f}) on {len(validation)} validation pairs of {config.validation_corpora}", flush=True)
+          f"(gap {gap:.1f}) on {len(validation)} selection pairs "
+          f"({out / 'data' / 'validation.jsonl'}) of {config.validation_corpora}", flush=True)
     return summary
