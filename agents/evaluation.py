@@ -181,9 +181,36 @@ class ForwardCosts:
                              f"student {self.student_ms} ms")
 
 
+    def describe(self) -> str:
+        return f"{self.label}: teacher {self.teacher_ms:.3g} ms, student {self.student_ms:.3g} ms per forward"
+
+
+def given_forward_costs(teacher_ms: float | None, student_ms: float | None, label: str) -> ForwardCosts | None:
+    """The cost model a user gave (`tw eval`/`tw plot` flags): both costs or neither (None)."""
+    if (teacher_ms is None) != (student_ms is None) or any(c is not None and c <= 0 for c in (teacher_ms, student_ms)):
+        raise ValueError(f"teacher_forward_ms and student_forward_ms are given together and positive, "
+                         f"got {[teacher_ms, student_ms]}")
+    if teacher_ms is None or student_ms is None:
+        return None
+    return ForwardCosts(teacher_ms, student_ms, label or "given")
+
+
 def projected_latency_ms(teacher_forwards: float, student_forwards: float, costs: ForwardCosts) -> float:
     """Latency of one example under the cost model: forwards of each model times its cost."""
     return teacher_forwards * costs.teacher_ms + student_forwards * costs.student_ms
+
+
+def with_projected_latency(rows: Sequence[dict], costs: ForwardCosts | None) -> list[dict]:
+    """Copies of result rows with ``projected_latency_ms`` (NaN where the forwards or costs are unknown)."""
+    def known(value) -> bool:
+        return value is not None and math.isfinite(float(value))
+
+    projected = []
+    for row in rows:
+        t, s = row.get("teacher_forwards_per_example"), row.get("student_forwards_per_example")
+        value = projected_latency_ms(float(t), float(s), costs) if costs is not None and known(t) and known(s) else math.nan
+        projected.append({**row, "projected_latency_ms": value})
+    return projected
 
 
 def costs_measured_here(rows: Sequence[dict], label: str = "measured here") -> ForwardCosts | None:

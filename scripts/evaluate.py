@@ -166,9 +166,9 @@ class EvalConfig:
                              "another one (e.g. validation) so that the results stay held out")
         if self.calibration_examples < 1 or self.calibration_tolerance < 0:
             raise ValueError("calibration_examples must be >= 1 and calibration_tolerance >= 0")
-        given = [self.teacher_forward_ms, self.student_forward_ms]
-        if (given[0] is None) != (given[1] is None) or any(c is not None and c <= 0 for c in given):
-            raise ValueError(f"teacher_forward_ms and student_forward_ms are given together and positive, got {given}")
+        from agents.evaluation import given_forward_costs
+
+        given_forward_costs(self.teacher_forward_ms, self.student_forward_ms, self.cost_label)  # raises if half given
 
     def selected_methods(self) -> list[str]:
         if self.methods is not None:
@@ -460,16 +460,12 @@ def run(config: EvalConfig) -> dict:
 def add_projection(rows: list[dict], config: EvalConfig):
     """Each row's ``projected_latency_ms`` under the given per-forward costs, else those measured
     here; returns the :class:`~agents.evaluation.ForwardCosts` used (None: no costs to project with)."""
-    from agents.evaluation import ForwardCosts, costs_measured_here, projected_latency_ms
+    from agents.evaluation import costs_measured_here, given_forward_costs, with_projected_latency
 
-    if config.teacher_forward_ms is not None and config.student_forward_ms is not None:
-        costs = ForwardCosts(config.teacher_forward_ms, config.student_forward_ms, config.cost_label or "given")
-    else:
+    costs = given_forward_costs(config.teacher_forward_ms, config.student_forward_ms, config.cost_label)
+    if costs is None:
         costs = costs_measured_here(rows, "measured here (teacher- and student-alone latency per forward)")
-    for row in rows:
-        t, s = row.get("teacher_forwards_per_example"), row.get("student_forwards_per_example")
-        known = costs is not None and t is not None and s is not None and _finite(t) and _finite(s)
-        row["projected_latency_ms"] = projected_latency_ms(t, s, costs) if known else math.nan  # type: ignore[arg-type]
+    rows[:] = with_projected_latency(rows, costs)
     return costs
 
 

@@ -53,9 +53,9 @@ class PlotConfig:
     def validate(self) -> None:
         if self.token_view_examples < 0:
             raise ValueError(f"token_view_examples must be >= 0, got {self.token_view_examples}")
-        given = [self.teacher_forward_ms, self.student_forward_ms]
-        if (given[0] is None) != (given[1] is None) or any(c is not None and c <= 0 for c in given):
-            raise ValueError(f"teacher_forward_ms and student_forward_ms are given together and positive, got {given}")
+        from agents.evaluation import given_forward_costs
+
+        given_forward_costs(self.teacher_forward_ms, self.student_forward_ms, self.cost_label)  # raises if half given
 
 
 def load_results(path: str | Path) -> tuple[dict, Path]:
@@ -155,21 +155,16 @@ def plot_operating_points(results: dict, path: Path) -> None:
 def project(results: dict, config: PlotConfig) -> tuple[list[dict], str]:
     """The rows with ``projected_latency_ms`` under the plot's given costs (else as `tw eval` wrote
     them) and the costs' description."""
-    from agents.evaluation import ForwardCosts, projected_latency_ms
+    from agents.evaluation import given_forward_costs, with_projected_latency
 
     rows = results["rows"]
-    if config.teacher_forward_ms is None or config.student_forward_ms is None:
+    costs = given_forward_costs(config.teacher_forward_ms, config.student_forward_ms, config.cost_label)
+    if costs is None:
         model = results.get("cost_model")
         if not model:
             return rows, "no cost model (tw eval had no teacher- and student-alone latency)"
         return rows, f"{model['label']}: teacher {model['teacher_ms']:.3g} ms, student {model['student_ms']:.3g} ms per forward"
-    costs = ForwardCosts(config.teacher_forward_ms, config.student_forward_ms, config.cost_label or "given")
-    projected = []
-    for row in rows:
-        t, s = row.get("teacher_forwards_per_example"), row.get("student_forwards_per_example")
-        value = projected_latency_ms(t, s, costs) if t is not None and s is not None else None
-        projected.append({**row, "projected_latency_ms": value})
-    return projected, f"{costs.label}: teacher {costs.teacher_ms:.3g} ms, student {costs.student_ms:.3g} ms per forward"
+    return with_projected_latency(rows, costs), costs.describe()
 
 
 def plot_projected_operating_points(results: dict, config: PlotConfig, path: Path) -> None:

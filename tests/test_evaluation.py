@@ -11,9 +11,11 @@ from agents.evaluation import (
     budgets_are_ceilings,
     calibrate_threshold,
     costs_measured_here,
+    given_forward_costs,
     meets_budgets,
     projected_latency_ms,
     seeded_subset,
+    with_projected_latency,
     worst_violation,
 )
 
@@ -96,6 +98,22 @@ def test_projected_latency_by_hand():
     assert projected_latency_ms(0, 0, costs) == 0.0
     with pytest.raises(ValueError, match="must be positive"):
         ForwardCosts(teacher_ms=0.0, student_ms=1.0, label="x")
+
+
+def test_given_costs_come_both_or_neither_and_project_each_row():
+    assert given_forward_costs(None, None, "x") is None
+    for half in ((55.0, None), (None, 14.0), (55.0, -1.0)):
+        with pytest.raises(ValueError, match="given together and positive"):
+            given_forward_costs(*half, "x")
+    costs = given_forward_costs(55.0, 14.0, "")
+    assert costs is not None and costs.label == "given"
+    rows = [{"method": "fallback", "teacher_forwards_per_example": 3.0, "student_forwards_per_example": 20.0},
+            {"method": "teacher", "teacher_forwards_per_example": None, "student_forwards_per_example": 0.0}]
+    projected = with_projected_latency(rows, costs)
+    assert projected[0]["projected_latency_ms"] == pytest.approx(445.0)
+    assert projected[1]["projected_latency_ms"] != projected[1]["projected_latency_ms"]  # NaN: forwards unknown
+    assert "projected_latency_ms" not in rows[0]  # the input rows are left as they were
+    assert all(r["projected_latency_ms"] != r["projected_latency_ms"] for r in with_projected_latency(rows, None))
 
 
 def test_costs_measured_here_divide_latency_by_forwards():
