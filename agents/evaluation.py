@@ -202,13 +202,13 @@ def projected_latency_ms(teacher_forwards: float, student_forwards: float, costs
 
 def with_projected_latency(rows: Sequence[dict], costs: ForwardCosts | None) -> list[dict]:
     """Copies of result rows with ``projected_latency_ms`` (NaN where the forwards or costs are unknown)."""
-    def known(value) -> bool:
-        return value is not None and math.isfinite(float(value))
+    def known(value: object) -> float | None:
+        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
     projected = []
     for row in rows:
-        t, s = row.get("teacher_forwards_per_example"), row.get("student_forwards_per_example")
-        value = projected_latency_ms(float(t), float(s), costs) if costs is not None and known(t) and known(s) else math.nan
+        t, s = known(row.get("teacher_forwards_per_example")), known(row.get("student_forwards_per_example"))
+        value = projected_latency_ms(t, s, costs) if costs is not None and t is not None and s is not None else math.nan
         projected.append({**row, "projected_latency_ms": value})
     return projected
 
