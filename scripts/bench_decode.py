@@ -60,7 +60,7 @@ class BenchDecodeConfig:
 
     env_id: str | None = None  # registered task whose prompts are used (default: by models)
     env_kwargs: dict = field(default_factory=dict)  # env overrides; teacher/student/tokenizer (dirs) and data (file) replace the models
-    models: str = "embedded"  # "embedded" (the synthetic task's models) or "flan-t5-random" (FLAN-T5-small/XL configs, random weights)
+    models: str = "embedded"  # "embedded" (the synthetic task's models) or "flan-t5-random" (FLAN-T5-small/XL configs, random weights) or "flan-t5-base-random" (base teacher, small student)
     policy: str | None = None  # a trained policy directory (default: the student with a calibrated <τ> bias)
     call_rates: list = field(default_factory=lambda: [0.1, 0.3, 0.5])  # target teacher fractions of the default policy
     budget: float = 0.3  # the budget keyword in the prompts

@@ -50,13 +50,14 @@ XSUM_JSONL = SHARED / "data" / "xsum" / "xsum.jsonl"
 SYNTHETIC_ID = "TrainingWheels-Synthetic-v0"
 SYNTHETIC_CAUSAL_ID = "TrainingWheels-SyntheticCausal-v0"
 XSUM_ID = "TrainingWheels-XSum-v0"
-MODEL_CHOICES = ("embedded", "embedded-causal", "flan-t5-random", "qwen3-random")
+MODEL_CHOICES = ("embedded", "embedded-causal", "flan-t5-random", "flan-t5-base-random", "qwen3-random")
 ENV_GOALS = {"cpu": 0.8, "cuda": 0.9}  # env / teacher_generate, from the issue
 _OVERRIDES = ("teacher", "student", "tokenizer", "data")
 
 # FLAN-T5's public configurations (T5 v1.1: gated-gelu, untied, d_kv 64, vocabulary 32,128).
 FLAN_T5_CONFIGS = {
     "small": dict(d_model=512, d_ff=1024, num_heads=6, num_layers=8, num_decoder_layers=8),
+    "base": dict(d_model=768, d_ff=2048, num_heads=12, num_layers=12, num_decoder_layers=12),
     "xl": dict(d_model=2048, d_ff=5120, num_heads=32, num_layers=24, num_decoder_layers=24),
 }
 # Qwen3-0.6B's public configuration (the teacher of "qwen3-random") and a quarter-depth, half-width
@@ -75,7 +76,7 @@ class BenchEnvConfig:
 
     env_id: str | None = None  # registered task (default: the Synthetic task for "embedded", XSum for "flan-t5-random")
     env_kwargs: dict = field(default_factory=dict)  # env overrides; teacher/student/tokenizer (dirs) and data (file) replace the models
-    models: str = "embedded"  # "embedded" (the synthetic task's T5s), "embedded-causal" (its Llamas), "flan-t5-random" (FLAN-T5-small/XL configs, random weights) or "qwen3-random" (a Qwen3-0.6B teacher config, random weights)
+    models: str = "embedded"  # "embedded" (the synthetic task's T5s), "embedded-causal" (its Llamas), "flan-t5-random" (FLAN-T5-small/XL configs, random weights), "flan-t5-base-random" (a FLAN-T5-base teacher, small student: sizes a CPU runs) or "qwen3-random" (a Qwen3-0.6B teacher config, random weights)
     batch_size: int = 32  # rows of the vector env = generate batch size
     new_tokens: int | None = None  # tokens per episode (default: 20 embedded, 64 flan-t5-random, 32 qwen3-random)
     prompt_length: int | None = None  # max prompt tokens (default: 32 embedded, 512 flan-t5-random, 128 qwen3-random)
@@ -154,7 +155,7 @@ def _random_qwen3(size: str, device: torch.device, dtype: torch.dtype, seed: int
 
 
 def flan_t5_config(size: str, vocab_size: int = 32128):
-    """The T5Config of FLAN-T5-``size`` ("small" or "xl") as published (T5 v1.1, gated-gelu, untied)."""
+    """The T5Config of FLAN-T5-``size`` ("small", "base" or "xl") as published (T5 v1.1, gated-gelu, untied)."""
     from transformers import T5Config
 
     return T5Config(
@@ -220,11 +221,13 @@ def prepare_models(
         defaults = (64, 512)
         env_id = env_id or XSUM_ID
         parts = {"tokenizer": str(T5_TOKENIZER_DIR), "data": str(XSUM_JSONL)}
+        teacher_size = "base" if models == "flan-t5-base-random" else "xl"
         if not given["teacher"]:
-            parts["teacher"] = _random_t5(flan_t5_config("xl"), dev, dt, seed)
+            parts["teacher"] = _random_t5(flan_t5_config(teacher_size), dev, dt, seed)
         if not given["student"]:
             parts["student"] = _random_t5(flan_t5_config("small"), dev, dt, seed + 1)
-        description = "FLAN-T5-XL teacher and FLAN-T5-small student configs, random weights, the real T5 tokenizer"
+        description = (f"FLAN-T5-{teacher_size.upper() if teacher_size == 'xl' else teacher_size} teacher and "
+                       "FLAN-T5-small student configs, random weights, the real T5 tokenizer")
     parts.update({k: v for k, v in given.items() if v})
     teacher = load_model(parts["teacher"], role="teacher", device=dev, dtype=dt)
     student = load_model(parts["student"], role="student", device=dev, dtype=dt)

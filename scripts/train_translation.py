@@ -288,8 +288,10 @@ def train_one(name: str, size: ModelSize, vocab_size: int, tokenizer, batches: B
     run_dir = out / "checkpoints" / name
     torch.manual_seed(config.seed * 1000 + (1 if name == "teacher" else 2))
     model = T5ForConditionalGeneration(t5_config(size, vocab_size))
-    # transformers initialises an untied T5 lm_head with std 1.0, so the first logits have std
-    # sqrt(d_model) and the loss starts near 30; std d_model**-0.5 starts it near log(vocab).
+    # In transformers 5 T5's lm_head *is* the shared embedding (always tied; tie_word_embeddings=False
+    # only turns off T5 v1.0's d_model**-0.5 output scaling), initialised with std 1.0: the first
+    # logits would have std sqrt(d_model) and the loss start near 30. std d_model**-0.5 for the shared
+    # input/output embedding starts it near log(vocab).
     torch.nn.init.normal_(model.lm_head.weight, std=size.d_model ** -0.5)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=size.lr, weight_decay=0.0)

@@ -164,3 +164,16 @@ def test_no_cache_reference_decodes_as_generate_does(tiny_causal_task) -> None:
     want = _generate(bm.teacher, ids, mask, 5)[:, -5:]
     got = _no_cache(bm.teacher, ids, mask, 5, eos)[:, -5:]
     assert torch.equal(got, want)
+
+
+def test_flan_t5_configs_are_the_published_sizes() -> None:
+    from scripts.bench_env import MODEL_CHOICES, flan_t5_config
+
+    # (d_model, d_ff, heads, layers) of google/flan-t5-small, -base and -xl's config.json.
+    for size, expected in (("small", (512, 1024, 6, 8)), ("base", (768, 2048, 12, 12)), ("xl", (2048, 5120, 32, 24))):
+        c = flan_t5_config(size)
+        assert (c.d_model, c.d_ff, c.num_heads, c.num_layers, c.num_decoder_layers) == (*expected, expected[3])
+        # T5 v1.1: no d_model**-0.5 scaling of the decoder output (transformers 5 always ties lm_head
+        # to the shared embedding; tie_word_embeddings=False now only turns that scaling off).
+        assert (c.d_kv, c.vocab_size, c.feed_forward_proj, c.scale_decoder_outputs) == (64, 32128, "gated-gelu", False)
+    assert "flan-t5-base-random" in MODEL_CHOICES
