@@ -228,7 +228,11 @@ def prepare_models(
             parts["student"] = _random_t5(flan_t5_config("small"), dev, dt, seed + 1)
         description = (f"FLAN-T5-{teacher_size.upper() if teacher_size == 'xl' else teacher_size} teacher and "
                        "FLAN-T5-small student configs, random weights, the real T5 tokenizer")
-    parts.update({k: v for k, v in given.items() if v})
+    replaced = {k: v for k, v in given.items() if v}
+    if replaced and description != "given models":  # say which parts the description no longer covers
+        description += "; replaced by the given " + ", ".join(
+            f"{k} {v if isinstance(v, str) else type(v).__name__}" for k, v in replaced.items())
+    parts.update(replaced)
     teacher = load_model(parts["teacher"], role="teacher", device=dev, dtype=dt)
     student = load_model(parts["student"], role="student", device=dev, dtype=dt)
     tokenizer = load_tokenizer(parts["tokenizer"])
