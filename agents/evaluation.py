@@ -180,7 +180,6 @@ class ForwardCosts:
             raise ValueError(f"per-forward costs must be positive, got teacher {self.teacher_ms} ms, "
                              f"student {self.student_ms} ms")
 
-
     def describe(self) -> str:
         return f"{self.label}: teacher {self.teacher_ms:.3g} ms, student {self.student_ms:.3g} ms per forward"
 

@@ -54,7 +54,8 @@ MODEL_CHOICES = ("embedded", "embedded-causal", "flan-t5-random", "flan-t5-base-
 ENV_GOALS = {"cpu": 0.8, "cuda": 0.9}  # env / teacher_generate, from the issue
 _OVERRIDES = ("teacher", "student", "tokenizer", "data")
 
-# FLAN-T5's public configurations (T5 v1.1: gated-gelu, untied, d_kv 64, vocabulary 32,128).
+# FLAN-T5's public configurations (T5 v1.1: gated-gelu, no output scaling, d_kv 64, vocabulary 32,128;
+# transformers 5 ties T5's lm_head to the shared embedding whatever the config says, same compute).
 FLAN_T5_CONFIGS = {
     "small": dict(d_model=512, d_ff=1024, num_heads=6, num_layers=8, num_decoder_layers=8),
     "base": dict(d_model=768, d_ff=2048, num_heads=12, num_layers=12, num_decoder_layers=12),
@@ -155,7 +156,7 @@ def _random_qwen3(size: str, device: torch.device, dtype: torch.dtype, seed: int
 
 
 def flan_t5_config(size: str, vocab_size: int = 32128):
-    """The T5Config of FLAN-T5-``size`` ("small", "base" or "xl") as published (T5 v1.1, gated-gelu, untied)."""
+    """The T5Config of FLAN-T5-``size`` ("small", "base" or "xl") as published (T5 v1.1, gated-gelu, no output scaling)."""
     from transformers import T5Config
 
     return T5Config(
@@ -226,7 +227,8 @@ def prepare_models(
             parts["teacher"] = _random_t5(flan_t5_config(teacher_size), dev, dt, seed)
         if not given["student"]:
             parts["student"] = _random_t5(flan_t5_config("small"), dev, dt, seed + 1)
-        description = (f"FLAN-T5-{teacher_size.upper() if teacher_size == 'xl' else teacher_size} teacher and "
+        teacher_name = {"xl": "XL", "base": "base"}[teacher_size]
+        description = (f"FLAN-T5-{teacher_name} teacher and "
                        "FLAN-T5-small student configs, random weights, the real T5 tokenizer")
     replaced = {k: v for k, v in given.items() if v}
     if replaced and description != "given models":  # say which parts the description no longer covers

@@ -155,7 +155,7 @@ def plot_operating_points(results: dict, path: Path) -> None:
 def project(results: dict, config: PlotConfig) -> tuple[list[dict], str]:
     """The rows with ``projected_latency_ms`` under the plot's given costs (else as `tw eval` wrote
     them) and the costs' description."""
-    from agents.evaluation import given_forward_costs, with_projected_latency
+    from agents.evaluation import ForwardCosts, given_forward_costs, with_projected_latency
 
     rows = results["rows"]
     costs = given_forward_costs(config.teacher_forward_ms, config.student_forward_ms, config.cost_label)
@@ -163,7 +163,7 @@ def project(results: dict, config: PlotConfig) -> tuple[list[dict], str]:
         model = results.get("cost_model")
         if not model:
             return rows, "no cost model (tw eval had no teacher- and student-alone latency)"
-        return rows, f"{model['label']}: teacher {model['teacher_ms']:.3g} ms, student {model['student_ms']:.3g} ms per forward"
+        return rows, ForwardCosts(**model).describe()  # tw eval's rows already hold its projection
     return with_projected_latency(rows, costs), costs.describe()
 
 

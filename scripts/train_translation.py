@@ -61,7 +61,7 @@ class TranslationConfig:
     """Everything `tw train-mt` needs (defaults: the issue's CPU-sized teacher and student)."""
 
     train_data: str = "../shared/data/deen/train.jsonl"  # JSON lines with source, target (and corpus) fields
-    validation_data: str = "../shared/data/deen/validation.jsonl"  # JSON lines for the printed validation BLEU
+    validation_data: str = "../shared/data/deen/validation.jsonl"  # JSON lines split into the task data's validation (selection) and test rows
     corpora: list = field(default_factory=lambda: ["multi30k", "tatoeba"])  # training rows whose corpus starts with one of these ([]: all)
     validation_corpora: list = field(default_factory=lambda: ["multi30k"])  # validation rows whose corpus starts with one of these ([]: all)
     source_field: str = "de"  # source language field
