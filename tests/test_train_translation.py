@@ -4,6 +4,7 @@ transformers loads it, that a killed run resumes to the weights of an uninterrup
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,22 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch
         got = load_file(tmp_path / "killed" / name / "model.safetensors")
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
         assert resumed[name]["evaluations"] == reference[name]["evaluations"]
+
+
+def test_new_models_start_with_unit_scale_tokens_and_a_loss_near_log_vocab():
+    # T5's own recipe: the tied embedding at std 1 (token vectors that the first attention outputs
+    # do not swamp) and the d_model**-0.5 output scaling, without which the first logits would have
+    # std sqrt(d_model) and the loss would start far above log(vocab).
+    from transformers import T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    vocab, size = 512, ModelSize(d_model=64, num_layers=1, d_ff=128, num_heads=2)
+    model = T5ForConditionalGeneration(mt.t5_config(size, vocab))
+    assert model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr()  # tied
+    assert 0.9 < float(model.shared.weight.std()) < 1.1
+    ids = torch.randint(2, vocab, (16, 12))
+    loss = float(model(input_ids=ids, labels=torch.randint(2, vocab, (16, 10))).loss)
+    assert abs(loss - math.log(vocab)) < 1.0, loss
 
 
 def test_batches_are_a_function_of_the_step(tmp_path):
