@@ -236,6 +236,7 @@ def teacher_help_decode(
     teacher_attention_mask: torch.Tensor | None = None,
     *,
     cap_rule: str = "rounded_up",
+    call_threshold: float = 0.5,
 ) -> DecodeResult:
     """Training Wheels at test time: the student decodes greedily over V+1 actions and calls the teacher.
 
@@ -261,6 +262,10 @@ def teacher_help_decode(
               before b·n reaches 1.
 
             Both agree where b·n is an integer (up to a 1e-9 float slack: 0.3·10 counts as 3).
+        call_threshold: call iff π(<τ>) > this. ½ (the default) is the policy's own decision; a
+            threshold calibrated per budget on validation data
+            (:func:`~agents.evaluation.calibrate_call_threshold`) makes teacher use land at the budget
+            when the learnt call rate misses it (the deferral threshold Co-LLM calibrates).
 
     One student forward per token for all rows; the student reads X^(in) (a teacher token t as t+V,
     Eq. 15). When any row emits <τ>, the teacher catches up on X^(out) in one forward and the calling
@@ -271,6 +276,8 @@ def teacher_help_decode(
         raise ValueError(f"budget_cap must lie in [0, 1], got {budget_cap}")
     if cap_rule not in CAP_RULES:
         raise ValueError(f"cap_rule must be one of {list(CAP_RULES)}, got {cap_rule!r}")
+    if not 0.0 <= call_threshold <= 1.0:
+        raise ValueError(f"call_threshold must be a probability in [0, 1], got {call_threshold}")
     model = policy.model
     vocab = policy.vocab_size
     check_same_family(teacher, model)
@@ -308,8 +315,8 @@ def teacher_help_decode(
                 logits[:, vocab] = torch.where(
                     over, torch.full_like(logits[:, vocab], -math.inf), logits[:, vocab]
                 )
-            # Greedy: call iff π(<τ>) > ½, else the top token (a capped row's <τ> logit is −inf).
-            action = choose_actions(logits)
+            # Greedy: call iff π(<τ>) > call_threshold, else the top token (a capped row's <τ> logit is −inf).
+            action = choose_actions(logits, call_threshold=call_threshold)
             call = (action == vocab) & ~out.done
             token = action
             if bool(call.any()):

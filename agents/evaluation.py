@@ -129,31 +129,79 @@ def calibrate_threshold(
     [``lowest``, 1]. Target 0 is threshold 0, which never falls back. Stops once within ``tolerance``
     of the target; returns the closest threshold seen otherwise.
     """
+    _check_search(target, tolerance, iterations)
+    if not 0.0 < lowest < 1.0:
+        raise ValueError(f"need 0 < lowest < 1, got {lowest}")
+    if target == 0.0:
+        never = float(teacher_fraction_at(0.0))
+        return Calibration(target, 0.0, never, [(0.0, never)])
+    tried = _bisect_to_target(lambda x: (10.0 ** x, teacher_fraction_at(10.0 ** x)), target,
+                              math.log10(lowest), 0.0, tolerance, iterations)
+    return _closest(target, tried)
+
+
+def calibrate_call_threshold(
+    teacher_fraction_at: Callable[[float], float], target: float, tolerance: float = 0.005, iterations: int = 14,
+    widest_logit: float = 12.0,
+) -> Calibration:
+    """The Training Wheels call threshold c (call iff π(<τ>) > c) whose teacher fraction is closest to ``target``.
+
+    Beyond the paper: where the learnt call rate of a budget misses it (the Lagrangian still
+    oscillates), the same per-budget calibration on validation data that the confidence fallback
+    gets moves teacher use onto the budget while keeping the policy's own ranking of which tokens
+    to ask for. The fraction falls as c rises; π(<τ>) is spread in log-odds, so the search bisects
+    −logit(c) over [−``widest_logit``, ``widest_logit``], starting from the policy's own c = ½
+    (kept if it is already within ``tolerance``).
+    """
+    _check_search(target, tolerance, iterations)
+    if widest_logit <= 0:
+        raise ValueError(f"widest_logit must be > 0, got {widest_logit}")
+
+    def threshold(x: float) -> float:  # x = −logit(c): the fraction grows with x
+        return 1.0 / (1.0 + math.exp(x))
+
+    def measure(x: float) -> tuple[float, float]:
+        return threshold(x), teacher_fraction_at(threshold(x))
+
+    first = measure(0.0)
+    tried = [(first[0], float(first[1]))]
+    if abs(tried[0][1] - target) > tolerance:
+        tried += _bisect_to_target(measure, target, -widest_logit, widest_logit, tolerance, iterations)
+    return _closest(target, tried)
+
+
+def _check_search(target: float, tolerance: float, iterations: int) -> None:
     if not 0.0 <= target <= 1.0:
         raise ValueError(f"target teacher fraction must lie in [0, 1], got {target}")
-    if not 0.0 < lowest < 1.0 or iterations < 1 or tolerance < 0:
-        raise ValueError(f"need 0 < lowest < 1, iterations >= 1, tolerance >= 0; got {lowest}, {iterations}, {tolerance}")
+    if iterations < 1 or tolerance < 0:
+        raise ValueError(f"need iterations >= 1 and tolerance >= 0; got {iterations}, {tolerance}")
+
+
+def _bisect_to_target(
+    measure: Callable[[float], tuple[float, float]], target: float, low: float, high: float, tolerance: float,
+    iterations: int,
+) -> list[tuple[float, float]]:
+    """Bisect x in [low, high] for a teacher fraction non-decreasing in x; ``measure(x)`` returns
+    (threshold, fraction). The ends are measured first (high, then low): a target outside their
+    range stops there. Returns every (threshold, fraction) measured, in order."""
     tried: list[tuple[float, float]] = []
 
-    def measure(threshold: float) -> float:
-        fraction = float(teacher_fraction_at(threshold))
-        tried.append((threshold, fraction))
-        return fraction
+    def fraction_at(x: float) -> float:
+        threshold, fraction = measure(x)
+        tried.append((threshold, float(fraction)))
+        return float(fraction)
 
-    if target == 0.0:
-        return Calibration(target, 0.0, measure(0.0), tried)
-    low, high = math.log10(lowest), 0.0
-    for end in (high, low):  # the ends: a target outside their range returns the nearer end
-        fraction = measure(10.0 ** end)
+    for end in (high, low):
+        fraction = fraction_at(end)
         if abs(fraction - target) <= tolerance or (end == high and fraction < target) or (end == low and fraction > target):
-            return _closest(target, tried)
+            return tried
     for _ in range(iterations):
         middle = (low + high) / 2
-        fraction = measure(10.0 ** middle)
+        fraction = fraction_at(middle)
         if abs(fraction - target) <= tolerance:
             break
         low, high = (middle, high) if fraction < target else (low, middle)
-    return _closest(target, tried)
+    return tried
 
 
 def _closest(target: float, tried: list[tuple[float, float]]) -> Calibration:

@@ -499,13 +499,16 @@ class ValueNetwork(_StateModel):
         return self.value_head(states.to(self.value_head.weight.dtype)).squeeze(-1)
 
 
-def choose_actions(logits: torch.Tensor, temperature: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def choose_actions(logits: torch.Tensor, temperature: float = 0.0, generator: torch.Generator | None = None,
+                   call_threshold: float = 0.5) -> torch.Tensor:
     """Actions ``[N]`` from π's logits ``[N, V+1]``: first whether to call, then which token.
 
     The call is drawn with probability π(<τ>) sharpened by the temperature T,
     σ((z_τ − logsumexp z_V) / T); otherwise a token is drawn from softmax(z_V / T). At T = 1 this
     is exactly a draw from softmax over all V + 1 actions. At T = 0 (greedy) it calls iff
-    π(<τ>) > ½ and otherwise takes the most likely token.
+    π(<τ>) > ``call_threshold`` (½, the policy's own decision, unless a threshold was calibrated
+    per budget: :func:`agents.evaluation.calibrate_call_threshold`) and otherwise takes the most
+    likely token. The threshold applies only to greedy decisions.
 
     Why not argmax over V + 1: where the student's own distribution is flat (its top token at a few
     per cent) a small π(<τ>) still wins the argmax, so a policy whose π(<τ>) averages 0.01 under
@@ -516,10 +519,14 @@ def choose_actions(logits: torch.Tensor, temperature: float = 0.0, generator: to
         raise ValueError(f"logits must be [N, V+1] with the <τ> logit last, got shape {tuple(logits.shape)}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 <= call_threshold <= 1.0:
+        raise ValueError(f"call_threshold must be a probability in [0, 1], got {call_threshold}")
     logits = logits.float()
     token_logits = logits[:, :-1]
     if temperature == 0:
-        call = torch.log_softmax(logits, dim=-1)[:, -1] > -math.log(2.0)  # π(<τ>) > ½, in one fused op
+        # π(<τ>) > threshold, compared in log space (threshold 0: log 0 = −inf, calls wherever π(<τ>) > 0).
+        log_threshold = math.log(call_threshold) if call_threshold > 0 else -math.inf
+        call = torch.log_softmax(logits, dim=-1)[:, -1] > log_threshold
         token = token_logits.argmax(dim=-1)
     else:
         call_margin = logits[:, -1] - torch.logsumexp(token_logits, dim=-1)  # log π(<τ>) − log(1 − π(<τ>))

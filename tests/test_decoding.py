@@ -508,6 +508,49 @@ def test_teacher_catch_up_equals_a_full_teacher_forward(teacher, student, prompt
             assert token == (teacher_argmax[p] if flags[p] else student_argmax[p])
 
 
+class RecordingPolicy(StudentPolicy):
+    """Records the [B, V+1] logits of every decoding step (to check the decoder's call rule)."""
+
+    def __init__(self, model, bias: float, weight_std: float):
+        super().__init__(model)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            self.call_head.weight.normal_(0.0, weight_std)
+            self.call_head.bias.fill_(bias)
+        self.steps: list[torch.Tensor] = []
+
+    def step_head(self, decoder, ids, prompt):
+        logits = super().step_head(decoder, ids, prompt)
+        self.steps.append(logits.detach().float().clone())
+        return logits
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.5, 0.95])
+def test_teacher_help_calls_exactly_where_the_call_probability_exceeds_the_threshold(
+    teacher, student, prompts, threshold
+):
+    # A call logit that depends on the state, so π(<τ>) varies over the tokens and the threshold matters.
+    policy = RecordingPolicy(student, 8.0, weight_std=2.0).eval()
+    result = teacher_help_decode(policy, teacher, *prompts, MAX_NEW, call_threshold=threshold)
+    assert 0 < sum(result.teacher_calls) < sum(result.lengths)  # some tokens called, some not
+    for row, (out, flags) in enumerate(zip(result.output_ids, result.from_teacher, strict=True)):
+        call_probability = [float(step[row].softmax(-1)[-1]) for step in policy.steps[: len(out)]]
+        assert flags == [p > threshold for p in call_probability]
+
+
+def test_teacher_help_call_threshold_spans_student_to_teacher(teacher, student, prompts):
+    policy = policy_with_call_bias(student, 8.0, weight_std=2.0)
+
+    def decode(**kwargs):
+        return teacher_help_decode(policy, teacher, *prompts, MAX_NEW, **kwargs)
+
+    assert decode().output_ids == decode(call_threshold=0.5).output_ids  # ½ is the default rule
+    assert decode(call_threshold=0.0).output_ids == greedy(teacher, prompts)  # always calls
+    assert decode(call_threshold=1.0).output_ids == greedy(student, prompts)  # never calls
+    with pytest.raises(ValueError, match="call_threshold"):
+        decode(call_threshold=-0.1)
+
+
 def test_teacher_help_restores_training_mode_and_checks_arguments(teacher, student, prompts):
     policy = policy_with_call_bias(student, -1e4).train()
     teacher_help_decode(policy, teacher, *prompts, 2)
@@ -555,3 +598,4 @@ def test_confidence_fallback_batched_equals_batch_size_one(teacher, student, pro
             t == (teacher_argmax[p] if f else int(probs[p].argmax()))
             for p, (t, f) in enumerate(zip(out, flags, strict=True))
         )
+

@@ -9,6 +9,7 @@ from agents.evaluation import (
     ForwardCosts,
     budget_violation,
     budgets_are_ceilings,
+    calibrate_call_threshold,
     calibrate_threshold,
     costs_measured_here,
     given_forward_costs,
@@ -88,6 +89,34 @@ def test_calibration_stops_within_tolerance_and_refuses_bad_targets():
     assert abs(found.teacher_fraction - 0.25) <= 0.02 and len(calls) < 16
     with pytest.raises(ValueError, match="target teacher fraction"):
         calibrate_threshold(staircase, 1.5)
+
+
+def call_staircase(threshold: float) -> float:
+    """Training Wheels' teacher fraction by hand: 10 tokens whose π(<τ>) are these (call iff π > c)."""
+    call_probabilities = [1e-4, 0.003, 0.02, 0.1, 0.3, 0.45, 0.55, 0.7, 0.9, 0.999]
+    return sum(p > threshold for p in call_probabilities) / len(call_probabilities)
+
+
+@pytest.mark.parametrize("target", [0.0, 0.1, 0.3, 0.6, 0.9, 1.0])
+def test_call_threshold_calibration_hits_each_target(target):
+    found = calibrate_call_threshold(call_staircase, target, tolerance=0.0)
+    assert found.teacher_fraction == pytest.approx(target) and call_staircase(found.threshold) == pytest.approx(target)
+    assert 0.0 < found.threshold < 1.0
+
+
+def test_call_threshold_calibration_keeps_one_half_when_it_already_lands():
+    calls = []
+    found = calibrate_call_threshold(lambda c: calls.append(c) or call_staircase(c), 0.42, tolerance=0.03)
+    assert found.threshold == 0.5 and calls == [0.5] and found.teacher_fraction == pytest.approx(0.4)
+
+
+def test_call_threshold_calibration_reaches_tiny_call_probabilities_and_stops_at_the_ends():
+    # 90% needs a threshold under 1e-4 … 0.003: far below ½, reached by bisecting in log-odds.
+    assert 1e-4 <= calibrate_call_threshold(call_staircase, 0.9, tolerance=0.0).threshold < 0.003
+    never = calibrate_call_threshold(lambda c: 0.0, 0.3)  # a policy that never calls: the lowest threshold
+    assert never.teacher_fraction == 0.0 and never.threshold < 1e-5 and len(never.tried) == 2
+    with pytest.raises(ValueError, match="target teacher fraction"):
+        calibrate_call_threshold(call_staircase, -0.1)
 
 
 # ---------------------------------------------------------------------------------------------- cost model

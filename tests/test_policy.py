@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -155,6 +157,26 @@ def test_greedy_calls_only_when_the_call_probability_exceeds_one_half():
     ])
     assert choose_actions(logits).tolist() == [3, 4, 0]
     assert logits.argmax(-1).tolist()[0] == 4  # plain argmax would have called in row 0
+
+
+def test_greedy_call_threshold_moves_the_decision_and_is_checked():
+    # π(<τ>) of the rows: 0.2, 0.5 and e^2 / (e^2 + 2) ≈ 0.787 (the call logit is last).
+    logits = torch.tensor([
+        [math.log(4.0), -1e9, 0.0],
+        [0.0, -1e9, 0.0],
+        [0.0, 0.0, 2.0],
+    ])
+    assert choose_actions(logits, call_threshold=0.5).tolist() == [0, 0, 2]  # the default rule
+    assert choose_actions(logits, call_threshold=0.1).tolist() == [2, 2, 2]
+    assert choose_actions(logits, call_threshold=0.3).tolist() == [0, 2, 2]
+    assert choose_actions(logits, call_threshold=0.8).tolist() == [0, 0, 0]
+    assert choose_actions(logits, call_threshold=1.0).tolist() == [0, 0, 0]  # never calls
+    assert choose_actions(logits, call_threshold=0.0).tolist() == [2, 2, 2]  # calls wherever π(<τ>) > 0
+    capped = logits.clone()
+    capped[:, -1] = -math.inf
+    assert choose_actions(capped, call_threshold=0.0).tolist() == [0, 0, 0]  # a −inf call logit never calls
+    with pytest.raises(ValueError, match="call_threshold"):
+        choose_actions(logits, call_threshold=1.5)
 
 
 def test_sampling_at_temperature_one_is_the_softmax_over_all_actions():
