@@ -3,6 +3,7 @@ confidence fallback's threshold calibration, and the latency cost model of `tw e
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -103,6 +104,29 @@ def meets_budgets(results: list[BudgetResult], delta: float, ceiling: bool) -> b
 
 def mean_quality(results: list[BudgetResult]) -> float:
     return sum(r.quality for r in results) / len(results)
+
+
+def selection_record(results: list[BudgetResult], delta: float, ceiling: bool) -> dict:
+    """What the selection rule compares: whether every budget is met within δ, the worst violation
+    and the mean quality (plus the per-budget results)."""
+    return {
+        "meets_budgets": meets_budgets(results, delta, ceiling), "worst_violation": worst_violation(results, ceiling),
+        "mean_quality": mean_quality(results), "budget_rule": "ceiling" if ceiling else "target",
+        "results": [dataclasses.asdict(r) for r in results],
+    }
+
+
+def is_better_selection(candidate: dict, best: dict | None) -> bool:
+    """The §3.3 rule between two :func:`selection_record` s: meeting every budget within δ beats not
+    meeting them; among those that meet them the best mean quality wins, among those that do not the
+    smallest worst violation (so there is always a usable choice). Ties keep ``best``."""
+    if best is None:
+        return True
+    if candidate["meets_budgets"] != best["meets_budgets"]:
+        return bool(candidate["meets_budgets"])
+    if candidate["meets_budgets"]:
+        return candidate["mean_quality"] > best["mean_quality"]
+    return candidate["worst_violation"] < best["worst_violation"]
 
 
 # ---------------------------------------------------------------------------------------------- calibration

@@ -7,7 +7,6 @@ updates → λ step), checkpoint selection, checkpointing. ``tw train --config F
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -48,10 +47,9 @@ from agents.evaluation import (
     BudgetResult,
     budgets_are_ceilings,
     evaluate_budgets,
-    mean_quality,
-    meets_budgets,
+    is_better_selection,
     seeded_subset,
-    worst_violation,
+    selection_record,
 )
 from agents.lagrangian import BudgetDual
 from agents.objectives import pcl_loss, phase1_loss
@@ -588,22 +586,12 @@ def select_checkpoint(setup: Setup, policy: StudentPolicy, results: list[BudgetR
     """
     config = setup.config
     ceiling = budgets_are_ceilings(config.lagrange_floor)
-    record = {
-        "step": step, "meets_budgets": meets_budgets(results, config.delta, ceiling),
-        "worst_violation": worst_violation(results, ceiling), "mean_quality": mean_quality(results),
-        "budget_rule": "ceiling" if ceiling else "target",
-        "results": [dataclasses.asdict(r) for r in results],
-    }
+    record = {"step": step, **selection_record(results, config.delta, ceiling)}
     for r in results:
         setup.writer.add_scalar(f"eval/teacher_fraction/b={r.budget:.1f}", r.teacher_fraction, step)
         setup.writer.add_scalar(f"eval/quality/b={r.budget:.1f}", r.quality, step)
     best = selection["best"]
-    better = (
-        best is None
-        or (record["meets_budgets"] and not best["meets_budgets"])
-        or (record["meets_budgets"] and best["meets_budgets"] and record["mean_quality"] > best["mean_quality"])
-        or (not record["meets_budgets"] and not best["meets_budgets"] and record["worst_violation"] < best["worst_violation"])
-    )
+    better = is_better_selection(record, best)
     selection = {"best": record if better else best, "evaluations": selection["evaluations"] + [record]}
     if better and setup.dist.is_main:
         def build(folder: Path) -> None:

@@ -10,7 +10,14 @@ The methods (the paper's §3.1 and Figures 1–2, plus two reference points):
   optionally adds a hard cap at b: ``"rounded_up"`` (⌈b·n⌉ calls in every prefix; a short output
   may exceed b by less than one call) or ``"guaranteed"`` (⌊b·n⌋; every output's teacher fraction
   ≤ b). The rule is the ``budget_cap`` column of every Training Wheels row, and a guaranteed cap
-  is also in its setting label (``"b=0.1 guaranteed cap"``).
+  is also in its setting label (``"b=0.1 guaranteed cap"``). With ``tw_calibrate`` it also gets one
+  row per budget whose call threshold c (call iff π(<τ>) > c; the policy's own rule is c = ½) is
+  calibrated on the calibration examples so that teacher use lands at b (setting
+  ``"b=0.2 calibrated c=0.31"``, ``calibrated_for`` = b), beyond the paper and the same calibration
+  the fallback gets. With ``tw_policy_candidates`` those rows use the candidate policy (``tw_policy``
+  among them) that ``tw train``'s selection rule prefers at its calibrated thresholds on the
+  calibration examples (every |f − b| ≤ ``calibration_delta``, then the best mean quality); every
+  threshold tried, its teacher fraction and quality are in results.json (``tw_calibration``).
 - ``distillspec``: lossy greedy speculative decoding (Appendix 5.3, Algorithm 1) with the GKD
   draft model (``tw gkd``), one row per draft length × lenience; plain prompt.
 - ``speculative``: the same decoder with the plain student as the draft (no GKD); run by default
@@ -119,6 +126,9 @@ class EvalConfig:
     calibration_examples: int = 512  # a seeded random subset of calibration_split (checkpoint selection's, with the same seed)
     calibration_seed: int = 0  # seeds that subset (tw train's seed selects the same examples)
     calibration_tolerance: float = 0.005  # stop calibrating once the teacher fraction is this close to its target
+    tw_calibrate: bool = False  # also one Training Wheels row per budget with its call threshold calibrated to b on calibration_split
+    tw_policy_candidates: list = field(default_factory=list)  # policy directories the calibrated rows choose from (with tw_policy), by tw train's rule on calibration_split
+    calibration_delta: float = 0.02  # choosing among candidates: a calibrated policy meets its budgets when every |f - b| <= this
     teacher_forward_ms: float | None = None  # cost model: one teacher forward (None: measured here from the teacher-alone row)
     student_forward_ms: float | None = None  # cost model: one student forward (None: measured here from the student-alone row)
     cost_label: str = ""  # where given per-forward costs come from (e.g. "H100, FLAN-T5-XL / -small, bf16")
@@ -161,11 +171,15 @@ class EvalConfig:
         check_template(self.plain_prompt, "plain_prompt")
         if any(not 0.0 <= float(b) <= 1.0 for b in self.fallback_targets):
             raise ValueError(f"fallback_targets must be teacher fractions in [0, 1], got {self.fallback_targets}")
-        if self.fallback_targets and self.calibration_split == self.split:
+        if self.tw_policy_candidates and not self.tw_calibrate:
+            raise ValueError("tw_policy_candidates are chosen among by calibrated quality: set tw_calibrate too")
+        if self.tw_calibrate and not self.tw_policy:
+            raise ValueError("tw_calibrate calibrates a Training Wheels policy: pass --tw-policy DIR as well")
+        if (self.fallback_targets or self.tw_calibrate) and self.calibration_split == self.split:
             raise ValueError(f"calibration_split {self.calibration_split!r} is the evaluated split; calibrate on "
                              "another one (e.g. validation) so that the results stay held out")
-        if self.calibration_examples < 1 or self.calibration_tolerance < 0:
-            raise ValueError("calibration_examples must be >= 1 and calibration_tolerance >= 0")
+        if self.calibration_examples < 1 or self.calibration_tolerance < 0 or self.calibration_delta < 0:
+            raise ValueError("calibration_examples must be >= 1, calibration_tolerance and calibration_delta >= 0")
         from agents.evaluation import given_forward_costs
 
         given_forward_costs(self.teacher_forward_ms, self.student_forward_ms, self.cost_label)  # raises if half given
@@ -194,15 +208,16 @@ class Setting:
     draft_length: int | None = None
     threshold: float | None = None
     budget_cap: str | None = None  # Training Wheels: "off", "rounded_up" or "guaranteed"; None for the other methods
-    calibrated_for: float | None = None  # fallback: the target teacher fraction its threshold was calibrated to
+    calibrated_for: float | None = None  # the target teacher fraction its threshold was calibrated to (fallback, Training Wheels)
 
 
 def build_settings(config: EvalConfig, task: Task, device: torch.device,
-                   calibrations: list | None = None) -> list[Setting]:
+                   calibrations: list | None = None, tw_calibration: dict | None = None) -> list[Setting]:
     """Load the models the selected methods need (each once) and list every method × setting.
 
     The fallback's calibrated thresholds are found here (on ``config.calibration_split``); each
-    :class:`~agents.evaluation.Calibration` is appended to ``calibrations``."""
+    :class:`~agents.evaluation.Calibration` is appended to ``calibrations``. Training Wheels'
+    calibrated call thresholds (``config.tw_calibrate``) are reported into ``tw_calibration``."""
     from agents.decoding import (
         confidence_fallback_decode,
         generate_alone,
@@ -240,14 +255,30 @@ def build_settings(config: EvalConfig, task: Task, device: torch.device,
             capped = config.budget_cap != "off"
             rule = config.budget_cap if capped else "rounded_up"  # the rule is unused without a cap
             suffix = " guaranteed cap" if config.budget_cap == "guaranteed" else ""
+
+            def training_wheels(b: float, p: StudentPolicy, c: float = 0.5, capped: bool = capped,
+                                rule: str = rule) -> Callable:
+                cap = b if capped else None
+                return lambda i, m, ti, tm: teacher_help_decode(
+                    p, teacher, i, m, max_new, budget_cap=cap, teacher_input_ids=ti, teacher_attention_mask=tm,
+                    cap_rule=rule, call_threshold=c)
+
             for b in config.budgets:
-                cap = float(b) if capped else None
-                settings.append(Setting(
-                    "training_wheels", f"b={float(b):g}{suffix}",
-                    lambda i, m, ti, tm, cap=cap, p=policy, r=rule: teacher_help_decode(
-                        p, teacher, i, m, max_new, budget_cap=cap, teacher_input_ids=ti, teacher_attention_mask=tm,
-                        cap_rule=r),
-                    budget=float(b), budget_cap=config.budget_cap))
+                settings.append(Setting("training_wheels", f"b={float(b):g}{suffix}", training_wheels(float(b), policy),
+                                        budget=float(b), budget_cap=config.budget_cap))
+            if config.tw_calibrate:
+                candidates = {config.tw_policy: policy}
+                for source in config.tw_policy_candidates:
+                    candidates.setdefault(str(source), StudentPolicy.load(source, device=device, dtype=dtype).eval())
+                report = calibrate_training_wheels(config, candidates, training_wheels, device)
+                if tw_calibration is not None:
+                    tw_calibration.update(report)
+                chosen = candidates[report["chosen"]]
+                for found in report["calibrations"]:
+                    settings.append(Setting(
+                        "training_wheels", f"b={found.target:g}{suffix} calibrated c={found.threshold:.3g}",
+                        training_wheels(found.target, chosen, found.threshold), budget=found.target,
+                        threshold=found.threshold, budget_cap=config.budget_cap, calibrated_for=found.target))
         elif method in ("distillspec", "speculative"):
             draft = model(config.draft if method == "distillspec" else student_source,
                           "draft" if method == "distillspec" else "student")
@@ -302,6 +333,68 @@ def calibrate_fallback(config: EvalConfig, fallback: Callable[[float], Callable]
     for target in tqdm(config.fallback_targets, desc=f"calibrating the fallback on {config.calibration_split}"):
         found.append(calibrate_threshold(teacher_fraction_at, float(target), tolerance=config.calibration_tolerance))
     return found
+
+
+def calibrate_training_wheels(config: EvalConfig, candidates: dict, training_wheels: Callable,
+                              device: torch.device) -> dict:
+    """Each candidate policy's call threshold per budget, calibrated on the calibration examples
+    (:func:`~agents.evaluation.calibrate_call_threshold`), and the candidate that ``tw train``'s
+    selection rule (:func:`~agents.evaluation.is_better_selection`, budgets as targets within
+    ``calibration_delta``) prefers at its calibrated thresholds there: a policy whose calibration
+    cannot reach some budget loses to one that can, whatever its quality. Validation data only: the
+    evaluated split is never read.
+
+    Returns {"chosen": source, "calibrations": [Calibration per budget of the chosen one],
+    "candidates": [{"policy", "meets_budgets", "worst_violation", "mean_quality", "budgets":
+    [{budget, threshold, teacher_fraction, quality, tried: [[c, fraction, quality], ...]}]}]}."""
+    from agents.evaluation import (
+        BudgetResult,
+        calibrate_call_threshold,
+        is_better_selection,
+        seeded_subset,
+        selection_record,
+    )
+
+    task = make_eval_task(config, device, split=config.calibration_split)
+    examples = seeded_subset(task.examples, min(config.calibration_examples, len(task.examples)),
+                             config.calibration_seed)
+    sources, references = [e.source for e in examples], [e.reference for e in examples]
+    report: dict = {"split": config.calibration_split, "examples": len(examples), "candidates": []}
+    found_by_source: dict[str, list] = {}
+    for source, policy in candidates.items():
+        entry: dict = {"policy": source, "budgets": []}
+        found_by_source[source] = []
+        for b in tqdm([float(b) for b in config.budgets], desc=f"calibrating {source} on {config.calibration_split}"):
+            prompts = [encode_budget(task, sources[s : s + config.batch_size], b, device)
+                       for s in range(0, len(sources), config.batch_size)]
+            measured: dict[float, tuple[float, float]] = {}  # threshold -> (teacher fraction, quality)
+
+            def teacher_fraction_at(threshold: float, b=b, policy=policy, prompts=prompts, measured=measured) -> float:
+                if threshold not in measured:
+                    decode, calls, tokens, texts = training_wheels(b, policy, threshold), 0, 0, []
+                    for inputs in prompts:
+                        result = decode(*inputs)
+                        calls, tokens = calls + sum(result.teacher_calls), tokens + sum(result.lengths)
+                        texts += task.tokenizer.batch_decode(result.output_ids, skip_special_tokens=True)
+                    measured[threshold] = (calls / max(tokens, 1), quality(task.metric, texts, references))
+                return measured[threshold][0]
+
+            found = calibrate_call_threshold(teacher_fraction_at, b, tolerance=config.calibration_tolerance)
+            found_by_source[source].append(found)
+            entry["budgets"].append({
+                "budget": b, "threshold": found.threshold, "teacher_fraction": found.teacher_fraction,
+                "quality": measured[found.threshold][1],
+                "tried": [[c, f, measured[c][1]] for c, f in found.tried]})
+        record = selection_record([BudgetResult(e["budget"], e["teacher_fraction"], e["quality"], len(examples))
+                                   for e in entry["budgets"]], config.calibration_delta, ceiling=False)
+        entry.update({k: record[k] for k in ("meets_budgets", "worst_violation", "mean_quality")})
+        report["candidates"].append(entry)
+    best = report["candidates"][0]  # tw_policy: it wins ties
+    for entry in report["candidates"][1:]:
+        best = entry if is_better_selection(entry, best) else best
+    report["chosen"] = best["policy"]
+    report["calibrations"] = found_by_source[best["policy"]]
+    return report
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -417,7 +510,7 @@ def evaluate_setting(setting: Setting, task: Task, examples: list[Example], conf
         record = {"method": setting.method, "setting": setting.setting, "index": index, "output": text}
         if setting.method == "training_wheels":
             record.update({
-                "budget": setting.budget, "budget_cap": setting.budget_cap,
+                "budget": setting.budget, "budget_cap": setting.budget_cap, "calibrated_for": setting.calibrated_for,
                 "source": example.source, "reference": example.reference,
                 "token_ids": ids, "tokens": token_pieces(task.tokenizer, ids), "from_teacher": flags,
                 "teacher_fraction": sum(flags) / len(flags) if flags else 0.0,
@@ -433,7 +526,8 @@ def run(config: EvalConfig) -> dict:
     task = make_eval_task(config, device)
     examples = task.examples[: config.examples]
     calibrations: list = []
-    settings = build_settings(config, task, device, calibrations)
+    tw_calibration: dict = {}
+    settings = build_settings(config, task, device, calibrations, tw_calibration)
     device_name = describe_device(device)
     out = Path(config.output_dir)
     rows = []
@@ -449,6 +543,7 @@ def run(config: EvalConfig) -> dict:
         "device": device_name, "torch": torch.__version__, "rows": [_json_safe(r) for r in rows],
         "cost_model": dataclasses.asdict(costs) if costs else None,
         "fallback_calibration": [dataclasses.asdict(c) for c in calibrations],
+        "tw_calibration": {k: v for k, v in tw_calibration.items() if k != "calibrations"} or None,
     }
     write_json(out / "results.json", results)
     write_csv(out / "results.csv", rows)

@@ -91,7 +91,13 @@ def _series(rows: list[dict], y_key: str, x_key: str = "quality") -> list[dict]:
                 curves.append({"method": method, "label": f"{label} K={k}", "variant": k,
                                "points": points([r for r in group if r.get("draft_length") == k], "lenience")})
         elif method == "training_wheels":
-            curves.append({"method": method, "label": label, "points": points(group, "budget"), "annotate": "budget"})
+            # The policy's own call rule, and (tw eval's tw_calibrate) its call threshold calibrated per budget.
+            for calibrated in (False, True):
+                rows_ = [r for r in group if (r.get("calibrated_for") is not None) == calibrated]
+                if rows_:
+                    curves.append({"method": method, "label": f"{label}, calibrated call threshold" if calibrated
+                                   else label, "variant": calibrated, "points": points(rows_, "budget"),
+                                   "annotate": "budget"})
         elif method == "fallback":
             curves.append({"method": method, "label": label, "points": points(group, "threshold")})
         else:
@@ -190,7 +196,8 @@ def _metric_name(results: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------- token view
 def token_view_records(outputs_path: Path, per_budget: int, budget: float | None) -> dict[float, list[dict]]:
-    """The first ``per_budget`` Training Wheels records of each budget (or of ``budget`` only)."""
+    """The first ``per_budget`` Training Wheels records of each budget (or of ``budget`` only), under
+    the policy's own call rule (rows with a calibrated call threshold are left out)."""
     chosen: dict[float, list[dict]] = {}
     if not outputs_path.exists():
         return chosen
@@ -198,6 +205,8 @@ def token_view_records(outputs_path: Path, per_budget: int, budget: float | None
         for line in f:
             record = json.loads(line)
             if record.get("method") != "training_wheels" or "tokens" not in record:
+                continue
+            if record.get("calibrated_for") is not None:
                 continue
             b = float(record["budget"])
             if budget is not None and abs(b - float(budget)) > 1e-6:

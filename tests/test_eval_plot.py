@@ -205,6 +205,55 @@ def test_plot_writes_figures_and_token_view(evaluated, capsys):
     assert (other / "operating_points.png").stat().st_size > 1000
 
 
+def test_training_wheels_call_threshold_calibrated_per_budget_and_the_candidate_chosen(task):
+    from agents.policy import StudentPolicy
+    from scripts.plot import _series
+    from tw_env.models import load_model
+
+    # A candidate whose π(<τ>) depends on the state (so a threshold can set its teacher use) beside
+    # tw_policy, which always calls and so cannot be calibrated down to b = 0.
+    mixed = StudentPolicy(load_model(task["student"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        mixed.call_head.weight.normal_(0.0, 1.0)
+        mixed.call_head.bias.fill_(0.0)
+    mixed.save(task["root"] / "mixed")
+    out = task["root"] / "calibrated"
+    config = EvalConfig(
+        env_kwargs=task["env_kwargs"], examples=EXAMPLES, device="cpu", max_new_tokens=MAX_NEW, output_dir=str(out),
+        methods=["training_wheels"], tw_policy=task["policy"], tw_calibrate=True,
+        tw_policy_candidates=[str(task["root"] / "mixed")], budgets=[0.0, 0.3], batch_size=4, latency_examples=0,
+        calibration_examples=EXAMPLES, calibration_tolerance=0.0,  # the data file is every split (as above)
+    )
+    results = run_eval(config)
+    report = results["tw_calibration"]
+    always, chosen = report["candidates"]
+    assert always["policy"] == task["policy"] and not always["meets_budgets"]
+    assert always["budgets"][0]["teacher_fraction"] == 1.0  # no threshold below 1 stops a 1e4 call logit
+    assert report["chosen"] == chosen["policy"] == str(task["root"] / "mixed")
+    assert chosen["worst_violation"] < always["worst_violation"]
+    for entry in chosen["budgets"]:
+        # The closest teacher fraction of every threshold tried, measured on the calibration rows.
+        assert abs(entry["teacher_fraction"] - entry["budget"]) == min(abs(f - entry["budget"]) for _, f, _ in entry["tried"])
+        assert [entry["threshold"], entry["teacher_fraction"], entry["quality"]] in entry["tried"]
+    assert chosen["budgets"][0]["teacher_fraction"] == 0.0
+    assert 0.0 < chosen["budgets"][1]["teacher_fraction"] < 1.0
+    assert chosen["budgets"][1]["tried"][0][0] == 0.5  # the search starts at the policy's own rule
+    rows = [r for r in results["rows"] if r["calibrated_for"] is not None]
+    assert [r["setting"].split(" calibrated")[0] for r in rows] == ["b=0", "b=0.3"]
+    for row, entry in zip(rows, chosen["budgets"], strict=True):
+        # The calibration rows are the evaluated rows here, so the row reproduces its calibration.
+        assert row["threshold"] == entry["threshold"] and row["calibrated_for"] == entry["budget"]
+        assert row["teacher_fraction"] == pytest.approx(entry["teacher_fraction"])
+        assert row["quality"] == pytest.approx(entry["quality"])
+    labels = [c["label"] for c in _series(results["rows"], "teacher_fraction")]
+    assert labels == ["Training Wheels", "Training Wheels, calibrated call threshold"]
+    with pytest.raises(ValueError, match="set tw_calibrate"):
+        EvalConfig(tw_policy="p", tw_policy_candidates=["q"]).validate()
+    with pytest.raises(ValueError, match="tw-policy"):
+        EvalConfig(tw_calibrate=True).validate()
+
+
 def test_token_view_escapes_html(tmp_path):
     from scripts.plot import render_html
 
