@@ -40,7 +40,8 @@ def test_train_mt_then_the_deen_configs_run_end_to_end(tmp_path):
                  "--batches", "2", "--batch-size", "4", "--eval-every", "1", "--eval-examples", "2"]) == 0
     assert main(["eval", "--config", str(CONFIGS / "deen-eval.json"), *common, "--output-dir", str(ev),
                  "--tw-policy", str(tw / "best"), "--draft", str(gkd / "best"), "--examples", "2",
-                 "--calibration-examples", "2", "--latency-examples", "1", "--warmup", "0"]) == 0
+                 "--calibration-examples", "2", "--latency-examples", "1", "--warmup", "0",
+                 "--tw-policy-candidates", json.dumps([str(tw / "phase1"), str(tw / "final")])]) == 0
 
     results = json.loads((ev / "results.json").read_text())
     rows = results["rows"]
@@ -50,6 +51,12 @@ def test_train_mt_then_the_deen_configs_run_end_to_end(tmp_path):
     assert set(by_method) == {"student", "teacher", "training_wheels", "distillspec", "fallback"}
     assert by_method["teacher"][0]["teacher_fraction"] == 1.0
     assert by_method["student"][0]["teacher_fraction"] == 0.0
-    assert len(by_method["training_wheels"]) == 6  # one row per budget of the shipped config
+    # One row per budget of the shipped config under the policy's own rule, one with its calibrated call threshold.
+    tw_rows = by_method["training_wheels"]
+    assert [r["budget"] for r in tw_rows if r.get("calibrated_for") is None] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    assert [r["calibrated_for"] for r in tw_rows if r.get("calibrated_for") is not None] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    report = results["tw_calibration"]
+    assert [c["policy"] for c in report["candidates"]] == [str(tw / "best"), str(tw / "phase1"), str(tw / "final")]
+    assert report["chosen"] in [c["policy"] for c in report["candidates"]]
     calibrated = [r for r in by_method["fallback"] if r.get("calibrated_for") not in (None, "")]
     assert sorted(float(r["calibrated_for"]) for r in calibrated) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
