@@ -43,6 +43,7 @@ from agents.objectives import (
     budget_allowance,
     confidence_fallback,
     lossy_speculative_accept_length,
+    teacher_student_kl,
 )
 from agents.policy import StudentPolicy, choose_actions
 from tw_env.families import IncrementalDecoding, check_same_family, family_of
@@ -237,6 +238,7 @@ def teacher_help_decode(
     *,
     cap_rule: str = "rounded_up",
     call_threshold: float = 0.5,
+    kl_oracle_threshold: float | None = None,
 ) -> DecodeResult:
     """Training Wheels at test time: the student decodes greedily over V+1 actions and calls the teacher.
 
@@ -266,6 +268,11 @@ def teacher_help_decode(
             threshold calibrated per budget on validation data
             (:func:`~agents.evaluation.calibrate_call_threshold`) makes teacher use land at the budget
             when the learnt call rate misses it (the deferral threshold Co-LLM calibrates).
+        kl_oracle_threshold: a reference, not a decoder one can deploy: ignore <τ> and call wherever
+            KL(p ‖ π_V) at the current prefix exceeds this (the Phase-1 oracle's ranking, §2.4.1,
+            applied online). The teacher then reads every token (one forward per step), so its
+            latency is the teacher's and more; it shows what the policy's own tokens would score
+            with the oracle choosing which ones the teacher writes. ``None``: the policy decides.
 
     One student forward per token for all rows; the student reads X^(in) (a teacher token t as t+V,
     Eq. 15). When any row emits <τ>, the teacher catches up on X^(out) in one forward and the calling
@@ -278,6 +285,8 @@ def teacher_help_decode(
         raise ValueError(f"cap_rule must be one of {list(CAP_RULES)}, got {cap_rule!r}")
     if not 0.0 <= call_threshold <= 1.0:
         raise ValueError(f"call_threshold must be a probability in [0, 1], got {call_threshold}")
+    if kl_oracle_threshold is not None and not kl_oracle_threshold >= 0:
+        raise ValueError(f"kl_oracle_threshold must be >= 0 nats (or None), got {kl_oracle_threshold}")
     model = policy.model
     vocab = policy.vocab_size
     check_same_family(teacher, model)
@@ -315,13 +324,19 @@ def teacher_help_decode(
                 logits[:, vocab] = torch.where(
                     over, torch.full_like(logits[:, vocab], -math.inf), logits[:, vocab]
                 )
-            # Greedy: call iff π(<τ>) > call_threshold, else the top token (a capped row's <τ> logit is −inf).
-            action = choose_actions(logits, call_threshold=call_threshold)
-            call = (action == vocab) & ~out.done
-            token = action
-            if bool(call.any()):
-                teacher_token = helper.next_logits(out.tokens[:, :n]).argmax(dim=-1).to(device)
-                token = torch.where(call, teacher_token, action)
+            if kl_oracle_threshold is not None:  # the reference: the teacher at every step, KL decides
+                teacher_logits = helper.next_logits(out.tokens[:, :n]).to(device)
+                kl = teacher_student_kl(teacher_logits[:, None], logits[:, None])[:, 0]
+                call = (kl > kl_oracle_threshold) & (logits[:, vocab] > -math.inf) & ~out.done
+                token = torch.where(call, teacher_logits.argmax(dim=-1), logits[:, :vocab].argmax(dim=-1))
+            else:
+                # Greedy: call iff π(<τ>) > call_threshold, else the top token (a capped row's <τ> logit is −inf).
+                action = choose_actions(logits, call_threshold=call_threshold)
+                call = (action == vocab) & ~out.done
+                token = action
+                if bool(call.any()):
+                    teacher_token = helper.next_logits(out.tokens[:, :n]).argmax(dim=-1).to(device)
+                    token = torch.where(call, teacher_token, action)
             token = torch.where(out.done, torch.full_like(token, out.pad_id), token)
             out.append(token, call)
             x_in = torch.where(call, token + vocab, token)  # X^(in): a teacher token is stored as t + V

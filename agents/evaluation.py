@@ -194,6 +194,21 @@ def calibrate_call_threshold(
     return _closest(target, tried)
 
 
+def calibrate_kl_threshold(
+    teacher_fraction_at: Callable[[float], float], target: float, tolerance: float = 0.005, iterations: int = 14,
+    lowest: float = 1e-4, highest: float = 100.0,
+) -> Calibration:
+    """The KL threshold k (call iff KL(p ‖ π_V) > k, nats) of the online KL oracle whose teacher
+    fraction is closest to ``target``: bisection in log10(k) over [``lowest``, ``highest``]. The
+    fraction falls as k rises."""
+    _check_search(target, tolerance, iterations)
+    if not 0.0 < lowest < highest:
+        raise ValueError(f"need 0 < lowest < highest, got {lowest}, {highest}")
+    tried = _bisect_to_target(lambda x: (10.0 ** -x, teacher_fraction_at(10.0 ** -x)), target,
+                              -math.log10(highest), -math.log10(lowest), tolerance, iterations)
+    return _closest(target, tried)
+
+
 def _check_search(target: float, tolerance: float, iterations: int) -> None:
     if not 0.0 <= target <= 1.0:
         raise ValueError(f"target teacher fraction must lie in [0, 1], got {target}")

@@ -22,6 +22,12 @@ The methods (the paper's §3.1 and Figures 1–2, plus two reference points):
   draft model (``tw gkd``), one row per draft length × lenience; plain prompt.
 - ``speculative``: the same decoder with the plain student as the draft (no GKD); run by default
   only when no GKD draft is given.
+- ``kl_oracle`` (only when listed in ``methods``, with ``training_wheels``): a reference for the
+  call ranking, not a decoder one can deploy. The Training Wheels policy's tokens (the calibrated
+  rows' policy with ``tw_calibrate``) with the teacher writing a token wherever KL(p ‖ π_V) at the
+  current prefix exceeds a threshold calibrated to each budget on the calibration examples (the
+  Phase-1 oracle's ranking applied online); it runs the teacher at every token. Setting
+  ``"b=0.2 KL>0.8"``; the search is in results.json (``kl_oracle_calibration``).
 - ``fallback``: Big Little Decoder's confidence fallback, one row per threshold; plain prompt. With
   ``fallback_targets`` it also gets one row per target teacher fraction, its threshold calibrated
   on ``calibration_examples`` of ``calibration_split`` (a seeded random subset, by default the
@@ -79,7 +85,7 @@ from tw_env.registration import make_task, split_env_options
 from tw_env.task import Task
 from tw_env.tasks import Example
 
-METHODS = ("student", "teacher", "training_wheels", "distillspec", "speculative", "fallback")
+METHODS = ("student", "teacher", "training_wheels", "distillspec", "speculative", "fallback", "kl_oracle")
 BUDGET_CAPS = ("off", "rounded_up", "guaranteed")  # "off", then agents.objectives.CAP_RULES
 # Configs written when budget_cap was a bool (JSON true/false, or `--budget-cap true` on the command line).
 _LEGACY_BUDGET_CAPS = {True: "rounded_up", False: "off", "true": "rounded_up", "false": "off"}
@@ -107,7 +113,7 @@ class EvalConfig:
     threads: int = 0  # torch CPU threads (0: torch's default)
     max_new_tokens: int | None = None  # output length limit (None: the task's)
     output_dir: str = "runs/eval"  # results.json, results.csv and outputs.jsonl go here
-    methods: list | None = None  # among student, teacher, training_wheels, distillspec, speculative, fallback (None: all available)
+    methods: list | None = None  # among student, teacher, training_wheels, distillspec, speculative, fallback, kl_oracle (None: all available but kl_oracle)
     tw_policy: str | None = None  # a trained Training Wheels policy directory (e.g. runs/tw/best)
     budgets: list = field(default_factory=lambda: list(BUDGETS))  # Training Wheels budgets (Table 1 keywords)
     budget_cap: str = "off"  # Training Wheels hard cap at b: "off"; "rounded_up" (<= ceil(b*n) calls in every prefix, a short output may exceed b by under one call); "guaranteed" (<= floor(b*n): every output's teacher fraction <= b). true/false mean rounded_up/off
@@ -158,6 +164,8 @@ class EvalConfig:
                 raise ValueError(f"unknown methods {unknown}; expected a non-empty list from {list(METHODS)}")
             if "training_wheels" in self.methods and not self.tw_policy:
                 raise ValueError("method 'training_wheels' needs --tw-policy DIR (a trained policy, e.g. runs/tw/best)")
+            if "kl_oracle" in self.methods and "training_wheels" not in self.methods:
+                raise ValueError("method 'kl_oracle' reuses the Training Wheels policy: list 'training_wheels' too")
             if "distillspec" in self.methods and not self.draft:
                 raise ValueError("method 'distillspec' needs --draft DIR (the GKD draft model, e.g. runs/gkd/best)")
         for b in self.budgets:
@@ -175,7 +183,8 @@ class EvalConfig:
             raise ValueError("tw_policy_candidates are chosen among by calibrated quality: set tw_calibrate too")
         if self.tw_calibrate and not self.tw_policy:
             raise ValueError("tw_calibrate calibrates a Training Wheels policy: pass --tw-policy DIR as well")
-        if (self.fallback_targets or self.tw_calibrate) and self.calibration_split == self.split:
+        calibrates = self.fallback_targets or self.tw_calibrate or "kl_oracle" in (self.methods or [])
+        if calibrates and self.calibration_split == self.split:
             raise ValueError(f"calibration_split {self.calibration_split!r} is the evaluated split; calibrate on "
                              "another one (e.g. validation) so that the results stay held out")
         if self.calibration_examples < 1 or self.calibration_tolerance < 0 or self.calibration_delta < 0:
@@ -279,6 +288,11 @@ def build_settings(config: EvalConfig, task: Task, device: torch.device,
                         "training_wheels", f"b={found.target:g}{suffix} calibrated c={found.threshold:.3g}",
                         training_wheels(found.target, chosen, found.threshold), budget=found.target,
                         threshold=found.threshold, budget_cap=config.budget_cap, calibrated_for=found.target))
+            if "kl_oracle" in methods:  # the reference: the same policy's tokens, the KL oracle choosing the calls
+                oracle_policy = chosen if config.tw_calibrate else policy
+                settings += kl_oracle_settings(config, oracle_policy, teacher, max_new, device, tw_calibration)
+        elif method == "kl_oracle":
+            continue  # built with training_wheels, whose policy it uses
         elif method in ("distillspec", "speculative"):
             draft = model(config.draft if method == "distillspec" else student_source,
                           "draft" if method == "distillspec" else "student")
@@ -351,50 +365,90 @@ def calibrate_training_wheels(config: EvalConfig, candidates: dict, training_whe
         BudgetResult,
         calibrate_call_threshold,
         is_better_selection,
-        seeded_subset,
         selection_record,
     )
 
-    task = make_eval_task(config, device, split=config.calibration_split)
-    examples = seeded_subset(task.examples, min(config.calibration_examples, len(task.examples)),
-                             config.calibration_seed)
-    sources, references = [e.source for e in examples], [e.reference for e in examples]
-    report: dict = {"split": config.calibration_split, "examples": len(examples), "candidates": []}
+    calibration = CalibrationRows(config, device)
+    report: dict = {"split": config.calibration_split, "examples": len(calibration.references), "candidates": []}
     found_by_source: dict[str, list] = {}
     for source, policy in candidates.items():
-        entry: dict = {"policy": source, "budgets": []}
-        found_by_source[source] = []
-        for b in tqdm([float(b) for b in config.budgets], desc=f"calibrating {source} on {config.calibration_split}"):
-            prompts = [encode_budget(task, sources[s : s + config.batch_size], b, device)
-                       for s in range(0, len(sources), config.batch_size)]
-            measured: dict[float, tuple[float, float]] = {}  # threshold -> (teacher fraction, quality)
-
-            def teacher_fraction_at(threshold: float, b=b, policy=policy, prompts=prompts, measured=measured) -> float:
-                if threshold not in measured:
-                    decode, calls, tokens, texts = training_wheels(b, policy, threshold), 0, 0, []
-                    for inputs in prompts:
-                        result = decode(*inputs)
-                        calls, tokens = calls + sum(result.teacher_calls), tokens + sum(result.lengths)
-                        texts += task.tokenizer.batch_decode(result.output_ids, skip_special_tokens=True)
-                    measured[threshold] = (calls / max(tokens, 1), quality(task.metric, texts, references))
-                return measured[threshold][0]
-
-            found = calibrate_call_threshold(teacher_fraction_at, b, tolerance=config.calibration_tolerance)
-            found_by_source[source].append(found)
-            entry["budgets"].append({
-                "budget": b, "threshold": found.threshold, "teacher_fraction": found.teacher_fraction,
-                "quality": measured[found.threshold][1],
-                "tried": [[c, f, measured[c][1]] for c, f in found.tried]})
-        record = selection_record([BudgetResult(e["budget"], e["teacher_fraction"], e["quality"], len(examples))
-                                   for e in entry["budgets"]], config.calibration_delta, ceiling=False)
-        entry.update({k: record[k] for k in ("meets_budgets", "worst_violation", "mean_quality")})
-        report["candidates"].append(entry)
+        found_by_source[source], entries = calibration.per_budget(
+            lambda b, c, p=policy: training_wheels(b, p, c), calibrate_call_threshold, f"calibrating {source}")
+        record = selection_record([BudgetResult(e["budget"], e["teacher_fraction"], e["quality"], len(calibration.references))
+                                   for e in entries], config.calibration_delta, ceiling=False)
+        report["candidates"].append({"policy": source, **{k: record[k] for k in ("meets_budgets", "worst_violation",
+                                                                                 "mean_quality")}, "budgets": entries})
     best = report["candidates"][0]  # tw_policy: it wins ties
     for entry in report["candidates"][1:]:
         best = entry if is_better_selection(entry, best) else best
     report["chosen"] = best["policy"]
     report["calibrations"] = found_by_source[best["policy"]]
     return report
+
+
+def kl_oracle_settings(config: EvalConfig, policy, teacher, max_new: int, device: torch.device,
+                       reports: dict | None) -> list[Setting]:
+    """One ``kl_oracle`` row per budget: the policy's tokens, but the teacher writes a token wherever
+    KL(p ‖ π_V) exceeds a threshold calibrated to b on the calibration examples
+    (:func:`~agents.evaluation.calibrate_kl_threshold`). A reference for the call ranking, not a
+    decoder: it runs the teacher at every token. The search is reported under ``reports["kl_oracle"]``."""
+    from agents.decoding import teacher_help_decode
+    from agents.evaluation import calibrate_kl_threshold
+
+    def kl_oracle(b: float, k: float) -> Callable:
+        return lambda i, m, ti, tm: teacher_help_decode(
+            policy, teacher, i, m, max_new, teacher_input_ids=ti, teacher_attention_mask=tm, kl_oracle_threshold=k)
+
+    found_list, entries = CalibrationRows(config, device).per_budget(kl_oracle, calibrate_kl_threshold,
+                                                                      "calibrating the KL oracle")
+    if reports is not None:
+        reports["kl_oracle"] = entries
+    return [Setting("kl_oracle", f"b={found.target:g} KL>{found.threshold:.3g}", kl_oracle(found.target, found.threshold),
+                    budget=found.target, threshold=found.threshold, calibrated_for=found.target)
+            for found in found_list]
+
+
+class CalibrationRows:
+    """The calibration examples (``calibration_examples`` of ``calibration_split``, seeded) and the
+    per-budget threshold search on them for a decoder that reads the Training Wheels prompts."""
+
+    def __init__(self, config: EvalConfig, device: torch.device) -> None:
+        from agents.evaluation import seeded_subset
+
+        self.config, self.device = config, device
+        self.task = make_eval_task(config, device, split=config.calibration_split)
+        examples = seeded_subset(self.task.examples, min(config.calibration_examples, len(self.task.examples)),
+                                 config.calibration_seed)
+        self.sources, self.references = [e.source for e in examples], [e.reference for e in examples]
+
+    def per_budget(self, decoder: Callable[[float, float], Callable], calibrate: Callable, desc: str) -> tuple[list, list]:
+        """For each budget b of the config, ``calibrate(fraction_at, b, tolerance=…)`` with
+        ``decoder(b, threshold)`` decoding the budget-b prompts. Returns the Calibrations and, per
+        budget, {budget, threshold, teacher_fraction, quality, tried: [[threshold, fraction, quality], …]}."""
+        config, task = self.config, self.task
+        found_list, entries = [], []
+        for b in tqdm([float(b) for b in config.budgets], desc=f"{desc} on {config.calibration_split}"):
+            prompts = [encode_budget(task, self.sources[s : s + config.batch_size], b, self.device)
+                       for s in range(0, len(self.sources), config.batch_size)]
+            measured: dict[float, tuple[float, float]] = {}  # threshold -> (teacher fraction, quality)
+
+            def teacher_fraction_at(threshold: float, b=b, prompts=prompts, measured=measured) -> float:
+                if threshold not in measured:  # the same threshold is decoded once
+                    decode, calls, tokens, texts = decoder(b, threshold), 0, 0, []
+                    for inputs in prompts:
+                        result = decode(*inputs)
+                        calls, tokens = calls + sum(result.teacher_calls), tokens + sum(result.lengths)
+                        texts += task.tokenizer.batch_decode(result.output_ids, skip_special_tokens=True)
+                    measured[threshold] = (calls / max(tokens, 1), quality(task.metric, texts, self.references))
+                return measured[threshold][0]
+
+            found = calibrate(teacher_fraction_at, b, tolerance=config.calibration_tolerance)
+            found_list.append(found)
+            entries.append({
+                "budget": b, "threshold": found.threshold, "teacher_fraction": found.teacher_fraction,
+                "quality": measured[found.threshold][1],
+                "tried": [[c, f, measured[c][1]] for c, f in found.tried]})
+        return found_list, entries
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -543,6 +597,7 @@ def run(config: EvalConfig) -> dict:
         "device": device_name, "torch": torch.__version__, "rows": [_json_safe(r) for r in rows],
         "cost_model": dataclasses.asdict(costs) if costs else None,
         "fallback_calibration": [dataclasses.asdict(c) for c in calibrations],
+        "kl_oracle_calibration": tw_calibration.pop("kl_oracle", None),
         "tw_calibration": {k: v for k, v in tw_calibration.items() if k != "calibrations"} or None,
     }
     write_json(out / "results.json", results)

@@ -30,6 +30,7 @@ STYLES = {  # method -> (label, colour, marker)
     "distillspec": ("DistillSpec", "tab:blue", "^"),
     "speculative": ("lossy speculative (plain student)", "tab:cyan", "v"),
     "fallback": ("confidence fallback", "tab:green", "D"),
+    "kl_oracle": ("KL oracle choosing the calls (teacher at every token; a reference)", "tab:purple", "x"),
 }
 LINESTYLES = ["-", "--", ":", "-."]
 ANSI_TEACHER = "\033[1;30;43m"  # bold black on yellow
@@ -100,6 +101,8 @@ def _series(rows: list[dict], y_key: str, x_key: str = "quality") -> list[dict]:
                                    "annotate": "budget"})
         elif method == "fallback":
             curves.append({"method": method, "label": label, "points": points(group, "threshold")})
+        elif method == "kl_oracle":
+            curves.append({"method": method, "label": label, "points": points(group, "budget")})
         else:
             curves.append({"method": method, "label": label, "points": points(group, None)})
     return curves

@@ -551,6 +551,40 @@ def test_teacher_help_call_threshold_spans_student_to_teacher(teacher, student, 
         decode(call_threshold=-0.1)
 
 
+def test_kl_oracle_calls_exactly_where_the_teacher_student_kl_exceeds_its_threshold(teacher, student, prompts):
+    from agents.objectives import teacher_student_kl
+
+    policy = RecordingPolicy(student, -1e4, weight_std=0.0).eval()  # <τ> never chosen: only the oracle calls
+    kls: list[float] = []
+    threshold = 13.0  # nats: the tiny random pair's KLs span about 7 to 19
+    result = teacher_help_decode(policy, teacher, *prompts, MAX_NEW, kl_oracle_threshold=threshold)
+    assert result.teacher_forwards == max(result.lengths)  # the teacher reads every token
+    for row, ((ids, mask), out, flags) in enumerate(
+        zip(single_rows(prompts), result.output_ids, result.from_teacher, strict=True)
+    ):
+        decoder_inputs = torch.tensor([[teacher.config.decoder_start_token_id, *out[:-1]]])
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_inputs).logits
+        student_logits = torch.stack([step[row] for step in policy.steps[: len(out)]])[None]
+        kl = teacher_student_kl(teacher_logits.float(), student_logits)[0]
+        kls += kl.tolist()
+        assert flags == (kl > threshold).tolist()
+        for p, token in enumerate(out):
+            source = teacher_logits[0, p] if flags[p] else student_logits[0, p, :-1]
+            assert token == int(source.argmax())
+    assert min(kls) < threshold < max(kls)  # the threshold splits the tokens: the test can tell the rule apart
+
+
+def test_kl_oracle_extremes_and_checks(teacher, student, prompts):
+    policy = policy_with_call_bias(student, -1e4)
+    assert teacher_help_decode(policy, teacher, *prompts, MAX_NEW, kl_oracle_threshold=0.0).output_ids == greedy(
+        teacher, prompts)  # KL > 0 at every token of two different random models
+    never = teacher_help_decode(policy, teacher, *prompts, MAX_NEW, kl_oracle_threshold=1e9)
+    assert never.output_ids == greedy(student, prompts) and sum(never.teacher_calls) == 0
+    with pytest.raises(ValueError, match="kl_oracle_threshold"):
+        teacher_help_decode(policy, teacher, *prompts, MAX_NEW, kl_oracle_threshold=-1.0)
+
+
 def test_teacher_help_restores_training_mode_and_checks_arguments(teacher, student, prompts):
     policy = policy_with_call_bias(student, -1e4).train()
     teacher_help_decode(policy, teacher, *prompts, 2)

@@ -221,7 +221,7 @@ def test_training_wheels_call_threshold_calibrated_per_budget_and_the_candidate_
     out = task["root"] / "calibrated"
     config = EvalConfig(
         env_kwargs=task["env_kwargs"], examples=EXAMPLES, device="cpu", max_new_tokens=MAX_NEW, output_dir=str(out),
-        methods=["training_wheels"], tw_policy=task["policy"], tw_calibrate=True,
+        methods=["training_wheels", "kl_oracle"], tw_policy=task["policy"], tw_calibrate=True,
         tw_policy_candidates=[str(task["root"] / "mixed")], budgets=[0.0, 0.3], batch_size=4, latency_examples=0,
         calibration_examples=EXAMPLES, calibration_tolerance=0.0,  # the data file is every split (as above)
     )
@@ -239,15 +239,26 @@ def test_training_wheels_call_threshold_calibrated_per_budget_and_the_candidate_
     assert chosen["budgets"][0]["teacher_fraction"] == 0.0
     assert 0.0 < chosen["budgets"][1]["teacher_fraction"] < 1.0
     assert chosen["budgets"][1]["tried"][0][0] == 0.5  # the search starts at the policy's own rule
-    rows = [r for r in results["rows"] if r["calibrated_for"] is not None]
+    rows = [r for r in results["rows"] if r["method"] == "training_wheels" and r["calibrated_for"] is not None]
     assert [r["setting"].split(" calibrated")[0] for r in rows] == ["b=0", "b=0.3"]
     for row, entry in zip(rows, chosen["budgets"], strict=True):
         # The calibration rows are the evaluated rows here, so the row reproduces its calibration.
         assert row["threshold"] == entry["threshold"] and row["calibrated_for"] == entry["budget"]
         assert row["teacher_fraction"] == pytest.approx(entry["teacher_fraction"])
         assert row["quality"] == pytest.approx(entry["quality"])
+    # The KL oracle: the chosen policy's tokens, calls where KL(p ‖ π_V) exceeds a threshold calibrated per budget.
+    oracle_rows = [r for r in results["rows"] if r["method"] == "kl_oracle"]
+    oracle = results["kl_oracle_calibration"]
+    assert [r["calibrated_for"] for r in oracle_rows] == [e["budget"] for e in oracle] == [0.0, 0.3]
+    for row, entry in zip(oracle_rows, oracle, strict=True):
+        assert row["threshold"] == entry["threshold"] and row["teacher_fraction"] == pytest.approx(entry["teacher_fraction"])
+        assert abs(entry["teacher_fraction"] - entry["budget"]) == min(abs(f - entry["budget"]) for _, f, _ in entry["tried"])
+    assert oracle[0]["teacher_fraction"] == 0.0 and 0.0 < oracle[1]["teacher_fraction"] < 1.0
     labels = [c["label"] for c in _series(results["rows"], "teacher_fraction")]
-    assert labels == ["Training Wheels", "Training Wheels, calibrated call threshold"]
+    assert labels[:2] == ["Training Wheels", "Training Wheels, calibrated call threshold"]
+    assert labels[2].startswith("KL oracle")
+    with pytest.raises(ValueError, match="list 'training_wheels' too"):
+        EvalConfig(tw_policy="p", methods=["kl_oracle"]).validate()
     with pytest.raises(ValueError, match="set tw_calibrate"):
         EvalConfig(tw_policy="p", tw_policy_candidates=["q"]).validate()
     with pytest.raises(ValueError, match="tw-policy"):

@@ -10,6 +10,7 @@ from agents.evaluation import (
     budget_violation,
     budgets_are_ceilings,
     calibrate_call_threshold,
+    calibrate_kl_threshold,
     calibrate_threshold,
     costs_measured_here,
     given_forward_costs,
@@ -117,6 +118,21 @@ def test_call_threshold_calibration_reaches_tiny_call_probabilities_and_stops_at
     assert never.teacher_fraction == 0.0 and never.threshold < 1e-5 and len(never.tried) == 2
     with pytest.raises(ValueError, match="target teacher fraction"):
         calibrate_call_threshold(call_staircase, -0.1)
+
+
+def kl_staircase(threshold: float) -> float:
+    """The KL oracle's teacher fraction by hand: 10 tokens with these KL(p ‖ π_V) (call iff KL > k)."""
+    kls = [1e-3, 0.01, 0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 9.0, 30.0]
+    return sum(kl > threshold for kl in kls) / len(kls)
+
+
+@pytest.mark.parametrize("target", [0.0, 0.1, 0.4, 0.9, 1.0])
+def test_kl_threshold_calibration_hits_each_target(target):
+    found = calibrate_kl_threshold(kl_staircase, target, tolerance=0.0)
+    assert found.teacher_fraction == pytest.approx(target) and kl_staircase(found.threshold) == pytest.approx(target)
+    assert 1e-4 <= found.threshold <= 100.0
+    with pytest.raises(ValueError, match="lowest < highest"):
+        calibrate_kl_threshold(kl_staircase, target, lowest=1.0, highest=0.5)
 
 
 # ---------------------------------------------------------------------------------------------- cost model
