@@ -70,6 +70,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -252,6 +253,13 @@ def build_settings(config: EvalConfig, task: Task, device: torch.device,
 
     student_source = config.student or task.student
     settings: list[Setting] = []
+    calibration_rows: list[CalibrationRows] = []  # built on first use, shared by every calibration
+
+    def calibration() -> CalibrationRows:
+        if not calibration_rows:
+            calibration_rows.append(CalibrationRows(config, device, teacher))
+        return calibration_rows[0]
+
     for method in methods:
         if method == "student":
             student = model(student_source, "student")
@@ -279,7 +287,7 @@ def build_settings(config: EvalConfig, task: Task, device: torch.device,
                 candidates = {config.tw_policy: policy}
                 for source in config.tw_policy_candidates:
                     candidates.setdefault(str(source), StudentPolicy.load(source, device=device, dtype=dtype).eval())
-                report = calibrate_training_wheels(config, candidates, training_wheels, device)
+                report = calibrate_training_wheels(config, candidates, training_wheels, calibration())
                 if tw_calibration is not None:
                     tw_calibration.update(report)
                 chosen = candidates[report["chosen"]]
@@ -290,7 +298,7 @@ def build_settings(config: EvalConfig, task: Task, device: torch.device,
                         threshold=found.threshold, budget_cap=config.budget_cap, calibrated_for=found.target))
             if "kl_oracle" in methods:  # the reference: the same policy's tokens, the KL oracle choosing the calls
                 oracle_policy = chosen if config.tw_calibrate else policy
-                settings += kl_oracle_settings(config, oracle_policy, teacher, max_new, device, tw_calibration)
+                settings += kl_oracle_settings(oracle_policy, teacher, max_new, calibration(), tw_calibration)
         elif method == "kl_oracle":
             continue  # built with training_wheels, whose policy it uses
         elif method in ("distillspec", "speculative"):
@@ -311,7 +319,7 @@ def build_settings(config: EvalConfig, task: Task, device: torch.device,
 
             for t in config.thresholds:
                 settings.append(Setting("fallback", f"t={float(t):g}", fallback(float(t)), threshold=float(t)))
-            for found in calibrate_fallback(config, fallback, device):
+            for found in calibrate_fallback(config, fallback, calibration) if config.fallback_targets else []:
                 if calibrations is not None:
                     calibrations.append(found)
                 settings.append(Setting("fallback", f"t={found.threshold:.3g} (for {found.target:g})",
@@ -320,37 +328,24 @@ def build_settings(config: EvalConfig, task: Task, device: torch.device,
     return settings
 
 
-def calibrate_fallback(config: EvalConfig, fallback: Callable[[float], Callable], device: torch.device) -> list:
-    """One calibrated threshold per ``config.fallback_targets``, on the calibration examples."""
-    from agents.evaluation import calibrate_threshold, seeded_subset
+def calibrate_fallback(config: EvalConfig, fallback: Callable[[float], Callable],
+                       calibration: Callable[[], CalibrationRows]) -> list:
+    """One calibrated threshold per ``config.fallback_targets``, on the calibration examples (plain prompt)."""
+    from agents.evaluation import calibrate_threshold
 
-    if not config.fallback_targets:
-        return []
-    task = make_eval_task(config, device, split=config.calibration_split)
-    examples = seeded_subset(task.examples, min(config.calibration_examples, len(task.examples)),
-                             config.calibration_seed)
-    sources = [e.source for e in examples]
-    prompts = [task.plain_prompts(sources[s : s + config.batch_size], config.plain_prompt, device)
-               for s in range(0, len(sources), config.batch_size)]
-    fractions: dict[float, float] = {}
+    rows = calibration()
+    prompts = rows.prompts(lambda chunk: rows.task.plain_prompts(chunk, config.plain_prompt, rows.device))
+    measured: dict[float, tuple[float, float]] = {}  # shared by the targets: a threshold is decoded once
 
     def teacher_fraction_at(threshold: float) -> float:
-        if threshold not in fractions:  # the same threshold is decoded once
-            decode, calls, tokens = fallback(threshold), 0, 0
-            for inputs in prompts:
-                result = decode(*inputs)
-                calls, tokens = calls + sum(result.teacher_calls), tokens + sum(result.lengths)
-            fractions[threshold] = calls / max(tokens, 1)
-        return fractions[threshold]
+        return rows.measure(fallback(threshold), prompts, measured, threshold)
 
-    found = []
-    for target in tqdm(config.fallback_targets, desc=f"calibrating the fallback on {config.calibration_split}"):
-        found.append(calibrate_threshold(teacher_fraction_at, float(target), tolerance=config.calibration_tolerance))
-    return found
+    return [calibrate_threshold(teacher_fraction_at, float(target), tolerance=config.calibration_tolerance)
+            for target in tqdm(config.fallback_targets, desc=f"calibrating the fallback on {config.calibration_split}")]
 
 
 def calibrate_training_wheels(config: EvalConfig, candidates: dict, training_wheels: Callable,
-                              device: torch.device) -> dict:
+                              calibration: CalibrationRows) -> dict:
     """Each candidate policy's call threshold per budget, calibrated on the calibration examples
     (:func:`~agents.evaluation.calibrate_call_threshold`), and the candidate that ``tw train``'s
     selection rule (:func:`~agents.evaluation.is_better_selection`, budgets as targets within
@@ -368,12 +363,11 @@ def calibrate_training_wheels(config: EvalConfig, candidates: dict, training_whe
         selection_record,
     )
 
-    calibration = CalibrationRows(config, device)
     report: dict = {"split": config.calibration_split, "examples": len(calibration.references), "candidates": []}
     found_by_source: dict[str, list] = {}
     for source, policy in candidates.items():
         found_by_source[source], entries = calibration.per_budget(
-            lambda b, c, p=policy: training_wheels(b, p, c), calibrate_call_threshold, f"calibrating {source}")
+            partial(_with_policy, training_wheels, policy), calibrate_call_threshold, f"calibrating {source}")
         record = selection_record([BudgetResult(e["budget"], e["teacher_fraction"], e["quality"], len(calibration.references))
                                    for e in entries], config.calibration_delta, ceiling=False)
         report["candidates"].append({"policy": source, **{k: record[k] for k in ("meets_budgets", "worst_violation",
@@ -386,7 +380,7 @@ def calibrate_training_wheels(config: EvalConfig, candidates: dict, training_whe
     return report
 
 
-def kl_oracle_settings(config: EvalConfig, policy, teacher, max_new: int, device: torch.device,
+def kl_oracle_settings(policy, teacher, max_new: int, calibration: CalibrationRows,
                        reports: dict | None) -> list[Setting]:
     """One ``kl_oracle`` row per budget: the policy's tokens, but the teacher writes a token wherever
     KL(p ‖ π_V) exceeds a threshold calibrated to b on the calibration examples
@@ -399,8 +393,7 @@ def kl_oracle_settings(config: EvalConfig, policy, teacher, max_new: int, device
         return lambda i, m, ti, tm: teacher_help_decode(
             policy, teacher, i, m, max_new, teacher_input_ids=ti, teacher_attention_mask=tm, kl_oracle_threshold=k)
 
-    found_list, entries = CalibrationRows(config, device).per_budget(kl_oracle, calibrate_kl_threshold,
-                                                                      "calibrating the KL oracle")
+    found_list, entries = calibration.per_budget(kl_oracle, calibrate_kl_threshold, "calibrating the KL oracle")
     if reports is not None:
         reports["kl_oracle"] = entries
     return [Setting("kl_oracle", f"b={found.target:g} KL>{found.threshold:.3g}", kl_oracle(found.target, found.threshold),
@@ -408,39 +401,56 @@ def kl_oracle_settings(config: EvalConfig, policy, teacher, max_new: int, device
             for found in found_list]
 
 
-class CalibrationRows:
-    """The calibration examples (``calibration_examples`` of ``calibration_split``, seeded) and the
-    per-budget threshold search on them for a decoder that reads the Training Wheels prompts."""
+def _with_policy(training_wheels: Callable, policy, budget: float, threshold: float) -> Callable:
+    return training_wheels(budget, policy, threshold)
 
-    def __init__(self, config: EvalConfig, device: torch.device) -> None:
+
+def _encode_budget_chunk(task: Task, budget: float, device: torch.device, chunk: list[str]) -> tuple:
+    return encode_budget(task, chunk, budget, device)
+
+
+class CalibrationRows:
+    """The calibration examples (``calibration_examples`` of ``calibration_split``, seeded; the
+    evaluated task's teacher, not a second copy) and the threshold searches on them."""
+
+    def __init__(self, config: EvalConfig, device: torch.device, teacher) -> None:
         from agents.evaluation import seeded_subset
 
         self.config, self.device = config, device
-        self.task = make_eval_task(config, device, split=config.calibration_split)
+        self.task = make_eval_task(config, device, split=config.calibration_split, teacher=teacher)
         examples = seeded_subset(self.task.examples, min(config.calibration_examples, len(self.task.examples)),
                                  config.calibration_seed)
         self.sources, self.references = [e.source for e in examples], [e.reference for e in examples]
+
+    def prompts(self, encode: Callable[[list[str]], tuple]) -> list[tuple]:
+        """The calibration sources in batches of ``batch_size``, encoded by ``encode``."""
+        size = self.config.batch_size
+        return [encode(self.sources[s : s + size]) for s in range(0, len(self.sources), size)]
+
+    def measure(self, decode: Callable, prompts: list[tuple], measured: dict, threshold: float) -> float:
+        """Teacher fraction of ``decode`` over ``prompts``; (fraction, quality) cached in ``measured``
+        by threshold, so that a threshold is decoded once."""
+        if threshold not in measured:
+            calls, tokens, texts = 0, 0, []
+            for inputs in prompts:
+                result = decode(*inputs)
+                calls, tokens = calls + sum(result.teacher_calls), tokens + sum(result.lengths)
+                texts += self.task.tokenizer.batch_decode(result.output_ids, skip_special_tokens=True)
+            measured[threshold] = (calls / max(tokens, 1), quality(self.task.metric, texts, self.references))
+        return measured[threshold][0]
 
     def per_budget(self, decoder: Callable[[float, float], Callable], calibrate: Callable, desc: str) -> tuple[list, list]:
         """For each budget b of the config, ``calibrate(fraction_at, b, tolerance=…)`` with
         ``decoder(b, threshold)`` decoding the budget-b prompts. Returns the Calibrations and, per
         budget, {budget, threshold, teacher_fraction, quality, tried: [[threshold, fraction, quality], …]}."""
-        config, task = self.config, self.task
+        config = self.config
         found_list, entries = [], []
         for b in tqdm([float(b) for b in config.budgets], desc=f"{desc} on {config.calibration_split}"):
-            prompts = [encode_budget(task, self.sources[s : s + config.batch_size], b, self.device)
-                       for s in range(0, len(self.sources), config.batch_size)]
+            prompts = self.prompts(partial(_encode_budget_chunk, self.task, b, self.device))
             measured: dict[float, tuple[float, float]] = {}  # threshold -> (teacher fraction, quality)
 
             def teacher_fraction_at(threshold: float, b=b, prompts=prompts, measured=measured) -> float:
-                if threshold not in measured:  # the same threshold is decoded once
-                    decode, calls, tokens, texts = decoder(b, threshold), 0, 0, []
-                    for inputs in prompts:
-                        result = decode(*inputs)
-                        calls, tokens = calls + sum(result.teacher_calls), tokens + sum(result.lengths)
-                        texts += task.tokenizer.batch_decode(result.output_ids, skip_special_tokens=True)
-                    measured[threshold] = (calls / max(tokens, 1), quality(task.metric, texts, self.references))
-                return measured[threshold][0]
+                return self.measure(decoder(b, threshold), prompts, measured, threshold)
 
             found = calibrate(teacher_fraction_at, b, tolerance=config.calibration_tolerance)
             found_list.append(found)
@@ -506,11 +516,13 @@ def describe_device(device: torch.device) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- run
-def make_eval_task(config: EvalConfig, device: torch.device, split: str | None = None) -> Task:
+def make_eval_task(config: EvalConfig, device: torch.device, split: str | None = None, teacher=None) -> Task:
     """The task of ``config.env_id`` on the evaluated split, or on ``split`` (env options in ``env_kwargs``
-    are ignored)."""
+    are ignored); ``teacher``: an already loaded teacher to reuse instead of loading it again."""
     _, task_kwargs = split_env_options(dict(config.env_kwargs))
     task_kwargs.setdefault("device", str(device))
+    if teacher is not None:
+        task_kwargs["teacher"] = teacher
     if config.max_new_tokens is not None:
         task_kwargs["max_new_tokens"] = config.max_new_tokens
     return make_task(config.env_id, **{**task_kwargs, "split": split or config.split})
