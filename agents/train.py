@@ -121,6 +121,7 @@ class TrainConfig:
     delta: float = 0.02  # tolerance δ: f ≤ b + δ per budget (a ceiling, floor ≥ 0) or |f − b| ≤ δ (a target, floor < 0)
     checkpoint_every: int = 50  # batches between resumable checkpoints
     keep_checkpoints: int = 2  # resumable checkpoints kept on disk
+    keep_evaluated_policies: bool = False  # also keep every evaluated policy (OUTPUT_DIR/phase2-evaluated/step-N) as a candidate for `tw eval`
     check_replicas: bool = False  # data-parallel runs: verify after every update that all ranks hold identical weights, λ, μ_r, σ_r
 
     def validate(self) -> None:
@@ -599,4 +600,17 @@ def select_checkpoint(setup: Setup, policy: StudentPolicy, results: list[BudgetR
             write_json(folder / "selection.json", record)
 
         publish_dir(setup.out / "best", build)
+    if config.keep_evaluated_policies and setup.dist.is_main:
+        # Why: PCL's quality swings between evaluations, and the rule above judges each policy at its own
+        # call rule only; `tw eval` can calibrate every kept one and choose again (tw_policy_candidates).
+        def build_evaluated(folder: Path) -> None:
+            policy.save(folder)
+            write_json(folder / "selection.json", record)
+
+        publish_dir(evaluated_policy_dir(setup.out, step), build_evaluated)
     return selection
+
+
+def evaluated_policy_dir(output_dir: Path, step: int) -> Path:
+    """Where ``keep_evaluated_policies`` keeps the policy evaluated after PCL batch ``step`` (0: the phase-1 policy)."""
+    return Path(output_dir) / "phase2-evaluated" / f"step-{step:06d}"

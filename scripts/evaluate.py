@@ -68,7 +68,7 @@ import math
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -134,7 +134,7 @@ class EvalConfig:
     calibration_seed: int = 0  # seeds that subset (tw train's seed selects the same examples)
     calibration_tolerance: float = 0.005  # stop calibrating once the teacher fraction is this close to its target
     tw_calibrate: bool = False  # also one Training Wheels row per budget with its call threshold calibrated to b on calibration_split
-    tw_policy_candidates: list = field(default_factory=list)  # policy directories the calibrated rows choose from (with tw_policy), by tw train's rule on calibration_split
+    tw_policy_candidates: list = field(default_factory=list)  # policy directories (or glob patterns, e.g. runs/tw/phase2-evaluated/step-*) the calibrated rows choose from (with tw_policy), by tw train's rule on calibration_split
     calibration_delta: float = 0.02  # choosing among candidates: a calibrated policy meets its budgets when every |f - b| <= this
     teacher_forward_ms: float | None = None  # cost model: one teacher forward (None: measured here from the teacher-alone row)
     student_forward_ms: float | None = None  # cost model: one student forward (None: measured here from the student-alone row)
@@ -285,7 +285,7 @@ def build_settings(config: EvalConfig, task: Task, device: torch.device,
                                         budget=float(b), budget_cap=config.budget_cap))
             if config.tw_calibrate:
                 candidates = {config.tw_policy: policy}
-                for source in config.tw_policy_candidates:
+                for source in expand_candidates(config.tw_policy_candidates):
                     candidates.setdefault(str(source), StudentPolicy.load(source, device=device, dtype=dtype).eval())
                 report = calibrate_training_wheels(config, candidates, training_wheels, calibration())
                 if tw_calibration is not None:
@@ -342,6 +342,25 @@ def calibrate_fallback(config: EvalConfig, fallback: Callable[[float], Callable]
 
     return [calibrate_threshold(teacher_fraction_at, float(target), tolerance=config.calibration_tolerance)
             for target in tqdm(config.fallback_targets, desc=f"calibrating the fallback on {config.calibration_split}")]
+
+
+def expand_candidates(entries: Sequence[str]) -> list[str]:
+    """``tw_policy_candidates`` as directories: a glob pattern (``*``, ``?``, ``[``) becomes its matches in
+    sorted order (``tw train``'s ``phase2-evaluated/step-NNNNNN`` sort by step); a pattern that matches
+    nothing is an error, not an empty choice."""
+    import glob
+
+    out: list[str] = []
+    for entry in map(str, entries):
+        if any(c in entry for c in "*?["):
+            matches = sorted(glob.glob(entry))
+            if not matches:
+                raise FileNotFoundError(f"tw_policy_candidates pattern {entry!r} matches no directory; expected "
+                                        "policy directories (e.g. tw train's OUTPUT_DIR/phase2-evaluated/step-*)")
+            out += [m for m in matches if m not in out]
+        elif entry not in out:
+            out.append(entry)
+    return out
 
 
 def calibrate_training_wheels(config: EvalConfig, candidates: dict, training_wheels: Callable,

@@ -222,7 +222,7 @@ def test_training_wheels_call_threshold_calibrated_per_budget_and_the_candidate_
     config = EvalConfig(
         env_kwargs=task["env_kwargs"], examples=EXAMPLES, device="cpu", max_new_tokens=MAX_NEW, output_dir=str(out),
         methods=["training_wheels", "kl_oracle"], tw_policy=task["policy"], tw_calibrate=True,
-        tw_policy_candidates=[str(task["root"] / "mixed")], budgets=[0.0, 0.3], batch_size=4, latency_examples=0,
+        tw_policy_candidates=[str(task["root"] / "mix*")], budgets=[0.0, 0.3], batch_size=4, latency_examples=0,
         calibration_examples=EXAMPLES, calibration_tolerance=0.0,  # the data file is every split (as above)
     )
     results = run_eval(config)
@@ -263,6 +263,20 @@ def test_training_wheels_call_threshold_calibrated_per_budget_and_the_candidate_
         EvalConfig(tw_policy="p", tw_policy_candidates=["q"]).validate()
     with pytest.raises(ValueError, match="tw-policy"):
         EvalConfig(tw_calibrate=True).validate()
+
+
+def test_candidate_patterns_expand_to_sorted_directories(tmp_path):
+    from scripts.evaluate import expand_candidates
+
+    for step in (30, 0, 120):
+        (tmp_path / "evaluated" / f"step-{step:06d}").mkdir(parents=True)
+    (tmp_path / "evaluated" / ".step-000000.v-x").mkdir()  # an atomic publish's hidden version: not a candidate
+    pattern, final = str(tmp_path / "evaluated" / "step-*"), str(tmp_path / "final")
+    first = str(tmp_path / "evaluated" / "step-000030")
+    assert expand_candidates([first, pattern, final]) == [
+        first, *(str(tmp_path / "evaluated" / f"step-{s:06d}") for s in (0, 120)), final]
+    with pytest.raises(FileNotFoundError, match="matches no directory"):
+        expand_candidates([str(tmp_path / "nothing-*")])
 
 
 def test_token_view_escapes_html(tmp_path):

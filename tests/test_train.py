@@ -80,6 +80,28 @@ def test_both_phases_run_and_select_a_policy(tiny, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_kept_evaluated_policies_are_the_policies_each_evaluation_scored(tiny, tmp_path):
+    summary = run(tiny_config(tiny, tmp_path, eval_every=2, keep_evaluated_policies=True))
+    evaluations = summary["phase2"]["selection"]["evaluations"]
+    kept = sorted((tmp_path / "phase2-evaluated").glob("step-*"))  # each a link to its atomically published version
+    assert [p.name for p in kept] == ["step-000000", "step-000002", "step-000004"] == [
+        f"step-{e['step']:06d}" for e in evaluations]
+    for folder, record in zip(kept, evaluations, strict=True):
+        assert json.loads((folder / "selection.json").read_text()) == record
+    # Batch 0 is the phase-1 policy and the last one the final policy, weight for weight.
+    assert all(torch.equal(a, b) for a, b in zip(weights(kept[0]).values(), weights(tmp_path / "phase1").values(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(weights(kept[-1]).values(), weights(tmp_path / "final").values(), strict=True))
+    # The middle one is the policy of batch 2: neither the phase-1 nor the final one.
+    middle = weights(kept[1])
+    for other in (weights(tmp_path / "phase1"), weights(tmp_path / "final")):
+        assert any(not torch.equal(middle[k], other[k]) for k in middle)
+
+
+def test_evaluated_policies_are_not_kept_by_default(tiny, tmp_path):
+    run(tiny_config(tiny, tmp_path, eval_every=2))
+    assert not (tmp_path / "phase2-evaluated").exists()
+
+
 def _lambdas_by_hand(batches: list[Trajectories], budgets, lr: float, floor: float, cap: float,
                      window: int) -> dict[float, float]:
     """λ_b ← clip(λ_b + lr·(f_b − b), floor, cap) after each on-policy batch, from λ = 0, with f_b the
