@@ -41,7 +41,7 @@ def test_train_mt_then_the_deen_configs_run_end_to_end(tmp_path):
     assert main(["eval", "--config", str(CONFIGS / "deen-eval.json"), *common, "--output-dir", str(ev),
                  "--tw-policy", str(tw / "best"), "--draft", str(gkd / "best"), "--examples", "2",
                  "--calibration-examples", "2", "--latency-examples", "1", "--warmup", "0",
-                 "--tw-policy-candidates", json.dumps([str(tw / "phase1"), str(tw / "final")])]) == 0
+                 "--tw-policy-candidates", json.dumps([str(tw / "phase2-evaluated" / "step-*")])]) == 0
 
     results = json.loads((ev / "results.json").read_text())
     rows = results["rows"]
@@ -56,7 +56,9 @@ def test_train_mt_then_the_deen_configs_run_end_to_end(tmp_path):
     assert [r["budget"] for r in tw_rows if r.get("calibrated_for") is None] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
     assert [r["calibrated_for"] for r in tw_rows if r.get("calibrated_for") is not None] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
     report = results["tw_calibration"]
-    assert [c["policy"] for c in report["candidates"]] == [str(tw / "best"), str(tw / "phase1"), str(tw / "final")]
+    # The shipped recipe keeps every evaluated policy (batches 0, 1, 2 here); the pattern finds them in order.
+    assert [c["policy"] for c in report["candidates"]] == [
+        str(tw / "best"), *(str(tw / "phase2-evaluated" / f"step-{s:06d}") for s in (0, 1, 2))]
     assert report["chosen"] in [c["policy"] for c in report["candidates"]]
     calibrated = [r for r in by_method["fallback"] if r.get("calibrated_for") not in (None, "")]
     assert sorted(float(r["calibrated_for"]) for r in calibrated) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
