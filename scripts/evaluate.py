@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import glob
 import json
 import math
 import platform
@@ -348,8 +349,6 @@ def expand_candidates(entries: Sequence[str]) -> list[str]:
     """``tw_policy_candidates`` as directories: a glob pattern (``*``, ``?``, ``[``) becomes its matches in
     sorted order (``tw train``'s ``phase2-evaluated/step-NNNNNN`` sort by step); a pattern that matches
     nothing is an error, not an empty choice."""
-    import glob
-
     out: list[str] = []
     for entry in map(str, entries):
         if any(c in entry for c in "*?["):
