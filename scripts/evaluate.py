@@ -64,6 +64,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import glob
+import hashlib
 import json
 import math
 import platform
@@ -362,6 +363,17 @@ def expand_candidates(entries: Sequence[str]) -> list[str]:
     return out
 
 
+def weights_digest(policy_dir: str | Path) -> str:
+    """SHA-256 over a policy directory's safetensors files (names and bytes): equal digests, equal policies."""
+    digest = hashlib.sha256()
+    for file in sorted(Path(policy_dir).glob("*.safetensors")):
+        digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def calibrate_training_wheels(config: EvalConfig, candidates: dict, training_wheels: Callable,
                               calibration: CalibrationRows) -> dict:
     """Each candidate policy's call threshold per budget, calibrated on the calibration examples
@@ -370,6 +382,9 @@ def calibrate_training_wheels(config: EvalConfig, candidates: dict, training_whe
     ``calibration_delta``) prefers at its calibrated thresholds there: a policy whose calibration
     cannot reach some budget loses to one that can, whatever its quality. Validation data only: the
     evaluated split is never read.
+
+    A candidate with the same weights as an earlier one (:func:`weights_digest`) reuses its
+    calibration instead of decoding again, and says so (``same_weights_as``).
 
     Returns {"chosen": source, "calibrations": [Calibration per budget of the chosen one],
     "candidates": [{"policy", "meets_budgets", "worst_violation", "mean_quality", "budgets":
@@ -383,13 +398,22 @@ def calibrate_training_wheels(config: EvalConfig, candidates: dict, training_whe
 
     report: dict = {"split": config.calibration_split, "examples": len(calibration.references), "candidates": []}
     found_by_source: dict[str, list] = {}
+    first_with_weights: dict[str, str] = {}  # weights digest -> the first candidate that has them
     for source, policy in candidates.items():
-        found_by_source[source], entries = calibration.per_budget(
-            partial(_with_policy, training_wheels, policy), calibrate_call_threshold, f"calibrating {source}")
+        same = first_with_weights.setdefault(weights_digest(source), source)
+        extra: dict = {}
+        if same != source:  # e.g. tw train's best/ is also one of its phase2-evaluated/step-N: decoding is deterministic
+            found_by_source[source] = found_by_source[same]
+            entries = next(c["budgets"] for c in report["candidates"] if c["policy"] == same)
+            extra = {"same_weights_as": same}
+        else:
+            found_by_source[source], entries = calibration.per_budget(
+                partial(_with_policy, training_wheels, policy), calibrate_call_threshold, f"calibrating {source}")
         record = selection_record([BudgetResult(e["budget"], e["teacher_fraction"], e["quality"], len(calibration.references))
                                    for e in entries], config.calibration_delta, ceiling=False)
         report["candidates"].append({"policy": source, **{k: record[k] for k in ("meets_budgets", "worst_violation",
-                                                                                 "mean_quality")}, "budgets": entries})
+                                                                                 "mean_quality")}, "budgets": entries,
+                                     **extra})
     best = report["candidates"][0]  # tw_policy: it wins ties
     for entry in report["candidates"][1:]:
         best = entry if is_better_selection(entry, best) else best

@@ -60,5 +60,9 @@ def test_train_mt_then_the_deen_configs_run_end_to_end(tmp_path):
     assert [c["policy"] for c in report["candidates"]] == [
         str(tw / "best"), *(str(tw / "phase2-evaluated" / f"step-{s:06d}") for s in (0, 1, 2))]
     assert report["chosen"] in [c["policy"] for c in report["candidates"]]
+    # best/ is one of the kept policies under another name: that one reuses best's calibration.
+    reused = [c for c in report["candidates"] if "same_weights_as" in c]
+    assert [c["same_weights_as"] for c in reused] == [str(tw / "best")]
+    assert reused[0]["budgets"] == report["candidates"][0]["budgets"]
     calibrated = [r for r in by_method["fallback"] if r.get("calibrated_for") not in (None, "")]
     assert sorted(float(r["calibrated_for"]) for r in calibrated) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
