@@ -143,7 +143,7 @@ class _Outputs:
         self.tokens = torch.full((batch_size, max_new_tokens), pad_id, dtype=torch.long, device=device)
         self.teacher = torch.zeros(batch_size, max_new_tokens, dtype=torch.bool, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.done = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.done = torch.full((batch_size,), max_new_tokens == 0, dtype=torch.bool, device=device)  # nothing to add
         self.max_new_tokens = max_new_tokens
         self.eos = eos
         self.pad_id = pad_id
@@ -151,6 +151,12 @@ class _Outputs:
     def append(self, token: torch.Tensor, from_teacher: torch.Tensor) -> None:
         """Append one token ``[B]`` to every live row (rows advance in lock step)."""
         self.append_block(token[:, None], torch.ones_like(token), from_teacher[:, None])
+
+    def emit(self, token: torch.Tensor, from_teacher: torch.Tensor) -> torch.Tensor:
+        """Append one token ``[B]`` per row, padding for finished rows; returns the tokens appended."""
+        token = torch.where(self.done, torch.full_like(token, self.pad_id), token)
+        self.append(token, from_teacher)
+        return token
 
     def append_block(self, block: torch.Tensor, count: torch.Tensor, from_teacher: torch.Tensor) -> None:
         """Append the first ``count[b]`` tokens of ``block[b]`` (``[B, k]``) to every live row b.
@@ -221,8 +227,78 @@ class _CatchUpTeacher:
         self.forwards += 1
         return self.decoder.logits(states[:, -1]).float()
 
+    def replace(self, token: torch.Tensor, call: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+        """``token`` ``[B]`` with the teacher's argmax after ``outputs`` where ``call``; the teacher runs
+        only when some row calls."""
+        if not bool(call.any()):
+            return token
+        teacher_token = self.next_logits(outputs).argmax(dim=-1).to(token.device)
+        return torch.where(call, teacher_token, token)
+
 
 # --------------------------------------------------------------------------------------------- Training Wheels
+
+
+@dataclass(frozen=True)
+class _CallRule:
+    """Where a Training Wheels step lets the teacher write (the arguments of :func:`teacher_help_decode`)."""
+
+    budget_cap: float | None
+    cap_rule: str
+    call_threshold: float
+    kl_oracle_threshold: float | None
+
+    def __post_init__(self) -> None:
+        if self.budget_cap is not None and not 0.0 <= self.budget_cap <= 1.0:
+            raise ValueError(f"budget_cap must lie in [0, 1], got {self.budget_cap}")
+        if self.cap_rule not in CAP_RULES:
+            raise ValueError(f"cap_rule must be one of {list(CAP_RULES)}, got {self.cap_rule!r}")
+        if not 0.0 <= self.call_threshold <= 1.0:
+            raise ValueError(f"call_threshold must be a probability in [0, 1], got {self.call_threshold}")
+        if self.kl_oracle_threshold is not None and not self.kl_oracle_threshold >= 0:
+            raise ValueError(f"kl_oracle_threshold must be >= 0 nats (or None), got {self.kl_oracle_threshold}")
+
+    def apply_cap(self, logits: torch.Tensor, out: _Outputs, n: int) -> None:
+        """Under the cap, set the <τ> logit (``logits [B, V+1]``, in place) to −inf in every row whose
+        next call would exceed the allowance of output token n+1."""
+        if self.budget_cap is None:
+            return
+        vocab = logits.shape[1] - 1
+        # Every live row has produced n tokens, so the token now chosen is number n+1.
+        over = out.teacher.sum(dim=1) + 1 > budget_allowance(self.budget_cap, n + 1, self.cap_rule)
+        logits[:, vocab] = torch.where(over, torch.full_like(logits[:, vocab], -math.inf), logits[:, vocab])
+
+    def choose(
+        self, logits: torch.Tensor, teacher: _CatchUpTeacher, out: _Outputs, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(call ``[B]``, token ``[B]``) at step ``n``: the teacher's argmax where a row calls."""
+        vocab = logits.shape[1] - 1
+        if self.kl_oracle_threshold is not None:  # the reference: the teacher at every step, KL decides
+            teacher_logits = teacher.next_logits(out.tokens[:, :n]).to(logits.device)
+            kl = teacher_student_kl(teacher_logits[:, None], logits[:, None])[:, 0]
+            call = (kl > self.kl_oracle_threshold) & (logits[:, vocab] > -math.inf) & ~out.done
+            return call, torch.where(call, teacher_logits.argmax(dim=-1), logits[:, :vocab].argmax(dim=-1))
+        # Greedy: call iff π(<τ>) > call_threshold, else the top token (a capped row's <τ> logit is −inf).
+        action = choose_actions(logits, call_threshold=self.call_threshold)
+        call = (action == vocab) & ~out.done
+        return call, teacher.replace(action, call, out.tokens[:, :n])
+
+
+def _teacher_prompts(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, teacher_input_ids: torch.Tensor | None,
+    teacher_attention_mask: torch.Tensor | None, max_new_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's prompts C^(T): its own when given (both, one row per prompt), else the student's."""
+    if teacher_input_ids is None and teacher_attention_mask is None:
+        return input_ids, attention_mask
+    if teacher_input_ids is None or teacher_attention_mask is None:
+        raise ValueError("pass both teacher_input_ids and teacher_attention_mask, or neither")
+    _check_inputs(teacher_input_ids, teacher_attention_mask, max_new_tokens)
+    if teacher_input_ids.shape[0] != input_ids.shape[0]:
+        raise ValueError(
+            f"teacher prompts have {teacher_input_ids.shape[0]} rows, expected {input_ids.shape[0]} (one per prompt)"
+        )
+    return teacher_input_ids, teacher_attention_mask
 
 
 @torch.no_grad()
@@ -248,97 +324,52 @@ def teacher_help_decode(
         input_ids, attention_mask: ``[B, L]`` prompts (including the budget keyword), right-padded.
         max_new_tokens: the most output tokens per row.
         budget_cap: optional hard cap b ∈ [0, 1]: at the step that would produce output token n
-            (1-based) <τ> is allowed only if calls_so_far + 1 ≤ A(b, n), the allowance of ``cap_rule``
-            (:func:`~agents.objectives.budget_allowance`); otherwise the best token of V is taken. So
-            every prefix, and hence the whole output, has at most A(b, length) calls. ``None``: no cap.
+            (1-based) <τ> is allowed only if calls_so_far + 1 ≤ A(b, n), the allowance of ``cap_rule``;
+            otherwise the best token of V is taken. So every prefix, and hence the whole output, has
+            at most A(b, length) calls. ``None``: no cap.
         teacher_input_ids, teacher_attention_mask: the teacher's own prompts C^(T) (e.g. without the
             budget keyword; see the env's ``teacher_prompt``); by default the teacher reads ``input_ids``.
-        cap_rule: which allowance the cap uses (ignored without ``budget_cap``; checked anyway):
-
-            - ``"rounded_up"`` (the default): A = ⌈b·n⌉. A cap on the rate that lets every b > 0 call
-              at the first token, but not a guarantee per output: an output of n tokens may exceed b
-              by less than one call (teacher fraction < b + 1/n; b = 0.1 and 9 tokens: 1 call, 11%).
-            - ``"guaranteed"``: A = ⌊b·n⌋. Every output's teacher fraction is ≤ b, whatever its
-              length and whatever token ends it (the cap holds at every prefix, and each decision is
-              taken before it is known whether the next token is the last); no call is possible
-              before b·n reaches 1.
-
-            Both agree where b·n is an integer (up to a 1e-9 float slack: 0.3·10 counts as 3).
+        cap_rule: the allowance (:func:`~agents.objectives.budget_allowance`; checked even without a
+            cap): ``"rounded_up"`` (the default), A = ⌈b·n⌉, a cap on the rate under which an output
+            of n tokens may exceed b by less than one call; ``"guaranteed"``, A = ⌊b·n⌋, under which
+            every output's teacher fraction is ≤ b (and no call comes before b·n reaches 1).
         call_threshold: call iff π(<τ>) > this. ½ (the default) is the policy's own decision; a
-            threshold calibrated per budget on validation data
-            (:func:`~agents.evaluation.calibrate_call_threshold`) makes teacher use land at the budget
-            when the learnt call rate misses it (the deferral threshold Co-LLM calibrates).
+            threshold calibrated per budget (:func:`~agents.evaluation.calibrate_call_threshold`)
+            makes teacher use land at the budget when the learnt call rate misses it.
         kl_oracle_threshold: a reference, not a decoder one can deploy: ignore <τ> and call wherever
             KL(p ‖ π_V) at the current prefix exceeds this (the Phase-1 oracle's ranking, §2.4.1,
-            applied online). The teacher then reads every token (one forward per step), so its
-            latency is the teacher's and more; it shows what the policy's own tokens would score
-            with the oracle choosing which ones the teacher writes. ``None``: the policy decides.
+            applied online; the teacher runs at every step). ``None``: the policy decides.
 
     One student forward per token for all rows; the student reads X^(in) (a teacher token t as t+V,
     Eq. 15). When any row emits <τ>, the teacher catches up on X^(out) in one forward and the calling
     rows take its argmax. ``wasted_tokens`` is 0 for every row.
     """
     _check_inputs(input_ids, attention_mask, max_new_tokens)
-    if budget_cap is not None and not 0.0 <= budget_cap <= 1.0:
-        raise ValueError(f"budget_cap must lie in [0, 1], got {budget_cap}")
-    if cap_rule not in CAP_RULES:
-        raise ValueError(f"cap_rule must be one of {list(CAP_RULES)}, got {cap_rule!r}")
-    if not 0.0 <= call_threshold <= 1.0:
-        raise ValueError(f"call_threshold must be a probability in [0, 1], got {call_threshold}")
-    if kl_oracle_threshold is not None and not kl_oracle_threshold >= 0:
-        raise ValueError(f"kl_oracle_threshold must be >= 0 nats (or None), got {kl_oracle_threshold}")
-    model = policy.model
-    vocab = policy.vocab_size
+    rule = _CallRule(budget_cap, cap_rule, call_threshold, kl_oracle_threshold)
+    model, vocab = policy.model, policy.vocab_size
     check_same_family(teacher, model)
     check_same_vocabulary(teacher, vocab)
     device = model.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    if teacher_input_ids is None and teacher_attention_mask is None:
-        teacher_input_ids, teacher_attention_mask = input_ids, attention_mask
-    elif teacher_input_ids is None or teacher_attention_mask is None:
-        raise ValueError("pass both teacher_input_ids and teacher_attention_mask, or neither")
-    else:
-        _check_inputs(teacher_input_ids, teacher_attention_mask, max_new_tokens)
-        if teacher_input_ids.shape[0] != input_ids.shape[0]:
-            raise ValueError(
-                f"teacher prompts have {teacher_input_ids.shape[0]} rows, expected {input_ids.shape[0]} (one per prompt)"
-            )
+    teacher_ids, teacher_mask = _teacher_prompts(
+        input_ids, attention_mask, teacher_input_ids, teacher_attention_mask, max_new_tokens
+    )
     batch_size = input_ids.shape[0]
     out = _Outputs(batch_size, max_new_tokens, _pad_id(model), _eos_ids(model, device))
     with _eval_mode(policy, teacher):
         student = family_of(model).incremental_decoder(model, batch_size, max_new_tokens + 1)
         rows = torch.arange(batch_size, device=device)
         prompt, x_in = policy.begin(student, rows, input_ids, attention_mask)  # the prompt read once, not per step
-        helper = _CatchUpTeacher(
-            teacher, teacher_input_ids.to(teacher.device), teacher_attention_mask.to(teacher.device), max_new_tokens
-        )
+        helper = _CatchUpTeacher(teacher, teacher_ids.to(teacher.device), teacher_mask.to(teacher.device), max_new_tokens)
         forwards = 0
         for n in range(max_new_tokens):
             if bool(out.done.all()):
                 break
             logits = policy.step_head(student, x_in, prompt).float()  # [B, V+1]
             forwards += 1
-            if budget_cap is not None:
-                # Every live row has produced n tokens, so the token now chosen is number n+1.
-                over = out.teacher.sum(dim=1) + 1 > budget_allowance(budget_cap, n + 1, cap_rule)
-                logits[:, vocab] = torch.where(
-                    over, torch.full_like(logits[:, vocab], -math.inf), logits[:, vocab]
-                )
-            if kl_oracle_threshold is not None:  # the reference: the teacher at every step, KL decides
-                teacher_logits = helper.next_logits(out.tokens[:, :n]).to(device)
-                kl = teacher_student_kl(teacher_logits[:, None], logits[:, None])[:, 0]
-                call = (kl > kl_oracle_threshold) & (logits[:, vocab] > -math.inf) & ~out.done
-                token = torch.where(call, teacher_logits.argmax(dim=-1), logits[:, :vocab].argmax(dim=-1))
-            else:
-                # Greedy: call iff π(<τ>) > call_threshold, else the top token (a capped row's <τ> logit is −inf).
-                action = choose_actions(logits, call_threshold=call_threshold)
-                call = (action == vocab) & ~out.done
-                token = action
-                if bool(call.any()):
-                    teacher_token = helper.next_logits(out.tokens[:, :n]).argmax(dim=-1).to(device)
-                    token = torch.where(call, teacher_token, action)
-            token = torch.where(out.done, torch.full_like(token, out.pad_id), token)
-            out.append(token, call)
+            rule.apply_cap(logits, out, n)
+            call, token = rule.choose(logits, helper, out, n)
+            token = out.emit(token, call)
             x_in = torch.where(call, token + vocab, token)  # X^(in): a teacher token is stored as t + V
     return out.result(helper.forwards, forwards)
 
@@ -399,6 +430,118 @@ def generate_alone(
 # --------------------------------------------------------------------------------------------- speculative
 
 
+class _Speculation:
+    """The state of lossy speculative decoding between cycles: both KV caches, the tokens each model
+    must read next, the outputs, the wasted drafts per row and the forwards run."""
+
+    def __init__(
+        self, drafter: PreTrainedModel, teacher: PreTrainedModel, input_ids: torch.Tensor,
+        attention_mask: torch.Tensor, out: _Outputs, draft_length: int,
+    ) -> None:
+        batch_size, device, pad = input_ids.shape[0], input_ids.device, out.pad_id
+        self.out, self.draft_length = out, draft_length
+        self.wasted = torch.zeros(batch_size, dtype=torch.long, device=device)
+        rows = torch.arange(batch_size, device=device)
+        # A row's live content never exceeds start + max_new_tokens + 1 tokens; the margin keeps the
+        # compaction (which only drops columns masked for every row) from running every cycle.
+        max_len = out.max_new_tokens + 2 * draft_length + 4
+        family = family_of(drafter)
+        self.draft = family.incremental_decoder(drafter, batch_size, max_len)
+        self.verify = family.incremental_decoder(teacher, batch_size, max_len)
+        draft_context, draft_mask, draft_first = family.restart_batch(drafter, input_ids, attention_mask)
+        teacher_context, teacher_mask, teacher_first = family.restart_batch(
+            teacher, input_ids.to(teacher.device), attention_mask.to(teacher.device)
+        )
+        self.draft.restart(rows, draft_context, draft_mask)
+        self.verify.restart(rows.to(teacher.device), teacher_context, teacher_mask)
+        # Tokens each model must read before it can predict the next one. The teacher always has one
+        # (its first token: the start token or the prompt's last, then the last replacement/bonus
+        # token). The draft model has two after a full acceptance: its own last draft (never fed, it
+        # was the K-th) and the bonus token.
+        self.draft_pending = torch.full((batch_size, 2), pad, dtype=torch.long, device=device)
+        self.draft_pending[:, 0] = draft_first
+        self.two_pending = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        self.teacher_pending = teacher_first.to(device)
+        self.teacher_forwards = self.student_forwards = 0
+
+    def cycle(self, lenience: float) -> None:
+        """Draft k tokens per row, verify them in one teacher forward, append the accepted block, roll back."""
+        out = self.out
+        live = ~out.done
+        remaining = out.max_new_tokens - out.lengths
+        # Drafts beyond what any live row may still output would all be truncated.
+        k = min(self.draft_length, int(remaining[live].max()))
+        drafts = self._draft(live, k)
+        # ---- verify: one teacher forward over [pending, x_1 … x_k]
+        t_inputs = torch.cat([self.teacher_pending[:, None], drafts.to(self.teacher_pending.device)], dim=1)
+        t_logp = F.log_softmax(self.verify.logits(self.verify.step(input_ids=t_inputs)).float(), dim=-1)
+        t_logp = t_logp.to(drafts.device)
+        self.teacher_forwards += 1
+        best_logp, best = t_logp.max(dim=-1)  # [B, k+1]: x̂_j and log p(x̂_j)
+        draft_logp = t_logp[:, :k].gather(-1, drafts[..., None]).squeeze(-1)  # [B, k]: log p(x_j)
+        # n_b in [0, k]: Algorithm 1, line 6
+        accepted = lossy_speculative_accept_length(draft_logp, best_logp[:, :k], lenience)
+        self._append(drafts, best, accepted, live, remaining)
+        self._roll_back(drafts, best, accepted)
+
+    def _draft(self, live: torch.Tensor, k: int) -> torch.Tensor:
+        """``[B, k]`` greedy drafts; the first step also reads any second pending token."""
+        draft, pad = self.draft, self.out.pad_id
+        two = self.two_pending & live
+        if bool(two.any()):
+            states = draft.step(input_ids=torch.where(live[:, None], self.draft_pending, pad))  # [B, 2, d]
+            draft.rollback((~two).long())  # rows with one pending token forget the padding slot
+            state = torch.where(two[:, None], states[:, 1], states[:, 0])
+        else:
+            state = draft.step(input_ids=torch.where(live, self.draft_pending[:, 0], pad))
+        draft_steps = [draft.logits(state).argmax(dim=-1)]
+        for _ in range(k - 1):
+            draft_steps.append(draft.logits(draft.step(input_ids=draft_steps[-1])).argmax(dim=-1))
+        self.student_forwards += k
+        return torch.stack(draft_steps, dim=1)
+
+    def _append(
+        self, drafts: torch.Tensor, best: torch.Tensor, accepted: torch.Tensor, live: torch.Tensor,
+        remaining: torch.Tensor,
+    ) -> None:
+        """New tokens: x_1 … x_n, then x̂_n (replacement or bonus), cut at EOS and ``max_new_tokens``."""
+        out, k = self.out, drafts.shape[1]
+        column = torch.arange(k + 1, device=drafts.device)[None, :]
+        padded_drafts = F.pad(drafts, (0, 1), value=out.pad_id)
+        block = torch.where(column < accepted[:, None], padded_drafts, best)  # valid up to column n
+        count = torch.minimum(accepted + 1, remaining)
+        is_eos = torch.isin(block, out.eos) & (column < count[:, None])
+        first_eos = torch.where(is_eos.any(dim=1), is_eos.float().argmax(dim=1) + 1, count)
+        count = torch.minimum(count, first_eos)
+        count = torch.where(live, count, torch.zeros_like(count))
+        # A rejection wastes the drafts from x_{n+1} on, if the row got as far as the replacement
+        # token. Only the drafts a row could use count (min(k, remaining)): the batch drafts k for
+        # its longest live row, and what a row wastes must not depend on the rows beside it.
+        rejected = (accepted < k) & (count == accepted + 1)
+        usable = torch.clamp(remaining, max=k)
+        self.wasted += torch.where(rejected, usable - accepted, torch.zeros_like(accepted))
+        out.append_block(block, count, column == accepted[:, None])
+
+    def _roll_back(self, drafts: torch.Tensor, best: torch.Tensor, accepted: torch.Tensor) -> None:
+        """Both caches back to each row's accepted prefix.
+
+        The teacher read [pending, x_1 … x_k] and keeps [pending, x_1 … x_n]. The draft model read its
+        pending token(s) and x_1 … x_{k-1}; it keeps them up to x_n (n < k), or all of them, x_k then
+        still to be read (n = k). Finished rows forget the whole cycle, so their start advances and
+        the cache can be compacted.
+        """
+        k, finished, pad = drafts.shape[1], self.out.done, self.out.pad_id
+        self.verify.rollback(torch.where(finished, k + 1, k - accepted).to(self.verify.device))
+        self.draft.rollback(torch.where(finished, k, (k - 1 - accepted).clamp(min=0)))
+        full = accepted == k
+        bonus_or_fix = best.gather(1, accepted[:, None]).squeeze(1)
+        self.draft_pending = torch.stack(
+            [torch.where(full, drafts[:, -1], bonus_or_fix), torch.where(full, bonus_or_fix, pad)], dim=1
+        )
+        self.two_pending = full
+        self.teacher_pending = bonus_or_fix.to(self.teacher_pending.device)
+
+
 @torch.no_grad()
 def speculative_decode(
     draft_model: PreTrainedModel | StudentPolicy,
@@ -436,95 +579,12 @@ def speculative_decode(
     check_same_vocabulary(teacher, output_vocab_size(drafter), "draft model")
     device = drafter.device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    batch_size = input_ids.shape[0]
-    pad = _pad_id(drafter)
-    out = _Outputs(batch_size, max_new_tokens, pad, _eos_ids(drafter, device))
-    wasted = torch.zeros(batch_size, dtype=torch.long, device=device)
-    rows = torch.arange(batch_size, device=device)
-    # A row's live content never exceeds start + max_new_tokens + 1 tokens; the margin keeps the
-    # compaction (which only drops columns masked for every row) from running every cycle.
-    max_len = max_new_tokens + 2 * draft_length + 4
-    teacher_forwards = student_forwards = 0
+    out = _Outputs(input_ids.shape[0], max_new_tokens, _pad_id(drafter), _eos_ids(drafter, device))
     with _eval_mode(drafter, teacher):
-        family = family_of(drafter)
-        draft = family.incremental_decoder(drafter, batch_size, max_len)
-        verify = family.incremental_decoder(teacher, batch_size, max_len)
-        draft_context, draft_mask, draft_first = family.restart_batch(drafter, input_ids, attention_mask)
-        teacher_context, teacher_mask, teacher_first = family.restart_batch(
-            teacher, input_ids.to(teacher.device), attention_mask.to(teacher.device)
-        )
-        draft.restart(rows, draft_context, draft_mask)
-        verify.restart(rows.to(teacher.device), teacher_context, teacher_mask)
-        # Tokens each model must read before it can predict the next one. The teacher always has one
-        # (its first token: the start token or the prompt's last, then the last replacement/bonus
-        # token). The draft model has two after a full acceptance: its own last draft (never fed, it
-        # was the K-th) and the bonus token.
-        draft_pending = torch.full((batch_size, 2), pad, dtype=torch.long, device=device)
-        draft_pending[:, 0] = draft_first
-        two_pending = torch.zeros(batch_size, dtype=torch.bool, device=device)
-        teacher_pending = teacher_first.to(device)
+        speculation = _Speculation(drafter, teacher, input_ids, attention_mask, out, draft_length)
         while not bool(out.done.all()):
-            live = ~out.done
-            remaining = max_new_tokens - out.lengths
-            # Drafts beyond what any live row may still output would all be truncated.
-            k = min(draft_length, int(remaining[live].max()))
-
-            # ---- draft: k greedy tokens per row, the first step also reading any second pending token
-            two = two_pending & live
-            if bool(two.any()):
-                states = draft.step(input_ids=torch.where(live[:, None], draft_pending, pad))  # [B, 2, d]
-                draft.rollback((~two).long())  # rows with one pending token forget the padding slot
-                state = torch.where(two[:, None], states[:, 1], states[:, 0])
-            else:
-                state = draft.step(input_ids=torch.where(live, draft_pending[:, 0], pad))
-            draft_steps = [draft.logits(state).argmax(dim=-1)]
-            for _ in range(k - 1):
-                draft_steps.append(draft.logits(draft.step(input_ids=draft_steps[-1])).argmax(dim=-1))
-            student_forwards += k
-            drafts = torch.stack(draft_steps, dim=1)  # [B, k]
-
-            # ---- verify: one teacher forward over [pending, x_1 … x_k]
-            t_inputs = torch.cat([teacher_pending[:, None], drafts.to(teacher_pending.device)], dim=1)
-            t_logp = F.log_softmax(verify.logits(verify.step(input_ids=t_inputs)).float(), dim=-1).to(device)
-            teacher_forwards += 1
-            best_logp, best = t_logp.max(dim=-1)  # [B, k+1]: x̂_j and log p(x̂_j)
-            draft_logp = t_logp[:, :k].gather(-1, drafts[..., None]).squeeze(-1)  # [B, k]: log p(x_j)
-            # n_b in [0, k]: Algorithm 1, line 6
-            accepted = lossy_speculative_accept_length(draft_logp, best_logp[:, :k], lenience)
-
-            # ---- new tokens: x_1 … x_{n}, then x̂_n (replacement or bonus), cut at EOS / max_new_tokens
-            column = torch.arange(k + 1, device=device)[None, :]
-            padded_drafts = F.pad(drafts, (0, 1), value=pad)
-            block = torch.where(column < accepted[:, None], padded_drafts, best)  # valid up to column n
-            count = torch.minimum(accepted + 1, remaining)
-            is_eos = torch.isin(block, out.eos) & (column < count[:, None])
-            first_eos = torch.where(is_eos.any(dim=1), is_eos.float().argmax(dim=1) + 1, count)
-            count = torch.minimum(count, first_eos)
-            count = torch.where(live, count, torch.zeros_like(count))
-            # A rejection wastes the drafts from x_{n+1} on, if the row got as far as the replacement
-            # token. Only the drafts a row could use count (min(k, remaining)): the batch drafts k for
-            # its longest live row, and what a row wastes must not depend on the rows beside it.
-            rejected = (accepted < k) & (count == accepted + 1)
-            usable = torch.clamp(remaining, max=k)
-            wasted += torch.where(rejected, usable - accepted, torch.zeros_like(accepted))
-            out.append_block(block, count, column == accepted[:, None])
-
-            # ---- roll both caches back to each row's accepted prefix
-            # The teacher read [pending, x_1 … x_k] and keeps [pending, x_1 … x_n]. The draft model
-            # read its pending token(s) and x_1 … x_{k-1}; it keeps them up to x_n (n < k), or all of
-            # them, x_k then still to be read (n = k). Finished rows forget the whole cycle, so their
-            # start advances and the cache can be compacted.
-            finished = out.done
-            verify.rollback(torch.where(finished, k + 1, k - accepted).to(verify.device))
-            draft.rollback(torch.where(finished, k, (k - 1 - accepted).clamp(min=0)))
-            full = accepted == k
-            bonus_or_fix = best.gather(1, accepted[:, None]).squeeze(1)
-            draft_pending = torch.stack(
-                [torch.where(full, drafts[:, -1], bonus_or_fix), torch.where(full, bonus_or_fix, pad)], dim=1
-            )
-            two_pending = full
-            teacher_pending = bonus_or_fix.to(teacher_pending.device)
-    return out.result(teacher_forwards, student_forwards, wasted)
+            speculation.cycle(lenience)
+    return out.result(speculation.teacher_forwards, speculation.student_forwards, speculation.wasted)
 
 
 # --------------------------------------------------------------------------------------------- fallback
@@ -575,10 +635,5 @@ def confidence_fallback_decode(
             else:
                 fallback = confidence_fallback(logp, threshold)
             fallback = fallback & ~out.done
-            token = logp.argmax(dim=-1)
-            if bool(fallback.any()):
-                teacher_token = helper.next_logits(out.tokens[:, :n]).argmax(dim=-1).to(device)
-                token = torch.where(fallback, teacher_token, token)
-            token = torch.where(out.done, torch.full_like(token, out.pad_id), token)
-            out.append(token, fallback)
+            token = out.emit(helper.replace(logp.argmax(dim=-1), fallback, out.tokens[:, :n]), fallback)
     return out.result(helper.forwards, forwards)

@@ -1,17 +1,26 @@
-"""Quality and teacher use of a trained student at each budget (greedy teacher-help decoding), the
-confidence fallback's threshold calibration, and the latency cost model of `tw eval` / `tw plot`."""
+"""Measuring decoders: the one decode–count–score loop (:func:`decode_batches`) that `tw eval`'s
+rows, its threshold calibrations and checkpoint selection's per-budget evaluation all run; one row of
+`tw eval` (:func:`evaluate_setting`: quality, teacher use, throughput, then latency at batch size 1);
+the selection rule; the threshold searches; and the latency cost model of `tw eval` / `tw plot`.
+What each method decodes is :mod:`agents.methods`."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 import torch
+from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from agents.decoding import DecodeResult, decode_text, teacher_help_decode
 from agents.distributed import SINGLE, Distributed, all_gather_objects, shard
 from agents.policy import StudentPolicy
 from tw_env.metrics import quality
@@ -19,8 +28,102 @@ from tw_env.task import Task
 from tw_env.tasks import Example
 
 T = TypeVar("T")
+Prompts = tuple[torch.Tensor, ...]  # (input_ids, attention_mask[, teacher_input_ids, teacher_attention_mask])
+Decode = Callable[..., DecodeResult]  # a decoder at one setting: Prompts -> DecodeResult
 
 
+# ---------------------------------------------------------------------------------------------- decode, count, score
+@dataclass
+class Decoded:
+    """What decoding a list of batches produced (per example, in order) and what it counted."""
+
+    texts: list[str]
+    output_ids: list[list[int]]
+    from_teacher: list[list[bool]]
+    teacher_calls: int  # Σ teacher tokens
+    tokens: int  # Σ output tokens (EOS included)
+    wasted: int  # Σ rejected draft tokens
+    seconds: float  # wall time of the decode calls alone
+
+    @property
+    def teacher_fraction(self) -> float:
+        """Σ teacher tokens / Σ output tokens (token level, over the whole set)."""
+        return self.teacher_calls / max(self.tokens, 1)
+
+    def quality(self, metric: str, references: Sequence[str]) -> float:
+        return quality(metric, self.texts, list(references))
+
+
+def _sync(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_batches(
+    decode: Decode, batches: Iterable[Prompts], tokenizer: PreTrainedTokenizerBase, device: torch.device | None = None
+) -> Decoded:
+    """Decode every batch of prompts with ``decode`` and count: the one loop of every evaluation.
+
+    ``batches`` may encode lazily (a generator): only the decode calls are timed, with
+    ``torch.cuda.synchronize(device)`` around each on a GPU ``device``.
+    """
+    texts: list[str] = []
+    output_ids: list[list[int]] = []
+    from_teacher: list[list[bool]] = []
+    calls = tokens = wasted = 0
+    seconds = 0.0
+    for inputs in batches:
+        _sync(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            result = decode(*inputs)
+        _sync(device)
+        seconds += time.perf_counter() - start
+        calls += sum(result.teacher_calls)
+        tokens += sum(result.lengths)
+        wasted += sum(result.wasted_tokens)
+        texts += decode_text(result, tokenizer)
+        output_ids += result.output_ids
+        from_teacher += result.from_teacher
+    return Decoded(texts, output_ids, from_teacher, calls, tokens, wasted, seconds)
+
+
+def encode_budget(task: Task, sources: list[str], budget: float, device: torch.device) -> Prompts:
+    """The Training Wheels prompts Y (ids, mask), then the teacher's prompts C^(T) (ids, mask)."""
+    budgets = [budget] * len(sources)
+    return (*task.prompts(sources, budgets, device), *task.teacher_prompts(sources, budgets, device))
+
+
+def prompt_encoder(task: Task, budget: float | None, plain_prompt: str, device: torch.device) -> Callable[[list[str]], Prompts]:
+    """How a setting's sources become prompts: budget ``None`` the plain prompt, else :func:`encode_budget`."""
+    def encode(sources: list[str]) -> Prompts:
+        if budget is None:
+            return task.plain_prompts(sources, plain_prompt, device)
+        return encode_budget(task, sources, budget, device)
+
+    return encode
+
+
+def in_batches(encode: Callable[[list[str]], Prompts], sources: Sequence[str], batch_size: int) -> Iterable[Prompts]:
+    """``sources`` in batches of ``batch_size``, each encoded when it is reached."""
+    return (encode(list(sources[start : start + batch_size])) for start in range(0, len(sources), batch_size))
+
+
+def training_wheels_decoder(
+    policy: StudentPolicy, teacher: PreTrainedModel, max_new_tokens: int, budget_cap: float | None = None,
+    cap_rule: str = "rounded_up", call_threshold: float = 0.5, kl_oracle_threshold: float | None = None,
+) -> Decode:
+    """:func:`~agents.decoding.teacher_help_decode` at one setting, on (Y ids, mask, C^(T) ids, mask)."""
+    def decode(ids: torch.Tensor, mask: torch.Tensor, teacher_ids: torch.Tensor, teacher_mask: torch.Tensor) -> DecodeResult:
+        return teacher_help_decode(
+            policy, teacher, ids, mask, max_new_tokens, budget_cap=budget_cap, teacher_input_ids=teacher_ids,
+            teacher_attention_mask=teacher_mask, cap_rule=cap_rule, call_threshold=call_threshold,
+            kl_oracle_threshold=kl_oracle_threshold)
+
+    return decode
+
+
+# ---------------------------------------------------------------------------------------------- budgets
 @dataclass
 class BudgetResult:
     budget: float
@@ -38,27 +141,17 @@ def evaluate_budgets(
     Under data parallelism each rank decodes its shard of ``examples`` and the hypotheses are
     gathered in order, so every rank scores the whole set and returns the same results.
     """
-    from agents.decoding import decode_text, teacher_help_decode
-
     results: list[BudgetResult] = []
     was_training = policy.training
     policy.eval()
-    local_examples = shard(examples, dist)
+    local_sources = [e.source for e in shard(examples, dist)]
+    decode = training_wheels_decoder(policy, task.teacher, max_new_tokens)
     for budget in budgets:
-        hypotheses: list[str] = []
-        calls = tokens = 0
-        for start in range(0, len(local_examples), batch_size):
-            chunk = local_examples[start : start + batch_size]
-            sources, chunk_budgets = [e.source for e in chunk], [budget] * len(chunk)
-            ids, mask = task.prompts(sources, chunk_budgets, policy.device)
-            teacher_ids, teacher_mask = task.teacher_prompts(sources, chunk_budgets, policy.device)
-            with torch.no_grad():
-                result = teacher_help_decode(policy, task.teacher, ids, mask, max_new_tokens,
-                                             teacher_input_ids=teacher_ids, teacher_attention_mask=teacher_mask)
-            calls += sum(result.teacher_calls)
-            tokens += sum(len(o) for o in result.output_ids)
-            hypotheses += decode_text(result, task.tokenizer)
-        parts = all_gather_objects((hypotheses, calls, tokens), dist)
+        def encode(sources: list[str], budget: float = budget) -> Prompts:
+            return encode_budget(task, sources, budget, policy.device)
+
+        decoded = decode_batches(decode, in_batches(encode, local_sources, batch_size), task.tokenizer)
+        parts = all_gather_objects((decoded.texts, decoded.teacher_calls, decoded.tokens), dist)
         hypotheses = [h for part, _, _ in parts for h in part]
         calls, tokens = sum(p[1] for p in parts), sum(p[2] for p in parts)
         score = quality(task.metric, hypotheses, [e.reference for e in examples])
@@ -315,3 +408,110 @@ def costs_measured_here(rows: Sequence[dict], label: str = "measured here") -> F
     if teacher_ms is None or student_ms is None:
         return None
     return ForwardCosts(teacher_ms, student_ms, label)
+
+
+# ---------------------------------------------------------------------------------------------- one row of `tw eval`
+@dataclass
+class Setting:
+    """One row of `tw eval`'s results: a method at one setting and how to decode a batch with it."""
+
+    method: str
+    setting: str  # a short label: "alone", "b=0.1", "K=5 l=0.3", "t=0.5"
+    decode: Decode  # (input_ids, attention_mask[, teacher_input_ids, teacher_attention_mask]) -> DecodeResult
+    budget: float | None = None  # None: the plain prompt
+    lenience: float | None = None
+    draft_length: int | None = None
+    threshold: float | None = None
+    budget_cap: str | None = None  # Training Wheels: "off", "rounded_up" or "guaranteed"; None for the other methods
+    calibrated_for: float | None = None  # the target teacher fraction its threshold was calibrated to
+
+
+def token_pieces(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[str]:
+    """Display text of each output token (SentencePiece / Metaspace "▁" becomes a space)."""
+    pieces = []
+    for token_id, piece in zip(ids, tokenizer.convert_ids_to_tokens(ids), strict=True):
+        pieces.append(f"<{token_id}>" if piece is None else piece.replace("\u2581", " "))
+    return pieces
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})"
+
+
+def time_batch_size_one(decode: Decode, prompts: list[Prompts], warmup: int, device: torch.device) -> dict[str, float]:
+    """Median latency (ms) and per-example teacher/student forwards, one example at a time.
+
+    ``prompts`` are single-example batches; the first ``warmup`` are decoded untimed.
+    """
+    for inputs in prompts[:warmup]:
+        decode(*inputs)
+    times, teacher_forwards, student_forwards = [], [], []
+    for inputs in prompts[warmup:]:
+        _sync(device)
+        start = time.perf_counter()
+        result = decode(*inputs)
+        _sync(device)
+        times.append(1000.0 * (time.perf_counter() - start))
+        teacher_forwards.append(result.teacher_forwards)
+        student_forwards.append(result.student_forwards)
+    if not times:
+        return {"latency_ms_median": math.nan, "latency_ms_mean": math.nan,
+                "teacher_forwards_per_example": math.nan, "student_forwards_per_example": math.nan}
+    return {
+        "latency_ms_median": statistics.median(times), "latency_ms_mean": statistics.fmean(times),
+        "teacher_forwards_per_example": statistics.fmean(teacher_forwards),
+        "student_forwards_per_example": statistics.fmean(student_forwards),
+    }
+
+
+def evaluate_setting(
+    setting: Setting, task: Task, examples: Sequence[Example], *, plain_prompt: str, batch_size: int,
+    latency_examples: int, warmup: int, device: torch.device, device_name: str,
+) -> tuple[dict, list[dict]]:
+    """One row of `tw eval`: decode every example in batches (quality, teacher use, throughput), then
+    time a few alone. Returns the row and one output record per example (with per-token provenance
+    for Training Wheels, which ``tw plot`` shows)."""
+    sources = [e.source for e in examples]
+    encode = prompt_encoder(task, setting.budget, plain_prompt, device)
+    batches = tqdm(in_batches(encode, sources, batch_size), total=math.ceil(len(sources) / batch_size),
+                   desc=f"{setting.method} {setting.setting}", leave=False)
+    decoded = decode_batches(setting.decode, batches, task.tokenizer, device)
+    n, tokens, seconds = len(examples), decoded.tokens, decoded.seconds
+    timed = [encode([s]) for s in sources[:latency_examples]]
+    warm = [encode([s]) for s in sources[: min(warmup, n)]] if timed else []
+    timing = time_batch_size_one(setting.decode, warm + timed, len(warm), device)
+    row = {
+        "method": setting.method, "setting": setting.setting, "budget": setting.budget,
+        "lenience": setting.lenience, "draft_length": setting.draft_length, "threshold": setting.threshold,
+        "quality": decoded.quality(task.metric, [e.reference for e in examples]), "metric": task.metric,
+        "teacher_fraction": decoded.teacher_fraction, "wasted_per_example": decoded.wasted / n,
+        "teacher_forwards_per_example": timing["teacher_forwards_per_example"],
+        "latency_ms_median": timing["latency_ms_median"],
+        "batched_tokens_per_s": tokens / seconds if seconds > 0 else math.nan,
+        "examples": n, "device": device_name,
+        "batched_examples_per_s": n / seconds if seconds > 0 else math.nan,
+        "latency_ms_mean": timing["latency_ms_mean"], "latency_examples": len(timed),
+        "output_tokens_per_example": tokens / n,
+        "student_forwards_per_example": timing["student_forwards_per_example"],
+        "budget_cap": setting.budget_cap, "calibrated_for": setting.calibrated_for,
+    }
+    return row, _output_records(setting, task, examples, decoded)
+
+
+def _output_records(setting: Setting, task: Task, examples: Sequence[Example], decoded: Decoded) -> list[dict]:
+    """outputs.jsonl's records of one row: every output text; per-token provenance for Training Wheels."""
+    records = []
+    outputs = zip(examples, decoded.texts, decoded.output_ids, decoded.from_teacher, strict=True)
+    for index, (example, text, ids, flags) in enumerate(outputs):
+        record = {"method": setting.method, "setting": setting.setting, "index": index, "output": text}
+        if setting.method == "training_wheels":
+            record.update({
+                "budget": setting.budget, "budget_cap": setting.budget_cap, "calibrated_for": setting.calibrated_for,
+                "source": example.source, "reference": example.reference,
+                "token_ids": ids, "tokens": token_pieces(task.tokenizer, ids), "from_teacher": flags,
+                "teacher_fraction": sum(flags) / len(flags) if flags else 0.0,
+            })
+        records.append(record)
+    return records

@@ -53,7 +53,7 @@ from agents.distributed import (
 )
 from agents.evaluation import seeded_subset
 from agents.objectives import reverse_kl
-from agents.run import Throughput, check_selection_data, load_tasks, start_run
+from agents.run import Run, Throughput, check_selection_data, load_tasks, start_run, student_source
 from tw_env.atomic import publish_dir, write_json
 from tw_env.families import family_of
 from tw_env.metrics import quality
@@ -261,91 +261,140 @@ def run(config: GKDConfig) -> dict:
     """Distil the teacher into the student with GKD; returns a summary (also OUTPUT_DIR/summary.json)."""
     check_selection_data(config.env_kwargs, config.eval_split, config.eval_env_kwargs,
                          config.allow_selection_on_training_data)
-    run_ = start_run(config, config.output_dir, data_parallel=True)
-    device, dist = run_.device, run_.dist
-    rows = rows_per_rank(config.batch_size, dist.world_size, "batch_size")  # this rank's prompts per batch
-    out, run_dir = Path(config.output_dir), Path(config.output_dir) / "checkpoints"
-    # The task (teacher, tokenizer, training examples, metric) and its evaluation split, which shares
-    # the loaded teacher. GKD never steps an env.
-    tasks = load_tasks(config.env_id, config.env_kwargs, config.eval_split, config.eval_env_kwargs, device,
-                       max_new_tokens=config.max_new_tokens)
-    task, eval_task = tasks.train, tasks.selection
-    # A seeded random subset of the validation split (§3.3), the same for every evaluation.
-    eval_examples = seeded_subset(eval_task.examples, config.eval_examples, config.seed)
-    teacher, tokenizer, train_examples = task.teacher, task.tokenizer, task.examples
-    max_new_tokens, eos = task.max_new_tokens, task.eos_token_id
+    gkd = _GKDRun(config, start_run(config, config.output_dir, data_parallel=True))
+    gkd.train()
+    return gkd.finish()
 
-    source = config.student or task.student
-    if source is None:
-        raise ValueError("no student model: pass --student (a hub id or a directory) or a task with a default student")
-    student = load_model(source, role="student", device=device)
-    vocab = check_same_vocabulary(teacher, output_vocab_size(student))
+
+def _load_student(config: GKDConfig, task: Task, device: torch.device) -> tuple[PreTrainedModel, int]:
+    """The student to distil (``config.student``, else the task's), in eval mode, and the shared vocabulary size."""
+    student = load_model(student_source(config.student, task), role="student", device=device)
+    vocab = check_same_vocabulary(task.teacher, output_vocab_size(student))
     student.eval()  # dropout off (§5.2); gradients still flow
+    return student, vocab
 
-    def make_optimizer(model: PreTrainedModel) -> torch.optim.AdamW:
-        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
-    optimizer = make_optimizer(student)
-    rng = np.random.default_rng(rank_seed(config.seed, dist.rank))
-    torch.manual_seed(rank_seed(config.seed, dist.rank))
-    selection: dict = {"best": None, "evaluations": []}
-    start = 0
-    latest = ckpt.latest_checkpoint(run_dir)
-    if latest is not None:  # resume exactly: student, optimiser, RNG states, step, best so far
-        student = load_model(latest / "student", role="student", device=device).eval()
-        optimizer = make_optimizer(student)
-        ckpt.load_optimizer(latest / "optimizer.pt", optimizer)
+@dataclass
+class _GKDState:
+    """What a GKD run trains and resumes from a checkpoint: the student, its optimiser, the data RNG,
+    the batches done and the checkpoint selection so far."""
+
+    config: GKDConfig
+    student: PreTrainedModel
+    rng: np.random.Generator
+    step: int = 0
+    selection: dict = field(default_factory=lambda: {"best": None, "evaluations": []})
+    optimizer: torch.optim.AdamW = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.optimizer = self.make_optimizer()
+
+    def make_optimizer(self) -> torch.optim.AdamW:
+        return torch.optim.AdamW(self.student.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+
+    def resume(self, latest: Path, device: torch.device, dist: Distributed) -> None:
+        """Resume exactly from the checkpoint ``latest``: student, optimiser, RNG states, step, best so far."""
+        self.student = load_model(latest / "student", role="student", device=device).eval()
+        self.optimizer = self.make_optimizer()
+        ckpt.load_optimizer(latest / "optimizer.pt", self.optimizer)
         state = ckpt.load_json(latest / "state.json")
-        start, selection = state["step"], state["selection"]
+        self.step, self.selection = state["step"], state["selection"]
         # last: loading must not move the restored RNGs
-        ckpt.restore_rng_state(rank_part(state, "rng", dist, latest), rng)
-    trained = wrap(student, dist)  # the training forward: gradients averaged over ranks
+        ckpt.restore_rng_state(rank_part(state, "rng", dist, latest), self.rng)
 
-    def checkpoint(step: int) -> None:
-        rank_rngs = all_gather_objects(ckpt.rng_state(rng), dist)
-        state = {"step": step, "selection": selection, "rng": rank_rngs[0], "world_size": dist.world_size,
+    def checkpoint(self, run_dir: Path, step: int, dist: Distributed) -> None:
+        """A resumable checkpoint after ``step`` batches (written by rank 0; every rank then reads the same)."""
+        rank_rngs = all_gather_objects(ckpt.rng_state(self.rng), dist)
+        state = {"step": step, "selection": self.selection, "rng": rank_rngs[0], "world_size": dist.world_size,
                  "rank_rng": rank_rngs}
 
         def write(folder: Path) -> None:
-            student.save_pretrained(folder / "student")
-            ckpt.save_optimizer(folder / "optimizer.pt", optimizer)
+            self.student.save_pretrained(folder / "student")
+            ckpt.save_optimizer(folder / "optimizer.pt", self.optimizer)
             ckpt.save_json(folder / "state.json", state)
         if dist.is_main:
-            ckpt.write_checkpoint(run_dir, step, write, keep=config.keep_checkpoints)
+            ckpt.write_checkpoint(run_dir, step, write, keep=self.config.keep_checkpoints)
         barrier(dist)  # every rank then reads the same latest checkpoint
 
-    writer = summary_writer(str(out / "tensorboard"), dist)
 
-    def evaluate_and_select(step: int) -> dict:
-        score = evaluate(student, eval_task, eval_examples, config.prompt, max_new_tokens, config.batch_size, dist)
-        writer.add_scalar("eval/quality", score, step)
-        return select(student, tokenizer, score, step, selection, out, write=dist.is_main)
+class _GKDRun:
+    """One ``tw gkd`` run: setup (and resume), the batches, the final evaluation and summary."""
 
-    n_student = math.floor(config.student_fraction * rows + 0.5)
-    t0 = time.time()
-    progress = tqdm(range(start, config.batches), desc="GKD", initial=start, total=config.batches,
-                    disable=not dist.is_main)
-    throughput = Throughput()
-    for step in progress:
+    def __init__(self, config: GKDConfig, run_: Run) -> None:
+        self.config, self.run_ = config, run_
+        device, dist = self.device, self.dist = run_.device, run_.dist
+        self.rows = rows_per_rank(config.batch_size, dist.world_size, "batch_size")  # this rank's prompts per batch
+        self.out, self.run_dir = Path(config.output_dir), Path(config.output_dir) / "checkpoints"
+        # The task (teacher, tokenizer, training examples, metric) and its evaluation split, which shares
+        # the loaded teacher. GKD never steps an env.
+        tasks = load_tasks(config.env_id, config.env_kwargs, config.eval_split, config.eval_env_kwargs, device,
+                           max_new_tokens=config.max_new_tokens)
+        self.task, self.eval_task = tasks.train, tasks.selection
+        # A seeded random subset of the validation split (§3.3), the same for every evaluation.
+        self.eval_examples = seeded_subset(self.eval_task.examples, config.eval_examples, config.seed)
+        student, self.vocab = _load_student(config, self.task, device)
+        self.state = _GKDState(config, student, np.random.default_rng(rank_seed(config.seed, dist.rank)))
+        torch.manual_seed(rank_seed(config.seed, dist.rank))
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest is not None:
+            self.state.resume(latest, device, dist)
+        self.trained = wrap(self.state.student, dist)  # the training forward: gradients averaged over ranks
+        self.writer = summary_writer(str(self.out / "tensorboard"), dist)
+        self.n_student = math.floor(config.student_fraction * self.rows + 0.5)
+        self.t0 = time.time()
+        self.throughput = Throughput()
+
+    def evaluate_and_select(self, step: int) -> None:
+        config, state = self.config, self.state
+        score = evaluate(state.student, self.eval_task, self.eval_examples, config.prompt, self.task.max_new_tokens,
+                         config.batch_size, self.dist)
+        self.writer.add_scalar("eval/quality", score, step)
+        state.selection = select(state.student, self.task.tokenizer, score, step, state.selection, self.out,
+                                 write=self.dist.is_main)
+
+    def train(self) -> None:
+        """The batches from the resumed step on, with evaluations and resumable checkpoints."""
+        config = self.config
+        progress = tqdm(range(self.state.step, config.batches), desc="GKD", initial=self.state.step,
+                        total=config.batches, disable=not self.dist.is_main)
+        for step in progress:
+            losses = self.train_batch(step)
+            progress.set_postfix(loss=f"{np.mean(losses):.4f}")
+            # 3. Checkpoint selection on validation, and resumable checkpoints.
+            if config.eval_every and (step + 1) % config.eval_every == 0:
+                self.evaluate_and_select(step + 1)
+            if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.batches:
+                self.state.checkpoint(self.run_dir, step + 1, self.dist)
+
+    def train_batch(self, step: int) -> list[float]:
+        """One batch: trajectories, then ``updates_per_batch`` reverse-KL updates on them; their losses."""
+        config, state, task, dist = self.config, self.state, self.task, self.dist
+        student, device = state.student, self.device
         batch_start = time.perf_counter()
         # 1. Trajectories: student samples (on-policy) and teacher outputs for random training prompts
         #    (each rank: its batch_size / N prompts from its shard of the examples).
-        index = draw_examples(rng, len(train_examples), rows, dist)
-        ids, mask = task.plain_prompts([train_examples[i].source for i in index], config.prompt, device)
+        index = draw_examples(state.rng, len(task.examples), self.rows, dist)
+        ids, mask = task.plain_prompts([task.examples[i].source for i in index], config.prompt, device)
+        n_student = self.n_student
         if config.pairing == "per_prompt":
             ids, mask, n_student = pair_prompts(ids, mask)
-        batch = collect(student, teacher, ids, mask, n_student, max_new_tokens, eos)
+        batch = collect(student, task.teacher, ids, mask, n_student, task.max_new_tokens, task.eos_token_id)
         with torch.no_grad():
-            teacher_logits = logits_on(teacher, batch)[..., :vocab].float().to(device)
+            teacher_logits = logits_on(task.teacher, batch)[..., :self.vocab].float().to(device)
         # 2. Several reverse-KL updates on the same trajectories.
         tokens = float(batch.mask.sum())
         all_tokens = all_sum(tokens, dist)
         scale = data_parallel_loss_scale(tokens, all_tokens, dist.world_size)
-        losses = [gkd_update(student, optimizer, batch, teacher_logits, config.grad_clip, trained, scale)
+        losses = [gkd_update(student, state.optimizer, batch, teacher_logits, config.grad_clip, self.trained, scale)
                   for _ in range(config.updates_per_batch)]
-        throughput.add(int(all_tokens), time.perf_counter() - batch_start)
+        self.throughput.add(int(all_tokens), time.perf_counter() - batch_start)
         if config.check_replicas:
             check_replicas(dist, list(student.parameters()), what=f"student after GKD batch {step + 1}")
+        self.log_batch(step, batch, losses)
+        return losses
+
+    def log_batch(self, step: int, batch: GKDBatch, losses: list[float]) -> None:
+        writer = self.writer
         writer.add_scalar("gkd/loss", float(np.mean(losses)), step)
         writer.add_scalar("gkd/loss_before_updates", losses[0], step)
         lengths = batch.mask.sum(dim=1).float()
@@ -353,28 +402,27 @@ def run(config: GKDConfig) -> dict:
             writer.add_scalar("gkd/student_length", float(lengths[batch.from_student].mean()), step)
         if (~batch.from_student).any():
             writer.add_scalar("gkd/teacher_length", float(lengths[~batch.from_student].mean()), step)
-        progress.set_postfix(loss=f"{np.mean(losses):.4f}")
-        # 3. Checkpoint selection on validation, and resumable checkpoints.
-        if config.eval_every and (step + 1) % config.eval_every == 0:
-            selection = evaluate_and_select(step + 1)
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.batches:
-            checkpoint(step + 1)
-    # The final student is always evaluated (batches=0 evaluates the initial one), once.
-    if not selection["evaluations"] or selection["evaluations"][-1]["step"] != config.batches:
-        selection = evaluate_and_select(config.batches)
-    latest = ckpt.latest_checkpoint(run_dir)
-    if latest is None or ckpt.load_json(latest / "state.json")["step"] != config.batches:
-        checkpoint(config.batches)  # a finished run re-run (or extended) resumes from here
-    if dist.is_main:
-        save_model_dir(student, tokenizer, out / "final")
-    barrier(dist)
-    writer.close()
-    summary = {
-        "batches": config.batches, "updates": config.batches * config.updates_per_batch,
-        "seconds_this_run": time.time() - t0, "prompt": config.prompt, "eval_examples": len(eval_examples),
-        "metric": eval_task.metric, "best": selection["best"], "evaluations": selection["evaluations"],
-        "best_dir": str(out / "best"), "final_dir": str(out / "final"), "processes": dist.world_size,
-        **throughput.summary("trajectory"),
-    }
-    run_.write_summary(summary)
-    return summary
+
+    def finish(self) -> dict:
+        """Evaluate the final student (once), leave a checkpoint to resume from, save final/; the summary."""
+        config, state, dist, out = self.config, self.state, self.dist, self.out
+        # The final student is always evaluated (batches=0 evaluates the initial one), once.
+        if not state.selection["evaluations"] or state.selection["evaluations"][-1]["step"] != config.batches:
+            self.evaluate_and_select(config.batches)
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest is None or ckpt.load_json(latest / "state.json")["step"] != config.batches:
+            state.checkpoint(self.run_dir, config.batches, dist)  # a finished run re-run (or extended) resumes from here
+        if dist.is_main:
+            save_model_dir(state.student, self.task.tokenizer, out / "final")
+        barrier(dist)
+        self.writer.close()
+        summary = {
+            "batches": config.batches, "updates": config.batches * config.updates_per_batch,
+            "seconds_this_run": time.time() - self.t0, "prompt": config.prompt,
+            "eval_examples": len(self.eval_examples), "metric": self.eval_task.metric,
+            "best": state.selection["best"], "evaluations": state.selection["evaluations"],
+            "best_dir": str(out / "best"), "final_dir": str(out / "final"), "processes": dist.world_size,
+            **self.throughput.summary("trajectory"),
+        }
+        self.run_.write_summary(summary)
+        return summary

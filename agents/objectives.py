@@ -267,16 +267,8 @@ def phase1_loss(
 # ---------------------------------------------------------------------------------------------
 
 
-def pcl_consistency_error(
-    log_pi: Tensor,
-    values: Tensor,
-    rewards: Tensor,
-    mask: Tensor,
-    tau: float,
-    gamma: float = 1.0,
-    horizon: int | None = None,
-    bootstrap: Tensor | None = None,
-) -> Tensor:
+def pcl_consistency_error(log_pi: Tensor, values: Tensor, rewards: Tensor, mask: Tensor, tau: float, gamma: float = 1.0,
+                          horizon: int | None = None, bootstrap: Tensor | None = None) -> Tensor:
     """Soft path-consistency error C_i for the sub-trajectory starting at every position i.
 
         C_i = −V(s_i) + γ^{d_i} V(s_{i+d_i}) + Σ_{j=0}^{d_i−1} γ^j (r_{i+j} − τ log π(a_{i+j} | s_{i+j}))
@@ -300,21 +292,8 @@ def pcl_consistency_error(
         ``[B, T]`` C_i; 0 at invalid positions.  Nothing is detached: PCL trains π and V on the same
         squared error (the two networks get separate learning rates in the optimiser).
     """
-    _check_2d("log_pi", log_pi)
-    shape = tuple(log_pi.shape)
-    _check_2d("values", values, shape)
-    _check_2d("rewards", rewards, shape)
-    valid = _as_bool_mask("mask", mask, shape)
-    rows, steps = shape
-    if not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
-    if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1):
-        raise ValueError(f"horizon must be a positive int or None, got {horizon!r}")
-    if steps > 1 and bool((valid[:, 1:] & ~valid[:, :-1]).any()):
-        raise ValueError("mask must mark a prefix of each row as valid (padding only after the episode end)")
-    if bootstrap is not None and tuple(bootstrap.shape) != (rows,):
-        raise ValueError(f"bootstrap must have shape [B]=({rows},), got {tuple(bootstrap.shape)}")
-
+    valid = _check_pcl_inputs(log_pi, values, rewards, mask, gamma, horizon, bootstrap)
+    rows, steps = valid.shape
     d = steps if horizon is None else min(horizon, steps)
     dtype, device = values.dtype, values.device
     zero = torch.zeros((), dtype=dtype, device=device)
@@ -322,19 +301,8 @@ def pcl_consistency_error(
     # Per-step soft reward; `where` (not multiplication) so that -inf/NaN in padding cannot leak.
     # Zeros after the episode end make every window sum stop at the end automatically.
     soft_reward = torch.where(valid, rewards - tau * log_pi, zero)
-
-    # Windowed discounted sums Σ_{j<d} γ^j u_{i+j} for all i at once as u @ Wᵀ with the banded
-    # matrix W[i, k] = γ^{k−i} for i ≤ k < i+d.  O(T²) but one matmul, and it avoids dividing a
-    # γ^k-weighted prefix sum by γ^i, which underflows for long episodes with γ < 1.
+    path_reward = _window_sums(soft_reward, gamma, d)  # [B, T]
     pos = torch.arange(steps, device=device)
-    offset = pos.unsqueeze(0) - pos.unsqueeze(1)  # offset[i, k] = k − i
-    in_window = (offset >= 0) & (offset < d)
-    window = torch.where(
-        in_window,
-        torch.pow(torch.tensor(gamma, dtype=dtype, device=device), offset.clamp(min=0).to(dtype)),
-        zero,
-    )
-    path_reward = soft_reward @ window.T  # [B, T]
 
     # Value at the end of each window: V(s_{i+d}) inside the episode, the bootstrap at its end.
     length = valid.sum(dim=1, keepdim=True)  # [B, 1] = L
@@ -350,16 +318,50 @@ def pcl_consistency_error(
     return torch.where(valid, error, zero)
 
 
-def pcl_loss(
-    log_pi: Tensor,
-    values: Tensor,
-    rewards: Tensor,
-    mask: Tensor,
-    tau: float,
-    gamma: float = 1.0,
-    horizon: int | None = None,
-    bootstrap: Tensor | None = None,
+def _check_pcl_inputs(
+    log_pi: Tensor, values: Tensor, rewards: Tensor, mask: Tensor, gamma: float, horizon: int | None,
+    bootstrap: Tensor | None,
 ) -> Tensor:
+    """The shape and range checks of :func:`pcl_consistency_error`; the ``[B, T]`` bool mask of valid positions."""
+    _check_2d("log_pi", log_pi)
+    shape = tuple(log_pi.shape)
+    _check_2d("values", values, shape)
+    _check_2d("rewards", rewards, shape)
+    valid = _as_bool_mask("mask", mask, shape)
+    rows, steps = shape
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
+    if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1):
+        raise ValueError(f"horizon must be a positive int or None, got {horizon!r}")
+    if steps > 1 and bool((valid[:, 1:] & ~valid[:, :-1]).any()):
+        raise ValueError("mask must mark a prefix of each row as valid (padding only after the episode end)")
+    if bootstrap is not None and tuple(bootstrap.shape) != (rows,):
+        raise ValueError(f"bootstrap must have shape [B]=({rows},), got {tuple(bootstrap.shape)}")
+    return valid
+
+
+def _window_sums(u: Tensor, gamma: float, d: int) -> Tensor:
+    """Windowed discounted sums Σ_{j<d} γ^j u_{i+j} ``[B, T]`` for every start i of ``u`` ``[B, T]``.
+
+    All at once as u @ Wᵀ with the banded matrix W[i, k] = γ^{k−i} for i ≤ k < i+d.  O(T²) but one
+    matmul, and it avoids dividing a γ^k-weighted prefix sum by γ^i, which underflows for long
+    episodes with γ < 1.
+    """
+    dtype, device = u.dtype, u.device
+    zero = torch.zeros((), dtype=dtype, device=device)
+    pos = torch.arange(u.shape[1], device=device)
+    offset = pos.unsqueeze(0) - pos.unsqueeze(1)  # offset[i, k] = k − i
+    in_window = (offset >= 0) & (offset < d)
+    window = torch.where(
+        in_window,
+        torch.pow(torch.tensor(gamma, dtype=dtype, device=device), offset.clamp(min=0).to(dtype)),
+        zero,
+    )
+    return u @ window.T
+
+
+def pcl_loss(log_pi: Tensor, values: Tensor, rewards: Tensor, mask: Tensor, tau: float, gamma: float = 1.0,
+             horizon: int | None = None, bootstrap: Tensor | None = None) -> Tensor:
     """PCL loss (scalar): Σ_i ½ C_i² over the valid start positions of each row, averaged over rows.
 
     Normalisation: the sum over positions is divided by B (the number of rows, including rows

@@ -11,8 +11,10 @@ model family: an encoder-decoder (T5) or a causal, decoder-only LM (``AutoModelF
 - Saved with safetensors: the underlying LM through ``save_pretrained`` (loadable by plain
   transformers) and the Training Wheels parameters (β, the <τ> head) beside it, with the family.
 
-What depends on the family is how the LM reads the prompt Y and then X^(in) (:class:`_FamilyReads`);
-the rest (Eq. 15, the prompt summary, the heads, the rollout) is written once:
+What depends on the family is how the LM reads the prompt Y and then X^(in): methods of the model
+family (:meth:`~tw_env.model_family.ModelFamily.read_prompt`, ``read_stream``, ``restart_rows``, and
+``lm_head_logits`` for the head); the rest (Eq. 15, the prompt summary, the heads, the rollout) is
+written once:
 
 =================  ==========================================  ===============================================
                    encoder-decoder (T5)                        decoder-only (causal LM)
@@ -32,7 +34,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,16 +44,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from tw_env.families import (
-    DECODER_ONLY,
-    ENCODER_DECODER,
-    FAMILIES,
-    IncrementalDecoding,
-    ModelFamily,
-    family_of,
-)
-from tw_env.incremental import IncrementalDecoder
-from tw_env.models import lm_head_logits, load_model, output_vocab_size
+from tw_env.families import FAMILIES, IncrementalDecoding, ModelFamily, PromptPass, family_of
+from tw_env.models import load_model, output_vocab_size
 
 EXTRA_WEIGHTS = "training_wheels.safetensors"
 EXTRA_CONFIG = "training_wheels.json"
@@ -96,129 +90,6 @@ class _StateEmbedding(nn.Module):
         return vectors + from_teacher.unsqueeze(-1).to(vectors.dtype) * self.beta.to(vectors.dtype)
 
 
-# ------------------------------------------------------------------------------------ the family's reads
-
-
-@dataclass
-class _PromptPass:
-    """What a teacher-forced pass keeps of the prompt between reading it and reading X^(in)."""
-
-    states: torch.Tensor  # [B, L, d]: the prompt states the summary is the mean of
-    mask: torch.Tensor  # [B, L]: which of them are real tokens
-    first: torch.Tensor  # [B]: the token the X^(in) stream reads first (before x_1)
-    decoder: IncrementalDecoding | None = None  # causal: the incremental decoder holding the prompt's cache
-
-
-class _FamilyReads(ABC):
-    """How the policy's LM reads the prompt Y and then X^(in), for one model family.
-
-    The X^(in) stream is ``[first ; x_1 … x_T]`` (``first``: T5's decoder start token, a causal LM's
-    last prompt token, as :meth:`~tw_env.families.ModelFamily.restart_inputs` says); the state after
-    stream token i gives π for action i+1.
-    """
-
-    @abstractmethod
-    def read_prompt(
-        self, model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, steps: int,
-        encoded: torch.Tensor | None = None,
-    ) -> _PromptPass:
-        """Read right-padded prompts ``[B, L]`` for a teacher-forced pass over ``steps`` stream tokens."""
-
-    @abstractmethod
-    def read_stream(
-        self, model: PreTrainedModel, prompt: _PromptPass, embeds: torch.Tensor, state_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Final states ``[B, T+1, d]`` of the embedded stream ``embeds`` ``[B, T+1, d]`` (mask ``[B, T]`` of X^(in))."""
-
-    @abstractmethod
-    def restart(
-        self, model: PreTrainedModel, decoder: IncrementalDecoding, rows: torch.Tensor, prompt_ids: torch.Tensor,
-        prompt_mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Begin episodes in ``rows`` of an incremental decoder: their prompt states ``[R, L, d]``, mask and first tokens ``[R]``."""
-
-
-class _EncoderDecoderReads(_FamilyReads):
-    """T5: the encoder reads Y; the decoder reads the stream with cross-attention to the encoder states."""
-
-    def read_prompt(
-        self, model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, steps: int,
-        encoded: torch.Tensor | None = None,
-    ) -> _PromptPass:
-        if encoded is None:
-            encoded = model.get_encoder()(input_ids=prompt_ids, attention_mask=prompt_mask).last_hidden_state
-        first = torch.full_like(prompt_ids[:, 0], ENCODER_DECODER.start_token_id(model))
-        return _PromptPass(encoded, prompt_mask, first)
-
-    def read_stream(
-        self, model: PreTrainedModel, prompt: _PromptPass, embeds: torch.Tensor, state_mask: torch.Tensor
-    ) -> torch.Tensor:
-        mask = torch.cat([torch.ones_like(state_mask[:, :1]), state_mask], dim=1).long()
-        out = model.get_decoder()(
-            inputs_embeds=embeds, attention_mask=mask, encoder_hidden_states=prompt.states,
-            encoder_attention_mask=prompt.mask, use_cache=False,
-        )
-        states: torch.Tensor = out.last_hidden_state
-        return states
-
-    def restart(
-        self, model: PreTrainedModel, decoder: IncrementalDecoding, rows: torch.Tensor, prompt_ids: torch.Tensor,
-        prompt_mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        decoder.restart(rows, prompt_ids, prompt_mask)
-        encoder_states, encoder_mask = encoder_outputs(decoder)
-        first = torch.full_like(rows, ENCODER_DECODER.start_token_id(model))
-        return encoder_states[rows], encoder_mask[rows], first
-
-
-class _DecoderOnlyReads(_FamilyReads):
-    """A causal LM: Y minus its last token is prefilled into a KV cache, then the stream follows it.
-
-    The prompt states are the prefill's final states. Why those and not the last prompt token's state
-    (the best single summary of Y in a causal model): the last prompt token is the stream's first
-    token, whose input the summary is added to, so its state cannot feed the summary. A one-token
-    prompt has no prefill; its summary reads a mean of nothing, zero.
-
-    The teacher-forced pass runs the same :class:`~tw_env.causal_incremental.CausalIncrementalDecoder`
-    as the rollout: a prefill, then the whole stream in one k-token step. Each token is read once;
-    right padding, per-row positions (|Y_b|−1, |Y_b|, … for the stream of row b) and masks are those
-    of the incremental path by construction.
-    """
-
-    def read_prompt(
-        self, model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, steps: int,
-        encoded: torch.Tensor | None = None,
-    ) -> _PromptPass:
-        if encoded is not None:
-            raise TypeError("encoded (an encoder's output) applies to encoder-decoder policies; this policy is decoder-only")
-        decoder = DECODER_ONLY.incremental_decoder(model, prompt_ids.shape[0], steps)
-        states, mask, first = self.restart(
-            model, decoder, torch.arange(prompt_ids.shape[0], device=prompt_ids.device), prompt_ids, prompt_mask
-        )
-        return _PromptPass(states, mask, first, decoder)
-
-    def read_stream(
-        self, model: PreTrainedModel, prompt: _PromptPass, embeds: torch.Tensor, state_mask: torch.Tensor
-    ) -> torch.Tensor:
-        # Right padding of X^(in) needs no mask: a padded position comes after every real one of its row.
-        if prompt.decoder is None:
-            raise RuntimeError("a decoder-only prompt pass holds its incremental decoder")
-        return prompt.decoder.step(inputs_embeds=embeds)
-
-    def restart(
-        self, model: PreTrainedModel, decoder: IncrementalDecoding, rows: torch.Tensor, prompt_ids: torch.Tensor,
-        prompt_mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        context_ids, context_mask, first = DECODER_ONLY.restart_batch(model, prompt_ids, prompt_mask)
-        states = decoder.restart(rows, context_ids, context_mask)
-        if states is None:
-            raise TypeError(f"{type(decoder).__name__} is not a causal LM's incremental decoder (its restart returns no states)")
-        return states, context_mask.to(states.device), first.to(states.device)
-
-
-_READS: dict[str, _FamilyReads] = {ENCODER_DECODER.name: _EncoderDecoderReads(), DECODER_ONLY.name: _DecoderOnlyReads()}
-
-
 # ------------------------------------------------------------------------------------ policy and value
 
 
@@ -226,8 +97,8 @@ class _StateModel(nn.Module):
     """Shared plumbing: an LM that reads (Y, X^(in)) with the Eq. 15 embedding, for either family.
 
     Besides Eq. 15, every input of the X^(in) stream also receives a *prompt summary*: a learnt
-    projection of the mean prompt state (the encoder states of T5; see :class:`_DecoderOnlyReads` for
-    a causal LM), zero at initialisation (so the pretrained LM is unchanged at first).
+    projection of the mean prompt state (the encoder states of T5, the prefill's final states of a causal
+    LM: :meth:`~tw_env.model_family.ModelFamily.restart_rows`), zero at initialisation (so the pretrained LM is unchanged at first).
     Why: the budget lives in the prompt, and a small student's cross-attention is busy aligning
     source words; on the embedded task a 60k-parameter student could not tell "no", "light",
     "moderate-light" and "moderate" apart through cross-attention alone after phase 1 (its
@@ -250,10 +121,6 @@ class _StateModel(nn.Module):
         return family_of(self.model)
 
     @property
-    def _reads(self) -> _FamilyReads:
-        return _READS[self.family.name]
-
-    @property
     def start_token_id(self) -> int:
         """The decoder start token (encoder-decoder policies only; a causal stream starts with the prompt's last token)."""
         return self.family.start_token_id(self.model)
@@ -270,24 +137,23 @@ class _StateModel(nn.Module):
         return self.prompt_summary(mean.to(self.prompt_summary.weight.dtype)).to(encoder_states.dtype)
 
     def encode(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-        """The encoder states of the prompts (encoder-decoder policies)."""
-        if self.family is not ENCODER_DECODER:
-            raise TypeError("encode() runs an encoder; this policy is decoder-only (use state_features or decoder_states)")
-        return self.model.get_encoder()(input_ids=prompt_ids, attention_mask=prompt_mask).last_hidden_state
+        """The encoder states of the prompts (a family whose models have an encoder; others raise TypeError)."""
+        return self.family.encode(self.model, prompt_ids, prompt_mask)
 
     def read_prompt(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, steps: int, encoded: torch.Tensor | None = None
-    ) -> _PromptPass:
-        return self._reads.read_prompt(self.model, prompt_ids, prompt_mask, steps, encoded)
+    ) -> PromptPass:
+        """The prompt part of a teacher-forced pass over ``steps`` stream tokens, as the family reads it."""
+        return self.family.read_prompt(self.model, prompt_ids, prompt_mask, steps, encoded)
 
     def stream_states(
-        self, prompt: _PromptPass, summary: torch.Tensor, state_ids: torch.Tensor, state_mask: torch.Tensor
+        self, prompt: PromptPass, summary: torch.Tensor, state_ids: torch.Tensor, state_mask: torch.Tensor
     ) -> torch.Tensor:
         """Final states ``[B, T+1, d]`` of the stream ``[first ; X^(in)]`` after the prompt pass."""
         inputs = torch.cat([prompt.first[:, None].to(state_ids.dtype), state_ids], dim=1)
         embeds = self.state_embedding(self.model.get_input_embeddings(), inputs)
         embeds = embeds + summary[:, None].to(embeds.dtype)
-        return self._reads.read_stream(self.model, prompt, embeds, state_mask)
+        return self.family.read_stream(self.model, prompt, embeds, state_mask)
 
     def decoder_states(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, state_ids: torch.Tensor, state_mask: torch.Tensor,
@@ -314,7 +180,7 @@ class _StateModel(nn.Module):
     ) -> tuple[PromptFeatures, torch.Tensor]:
         """Begin episodes in ``rows`` of ``decoder`` (an incremental decoder of this model's LM) with
         right-padded prompts: their :class:`PromptFeatures` and the token each row's first step reads."""
-        states, mask, first = self._reads.restart(self.model, decoder, rows, prompt_ids, prompt_mask)
+        states, mask, first = self.family.restart_rows(self.model, decoder, rows, prompt_ids, prompt_mask)
         return self.prompt_features(states, mask), first
 
     def step_states(self, decoder: IncrementalDecoding, ids: torch.Tensor, prompt: PromptFeatures) -> torch.Tensor:
@@ -371,7 +237,7 @@ class StudentPolicy(_StateModel):
 
     def head(self, decoder_states: torch.Tensor, prompt: PromptFeatures) -> torch.Tensor:
         """Logits over V + 1 actions from final states ``[B, (T,) d]`` and the prompt's features."""
-        token_logits = lm_head_logits(self.model, decoder_states)
+        token_logits = self.family.lm_head_logits(self.model, decoder_states)
         dtype = self.call_head.weight.dtype
         log_probs = torch.log_softmax(token_logits.detach().to(dtype), dim=-1)
         entropy = -torch.linalg.vecdot(log_probs.exp(), log_probs)
@@ -545,19 +411,6 @@ def _sample_categorical(logits: torch.Tensor, generator: torch.Generator) -> tor
     return torch.searchsorted(cdf, u.to(cdf.device)).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
-def encoder_outputs(decoder: IncrementalDecoding) -> tuple[torch.Tensor, torch.Tensor]:
-    """An encoder-decoder's incremental decoder's encoder states ``[B, L, d]`` and mask ``[B, L]`` (set by
-    its first ``restart``). A causal LM's decoder has none: its ``restart`` returns its context's states."""
-    if not isinstance(decoder, IncrementalDecoder):
-        raise TypeError(
-            f"encoder_outputs reads an encoder-decoder's IncrementalDecoder, got {type(decoder).__name__}; a causal "
-            "LM has no encoder (its decoder's restart returns the prompt states)"
-        )
-    if decoder.encoder_states is None or decoder.encoder_mask is None:
-        raise RuntimeError("the decoder has no encoder states yet: restart() every row before reading them")
-    return decoder.encoder_states, decoder.encoder_mask
-
-
 def observation_tensors(obs: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
     """Batched env observations as tensors: prompt ids/mask trimmed to the longest prompt."""
     prompt_length = torch.as_tensor(np.asarray(obs["prompt_length"]).reshape(-1), device=device).long()
@@ -569,35 +422,69 @@ def observation_tensors(obs: dict[str, np.ndarray], device: torch.device) -> dic
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "state_ids": state_ids, "state_length": state_length}
 
 
-class PolicyRollout:
-    """Incremental π for acting: call :meth:`logits` exactly once per environment step.
+class IncrementalReader:
+    """A :class:`_StateModel` read incrementally over a fixed set of rows, one step per environment step
+    (its family's KV-cached incremental decoder).
 
     Rows whose observation has ``state_length == 0`` start a new episode (a reset or a NEXT_STEP
     autoreset): their prompt is read once (T5's encoder; a causal LM's prefill); every other row feeds
-    only its newest X^(in) token.
+    only its newest X^(in) token. The one reader behind :class:`PolicyRollout` (acting) and the SB3
+    policy's :class:`~agents.sb3_adapter.IncrementalStates`.
     """
 
-    def __init__(self, policy: StudentPolicy, num_rows: int, max_episode_len: int) -> None:
-        self.policy = policy
-        self.decoder = policy.family.incremental_decoder(policy.model, num_rows, max_episode_len)
+    def __init__(self, model: _StateModel, num_rows: int, max_episode_len: int) -> None:
+        self.model = model
+        self.decoder = model.family.incremental_decoder(model.model, num_rows, max_episode_len)
         self.prompt: PromptFeatures | None = None  # per row, refreshed when a row's episode starts
         self.first: torch.Tensor | None = None  # per row: the token its first step reads
 
-    @torch.no_grad()
-    def logits(self, obs: dict[str, np.ndarray]) -> torch.Tensor:
-        """``[N, V+1]`` action logits for the current observations."""
-        t = observation_tensors(obs, self.policy.device)
+    def restart(self, rows: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> None:
+        """Begin episodes in ``rows`` with right-padded prompts (the first restart covers every row: the decoder insists)."""
+        fresh, first = self.model.begin(self.decoder, rows, prompt_ids, prompt_mask)
+        if self.prompt is None or self.first is None:
+            self.prompt, self.first = fresh, first
+        else:
+            self.prompt.assign(rows, fresh)
+            self.first[rows] = first.to(self.first.device)
+
+    def step(self, t: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, PromptFeatures]:
+        """One step at observations ``t`` (``state_length``, ``state_ids``, ``prompt_ids``, ``prompt_mask``):
+        the final states ``[N, d]`` after each row's prefix, and the rows' prompt features."""
         length = t["state_length"]
         new = torch.nonzero(length == 0).squeeze(-1)
         if len(new):
-            fresh, first = self.policy.begin(self.decoder, new, t["prompt_ids"][new], t["prompt_mask"][new])
-            if self.prompt is None or self.first is None:  # the first restart covers every row (the decoder insists)
-                self.prompt, self.first = fresh, first
-            else:
-                self.prompt.assign(new, fresh)
-                self.first[new] = first
+            self.restart(new, t["prompt_ids"][new], t["prompt_mask"][new])
         if self.prompt is None or self.first is None:
             raise RuntimeError("the first observations must start an episode in every row (state_length 0)")
         last = t["state_ids"].gather(1, (length - 1).clamp(min=0)[:, None]).squeeze(1)
         tokens = torch.where(length == 0, self.first.to(last.device), last)
-        return self.policy.step_head(self.decoder, tokens, self.prompt).float()
+        return self.model.step_states(self.decoder, tokens, self.prompt), self.prompt
+
+    def catch_up(self, t: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, PromptFeatures]:
+        """Restart every row and read its whole X^(in) prefix in one teacher-forced step, then roll back
+        what each row read past its own prefix (padding): the final states ``[N, d]`` and prompt features."""
+        length = t["state_length"]
+        rows = torch.arange(len(length), device=length.device)
+        self.restart(rows, t["prompt_ids"], t["prompt_mask"])
+        if self.prompt is None or self.first is None:
+            raise RuntimeError("restart() of every row sets the prompt features")
+        width = int(length.max())
+        stream = torch.cat([self.first[:, None].to(t["state_ids"].dtype), t["state_ids"][:, :width]], dim=1)
+        states = self.model.step_states(self.decoder, stream, self.prompt)  # [N, width + 1, d]
+        self.decoder.rollback(width - length)
+        return states[rows, length], self.prompt
+
+
+class PolicyRollout:
+    """Incremental π for acting (an :class:`IncrementalReader` of the policy): call :meth:`logits`
+    exactly once per environment step."""
+
+    def __init__(self, policy: StudentPolicy, num_rows: int, max_episode_len: int) -> None:
+        self.policy = policy
+        self.reader = IncrementalReader(policy, num_rows, max_episode_len)
+
+    @torch.no_grad()
+    def logits(self, obs: dict[str, np.ndarray]) -> torch.Tensor:
+        """``[N, V+1]`` action logits for the current observations."""
+        states, prompt = self.reader.step(observation_tensors(obs, self.policy.device))
+        return self.policy.head(states, prompt).float()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +35,8 @@ from agents.evaluation import (
     seeded_subset,
     worst_violation,
 )
-from agents.run import Tasks, load_tasks, start_run
+from agents.policy import StudentPolicy
+from agents.run import Tasks, load_tasks, phase1_policy_dir, start_run
 from agents.sb3_adapter import (
     LagrangeCallback,
     LMActorCriticPolicy,
@@ -150,17 +152,11 @@ def make_model(config: PPOConfig, venv: VecEnv, init: Path, device: torch.device
 
 def run(config: PPOConfig) -> dict[str, Any]:
     """Train (or resume), evaluate every budget, save ``final``; returns the summary (also summary.json)."""
-    from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import CallbackList
 
     config.validate()
     out = Path(config.output_dir)
-    init = Path(config.init) if config.init else out / "phase1"
-    if not init.exists():
-        raise FileNotFoundError(
-            f"PPO starts from a phase-1 policy, but '{init}' does not exist; run phase 1 first "
-            "(tw train --phase bc) and pass --init RUN_DIR/phase1"
-        )
+    init = phase1_policy_dir(config.init, out, "PPO")
     run_ = start_run(config, out)
     device = run_.device
     tasks = load_tasks(config.env_id, config.env_kwargs, config.eval_split, config.eval_env_kwargs, device,
@@ -169,35 +165,12 @@ def run(config: PPOConfig) -> dict[str, Any]:
     run_dir, tensorboard = out / CHECKPOINTS, out / "tensorboard"
     lagrange = LagrangeCallback(config.budgets, lr=config.lagrange_lr, cap=config.lagrange_cap,
                                 window=config.lagrange_window, floor=config.lagrange_floor)
-    rollout_size = config.n_steps * config.num_envs
-
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is None:
         model = make_model(config, venv, init, device, tensorboard)
-    else:  # resume: weights, optimiser, counters from SB3; λ, its window and the normalisers from state.json
-        model = PPO.load(latest / "model.zip", env=venv, device=device, tensorboard_log=str(tensorboard))
-        state = ckpt.load_json(latest / "state.json")
-        lagrange.load_state_dict(state["lagrange"])
-        model.set_random_seed(config.seed + model.num_timesteps)  # fresh draws, not a replay of the start
-        obs = venv.reset()  # a seeded reset clears the normalisers: restore them after it
-        if not isinstance(obs, dict):
-            raise TypeError(f"expected Dict observations from the vector env, got {type(obs).__name__}")
-        model._last_obs = obs
-        model._last_episode_starts = np.ones(venv.num_envs, dtype=bool)
-        adapter.reward_stats.load_state_dict(state["reward_stats"])
-
-    def save_checkpoint(model: BaseAlgorithm) -> None:
-        state = {
-            "num_timesteps": int(model.num_timesteps), "lagrange": lagrange.state_dict(),
-            "reward_stats": adapter.reward_stats.state_dict(),
-        }
-
-        def write(folder: Path) -> None:
-            model.save(folder / "model.zip")
-            ckpt.save_json(folder / "state.json", state)
-
-        # Numbered by rollout, so that folder names stay six digits and sort in order.
-        ckpt.write_checkpoint(run_dir, -(-model.num_timesteps // rollout_size), write, keep=config.keep_checkpoints)
+    else:
+        model = resume_model(config, latest, adapter, venv, lagrange, device, tensorboard)
+    save_checkpoint = checkpoint_saver(config, run_dir, lagrange, adapter)
 
     wall = WallTimeCallback(config.wall_time_seconds)
     t0 = time.time()
@@ -214,18 +187,7 @@ def run(config: PPOConfig) -> dict[str, Any]:
     if not isinstance(policy, LMActorCriticPolicy):
         raise TypeError(f"the PPO model's policy is a {type(policy).__name__}, expected an LMActorCriticPolicy")
     student = policy.student
-    evaluation = None
-    if config.eval_examples:
-        ceiling = budgets_are_ceilings(config.lagrange_floor)
-        examples = seeded_subset(tasks.selection.examples, config.eval_examples, config.seed)
-        results = evaluate_budgets(student, tasks.selection, examples, config.budgets, tasks.train.max_new_tokens,
-                                   batch_size=config.eval_batch_size)
-        evaluation = {
-            "split": config.eval_split, "meets_budgets": meets_budgets(results, config.delta, ceiling),
-            "worst_violation": worst_violation(results, ceiling), "mean_quality": mean_quality(results),
-            "budget_rule": "ceiling" if ceiling else "target",
-            "results": [dataclasses.asdict(r) for r in results],
-        }
+    evaluation = final_evaluation(config, student, tasks)
     publish_dir(out / "final", student.save)
     summary = {
         "algo": "ppo",
@@ -240,3 +202,61 @@ def run(config: PPOConfig) -> dict[str, Any]:
     venv.close()
     return summary
 
+
+def resume_model(
+    config: PPOConfig, latest: Path, adapter: SB3VecEnvAdapter, venv: VecMonitor, lagrange: LagrangeCallback,
+    device: torch.device, tensorboard: Path,
+) -> PPO:
+    """Resume from the checkpoint ``latest``: weights, optimiser, counters from SB3; λ, its window and the
+    normalisers from state.json."""
+    from stable_baselines3 import PPO
+
+    model = PPO.load(latest / "model.zip", env=venv, device=device, tensorboard_log=str(tensorboard))
+    state = ckpt.load_json(latest / "state.json")
+    lagrange.load_state_dict(state["lagrange"])
+    model.set_random_seed(config.seed + model.num_timesteps)  # fresh draws, not a replay of the start
+    obs = venv.reset()  # a seeded reset clears the normalisers: restore them after it
+    if not isinstance(obs, dict):
+        raise TypeError(f"expected Dict observations from the vector env, got {type(obs).__name__}")
+    model._last_obs = obs
+    model._last_episode_starts = np.ones(venv.num_envs, dtype=bool)
+    adapter.reward_stats.load_state_dict(state["reward_stats"])
+    return model
+
+
+def checkpoint_saver(
+    config: PPOConfig, run_dir: Path, lagrange: LagrangeCallback, adapter: SB3VecEnvAdapter
+) -> Callable[[BaseAlgorithm], None]:
+    """What writes a resumable checkpoint of a PPO model (SB3's model.zip; λ and the normalisers in state.json)."""
+    rollout_size = config.n_steps * config.num_envs
+
+    def save_checkpoint(model: BaseAlgorithm) -> None:
+        state = {
+            "num_timesteps": int(model.num_timesteps), "lagrange": lagrange.state_dict(),
+            "reward_stats": adapter.reward_stats.state_dict(),
+        }
+
+        def write(folder: Path) -> None:
+            model.save(folder / "model.zip")
+            ckpt.save_json(folder / "state.json", state)
+
+        # Numbered by rollout, so that folder names stay six digits and sort in order.
+        ckpt.write_checkpoint(run_dir, -(-model.num_timesteps // rollout_size), write, keep=config.keep_checkpoints)
+
+    return save_checkpoint
+
+
+def final_evaluation(config: PPOConfig, student: StudentPolicy, tasks: Tasks) -> dict[str, Any] | None:
+    """Every budget on a seeded subset of the evaluation split (None with ``eval_examples`` 0)."""
+    if not config.eval_examples:
+        return None
+    ceiling = budgets_are_ceilings(config.lagrange_floor)
+    examples = seeded_subset(tasks.selection.examples, config.eval_examples, config.seed)
+    results = evaluate_budgets(student, tasks.selection, examples, config.budgets, tasks.train.max_new_tokens,
+                               batch_size=config.eval_batch_size)
+    return {
+        "split": config.eval_split, "meets_budgets": meets_budgets(results, config.delta, ceiling),
+        "worst_violation": worst_violation(results, ceiling), "mean_quality": mean_quality(results),
+        "budget_rule": "ceiling" if ceiling else "target",
+        "results": [dataclasses.asdict(r) for r in results],
+    }

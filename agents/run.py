@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from transformers import PreTrainedModel
 
 from agents.config import config_to_json
 from agents.distributed import SINGLE, Distributed, from_environment
@@ -98,6 +99,23 @@ def check_selection_data(
           "(allow_selection_on_training_data is set).", file=sys.stderr, flush=True)
 
 
+def check_calibration_data(env_kwargs: dict[str, Any], split: str, calibration_split: str) -> None:
+    """Refuse calibrating `tw eval`'s thresholds on the evaluated examples.
+
+    The two splits are compared by the data they resolve to (:func:`~tw_env.tasks.env_data_source`),
+    before anything is loaded: a local file has no splits, so two split names may read one file (and
+    a folder's split files may be one file under two names).
+    """
+    evaluated = env_data_source({**env_kwargs, "split": split})
+    if env_data_source({**env_kwargs, "split": calibration_split}) != evaluated:
+        return
+    raise ValueError(
+        f"calibration_split {calibration_split!r} reads the same data as the evaluated split {split!r} "
+        f"({evaluated}); calibrate on other data (e.g. validation.jsonl beside test.jsonl in a folder passed "
+        "as env_kwargs 'data') so that the results stay held out"
+    )
+
+
 @dataclass(frozen=True)
 class Tasks:
     """The training task, the selection task (same loaded teacher) and the env's own options."""
@@ -126,6 +144,26 @@ def load_tasks(
     shared = {"teacher": train.teacher, "tokenizer": train.tokenizer}
     selection = make_task(env_id, **{**task_kwargs, **shared, "split": selection_split, **selection_overrides})
     return Tasks(train, selection, env_options)
+
+
+def student_source(student: str | None, task: Task) -> str | PreTrainedModel:
+    """The student a trainer starts from: ``student`` (``--student``, a hub id or directory), else the task's
+    (a name or a loaded model)."""
+    source = student or task.student
+    if source is None:
+        raise ValueError("no student model: pass --student (a hub id or a directory) or a task with a default student")
+    return str(source) if not isinstance(source, torch.nn.Module) else source
+
+
+def phase1_policy_dir(init: str | None, output_dir: Path, what: str) -> Path:
+    """The phase-1 policy ``what`` starts from: ``init``, else ``OUTPUT_DIR/phase1``; it must exist."""
+    policy_dir = Path(init) if init else output_dir / "phase1"
+    if not policy_dir.exists():
+        raise FileNotFoundError(
+            f"{what} starts from a phase-1 policy, but '{policy_dir}' does not exist; run phase 1 first "
+            "(tw train --phase bc or both) or pass --init RUN_DIR/phase1"
+        )
+    return policy_dir
 
 
 class Throughput:

@@ -47,8 +47,14 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvO
 from torch import nn
 
 from agents.lagrangian import BudgetDual
-from agents.policy import PromptFeatures, StudentPolicy, ValueNetwork, _StateModel, choose_actions
-from tw_env.families import IncrementalDecoding
+from agents.policy import (
+    IncrementalReader,
+    PromptFeatures,
+    StudentPolicy,
+    ValueNetwork,
+    _StateModel,
+    choose_actions,
+)
 from tw_env.rewards import RunningRewardStats
 from tw_env.vector_env import TeacherAssistedDecodingVectorEnv
 
@@ -439,7 +445,7 @@ def _weights_version(model: nn.Module) -> tuple[int, ...]:
 
 class IncrementalStates:
     """A :class:`~agents.policy._StateModel`'s final states at the current observations of a fixed set of
-    rows, one incremental decoder step per environment step (the family's KV-cached decoder).
+    rows, one incremental decoder step per environment step (an :class:`~agents.policy.IncrementalReader`).
 
     Per row it keeps what the cache has read (prompt, X^(in) prefix). An observation that starts an
     episode (``state_length == 0``) restarts its row (T5: the encoder; causal: the prefill); one that
@@ -452,18 +458,16 @@ class IncrementalStates:
     def __init__(self, model: _StateModel, max_episode_len: int) -> None:
         self.model = model
         self.max_episode_len = max_episode_len
-        self.decoder: IncrementalDecoding | None = None
+        self.reader: IncrementalReader | None = None
         self.version: tuple[int, ...] = ()
         self.rebuilds = 0  # how often the cache was rebuilt (the tests read it)
         self._prompt_ids = self._prompt_length = self._state_ids = self._state_length = torch.empty(0)
-        self._features: PromptFeatures | None = None
-        self._first = torch.empty(0)
-        self._last = torch.empty(0)  # the final states of the last call
+        self._last: tuple[torch.Tensor, PromptFeatures] | None = None  # what the last call returned
 
     @torch.no_grad()
     def current(self, t: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, PromptFeatures]:
         """``[B, d]`` final states after each observation's prefix, and the rows' prompt reads."""
-        if self.decoder is None or self._features is None or self.version != _weights_version(self.model):
+        if self.reader is None or self._last is None or self.version != _weights_version(self.model):
             return self._rebuild(t)
         length, prompt_length = t["state_length"], t["prompt_mask"].sum(1)
         known = self._state_length
@@ -471,40 +475,26 @@ class IncrementalStates:
         same_prompt = (prompt_length == self._prompt_length) & _agree(t["prompt_ids"], self._prompt_ids, prompt_length)
         same_prefix = (length >= known) & _agree(t["state_ids"], self._state_ids, known)
         if bool((same_prompt & same_prefix & (length == known)).all()):
-            return self._last, self._features  # the last observations again (e.g. values, then actions)
-        fresh = length == 0
+            return self._last  # the last observations again (e.g. values, then actions)
         follows = same_prompt & same_prefix & (length == known + 1)
-        if not bool((fresh | follows).all()):
+        if not bool(((length == 0) | follows).all()):
             return self._rebuild(t)
-        rows = torch.nonzero(fresh).squeeze(-1)
-        if len(rows):
-            features, first = self.model.begin(self.decoder, rows, t["prompt_ids"][rows], t["prompt_mask"][rows])
-            self._features.assign(rows, features)
-            self._first[rows] = first.to(self._first.device)
-        newest = t["state_ids"].gather(1, (length - 1).clamp(min=0)[:, None]).squeeze(1)
-        tokens = torch.where(fresh, self._first.to(newest.device), newest)
-        self._last = self.model.step_states(self.decoder, tokens, self._features)
-        self._remember(t)
-        return self._last, self._features
+        return self._remember(t, self.reader.step(t))
 
     def _rebuild(self, t: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, PromptFeatures]:
         self.rebuilds += 1
-        length = t["state_length"]
-        rows = torch.arange(len(length), device=length.device)
-        self.decoder = self.model.family.incremental_decoder(self.model.model, len(length), self.max_episode_len)
-        self._features, self._first = self.model.begin(self.decoder, rows, t["prompt_ids"], t["prompt_mask"])
-        width = int(length.max())
-        stream = torch.cat([self._first[:, None].to(t["state_ids"].dtype), t["state_ids"][:, :width]], dim=1)
-        states = self.model.step_states(self.decoder, stream, self._features)  # [B, width + 1, d]
-        self.decoder.rollback(width - length)  # what each row read past its own prefix (padding)
-        self._last = states[rows, length]
+        self.reader = IncrementalReader(self.model, len(t["state_length"]), self.max_episode_len)
+        current = self.reader.catch_up(t)
         self.version = _weights_version(self.model)
-        self._remember(t)
-        return self._last, self._features
+        return self._remember(t, current)
 
-    def _remember(self, t: Mapping[str, torch.Tensor]) -> None:
+    def _remember(
+        self, t: Mapping[str, torch.Tensor], current: tuple[torch.Tensor, PromptFeatures]
+    ) -> tuple[torch.Tensor, PromptFeatures]:
         self._prompt_ids, self._prompt_length = t["prompt_ids"].clone(), t["prompt_mask"].sum(1)
         self._state_ids, self._state_length = t["state_ids"].clone(), t["state_length"].clone()
+        self._last = current
+        return current
 
 
 def _scale_lr(optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

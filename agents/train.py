@@ -54,7 +54,15 @@ from agents.evaluation import (
 from agents.lagrangian import BudgetDual
 from agents.objectives import pcl_loss, phase1_loss
 from agents.policy import StudentPolicy, ValueNetwork
-from agents.run import Run, Throughput, check_selection_data, load_tasks, start_run
+from agents.run import (
+    Run,
+    Throughput,
+    check_selection_data,
+    load_tasks,
+    phase1_policy_dir,
+    start_run,
+    student_source,
+)
 from agents.trajectories import (
     ReplayBuffer,
     Trajectories,
@@ -155,31 +163,15 @@ class Setup:
     envs: TeacherAssistedDecodingVectorEnv
     eval_examples: list[Example]
     writer: SummaryWriter | NullWriter
+    device: torch.device = field(init=False)  # the run's
+    dist: Distributed = field(init=False)  # the run's
+    out: Path = field(init=False)  # the run's output folder
+    train_examples: list[Example] = field(init=False)  # the task's
 
-    @property
-    def device(self) -> torch.device:
-        return self.run.device
-
-    @property
-    def dist(self) -> Distributed:
-        return self.run.dist
-
-    @property
-    def out(self) -> Path:
+    def __post_init__(self) -> None:
         assert self.run.out is not None  # start_run made it: TrainConfig.output_dir is a folder
-        return self.run.out
-
-    @property
-    def teacher(self) -> PreTrainedModel:
-        return self.task.teacher
-
-    @property
-    def train_examples(self) -> list[Example]:
-        return self.task.examples
-
-    @property
-    def max_new_tokens(self) -> int:
-        return self.task.max_new_tokens
+        self.device, self.dist, self.out = self.run.device, self.run.dist, self.run.out
+        self.train_examples = self.task.examples
 
 
 def make_setup(config: TrainConfig) -> Setup:
@@ -196,14 +188,6 @@ def make_setup(config: TrainConfig) -> Setup:
         config, run, tasks.train, envs, seeded_subset(tasks.selection.examples, config.eval_examples, config.seed),
         summary_writer(str(Path(config.output_dir) / "tensorboard"), run.dist),
     )
-
-
-def student_source(setup: Setup) -> str | PreTrainedModel:
-    """The student phase 1 starts from: ``--student`` (a hub id or directory), else the task's (a name or a model)."""
-    source = setup.config.student or setup.task.student
-    if source is None:
-        raise ValueError("no student model: pass --student (a hub id or a directory) or a task with a default student")
-    return str(source) if not isinstance(source, torch.nn.Module) else source
 
 
 def run(config: TrainConfig) -> dict:
@@ -239,76 +223,114 @@ def train_phase1(setup: Setup) -> dict:
     final_dir = setup.out / "phase1"
     if (final_dir / "done.json").exists():
         return json.loads((final_dir / "done.json").read_text())
-    source = student_source(setup)
-    if isinstance(source, PreTrainedModel):  # a task's loaded student: a fresh β/<τ> head around it
-        policy = StudentPolicy(load_lm(source, role="student", device=setup.device))
-        policy = policy.to(policy.model.device)
-    else:
-        policy = StudentPolicy.load(source, device=setup.device)
-    policy.eval()  # dropout off (§5.2); gradients still flow
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.bc_lr, weight_decay=config.bc_weight_decay)
-    rng = np.random.default_rng(rank_seed(config.seed, dist.rank))
-    torch.manual_seed(rank_seed(config.seed, dist.rank))
-    start = 0
-    latest = ckpt.latest_checkpoint(run_dir)
-    if latest is not None:
-        policy = StudentPolicy.load(latest / "policy", device=setup.device).eval()
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=config.bc_lr, weight_decay=config.bc_weight_decay)
-        ckpt.load_optimizer(latest / "optimizer.pt", optimizer)
-        state = ckpt.load_json(latest / "state.json")
-        ckpt.restore_rng_state(rank_part(state, "rng", dist, latest), rng)
-        start = state["step"]
-    trained = wrap(policy, dist)  # the training forward: gradients averaged over ranks
-    rows = rows_per_rank(config.bc_batch_size, dist.world_size, "bc_batch_size")
-    eos = setup.task.eos_token_id
+    clone = Phase1State.start(setup, run_dir)
     t0 = time.time()
-    progress = tqdm(range(start, config.bc_batches), desc="phase 1 (BC)", initial=start, total=config.bc_batches,
-                    disable=not dist.is_main)
+    progress = tqdm(range(clone.step, config.bc_batches), desc="phase 1 (BC)", initial=clone.step,
+                    total=config.bc_batches, disable=not dist.is_main)
     for step in progress:
-        index = draw_examples(rng, len(setup.train_examples), rows, dist)
-        budgets = rng.choice(np.array(config.budgets, dtype=np.float64), size=rows)
-        sources = [setup.train_examples[i].source for i in index]
-        ids, mask = setup.task.prompts(sources, budgets.tolist(), setup.device)
-        oracle = oracle_batch(
-            setup.teacher, policy, ids, mask, torch.as_tensor(budgets, device=setup.device),
-            setup.max_new_tokens, eos, round_up_draws(config, rng, rows, setup.device),
-            setup.task.teacher_prompts(sources, budgets.tolist(), setup.device),
-        )
-        traj = oracle.trajectories
-        logits = trained(ids, mask, traj.state_ids, traj.mask.long())
-        loss = phase1_loss(logits, oracle.teacher_logits, traj.is_call, traj.mask)
-        tokens = float(traj.mask.sum())
-        scale = data_parallel_loss_scale(tokens, all_sum(tokens, dist), dist.world_size)
-        optimizer.zero_grad(set_to_none=True)
-        (loss * scale).backward()  # scale is 1 for one process (exact: the run is unchanged)
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
-        optimizer.step()
+        loss = phase1_step(setup, clone)
         if config.check_replicas:
-            check_replicas(dist, list(policy.parameters()), what=f"policy after phase-1 batch {step + 1}")
+            check_replicas(dist, list(clone.policy.parameters()), what=f"policy after phase-1 batch {step + 1}")
         setup.writer.add_scalar("phase1/loss", loss.item(), step)
         progress.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.bc_batches:
-            rank_rngs = all_gather_objects(ckpt.rng_state(rng), dist)
-
-            def write(folder: Path, step: int = step, rank_rngs: list = rank_rngs) -> None:
-                policy.save(folder / "policy")
-                ckpt.save_optimizer(folder / "optimizer.pt", optimizer)
-                ckpt.save_json(folder / "state.json", {"step": step + 1, "rng": rank_rngs[0],
-                                                       "world_size": dist.world_size, "rank_rng": rank_rngs})
-            if dist.is_main:
-                ckpt.write_checkpoint(run_dir, step + 1, write, keep=config.keep_checkpoints)
-            barrier(dist)
+            clone.checkpoint(run_dir, step + 1, config.keep_checkpoints)
     summary = {"batches": config.bc_batches, "seconds_this_run": time.time() - t0, "processes": dist.world_size}
 
     def build(folder: Path) -> None:
-        policy.save(folder)
+        clone.policy.save(folder)
         write_json(folder / "done.json", summary)
 
     if dist.is_main:
         publish_dir(final_dir, build)
     barrier(dist)  # phase 2 on every rank reads the published policy
     return summary
+
+
+@dataclass
+class Phase1State:
+    """What phase 1 carries from one batch to the next and resumes from a checkpoint: the policy, its
+    optimiser, the rank's data RNG and the batches done. ``trained`` is what the training forward calls
+    (the DDP wrapper, or the policy itself for one process)."""
+
+    policy: StudentPolicy
+    optimizer: Optimizer
+    rng: np.random.Generator  # budgets and examples of each batch, the oracle's rounding
+    dist: Distributed = SINGLE
+    step: int = 0
+    trained: torch.nn.Module = field(init=False)
+
+    @classmethod
+    def start(cls, setup: Setup, run_dir: Path) -> Phase1State:
+        """The student (a fresh β/<τ> head around an LM) or, when ``run_dir`` holds a checkpoint, its state."""
+        config, dist = setup.config, setup.dist
+        source = student_source(config.student, setup.task)
+        if isinstance(source, PreTrainedModel):  # a task's loaded student: a fresh β/<τ> head around it
+            policy = StudentPolicy(load_lm(source, role="student", device=setup.device))
+            policy = policy.to(policy.model.device)
+        else:
+            policy = StudentPolicy.load(source, device=setup.device)
+        policy.eval()  # dropout off (§5.2); gradients still flow
+        state = cls(policy, phase1_optimizer(config, policy), np.random.default_rng(rank_seed(config.seed, dist.rank)),
+                    dist)
+        torch.manual_seed(rank_seed(config.seed, dist.rank))
+        latest = ckpt.latest_checkpoint(run_dir)
+        if latest is not None:
+            state.resume(latest, config, setup.device)
+        state.trained = wrap(state.policy, dist)  # the training forward: gradients averaged over ranks
+        return state
+
+    def resume(self, latest: Path, config: TrainConfig, device: torch.device) -> None:
+        self.policy = StudentPolicy.load(latest / "policy", device=device).eval()
+        self.optimizer = phase1_optimizer(config, self.policy)
+        ckpt.load_optimizer(latest / "optimizer.pt", self.optimizer)
+        state = ckpt.load_json(latest / "state.json")
+        ckpt.restore_rng_state(rank_part(state, "rng", self.dist, latest), self.rng)
+        self.step = state["step"]
+
+    def checkpoint(self, run_dir: Path, step: int, keep: int) -> None:
+        """A resumable checkpoint after ``step`` batches (written by rank 0; every rank waits for it)."""
+        rank_rngs = all_gather_objects(ckpt.rng_state(self.rng), self.dist)
+
+        def write(folder: Path) -> None:
+            self.policy.save(folder / "policy")
+            ckpt.save_optimizer(folder / "optimizer.pt", self.optimizer)
+            ckpt.save_json(folder / "state.json", {"step": step, "rng": rank_rngs[0],
+                                                   "world_size": self.dist.world_size, "rank_rng": rank_rngs})
+        if self.dist.is_main:
+            ckpt.write_checkpoint(run_dir, step, write, keep=keep)
+        barrier(self.dist)
+
+
+def phase1_optimizer(config: TrainConfig, policy: StudentPolicy) -> Optimizer:
+    return torch.optim.AdamW(policy.parameters(), lr=config.bc_lr, weight_decay=config.bc_weight_decay)
+
+
+def phase1_step(setup: Setup, clone: Phase1State) -> torch.Tensor:
+    """One behaviour-cloning batch: oracle episodes for random prompts and budgets, then one update; the loss."""
+    config, dist, device, task = setup.config, setup.dist, setup.device, setup.task
+    rng, policy = clone.rng, clone.policy
+    rows = rows_per_rank(config.bc_batch_size, dist.world_size, "bc_batch_size")
+    index = draw_examples(rng, len(setup.train_examples), rows, dist)
+    budgets = rng.choice(np.array(config.budgets, dtype=np.float64), size=rows)
+    sources = [setup.train_examples[i].source for i in index]
+    ids, mask = task.prompts(sources, budgets.tolist(), device)
+    oracle = oracle_batch(
+        task.teacher, policy, ids, mask, torch.as_tensor(budgets, device=device),
+        task.max_new_tokens, task.eos_token_id, round_up_draws(config, rng, rows, device),
+        task.teacher_prompts(sources, budgets.tolist(), device),
+    )
+    traj = oracle.trajectories
+    logits = clone.trained(ids, mask, traj.state_ids, traj.mask.long())
+    loss = phase1_loss(logits, oracle.teacher_logits, traj.is_call, traj.mask)
+    tokens = float(traj.mask.sum())
+    scale = data_parallel_loss_scale(tokens, all_sum(tokens, dist), dist.world_size)
+    clone.optimizer.zero_grad(set_to_none=True)
+    (loss * scale).backward()  # scale is 1 for one process (exact: the run is unchanged)
+    if config.grad_clip:
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
+    clone.optimizer.step()
+    return loss
 
 
 # ---------------------------------------------------------------------------------------------- phase 2
@@ -475,52 +497,22 @@ def train_phase2(setup: Setup) -> dict:
     """
     config, envs, device, dist = setup.config, setup.envs, setup.device, setup.dist
     run_dir = setup.out / "phase2-checkpoints"
-    init = Path(config.init) if config.init else setup.out / "phase1"
-    if not init.exists():
-        raise FileNotFoundError(f"phase 2 starts from a phase-1 policy, but '{init}' does not exist; run phase 1 "
-                                "first (--phase bc or both) or pass --init DIR")
+    init = phase1_policy_dir(config.init, setup.out, "phase 2")
     latest = ckpt.latest_checkpoint(run_dir)
     state = (PCLState.start(config, init, device, envs, dist) if latest is None
              else PCLState.resume(latest, config, device, envs, dist))
-    budgets_cycle = np.array(config.budgets, dtype=np.float64)
     t0 = time.time()
     if state.step == 0 and config.eval_every:  # the phase-1 policy is a candidate too
         state.selection = evaluate_and_select(setup, state, 0)
     progress = tqdm(range(state.step, config.pcl_batches), desc="phase 2 (PCL)", initial=state.step,
                     total=config.pcl_batches, disable=not dist.is_main)
-    rows = envs.num_envs  # this rank's rows: num_envs / N
     throughput = Throughput()
     for step in progress:
         batch_start = time.perf_counter()
-        # 1. One on-policy episode per prompt, budgets balanced over the batch (each rank: its rows, its examples).
-        budgets = state.rng.permutation(np.resize(budgets_cycle, rows))
-        index = draw_examples(state.rng, len(setup.train_examples), rows, dist)
-        envs.set_lagrange_multipliers(state.dual.lambdas)
-        before = envs.reward_stats.mark()
-        on_policy, _ = collect_on_policy(envs, state.policy, budgets.tolist(), index.tolist(), state.generator,
-                                         config.rollout_temperature)
-        merge_reward_stats(envs.reward_stats, before, dist)  # μ_r, σ_r from every rank's episodes
-        # 2. One oracle (off-policy) episode per prompt.
-        oracle = oracle_batch(
-            setup.teacher, state.policy, on_policy.prompt_ids, on_policy.prompt_mask, on_policy.budget,
-            setup.max_new_tokens, setup.task.eos_token_id, round_up_draws(config, state.rng, rows, device),
-            setup.task.teacher_prompts([setup.train_examples[i].source for i in index], budgets.tolist(), device),
-        ).trajectories
+        on_policy, oracle = phase2_episodes(setup, state)  # 1. on-policy and 2. oracle episodes
         # 3. Several updates on a mix of on-policy, oracle and replayed episodes.
         mu, sigma = envs.reward_stats.mu, envs.reward_stats.sigma
-        losses = []
-        for _ in range(config.updates_per_batch):
-            parts = [on_policy, oracle]
-            replayed = state.replay.sample(config.replay_per_update, state.generator)
-            if replayed is not None:
-                parts.append(replayed.to(device))
-            batch = Trajectories.concat(parts)
-            rewards = episode_rewards(batch, state.dual.lambdas, mu, sigma, config.reward_clip)
-            scale = data_parallel_loss_scale(len(batch), all_sum(len(batch), dist), dist.world_size)
-            losses.append(pcl_update(state.trained_policy, state.trained_value, batch, rewards, config,
-                                     state.optimizers, scale))
-        state.replay.add(on_policy)
-        state.replay.add(oracle)
+        losses = pcl_updates(setup, state, on_policy, oracle, mu, sigma)
         # 4. The Lagrangian step from the trailing on-policy teacher use (of every rank).
         used = all_sum_counts(on_policy.teacher_fraction_by_budget(), dist)
         state.dual.record(used)
@@ -535,21 +527,70 @@ def train_phase2(setup: Setup) -> dict:
         fractions = state.dual.fractions
         progress.set_postfix(loss=f"{np.mean(losses):.3f}", frac=" ".join(f"{f:.2f}" for _, f in sorted(fractions.items())))
         # 6. Checkpoint selection on validation (§3.3), then a resumable checkpoint.
-        done = state.step == config.pcl_batches
-        if (config.eval_every and state.step % config.eval_every == 0) or done:
-            state.selection = evaluate_and_select(setup, state, state.step)
-        if state.step % config.checkpoint_every == 0 and not done:
-            rank_states = all_gather_objects(state.rank_state(envs), dist)
-            if dist.is_main:
-                ckpt.write_checkpoint(run_dir, state.step, partial(state.save, envs=envs, other_ranks=rank_states[1:]),
-                                      keep=config.keep_checkpoints)
-            barrier(dist)
+        select_and_checkpoint(setup, state, run_dir)
     if dist.is_main:
         publish_dir(setup.out / "final", state.policy.save)
     barrier(dist)
     return {"batches": config.pcl_batches, "seconds_this_run": time.time() - t0, "lambdas": state.dual.lambdas,
             "reward_normalisers": {"mu": envs.reward_stats.mu, "sigma": envs.reward_stats.sigma},
             "selection": state.selection, "processes": dist.world_size, **throughput.summary("on_policy")}
+
+
+def phase2_episodes(setup: Setup, state: PCLState) -> tuple[Trajectories, Trajectories]:
+    """One on-policy episode per prompt, budgets balanced over the batch (each rank: its rows, its
+    examples), then one oracle (off-policy) episode per prompt."""
+    config, envs, device, dist, task = setup.config, setup.envs, setup.device, setup.dist, setup.task
+    rows = envs.num_envs  # this rank's rows: num_envs / N
+    budgets = state.rng.permutation(np.resize(np.array(config.budgets, dtype=np.float64), rows))
+    index = draw_examples(state.rng, len(setup.train_examples), rows, dist)
+    envs.set_lagrange_multipliers(state.dual.lambdas)
+    before = envs.reward_stats.mark()
+    on_policy, _ = collect_on_policy(envs, state.policy, budgets.tolist(), index.tolist(), state.generator,
+                                     config.rollout_temperature)
+    merge_reward_stats(envs.reward_stats, before, dist)  # μ_r, σ_r from every rank's episodes
+    oracle = oracle_batch(
+        task.teacher, state.policy, on_policy.prompt_ids, on_policy.prompt_mask, on_policy.budget,
+        task.max_new_tokens, task.eos_token_id, round_up_draws(config, state.rng, rows, device),
+        task.teacher_prompts([setup.train_examples[i].source for i in index], budgets.tolist(), device),
+    ).trajectories
+    return on_policy, oracle
+
+
+def pcl_updates(
+    setup: Setup, state: PCLState, on_policy: Trajectories, oracle: Trajectories, mu: float, sigma: float
+) -> list[float]:
+    """``updates_per_batch`` PCL updates, each on the batch's episodes plus replayed ones; then both
+    batches join the replay buffer. The losses."""
+    config, dist = setup.config, setup.dist
+    losses = []
+    for _ in range(config.updates_per_batch):
+        parts = [on_policy, oracle]
+        replayed = state.replay.sample(config.replay_per_update, state.generator)
+        if replayed is not None:
+            parts.append(replayed.to(setup.device))
+        batch = Trajectories.concat(parts)
+        rewards = episode_rewards(batch, state.dual.lambdas, mu, sigma, config.reward_clip)
+        scale = data_parallel_loss_scale(len(batch), all_sum(len(batch), dist), dist.world_size)
+        losses.append(pcl_update(state.trained_policy, state.trained_value, batch, rewards, config,
+                                 state.optimizers, scale))
+    state.replay.add(on_policy)
+    state.replay.add(oracle)
+    return losses
+
+
+def select_and_checkpoint(setup: Setup, state: PCLState, run_dir: Path) -> None:
+    """After a batch: checkpoint selection on validation (§3.3) every ``eval_every`` batches and after the
+    last, and a resumable checkpoint every ``checkpoint_every`` (but the last)."""
+    config, envs, dist = setup.config, setup.envs, setup.dist
+    done = state.step == config.pcl_batches
+    if (config.eval_every and state.step % config.eval_every == 0) or done:
+        state.selection = evaluate_and_select(setup, state, state.step)
+    if state.step % config.checkpoint_every == 0 and not done:
+        rank_states = all_gather_objects(state.rank_state(envs), dist)
+        if dist.is_main:
+            ckpt.write_checkpoint(run_dir, state.step, partial(state.save, envs=envs, other_ranks=rank_states[1:]),
+                                  keep=config.keep_checkpoints)
+        barrier(dist)
 
 
 def log_phase2_batch(
@@ -571,8 +612,8 @@ def log_phase2_batch(
 
 
 def evaluate_and_select(setup: Setup, state: PCLState, step: int) -> dict:
-    results = evaluate_budgets(state.policy, setup.task, setup.eval_examples, setup.config.budgets, setup.max_new_tokens,
-                               dist=setup.dist)
+    results = evaluate_budgets(state.policy, setup.task, setup.eval_examples, setup.config.budgets,
+                               setup.task.max_new_tokens, dist=setup.dist)
     return select_checkpoint(setup, state.policy, results, step, state.selection)
 
 

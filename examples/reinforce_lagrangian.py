@@ -7,6 +7,7 @@ native vector env, with one Lagrange multiplier λ_b per budget. The walk-throug
 docs/tutorial.md; every argument is in ``--help``.
 
     python examples/reinforce_lagrangian.py                # the embedded task (docs/tutorial.md: minutes on a laptop CPU)
+    python examples/reinforce_lagrangian.py --env-id TrainingWheels-SyntheticCausal-v0   # the same task, causal LMs
     tensorboard --logdir runs/reinforce_lagrangian         # teacher use, λ and the losses while it trains
 """
 
@@ -26,6 +27,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import tw_env  # noqa: F401  (registers the tasks)
 from agents.lagrangian import BudgetDual
+from tw_env.families import family_of
 from tw_env.metrics import quality
 from tw_env.models import load_model
 
@@ -33,7 +35,8 @@ from tw_env.models import load_model
 @dataclass
 class Args:
     env_id: str = "TrainingWheels-Synthetic-v0"
-    """the registered task; the embedded one trains its teacher and student on first use"""
+    """the registered task, of either model family (TrainingWheels-SyntheticCausal-v0: the embedded task with
+    causal LMs); the embedded ones train their teacher and student on first use"""
     teacher: str | None = None
     """the teacher (a directory or hub id); None: the task's"""
     student: str | None = None
@@ -84,34 +87,37 @@ class Args:
     output_dir: str = "runs/reinforce_lagrangian"
     """TensorBoard logs, results.json and the plot"""
     compare_csv: str = str(Path(__file__).resolve().parents[1] / "docs" / "results-synthetic.csv")
-    """our PCL agent's measured results (tw eval's CSV) for the table and the plot; "" for none"""
+    """our PCL agent's measured results (tw eval's CSV) for the table and the plot ("" for none; the causal
+    task's: docs/results-synthetic-causal.csv)"""
 
 
 # ---------------------------------------------------------------------------------------- the student
 class Student:
-    """The task's student LM, frozen: its greedy next token, and the features the agent reads."""
+    """The task's student LM, frozen: its greedy next token, and the features the agent reads.
+
+    Either model family (a T5 or a causal LM, e.g. ``--env-id TrainingWheels-SyntheticCausal-v0``): the
+    family (``tw_env.families``) says how the LM reads a prompt and the output so far."""
 
     def __init__(self, name: str, vocab_size: int) -> None:
         self.lm = load_model(name, role="student").requires_grad_(False)  # safetensors only, in eval mode
+        self.family = family_of(self.lm)
         self.vocab_size = vocab_size  # action V is <τ>
 
     @torch.no_grad()
     def start(self, obs: dict) -> None:
-        """Read the batch's prompts once (every row starts an episode)."""
+        """Take the batch's prompts (every row starts an episode)."""
         length = torch.as_tensor(obs["prompt_length"][:, 0])
         width = int(length.max())
         self.prompt_mask = (torch.arange(width)[None] < length[:, None]).long()
-        prompt_ids = torch.as_tensor(obs["prompt_ids"][:, :width])
-        self.encoded = self.lm.get_encoder()(input_ids=prompt_ids, attention_mask=self.prompt_mask)
+        self.prompt_ids = torch.as_tensor(obs["prompt_ids"][:, :width])
 
     @torch.no_grad()
     def read(self, obs: dict) -> tuple[np.ndarray, torch.Tensor]:
         """The student's next token per row, and the state s = (its confidence, the budget) per row."""
         step = int(obs["state_length"].max())
         output = torch.as_tensor(obs["state_ids"][:, :step] % self.vocab_size)  # X^(out): teacher tokens are t + V in X^(in)
-        start = torch.full((len(output), 1), self.lm.config.decoder_start_token_id)
-        logits = self.lm(encoder_outputs=self.encoded, attention_mask=self.prompt_mask,
-                         decoder_input_ids=torch.cat([start, output], 1), use_cache=False).logits[:, -1]
+        # One forward over the prompt and the output so far (the family's: T5's encoder and decoder, a causal LM's sequence).
+        logits = self.family.next_token_logits(self.lm, self.prompt_ids, self.prompt_mask, output)
         log_p = torch.log_softmax(logits[:, : self.vocab_size], -1)
         top2 = log_p.topk(2, -1).values
         entropy = -(log_p.exp() * log_p).sum(-1)
@@ -249,9 +255,9 @@ def report(results: dict, args: Args) -> None:
     use.plot([r["budget"] for r in ours], [r["teacher_fraction"] for r in ours], "o-", label="REINFORCE (this run)")
     score.plot([r["teacher_fraction"] for r in ours], [r[metric] for r in ours], "o-", label="REINFORCE (this run)")
     if pcl:
-        use.plot(list(pcl), [float(p["teacher_fraction"]) for p in pcl.values()], "s--", label="PCL (docs/results-synthetic.csv)")
+        use.plot(list(pcl), [float(p["teacher_fraction"]) for p in pcl.values()], "s--", label=f"PCL ({Path(args.compare_csv).name})")
         score.plot([float(p["teacher_fraction"]) for p in pcl.values()], [float(p["quality"]) for p in pcl.values()],
-                   "s--", label="PCL (docs/results-synthetic.csv)")
+                   "s--", label=f"PCL ({Path(args.compare_csv).name})")
     for name, marker in (("student alone", "v"), ("teacher alone", "^")):
         score.plot(results[name]["teacher_fraction"], results[name][metric], marker, color="black", label=name)
     use.set(xlabel="budget b", ylabel="teacher fraction (held-out)", title="teacher use")

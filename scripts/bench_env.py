@@ -400,25 +400,17 @@ def _generate(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int) -> 
 @torch.no_grad()
 def _no_cache(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, eos: int) -> torch.Tensor:
     """Greedy decoding that re-runs the full forward on the whole prefix at every step (for T5 the
-    encoder and the decoder; for a causal LM the left-padded prompt and the output so far)."""
-    from tw_env.families import DECODER_ONLY, family_of
+    encoder and the decoder; for a causal LM the left-padded prompt and the output so far): the
+    family's ``next_token_logits``. Returns the ``[B, new_tokens]`` output tokens."""
+    from tw_env.families import family_of
 
-    if family_of(model) is DECODER_ONLY:
-        sequence, sequence_mask = DECODER_ONLY.generation_inputs(ids, mask)
-        for _ in range(new_tokens):
-            positions = (sequence_mask.cumsum(dim=1) - 1).clamp(min=0)
-            logits = model(input_ids=sequence, attention_mask=sequence_mask, position_ids=positions,
-                           use_cache=False, logits_to_keep=1).logits[:, -1]
-            logits[:, eos] = -math.inf
-            sequence = torch.cat([sequence, logits.argmax(dim=-1, keepdim=True)], dim=1)
-            sequence_mask = torch.cat([sequence_mask, torch.ones_like(sequence_mask[:, :1])], dim=1)
-        return sequence
-    prefix = torch.full((ids.shape[0], 1), model.config.decoder_start_token_id, dtype=torch.long, device=ids.device)
+    family = family_of(model)
+    output = ids.new_zeros((ids.shape[0], 0), dtype=torch.long)
     for _ in range(new_tokens):
-        logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=prefix, use_cache=False).logits[:, -1]
+        logits = family.next_token_logits(model, ids, mask, output)
         logits[:, eos] = -math.inf
-        prefix = torch.cat([prefix, logits.argmax(dim=-1, keepdim=True)], dim=1)
-    return prefix
+        output = torch.cat([output, logits.argmax(dim=-1, keepdim=True)], dim=1)
+    return output
 
 
 def _print_profile(fn: Callable[[], Any], top: int = 25) -> str:

@@ -35,29 +35,20 @@ def _token_correctness(model_dir: Path, tokenizer, test: list[dict]) -> list[lis
     """Per target token (EOS included): is the teacher-forced argmax prediction right?"""
     import torch
 
-    from tw_env.families import DECODER_ONLY, family_of
+    from tw_env.families import family_of
     from tw_env.models import load_model
     from tw_env.synthetic import _BatchEncoder
 
     model = load_model(str(model_dir))
+    family = family_of(model)
     out: list[list[bool]] = []
     with torch.inference_mode():
         for i in range(0, len(test), 100):
             rows = test[i: i + 100]
-            if family_of(model) is DECODER_ONLY:
-                # Prompt then target in one sequence; position k predicts the label at k + 1.
-                ids, mask, labels = _BatchEncoder(tokenizer, rows).causal_batch(range(len(rows)), [0.0] * len(rows))
-                predicted = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)
-                targets = labels[:, 1:]
-                for j in range(len(rows)):
-                    keep = targets[j] != -100
-                    out.append((predicted[j][keep] == targets[j][keep]).tolist())
-                continue
-            enc = tokenizer([make_prompt(SYNTHETIC_INSTRUCTION, r["source"], 0.0) for r in rows],
-                            return_tensors="pt", padding=True)
-            labels = tokenizer([r["target"] for r in rows], return_tensors="pt", padding=True).input_ids
-            labels[labels == 0] = -100
-            right = model(**enc, labels=labels).logits.argmax(-1) == labels
+            # The "no teacher use" prompts as the models were trained on them; the family reads prompt and target.
+            ids, mask, labels = _BatchEncoder(tokenizer, rows).batch(range(len(rows)), [0.0] * len(rows))
+            logits = family.teacher_forced_logits(model, ids, mask, labels.clamp(min=0))
+            right = logits.argmax(-1) == labels
             for j in range(len(rows)):
                 n = int((labels[j] != -100).sum())
                 out.append(right[j, :n].tolist())

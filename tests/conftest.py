@@ -82,6 +82,42 @@ def pytest_runtest_setup(item):
         pytest.skip(f"needs ../shared (the real T5 tokenizer at {T5_TOKENIZER})")
 
 
+@pytest.fixture(scope="module", params=["encoder-decoder", "decoder-only"])
+def family(request):
+    """One model family (a :class:`tests.tiny_task.TinyFamily`: its tiny models, tiny task and
+    full-forward references). A test that takes it is written once and runs for both families, with
+    the ids ``[encoder-decoder]`` and ``[decoder-only]``; :func:`tests.tiny_task.only_family` limits a
+    test to one."""
+    from tests.tiny_task import FAMILIES
+
+    return FAMILIES[request.param]
+
+
+class TinyTasks:
+    """The tiny task of each family, written once per session and shared by the modules."""
+
+    def __init__(self, tmp_path_factory) -> None:
+        self._factory = tmp_path_factory
+        self._tasks: dict = {}
+
+    def get(self, family, n_train: int = 200, n_validation: int = 40):
+        key = (family.name, n_train, n_validation)
+        if key not in self._tasks:
+            self._tasks[key] = family.task(self._factory.mktemp(f"tiny-{family.name}"), n_train, n_validation)
+        return self._tasks[key]
+
+
+@pytest.fixture(scope="session")
+def tiny_tasks(tmp_path_factory) -> TinyTasks:
+    return TinyTasks(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def family_task(family, tiny_tasks):
+    """The tiny task (tests/tiny_task.py) of the family: teacher, student, tokenizer and data on disk."""
+    return tiny_tasks.get(family)
+
+
 @pytest.fixture(scope="session")
 def shared():
     """Skip the test cleanly when ../shared (the real tokenizer and data) is missing."""

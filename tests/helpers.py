@@ -1,7 +1,9 @@
 """Helpers shared by the tests of both model families (T5 and decoder-only): comparing a batched
-decoder with each row alone, and a vector env's rows with single envs."""
+decoder with each row alone, a vector env's rows with single envs, and the env checkers."""
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 
@@ -56,3 +58,20 @@ def assert_obs_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def check_env_quietly(env, spec_less: bool = False) -> None:
+    """Gymnasium's and Stable-Baselines3's env checkers, every warning an error (but, for an env made
+    without ``gym.make``, the one warning that only a spec-less env gets: gymnasium cannot re-make it
+    in other render modes)."""
+    from gymnasium.utils.env_checker import check_env
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        if spec_less:
+            warnings.filterwarnings("ignore", message=".*not having a spec")
+        check_env(env)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sb3_check_env(env, warn=True)

@@ -20,7 +20,7 @@ import torch
 import tw_env  # noqa: F401  (registers the tasks)
 import tw_env.synthetic as syn
 from tests.tiny_task import make_tiny_causal_task, make_tiny_task
-from tw_env.families import DECODER_ONLY
+from tw_env.families import DECODER_ONLY, ENCODER_DECODER
 from tw_env.prompts import PromptFormat, make_prompt, resolve_prompt_format
 from tw_env.registration import SYNTHETIC_CAUSAL_ID, make_task
 
@@ -107,11 +107,11 @@ def test_plain_format_appends_a_newline():
 
 
 def test_the_default_format_follows_the_family_and_the_switch(tokenizer, chat_tokenizer):
-    assert resolve_prompt_format(None, causal=False, tokenizer=chat_tokenizer).kind == "text"
-    assert resolve_prompt_format(None, causal=True, tokenizer=chat_tokenizer).kind == "chat"
-    assert resolve_prompt_format(None, causal=True, tokenizer=chat_tokenizer, chat_template=False).kind == "plain"
-    assert resolve_prompt_format(None, causal=True, tokenizer=tokenizer).kind == "plain"  # no template
-    assert resolve_prompt_format("text", causal=True, tokenizer=chat_tokenizer).kind == "text"
+    assert resolve_prompt_format(None, family=ENCODER_DECODER, tokenizer=chat_tokenizer).kind == "text"
+    assert resolve_prompt_format(None, family=DECODER_ONLY, tokenizer=chat_tokenizer).kind == "chat"
+    assert resolve_prompt_format(None, family=DECODER_ONLY, tokenizer=chat_tokenizer, chat_template=False).kind == "plain"
+    assert resolve_prompt_format(None, family=DECODER_ONLY, tokenizer=tokenizer).kind == "plain"  # no template
+    assert resolve_prompt_format("text", family=DECODER_ONLY, tokenizer=chat_tokenizer).kind == "text"
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -121,13 +121,13 @@ def test_the_default_format_follows_the_family_and_the_switch(tokenizer, chat_to
 ])
 def test_bad_prompt_format_choices_are_refused(tokenizer, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        resolve_prompt_format(kwargs.get("prompt_format"), causal=True, tokenizer=tokenizer,
+        resolve_prompt_format(kwargs.get("prompt_format"), family=DECODER_ONLY, tokenizer=tokenizer,
                               chat_template=kwargs.get("chat_template"))
 
 
 def test_contradicting_format_and_switch_are_refused(chat_tokenizer):
     with pytest.raises(ValueError, match="contradicts chat_template=True"):
-        resolve_prompt_format("plain", causal=True, tokenizer=chat_tokenizer, chat_template=True)
+        resolve_prompt_format("plain", family=DECODER_ONLY, tokenizer=chat_tokenizer, chat_template=True)
 
 
 # ------------------------------------------------------------------------------------- registered ids

@@ -2,7 +2,9 @@
 
 Rewards and teacher log-probabilities are checked against an independent, full (no-cache) forward
 of a separately loaded copy of the teacher. Most tests use the word-level tokenizer and its tiny T5
-so that they run without ../shared; the tests about the real T5 tokenizer need it.
+so that they run without ../shared; the tests about the real T5 tokenizer need it. The tests of the
+last section run for both model families, on the tiny synthetic task of each (tests/tiny_task.py):
+the env's rewards against a full forward of the teacher on its own prompt C^(T) followed by X^(out).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -22,7 +23,10 @@ from transformers import T5ForConditionalGeneration
 
 import tw_env
 from tests.conftest import EXAMPLES, INSTRUCTION, WORD_MODEL_VOCAB, WORDS, make_env
+from tests.helpers import check_env_quietly
+from tests.tiny_task import only_family, tiny_causal_lm
 from tw_env import TeacherAssistedDecodingEnv, TeacherAssistedDecodingVectorEnv, eq17_reward
+from tw_env.families import check_same_family
 from tw_env.prompts import BUDGET_KEYWORDS, BUDGETS, check_budget, keyword_for, make_prompt
 from tw_env.tasks import Example
 
@@ -339,26 +343,13 @@ def test_teacher_sampling_is_seeded(word_t5_dir, word_tokenizer_dir, reference_t
 
 # ------------------------------------------------------------------------------------- checkers
 def test_gymnasium_and_sb3_env_checkers_on_a_direct_env(env):
-    from gymnasium.utils.env_checker import check_env
-    from stable_baselines3.common.env_checker import check_env as sb3_check_env
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        # the one warning that only a spec-less env gets: gymnasium cannot re-make it in other render modes
-        warnings.filterwarnings("ignore", message=".*not having a spec")
-        check_env(env)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        sb3_check_env(env, warn=True)
+    check_env_quietly(env, spec_less=True)
 
 
 @pytest.mark.parametrize(
     "env_id, data_fixture", [("TrainingWheels-WMT19-v0", "wmt_jsonl"), ("TrainingWheels-XSum-v0", "xsum_jsonl")]
 )
 def test_env_checkers_through_gym_make(env_id, data_fixture, request, word_t5_dir, word_tokenizer_dir):
-    from gymnasium.utils.env_checker import check_env
-    from stable_baselines3.common.env_checker import check_env as sb3_check_env
-
     data = request.getfixturevalue(data_fixture)
     env = gym.make(
         env_id, teacher=str(word_t5_dir), student=str(word_t5_dir), tokenizer=str(word_tokenizer_dir),
@@ -369,12 +360,7 @@ def test_env_checkers_through_gym_make(env_id, data_fixture, request, word_t5_di
     assert core.examples == [Example(s, r) for s, r in EXAMPLES]
     expected = ("translate German to English", "bleu") if "WMT" in env_id else ("summarize", "rouge2")
     assert (core.instruction, core.metric) == expected
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        check_env(core)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        sb3_check_env(core, warn=True)
+    check_env_quietly(core)
     # and the wrapped env plays an episode
     env.reset(seed=0)
     assert not env.step(core.teacher_action)[2]
@@ -464,15 +450,6 @@ def test_set_lagrange_multipliers_validates_everything_before_changing_anything(
     assert env.lagrange_multipliers == before
     env.set_lagrange_multipliers({0.3: -0.5})  # a negative λ (budget as a target) is allowed
     assert env.lagrange_multipliers[0.3] == -0.5
-
-
-def test_different_vocabularies_are_refused_naming_both_sizes(tiny_t5_dir, mismatched_t5_dir, word_tokenizer_dir):
-    for student in (str(mismatched_t5_dir), T5ForConditionalGeneration.from_pretrained(mismatched_t5_dir)):
-        with pytest.raises(ValueError, match=r"vocabularies differ.*32128 rows, the student has 32000"):
-            make_env(str(tiny_t5_dir), str(word_tokenizer_dir), student=student)
-    # the same vocabulary is accepted
-    env = make_env(str(tiny_t5_dir), str(word_tokenizer_dir), student=str(tiny_t5_dir))
-    assert env.action_space.n == 32129 and env.teacher_action == 32128
 
 
 def test_missing_model_directory_names_the_path(tmp_path, word_t5_dir, word_tokenizer_dir):
@@ -700,3 +677,128 @@ def test_registered_tasks_give_the_teacher_a_budget_free_prompt():
     assert "teacher use" not in HUB_TEACHER_PROMPT.format(instruction="summarize", source="x")
     # The embedded teacher was trained on budget prompts only: it reads the fixed "no" one.
     assert SYNTHETIC_TEACHER_PROMPT.format(instruction="i", source="s") == make_prompt("i", "s", 0.0)
+
+
+# ------------------------------------------------------------------------------------- both families
+SYNTHETIC = "TrainingWheels-Synthetic-v0"
+MAX_NEW = 6
+
+
+@pytest.fixture(scope="module")
+def synthetic(family, tiny_tasks):
+    """The family's tiny synthetic task (a teacher, a student, the synthetic tokenizer and data)."""
+    return tiny_tasks.get(family, n_train=40, n_validation=8)
+
+
+@pytest.fixture(scope="module")
+def synthetic_teacher(family, synthetic):
+    """A separately loaded copy of the synthetic task's teacher, run without any cache."""
+    return family.auto_class.from_pretrained(synthetic.teacher_dir).eval()
+
+
+def make_synthetic(task, **kwargs) -> TeacherAssistedDecodingEnv:
+    return gym.make(SYNTHETIC, **task.env_kwargs(), max_new_tokens=MAX_NEW, **kwargs).unwrapped
+
+
+def teacher_logprobs(family, model, teacher_prompt: list[int], output_ids) -> np.ndarray:
+    """log p(· | C^(T), X^(out)_<i) for every i, from one full forward on C^(T) and X^(out)."""
+    logits = family.output_logits(model, list(teacher_prompt), [int(t) for t in output_ids])
+    return torch.log_softmax(logits.float(), dim=-1).numpy()
+
+
+def test_the_synthetic_task_reads_the_familys_pair(family, synthetic, synthetic_teacher):
+    env = make_synthetic(synthetic)
+    assert env.task.family.name == family.name
+    assert type(env.teacher) is type(synthetic_teacher)  # T5ForConditionalGeneration, LlamaForCausalLM
+    assert env.vocab_size == env.teacher.lm_head.weight.shape[0] and env.action_space.n == env.vocab_size + 1
+
+
+def test_rewards_match_a_full_forward_of_the_teacher_on_its_prompt_and_the_output(family, synthetic, synthetic_teacher):
+    env = make_synthetic(synthetic)
+    V = env.vocab_size
+    lambdas = {0.1: 0.4, 0.3: 0.7, 0.5: 1.1}
+    env.set_lagrange_multipliers(lambdas)
+    env.reset(seed=11)
+    rng = np.random.default_rng(0)
+    unclipped = 0
+    for episode in range(5):
+        mu, sigma = env.reward_stats.mu, env.reward_stats.sigma  # fixed within an episode
+        budget, index = (0.1, 0.3, 0.5)[episode % 3], episode
+        obs, _ = env.reset(options={"budget": budget, "index": index})
+        source = env.examples[index].source
+        c_t = env.encode_teacher_prompt(source, budget)
+        assert c_t != env.encode_prompt(source, budget)  # the teacher reads its own prompt C^(T), not Y
+        steps, actions = [], []
+        while not steps or not (steps[-1][2] or steps[-1][3]):
+            draw = rng.random()
+            greedy = int(env.batch.teacher_logprobs[0].argmax())  # a student that sometimes agrees
+            action = V if draw < 0.3 else greedy if draw < 0.6 else int(rng.integers(3, V))
+            if action == EOS:
+                action = V
+            actions.append(action)
+            steps.append(env.step(action))
+        out = steps[-1][4]["output_ids"]
+        lp = teacher_logprobs(family, synthetic_teacher, c_t, out)
+        calls = np.array(actions) == V
+        np.testing.assert_array_equal(out[~calls], np.array(actions)[~calls])
+        np.testing.assert_array_equal(out[calls], lp[calls].argmax(axis=-1))  # greedy teacher tokens
+        np.testing.assert_allclose([s[4]["teacher_logprob"] for s in steps], lp[np.arange(len(out)), out], atol=1e-4)
+        expected = eq17_reward(lp[np.arange(len(out)), out], calls, budget, lambdas[budget], mu=mu, sigma=sigma)
+        rewards = np.array([s[1] for s in steps])
+        np.testing.assert_allclose(rewards, expected, atol=1e-4)
+        unclipped += int((np.abs(rewards[~calls]) < 2 - 1e-3).sum())
+        np.testing.assert_array_equal(obs["prompt_ids"][: obs["prompt_length"][0]], env.encode_prompt(source, budget))
+    assert unclipped >= 3  # the comparison is not only of clipped values
+    assert (env.reward_stats.mu, env.reward_stats.sigma) != (0.0, 1.0)  # later episodes used live normalisers
+
+
+def test_synthetic_state_and_output_sequences_follow_eq13_and_eq14(synthetic):
+    env = make_synthetic(synthetic)
+    V = env.vocab_size
+    env.reset(seed=0, options={"budget": 0.2, "index": 2})
+    actions = [7, V, 9, V, V]
+    for a in actions:
+        obs, *_ = env.step(a)
+    state, out = obs["state_ids"][: len(actions)], env.batch.output_ids[0, : len(actions)]
+    calls = np.array(actions) == V
+    np.testing.assert_array_equal(state[~calls], np.array(actions)[~calls])
+    np.testing.assert_array_equal(state[calls], out[calls] + V)
+    assert env.observation_space.contains(obs)
+
+
+def test_synthetic_invalid_actions_raise(synthetic):
+    env = make_synthetic(synthetic)
+    with pytest.raises(RuntimeError, match="before reset"):
+        env.step(0)
+    env.reset(seed=0)
+    for bad in (env.vocab_size + 1, -1, 1.5, [1, 2]):
+        with pytest.raises(ValueError, match="action"):
+            env.step(bad)
+
+
+def test_env_checkers_on_the_synthetic_env(synthetic):
+    core = make_synthetic(synthetic)
+    assert isinstance(core, TeacherAssistedDecodingEnv)
+    check_env_quietly(core)
+
+
+def test_a_pair_with_different_vocabularies_is_refused_naming_both_sizes(family, synthetic, tmp_path):
+    teacher_v = family.auto_class.from_pretrained(synthetic.teacher_dir).lm_head.weight.shape[0]
+    other = family.student_lm(teacher_v + 8, seed=5)
+    other.save_pretrained(tmp_path / "student")
+    for student in (str(tmp_path / "student"), other):
+        with pytest.raises(ValueError, match=rf"vocabularies differ.*{teacher_v} rows, the student has {teacher_v + 8}"):
+            gym.make(SYNTHETIC, **{**synthetic.env_kwargs(), "student": student})
+    # the same vocabulary is accepted
+    env = make_synthetic(synthetic)
+    assert env.action_space.n == teacher_v + 1 and env.teacher_action == teacher_v
+
+
+@only_family("decoder-only")
+def test_a_pair_that_mixes_families_is_refused(synthetic, word_t5_dir, word_tokenizer_dir):
+    with pytest.raises(ValueError, match="the teacher is decoder-only but the student is encoder-decoder"):
+        gym.make(SYNTHETIC, **{**synthetic.env_kwargs(), "student": str(word_t5_dir)})
+    with pytest.raises(ValueError, match="the teacher is encoder-decoder but the student is decoder-only"):
+        gym.make(SYNTHETIC, **{**synthetic.env_kwargs(), "teacher": str(word_t5_dir), "tokenizer": str(word_tokenizer_dir),
+                               "student": str(synthetic.student_dir)})
+    assert check_same_family(tiny_causal_lm(64, 16, 1, seed=0), tiny_causal_lm(64, 16, 1, seed=1, arch="qwen3"))

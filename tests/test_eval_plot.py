@@ -1,7 +1,9 @@
 """`tw eval` and `tw plot` end to end on tiny random models (no download, a few seconds).
 
 The task is the synthetic language's real word-level tokenizer with a tiny random teacher and student
-T5 and a JSON-lines file; ``env_kwargs`` names all four, so the synthetic task trains nothing. Each
+T5 and a folder of JSON-lines split files; ``env_kwargs`` names all four, so the synthetic task trains
+nothing. Its test and validation files hold the same rows, so the calibrations run on the rows the
+evaluation reads (from another file: `tw eval` refuses to calibrate on the evaluated file itself). Each
 model gets its own random LM head (transformers 5.x otherwise ties it to the input embedding and a
 random tied T5 just copies its input token), with the EOS row enlarged so that outputs end.
 The Training Wheels policy always wants to call (a large <τ> bias) and runs under the hard budget
@@ -59,8 +61,11 @@ def task(tmp_path_factory) -> dict:
     vocab = padded_vocab_size(tokenizer)
     teacher = _tiny_t5(vocab, 32, 2, seed=1, path=root / "teacher")
     student = _tiny_t5(vocab, 16, 1, seed=2, path=root / "student")
-    data = root / "test.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in language.sample(EXAMPLES, 3)))
+    data = root / "data"
+    data.mkdir()
+    rows = "".join(json.dumps(row) + "\n" for row in language.sample(EXAMPLES, 3))
+    for split in ("test", "validation"):  # the same rows in two files: calibrating reads the evaluated rows
+        (data / f"{split}.jsonl").write_text(rows)
     policy = StudentPolicy(load_model(str(student)))
     with torch.no_grad():
         policy.call_head.bias.fill_(1e4)  # <τ> always wins; the budget cap decides
@@ -79,7 +84,7 @@ def evaluated(task) -> tuple[dict, Path]:
         env_kwargs=task["env_kwargs"], examples=EXAMPLES, device="cpu", max_new_tokens=MAX_NEW, output_dir=str(out),
         tw_policy=task["policy"], budgets=[0.0, 0.5], budget_cap=True, draft=task["student"],
         lenience=[0.0, 1.0], draft_lengths=[3], thresholds=[0.0, 1.5], batch_size=4, latency_examples=2, warmup=1,
-        fallback_targets=[0.0, 0.5], calibration_examples=EXAMPLES,  # the data file is every split: calibrates on the rows it evaluates
+        fallback_targets=[0.0, 0.5], calibration_examples=EXAMPLES,  # validation.jsonl repeats test.jsonl: calibrates on the rows it evaluates
     )
     return run_eval(config), out
 
@@ -223,7 +228,7 @@ def test_training_wheels_call_threshold_calibrated_per_budget_and_the_candidate_
         env_kwargs=task["env_kwargs"], examples=EXAMPLES, device="cpu", max_new_tokens=MAX_NEW, output_dir=str(out),
         methods=["training_wheels", "kl_oracle"], tw_policy=task["policy"], tw_calibrate=True,
         tw_policy_candidates=[str(task["root"] / "mix*")], budgets=[0.0, 0.3], batch_size=4, latency_examples=0,
-        calibration_examples=EXAMPLES, calibration_tolerance=0.0,  # the data file is every split (as above)
+        calibration_examples=EXAMPLES, calibration_tolerance=0.0,  # validation.jsonl repeats test.jsonl (as above)
     )
     results = run_eval(config)
     report = results["tw_calibration"]
@@ -266,7 +271,7 @@ def test_training_wheels_call_threshold_calibrated_per_budget_and_the_candidate_
 
 
 def test_candidate_patterns_expand_to_sorted_directories(tmp_path):
-    from scripts.evaluate import expand_candidates
+    from agents.methods import expand_candidates
 
     for step in (30, 0, 120):
         (tmp_path / "evaluated" / f"step-{step:06d}").mkdir(parents=True)
@@ -277,6 +282,29 @@ def test_candidate_patterns_expand_to_sorted_directories(tmp_path):
         first, *(str(tmp_path / "evaluated" / f"step-{s:06d}") for s in (0, 120)), final]
     with pytest.raises(FileNotFoundError, match="matches no directory"):
         expand_candidates([str(tmp_path / "nothing-*")])
+
+
+def test_calibration_guard_compares_the_files_the_splits_read(task, tmp_path):
+    """Calibrating on the evaluated data is refused by the file both splits resolve to, not by the
+    split names: one file (a file has no splits) or one file under two names (a link) is refused,
+    two files with the same rows (the fixture's folder) are not."""
+    calibrating = {"tw_policy": "p", "tw_calibrate": True}
+    EvalConfig(env_kwargs=task["env_kwargs"], **calibrating).validate()  # test.jsonl and validation.jsonl
+    one_file = {**task["env_kwargs"], "data": str(Path(task["env_kwargs"]["data"]) / "test.jsonl")}
+    with pytest.raises(ValueError, match="evaluated split 'test'.*test.jsonl"):
+        EvalConfig(env_kwargs=one_file, fallback_targets=[0.1]).validate()
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "test.jsonl").symlink_to(Path(task["env_kwargs"]["data"]) / "test.jsonl")
+    (linked / "validation.jsonl").symlink_to(Path(task["env_kwargs"]["data"]) / "test.jsonl")
+    for config in ({"fallback_targets": [0.1]}, calibrating, {"tw_policy": "p", "methods": ["training_wheels", "kl_oracle"]}):
+        with pytest.raises(ValueError, match="reads the same data as the evaluated split"):
+            EvalConfig(env_kwargs={**task["env_kwargs"], "data": str(linked)}, **config).validate()
+    EvalConfig(env_kwargs={**task["env_kwargs"], "data": str(linked)}).validate()  # nothing calibrated: allowed
+    # Split names still count where they choose the data: a hub id or the task's default data.
+    with pytest.raises(ValueError, match="evaluated split"):
+        EvalConfig(env_kwargs={"data": "wmt/wmt19"}, fallback_targets=[0.1], calibration_split="test").validate()
+    EvalConfig(env_kwargs={"data": "wmt/wmt19"}, fallback_targets=[0.1]).validate()
 
 
 def test_token_view_escapes_html(tmp_path):

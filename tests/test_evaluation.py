@@ -171,3 +171,76 @@ def test_costs_measured_here_divide_latency_by_forwards():
     assert costs is not None and (costs.teacher_ms, costs.student_ms) == (10.0, 2.0)
     assert costs_measured_here(rows[:1]) is None  # no teacher row
     assert costs_measured_here([{**rows[0], "latency_ms_median": None}, rows[1]]) is None  # latency not measured
+
+
+def test_the_one_decode_loop_counts_by_hand():
+    from agents.decoding import DecodeResult
+    from agents.evaluation import decode_batches
+
+    class Tokenizer:  # what decode_batches reads of a tokenizer
+        def batch_decode(self, rows, skip_special_tokens):
+            return [" ".join(map(str, row)) for row in rows]
+
+    results = iter([
+        DecodeResult([[5, 1], [6, 7, 1]], [[False, False], [True, False, False]], [0, 1], 1, [2, 0]),
+        DecodeResult([[8, 9, 9, 1]], [[True, True, False, False]], [2], 1, [1]),
+    ])
+    seen = []
+
+    def decode(*inputs):
+        seen.append(inputs)
+        return next(results)
+
+    decoded = decode_batches(decode, [("a", "b"), ("c", "d", "e", "f")], Tokenizer())
+    assert seen == [("a", "b"), ("c", "d", "e", "f")]  # each batch's prompts, unpacked, in order
+    assert decoded.texts == ["5 1", "6 7 1", "8 9 9 1"]
+    assert decoded.output_ids == [[5, 1], [6, 7, 1], [8, 9, 9, 1]]
+    assert decoded.from_teacher[1] == [True, False, False]
+    assert (decoded.teacher_calls, decoded.tokens, decoded.wasted) == (3, 9, 3)
+    assert decoded.teacher_fraction == 3 / 9 and decoded.seconds >= 0.0
+    assert decode_batches(decode, [], Tokenizer()).teacher_fraction == 0.0  # nothing decoded: 0, not 0/0
+
+
+def test_a_method_is_one_registered_class(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from agents import methods
+    from agents.evaluation import Setting
+
+    monkeypatch.setattr(methods, "METHODS", dict(methods.METHODS))  # registered for this test only
+    assert list(methods.METHODS) == ["student", "teacher", "training_wheels", "distillspec", "speculative",
+                                     "fallback", "kl_oracle"]
+
+    @methods.register
+    class Echo(methods.EvalMethod):
+        name = "echo"
+        needs = ("draft", "--draft DIR")
+
+        def settings(self):
+            return [Setting(self.name, f"t={t:g}", lambda i, m: None, threshold=t) for t in self.options.thresholds]
+
+    @methods.register
+    class EchoCalibrated(methods.EvalMethod):
+        name, follows = "echo_calibrated", "echo"
+
+        def settings(self):
+            return []
+
+        def calibrate(self):
+            self.context.reports["echo"] = "calibrated"
+            first = self.context.methods["echo"].settings()[0]  # a follower reads the method it follows
+            return [Setting(self.name, f"{first.setting} calibrated", first.decode, calibrated_for=0.5)]
+
+    with pytest.raises(ValueError, match="registered already"):
+        methods.register(Echo)
+    options = SimpleNamespace(env_kwargs={}, thresholds=[0.1, 0.2], draft=None,
+                              selected_methods=lambda: ["echo_calibrated", "echo"])
+    assert not Echo.by_default(options) and not EchoCalibrated.by_default(options)
+    with pytest.raises(ValueError, match="method 'echo' needs --draft DIR"):
+        Echo.check(options)
+    context = methods.EvalContext(options, task=None, device=torch.device("cpu"))
+    rows = [(s.method, s.setting) for s in methods.build_settings(context)]
+    assert rows == [("echo", "t=0.1"), ("echo", "t=0.2"), ("echo_calibrated", "t=0.1 calibrated")]
+    assert context.reports == {"echo": "calibrated"}

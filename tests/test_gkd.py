@@ -58,37 +58,37 @@ def synthetic_factory_importable():
 
 
 def tiny_pair_model(family: str, vocab: int, width: int, seed: int):
-    """One model of the pair: a T5, or (family "causal") a Llama teacher / Qwen2 student."""
+    """One model of the pair: a T5, or (family "decoder-only") a Llama teacher / Qwen2 student."""
     from transformers import T5ForConditionalGeneration
 
     from tests.tiny_task import tiny_causal_lm
 
-    if family == "causal":
+    if family == "decoder-only":
         return tiny_causal_lm(vocab, width, 1, seed=seed, arch="llama" if width == 32 else "qwen2",
                               initializer_range=0.3 if width == 32 else 0.02)
     torch.manual_seed(seed)
     return T5ForConditionalGeneration(t5_config(vocab, width))
 
 
-@pytest.fixture(scope="module", params=["t5", "causal"])
-def task(request, tmp_path_factory) -> dict:
+@pytest.fixture(scope="module")
+def task(family, tmp_path_factory) -> dict:
     """Tokenizer, teacher (width 32), student (width 16) and train/validation files on disk, for T5s
     and for a decoder-only pair."""
     from tw_env.synthetic import SyntheticLanguage, build_tokenizer, padded_vocab_size
 
-    root = tmp_path_factory.mktemp(f"gkd_task_{request.param}")
+    root = tmp_path_factory.mktemp(f"gkd_task_{family.name}")
     language = SyntheticLanguage(seed=0, n_topics=4, n_words=40, n_target_words=40, max_len=5)
     tokenizer = build_tokenizer(language)
     tokenizer.save_pretrained(root / "tokenizer")
     vocab = padded_vocab_size(tokenizer)
     for name, width, seed in (("teacher", 32, 0), ("student", 16, 1)):
-        tiny_pair_model(request.param, vocab, width, seed).save_pretrained(root / name)
+        tiny_pair_model(family.name, vocab, width, seed).save_pretrained(root / name)
     # A validation file of a different size than train makes "which split was evaluated" observable.
     for name, n, seed in (("train", 300, 1), ("validation", 40, 2)):
         rows = language.sample(n, rng_seed=seed)
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {
-        "family": request.param,
+        "family": family,
         "env_kwargs": {"teacher": str(root / "teacher"), "student": str(root / "student"),
                        "tokenizer": str(root / "tokenizer"), "data": str(root / "train.jsonl"),
                        "max_new_tokens": 8},
@@ -117,7 +117,7 @@ def test_env_builds_from_overrides(task):
 
 
 def test_gkd_end_to_end_writes_a_loadable_draft_model(task, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     summary = gkd.run(small_config(task, tmp_path))
     assert summary["eval_examples"] == 40  # the validation file, not the 300 training examples
@@ -126,7 +126,7 @@ def test_gkd_end_to_end_writes_a_loadable_draft_model(task, tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["best"] == summary["best"]
     best = tmp_path / "best"
     assert (best / "model.safetensors").exists()
-    model = (AutoModelForCausalLM if task["family"] == "causal" else AutoModelForSeq2SeqLM).from_pretrained(best)
+    model = task["family"].auto_class.from_pretrained(best)
     tokenizer = AutoTokenizer.from_pretrained(best)
     assert model.config.get_text_config().hidden_size == 16 and len(tokenizer) <= model.config.vocab_size
     assert any((tmp_path / "tensorboard").iterdir())
@@ -164,7 +164,7 @@ def test_reverse_kl_updates_reduce_the_kl_on_a_fixed_batch(task):
     teacher_state = {k: v.clone() for k, v in env.teacher.state_dict().items()}
     # The causal student starts from Qwen2's small initialisation (std 0.02), whose gradients are
     # small: at lr 1e-3 its KL falls steadily but by 13% in 30 steps, at 1e-2 by 70%.
-    lr = 1e-2 if task["family"] == "causal" else 1e-3
+    lr = 1e-2 if task["family"].name == "decoder-only" else 1e-3
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     for _ in range(30):
         gkd.gkd_update(student, optimizer, batch, teacher_logits, grad_clip=1.0)
@@ -191,12 +191,7 @@ def test_teacher_forced_logits_equal_each_row_alone(task):
     assert got.shape == (6, 5, env.vocab_size)
     for row in range(6):
         prompt = ids[row, : int(mask[row].sum())]
-        if task["family"] == "causal":
-            sequence = torch.cat([prompt, tokens[row]])[None]
-            want = teacher(input_ids=sequence).logits[0, len(prompt) - 1 : len(prompt) + 4]
-        else:
-            decoder = torch.cat([torch.tensor([teacher.config.decoder_start_token_id]), tokens[row, :-1]])[None]
-            want = teacher(input_ids=prompt[None], decoder_input_ids=decoder).logits[0]
+        want = task["family"].output_logits(teacher, prompt.tolist(), tokens[row].tolist())
         torch.testing.assert_close(got[row], want, atol=1e-5, rtol=1e-5)
 
 
@@ -287,7 +282,7 @@ def test_config_validation(overrides, message):
 
 
 def test_student_with_another_vocabulary_is_refused(task, tmp_path):
-    tiny_pair_model(task["family"], 64, 16, seed=3).save_pretrained(tmp_path / "other")
+    tiny_pair_model(task["family"].name, 64, 16, seed=3).save_pretrained(tmp_path / "other")
     config = small_config(task, tmp_path / "out", student=str(tmp_path / "other"))
     with pytest.raises(ValueError, match="vocabularies differ"):
         gkd.run(config)

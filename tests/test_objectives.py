@@ -318,6 +318,12 @@ REWARDS = [1.0, -1.0, 0.5]
 TAU = 0.5
 
 
+def episode_consistency(gamma: float, horizon: int | None, **kwargs) -> torch.Tensor:
+    """C of the one 3-step episode above (``kwargs``: e.g. a bootstrap value)."""
+    return pcl_consistency_error(torch.tensor([LOG_PI]), torch.tensor([VALUES]), torch.tensor([REWARDS]),
+                                 torch.ones(1, 3), TAU, gamma, horizon, **kwargs)
+
+
 @pytest.mark.parametrize(
     "gamma, horizon, expected",
     [
@@ -337,23 +343,13 @@ TAU = 0.5
     ],
 )
 def test_pcl_consistency_error_by_hand(gamma, horizon, expected):
-    c = pcl_consistency_error(
-        torch.tensor([LOG_PI]),
-        torch.tensor([VALUES]),
-        torch.tensor([REWARDS]),
-        torch.ones(1, 3),
-        TAU,
-        gamma,
-        horizon,
-    )
+    c = episode_consistency(gamma, horizon)
     assert c.shape == (1, 3)
     assert c.tolist()[0] == pytest.approx(expected, abs=1e-6)
 
 
 def test_pcl_consistency_error_literal_values():
-    c = pcl_consistency_error(
-        torch.tensor([LOG_PI]), torch.tensor([VALUES]), torch.tensor([REWARDS]), torch.ones(1, 3), TAU, 0.5, 2
-    )
+    c = episode_consistency(0.5, 2)
     assert c.tolist()[0] == pytest.approx([0.825, 0.45, 1.0], abs=1e-6)
 
 
@@ -366,16 +362,7 @@ def test_pcl_consistency_error_literal_values():
     ],
 )
 def test_pcl_consistency_error_bootstrap_for_truncated_episode(gamma, horizon, expected):
-    c = pcl_consistency_error(
-        torch.tensor([LOG_PI]),
-        torch.tensor([VALUES]),
-        torch.tensor([REWARDS]),
-        torch.ones(1, 3),
-        TAU,
-        gamma,
-        horizon,
-        bootstrap=torch.tensor([2.0]),
-    )
+    c = episode_consistency(gamma, horizon, bootstrap=torch.tensor([2.0]))
     assert c.tolist()[0] == pytest.approx(expected, abs=1e-6)
 
 

@@ -1,4 +1,14 @@
-"""The student policy π over V ∪ {<τ>} and the value network (issue: the student policy)."""
+"""The student policy π over V ∪ {<τ>} and the value network (issue: the student policy), each test
+written once and run for both model families: a T5 (``[encoder-decoder]``), and decoder-only LMs of
+three architectures (``[decoder-only-qwen2]``: tied, as the tiny causal task's student; a Llama; a
+Qwen3 with q/k norms).
+
+The references are plain full forwards of the LM, one row at a time without padding or a cache
+(tests/tiny_task.py's ``policy_logits``: Eq. 15's β on teacher tokens, the prompt summary, the three
+<τ> reads), against which the padded teacher-forced forward, its gradients and the incremental
+rollout (with a mid-batch restart) are checked; then the value network, save/load and the errors
+for mixed families.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +17,36 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForSeq2SeqLM
 
-from agents.policy import StudentPolicy, ValueNetwork, choose_actions, decoder_inputs
-from tests.tiny_task import tiny_t5
+from agents.policy import EXTRA_CONFIG, StudentPolicy, ValueNetwork, choose_actions, decoder_inputs
+from tests.tiny_task import family_of_model, right_padded, tiny_causal_lm, tiny_t5
 
 V = 64
+ARCHS = {"t5": "encoder-decoder", "qwen2": "decoder-only-qwen2", "llama": "decoder-only-llama", "qwen3": "decoder-only-qwen3"}
+
+
+def tiny_lm(arch: str):
+    if arch == "t5":
+        model = tiny_t5(V, d_model=32, layers=2, seed=3)
+        # A separate random output layer, so that the LM does not just copy its input (tied heads do).
+        model.lm_head = torch.nn.Linear(32, V, bias=False)
+        return model
+    return tiny_causal_lm(V, 16, 2, seed=4, arch=arch, tied=arch == "qwen2", initializer_range=0.2)
+
+
+@pytest.fixture(params=list(ARCHS), ids=list(ARCHS.values()))
+def arch(request):
+    return request.param
 
 
 @pytest.fixture
-def policy():
+def policy(arch):
+    """A policy with every Training Wheels part random."""
+    policy = StudentPolicy(tiny_lm(arch)).eval()
     torch.manual_seed(0)
-    model = tiny_t5(V, d_model=32, layers=2, seed=3)
-    # A separate random output layer, so that the LM does not just copy its input (tied heads do).
-    model.lm_head = torch.nn.Linear(32, V, bias=False)
-    policy = StudentPolicy(model).eval()
     with torch.no_grad():
         policy.state_embedding.beta.normal_()
+        policy.prompt_summary.weight.normal_(std=0.3)
         policy.call_head.weight.normal_()
         policy.call_head.bias.fill_(0.5)
         policy.call_confidence.weight.normal_()
@@ -31,106 +54,134 @@ def policy():
     return policy
 
 
-def batch():
-    g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(2, V, (2, 6), generator=g)
-    prompt_mask = torch.ones(2, 6, dtype=torch.long)
-    prompt_mask[1, 4:] = 0
-    state = torch.randint(2, 2 * V, (2, 5), generator=g)  # ids >= V are teacher tokens
-    return prompt, prompt_mask, state, torch.ones(2, 5, dtype=torch.long)
+def episode_batch(lengths=(6, 3, 1), steps=5, seed=1):
+    """Right-padded prompts of different lengths and X^(in) with teacher tokens (ids ≥ V) and a shorter row."""
+    g = torch.Generator().manual_seed(seed)
+    prompt, prompt_mask = right_padded(list(lengths), V, g)
+    state = torch.randint(2, 2 * V, (len(lengths), steps), generator=g)
+    state_mask = torch.ones_like(state)
+    state_mask[1, 3:] = 0  # an episode that ended after three actions (padding after it)
+    return prompt, prompt_mask, state, state_mask
+
+
+def rows(prompt_mask, state_mask):
+    """Each row's prompt and X^(in) lengths."""
+    return [(int(prompt_mask[b].sum()), int(state_mask[b].sum())) for b in range(prompt_mask.shape[0])]
 
 
 def test_decoder_inputs_shift_right_with_the_start_token():
     assert decoder_inputs(torch.tensor([[5, 70, 9]]), 0).tolist() == [[0, 5, 70, 9]]
 
 
-def test_vocabulary_logits_are_the_lms_own_when_the_student_wrote_everything(policy):
-    prompt, prompt_mask, state, mask = batch()
+def test_a_fresh_policy_is_the_lm_and_starts_all_call_reads_at_zero(arch):
+    """With the student writing everything (β plays no part), the token logits are the LM's own, one
+    plain forward per row; the <τ> logit starts at zero."""
+    model = tiny_lm(arch)
+    fresh, family = StudentPolicy(model).eval(), family_of_model(model)
+    prompt, prompt_mask, state, state_mask = episode_batch()
     state = state % V
-    logits = policy(prompt, prompt_mask, state, mask)
-    assert logits.shape == (2, 5, V + 1)
-    shifted = decoder_inputs(state, 0)[:, :-1]
-    reference = policy.model(input_ids=prompt, attention_mask=prompt_mask, decoder_input_ids=shifted).logits
-    torch.testing.assert_close(logits[..., :V], reference, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        logits = fresh(prompt, prompt_mask, state, state_mask)
+    assert logits.shape == (3, 5, V + 1)
+    for b, (n, t) in enumerate(rows(prompt_mask, state_mask)):
+        reference = family.output_logits(model, prompt[b, :n].tolist(), state[b, :t].tolist())
+        torch.testing.assert_close(logits[b, :t, :V], reference, atol=1e-5, rtol=1e-5)
+    assert torch.count_nonzero(logits[..., V]) == 0
 
 
-def test_teacher_tokens_are_embedded_with_beta(policy):
-    """Eq. 15: a teacher token t (stored as t + V) reads Embed(t) + β."""
-    prompt, prompt_mask, state, mask = batch()
-    logits = policy(prompt, prompt_mask, state, mask)
-    inputs = decoder_inputs(state, 0)[:, :-1]
-    embed = policy.model.get_input_embeddings()
-    manual = embed(inputs % V) + (inputs >= V).unsqueeze(-1).float() * policy.state_embedding.beta
-    reference = policy.model(input_ids=prompt, attention_mask=prompt_mask, decoder_inputs_embeds=manual).logits
-    torch.testing.assert_close(logits[..., :V], reference, atol=1e-5, rtol=1e-5)
-    # ...and β matters: without it the logits differ wherever a teacher token was read.
-    plain = policy(prompt, prompt_mask, state % V, mask)
-    assert not torch.allclose(plain, logits)
+def test_policy_forward_equals_a_manual_full_forward(policy):
+    """Each row of the padded batch equals plain forwards of the LM over that row alone: Eq. 15 (a
+    teacher token t, stored as t + V, reads Embed(t) + β), the prompt summary on every input, and
+    z_τ = call_head(h) + call_confidence([max log π_V, entropy of π_V]) + call_prompt(mean prompt state)."""
+    prompt, prompt_mask, state, state_mask = episode_batch()
+    family = family_of_model(policy.model)
+    with torch.no_grad():
+        logits = policy(prompt, prompt_mask, state, state_mask)
+        assert logits.shape == (3, 5, V + 1)
+        for b, (n, t) in enumerate(rows(prompt_mask, state_mask)):
+            expected = family.policy_logits(policy, prompt[b, :n].tolist(), state[b, :t].tolist())
+            torch.testing.assert_close(logits[b, :t], expected, atol=1e-4, rtol=1e-4)
+        # ...β matters: without it the logits differ wherever a teacher token was read.
+        assert not torch.allclose(policy(prompt, prompt_mask, state % V, state_mask), logits)
+        # Padding of the prompt does not enter the mean: changing a masked-out id changes nothing.
+        changed = prompt.clone()
+        changed[1, 5] = (changed[1, 5] + 1) % V
+        torch.testing.assert_close(policy(changed, prompt_mask, state, state_mask), logits)
 
 
-def test_incremental_rollout_equals_the_full_forward(policy):
-    with torch.no_grad():  # a trained prompt summary, so that its incremental path is exercised too
-        policy.prompt_summary.weight.normal_(std=0.3)
-    prompt, prompt_mask, state, mask = batch()
-    full = policy(prompt, prompt_mask, state, mask)
-    rollout = policy.rollout(2, 5)
-    steps = []
-    for t in range(5):
-        obs = {
-            "prompt_ids": prompt.numpy(), "prompt_length": prompt_mask.sum(1, keepdim=True).numpy(),
-            "state_ids": np.where(np.arange(5)[None] < t, state.numpy(), 0), "state_length": np.full((2, 1), t),
-        }
-        steps.append(rollout.logits(obs))
-    torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-4, rtol=1e-4)
+def test_incremental_rollout_equals_the_teacher_forced_forward_with_a_restart(policy):
+    """Rows of different prompt lengths; row 1 restarts mid-batch (an autoreset) while the others go on."""
+    prompt, prompt_mask, state, state_mask = episode_batch(steps=6)
+    second = episode_batch(lengths=(2, 8, 4), steps=6, seed=2)  # row 1's next episode: a longer prompt
+    with torch.no_grad():
+        full = policy(prompt, prompt_mask, state, torch.ones_like(state))
+        full_second = policy(*second[:3], torch.ones_like(second[2]))
+    rollout = policy.rollout(3, 6)
+    width = 8
+    prompt_ids = np.zeros((3, width), dtype=np.int64)
+    prompt_ids[:, : prompt.shape[1]] = prompt.numpy()
+    prompt_length = prompt_mask.sum(1).numpy()
+    state_ids, state_length = np.zeros((3, 6), dtype=np.int64), np.zeros(3, dtype=np.int64)
+    for step in range(6):
+        if step == 3:  # row 1 begins its next episode with the second prompt
+            prompt_ids[1] = second[0][1].numpy()
+            prompt_length[1] = int(second[1][1].sum())
+            state_ids[1], state_length[1] = 0, 0
+        obs = {"prompt_ids": prompt_ids.copy(), "prompt_length": prompt_length[:, None].copy(),
+               "state_ids": state_ids.copy(), "state_length": state_length[:, None].copy()}
+        logits = rollout.logits(obs)
+        for b in range(3):
+            t = int(state_length[b])
+            expected = full_second[1, t] if (b == 1 and step >= 3) else full[b, t]
+            torch.testing.assert_close(logits[b], expected, atol=1e-4, rtol=1e-4)
+            source = second[2][1] if (b == 1 and step >= 3) else state[b]
+            state_ids[b, t] = int(source[t])
+        state_length += 1
 
 
-def test_save_and_load_round_trip_and_plain_transformers(policy, tmp_path):
-    prompt, prompt_mask, state, mask = batch()
-    policy.save(tmp_path / "policy")
-    loaded = StudentPolicy.load(tmp_path / "policy")
-    torch.testing.assert_close(loaded(prompt, prompt_mask, state, mask), policy(prompt, prompt_mask, state, mask))
-    plain = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "policy")  # the student without <τ>
-    assert plain.config.vocab_size == V
-    assert (tmp_path / "policy" / "training_wheels.safetensors").exists()
+def test_the_teacher_forced_forward_trains_like_a_full_forward(policy):
+    """Gradients through the teacher-forced forward equal those of the manual full forward."""
+    prompt, prompt_mask, state, state_mask = episode_batch()
+    parameters = [policy.state_embedding.beta, policy.prompt_summary.weight, policy.call_prompt.weight,
+                  policy.model.get_input_embeddings().weight]
+    loss = policy(prompt[:1], prompt_mask[:1], state[:1], state_mask[:1]).logsumexp(-1).sum()
+    ours = torch.autograd.grad(loss, parameters)
+    reference = family_of_model(policy.model).policy_logits(policy, prompt[0].tolist(), state[0].tolist())
+    expected = torch.autograd.grad(reference.logsumexp(-1).sum(), parameters)
+    for a, b in zip(ours, expected, strict=True):
+        assert torch.count_nonzero(b) > 0
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_value_network_scores_every_state(policy):
-    prompt, prompt_mask, state, mask = batch()
+def test_value_network_scores_every_state_from_the_policys_states(policy):
+    prompt, prompt_mask, state, state_mask = episode_batch()
     value = ValueNetwork.from_policy(policy)
-    values = value(prompt, prompt_mask, state, mask)
-    assert values.shape == (2, 6)  # s_0 .. s_T
-    assert torch.count_nonzero(values) == 0  # the head starts at zero
+    with torch.no_grad():
+        values = value(prompt, prompt_mask, state, state_mask)
+        assert values.shape == (3, 6) and torch.count_nonzero(values) == 0  # s_0 .. s_T; the head starts at zero
+        value.value_head.weight.normal_()
+        states, _ = policy.state_features(prompt, prompt_mask, state, state_mask)
+        torch.testing.assert_close(value(prompt, prompt_mask, state, state_mask),
+                                   states @ value.value_head.weight[0] + value.value_head.bias, atol=1e-5, rtol=1e-5)
     # Separate parameters: training the value network leaves the policy alone.
     assert not any(p is q for p in value.parameters() for q in policy.parameters())
 
 
-def test_call_logit_is_the_sum_of_its_three_reads(policy):
-    """z_τ = call_head(h) + call_confidence([max log π_V, entropy of π_V]) + call_prompt(mean encoder state)."""
-    prompt, prompt_mask, state, mask = batch()
-    logits = policy(prompt, prompt_mask, state, mask)
-    encoded = policy.encode(prompt, prompt_mask)
-    h = policy.decoder_states(prompt, prompt_mask, state, mask, encoded)[:, :-1]
-    log_pi_v = torch.log_softmax(logits[..., :V], dim=-1)
-    confidence = torch.stack([log_pi_v.max(-1).values, -(log_pi_v.exp() * log_pi_v).sum(-1)], -1)
-    weights = prompt_mask.unsqueeze(-1).float()
-    mean = (encoded * weights).sum(1) / weights.sum(1)
-    expected = (
-        h @ policy.call_head.weight[0] + policy.call_head.bias
-        + confidence @ policy.call_confidence.weight[0] + (mean @ policy.call_prompt.weight[0])[:, None]
-    )
-    torch.testing.assert_close(logits[..., V], expected, atol=1e-5, rtol=1e-5)
-    # Padding of the prompt does not enter the mean: changing a masked-out id changes nothing.
-    changed = prompt.clone()
-    changed[1, 5] = (changed[1, 5] + 1) % V
-    torch.testing.assert_close(policy(changed, prompt_mask, state, mask), logits)
-
-
-def test_a_fresh_policy_keeps_the_lm_and_starts_all_call_reads_at_zero():
-    model = tiny_t5(V, d_model=32, layers=2, seed=3)
-    fresh = StudentPolicy(model).eval()
-    prompt, prompt_mask, state, mask = batch()
-    logits = fresh(prompt, prompt_mask, state % V, mask)
-    assert torch.count_nonzero(logits[..., V]) == 0
+def test_save_and_load_round_trip_and_plain_transformers(policy, tmp_path):
+    prompt, prompt_mask, state, state_mask = episode_batch()
+    family = family_of_model(policy.model)
+    policy.save(tmp_path / "policy")
+    assert (tmp_path / "policy" / "training_wheels.safetensors").exists()
+    assert f'"family": "{family.name}"' in (tmp_path / "policy" / EXTRA_CONFIG).read_text()
+    loaded = StudentPolicy.load(tmp_path / "policy", family=family.name)
+    assert loaded.family.name == family.name
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(prompt, prompt_mask, state, state_mask),
+                                   policy(prompt, prompt_mask, state, state_mask))
+        torch.testing.assert_close(StudentPolicy.load(tmp_path / "policy")(prompt, prompt_mask, state, state_mask),
+                                   policy(prompt, prompt_mask, state, state_mask))
+    plain = family.auto_class.from_pretrained(tmp_path / "policy")  # the student without <τ>
+    assert plain.config.model_type == policy.model.config.model_type and plain.config.vocab_size == V
 
 
 def test_a_policy_saved_without_the_newer_call_reads_loads_with_them_at_zero(policy, tmp_path):
@@ -144,6 +195,27 @@ def test_a_policy_saved_without_the_newer_call_reads_loads_with_them_at_zero(pol
     assert torch.count_nonzero(loaded.call_confidence.weight) == 0
     assert torch.count_nonzero(loaded.call_prompt.weight) == 0
     torch.testing.assert_close(loaded.call_head.weight, policy.call_head.weight)
+
+
+def test_load_refuses_a_policy_of_another_family(tmp_path):
+    t5_policy = StudentPolicy(tiny_t5(V, 16, 1, seed=0))
+    t5_policy.save(tmp_path / "t5")
+    with pytest.raises(ValueError, match=r"is encoder-decoder \(t5\); expected a decoder-only policy"):
+        StudentPolicy.load(tmp_path / "t5", family="decoder-only")
+    with pytest.raises(ValueError, match="family must be one of"):
+        StudentPolicy.load(tmp_path / "t5", family="causal")
+    # A causal LM written over a saved T5 policy's directory: the recorded family says so.
+    tiny_causal_lm(V, 16, 1, seed=0).save_pretrained(tmp_path / "t5")
+    with pytest.raises(ValueError, match=r"is decoder-only \(llama\), but it was saved as encoder-decoder"):
+        StudentPolicy.load(tmp_path / "t5")
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3"])
+def test_a_decoder_only_policy_says_what_it_lacks(policy):
+    with pytest.raises(TypeError, match="no start token shared by every prompt"):
+        _ = policy.start_token_id
+    with pytest.raises(TypeError, match="decoder-only"):
+        policy.encode(*episode_batch()[:2])
 
 
 # choose_actions ---------------------------------------------------------------------------------

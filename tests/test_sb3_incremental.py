@@ -20,7 +20,7 @@ from stable_baselines3.common.utils import obs_as_tensor
 import tw_env  # noqa: F401  (registers the tasks)
 from agents.policy import StudentPolicy
 from agents.sb3_adapter import LMActorCriticPolicy, SB3VecEnvAdapter, episode_groups, observation_batch
-from tests.tiny_task import make_tiny_causal_task, make_tiny_task
+from tests.tiny_task import only_family
 
 ENV_ID = "TrainingWheels-Synthetic-v0"
 MAX_NEW_TOKENS = 6
@@ -28,15 +28,14 @@ NUM_ENVS = 4
 EOS = 1
 
 
-@pytest.fixture(scope="module", params=["encoder-decoder", "decoder-only"])
-def family_task(request, tmp_path_factory):
-    """(task, phase-1 policy directory) of one family; the policy's Training Wheels parts are random."""
-    root = tmp_path_factory.mktemp(request.param)
-    task = (make_tiny_task if request.param == "encoder-decoder" else make_tiny_causal_task)(root / "task")
-    policy = StudentPolicy.load(task.student_dir)
+@pytest.fixture(scope="module")
+def task_and_phase1(family, family_task, tmp_path_factory):
+    """(the family's tiny task, phase-1 policy directory); the policy's Training Wheels parts are random."""
+    root = tmp_path_factory.mktemp(family.name)
+    policy = StudentPolicy.load(family_task.student_dir)
     torch.manual_seed(0)
     with torch.no_grad():
-        if request.param == "encoder-decoder":
+        if family.name == "encoder-decoder":
             # A random T5 puts nearly all its mass on one token: soften it, so that sampled prefixes differ.
             policy.model.decoder.final_layer_norm.weight.mul_(0.1)
         policy.state_embedding.beta.normal_()
@@ -45,7 +44,7 @@ def family_task(request, tmp_path_factory):
         policy.call_head.bias.fill_(3.0)  # calls at some steps: teacher tokens (β) in the prefixes
         policy.call_prompt.weight.normal_()
     policy.save(root / "phase1")
-    return task, root / "phase1"
+    return family_task, root / "phase1"
 
 
 def make_adapter(task) -> SB3VecEnvAdapter:
@@ -105,8 +104,8 @@ def two_rollouts(adapter, policy, steps: int) -> tuple[dict, np.ndarray]:
 
 
 @pytest.mark.parametrize("value_model", ["head", "network"])
-def test_incremental_rollout_equals_a_full_recompute(family_task, value_model):
-    task, phase1 = family_task
+def test_incremental_rollout_equals_a_full_recompute(task_and_phase1, value_model):
+    task, phase1 = task_and_phase1
     adapter = make_adapter(task)
     adapter.seed(1)
     policy = make_policy(adapter, phase1, value_model)
@@ -143,8 +142,8 @@ def test_incremental_rollout_equals_a_full_recompute(family_task, value_model):
     assert [policy._readers[(id(m), NUM_ENVS)].rebuilds for m in models] == [2] * len(models)
 
 
-def test_episode_groups_find_each_episode(family_task):
-    task, phase1 = family_task
+def test_episode_groups_find_each_episode(task_and_phase1):
+    task, phase1 = task_and_phase1
     adapter = make_adapter(task)
     policy = make_policy(adapter, phase1)
     obs, episode = two_rollouts(adapter, policy, 2 * MAX_NEW_TOKENS)
@@ -169,8 +168,8 @@ def test_episode_groups_find_each_episode(family_task):
 
 
 @pytest.mark.parametrize("value_model", ["head", "network"])
-def test_training_forward_is_one_pass_per_episode_and_equals_per_observation_passes(family_task, value_model):
-    task, phase1 = family_task
+def test_training_forward_is_one_pass_per_episode_and_equals_per_observation_passes(task_and_phase1, value_model):
+    task, phase1 = task_and_phase1
     adapter = make_adapter(task)
     policy = make_policy(adapter, phase1, value_model)
     obs = obs_as_tensor(two_rollouts(adapter, policy, 2 * MAX_NEW_TOKENS)[0], policy.device)
@@ -213,12 +212,13 @@ def test_training_forward_is_one_pass_per_episode_and_equals_per_observation_pas
     assert checked > 5
 
 
-def test_ppo_runs_a_few_updates_on_a_causal_pair(tmp_path):
+@only_family("decoder-only")
+def test_ppo_runs_a_few_updates_on_a_causal_pair(family_task, tmp_path):
     from stable_baselines3 import PPO
 
     from agents.sb3_adapter import LagrangeCallback
 
-    task = make_tiny_causal_task(tmp_path / "task")
+    task = family_task
     caller = StudentPolicy.load(task.student_dir)
     with torch.no_grad():
         caller.call_head.bias.fill_(8.0)  # teacher use above every budget: λ rises

@@ -1,13 +1,23 @@
-"""The Training Wheels trainer end to end on a tiny task: phases run, checkpoints resume exactly."""
+"""The Training Wheels trainer on the tiny task, written once and run for both model families: the
+KL-ranked oracle, phases 1 and 2 end to end, the same seed twice, and kill-and-resume.
+
+The oracle is checked against a hand computation that shares nothing with the batched code: each
+row alone, unpadded, the teacher decoded greedily by one full forward (no cache) per token on its
+own prompt C^(T), the student's distribution from plain full forwards of its LM over the row
+(tests/tiny_task.py's ``policy_logits``), KL(teacher ‖ student over V) per position, and the top
+⌊l·b⌋ positions (ties: the earlier one).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -16,38 +26,114 @@ from safetensors.torch import load_file
 
 from agents.config import config_to_json
 from agents.lagrangian import trailing_fractions
+from agents.policy import StudentPolicy
 from agents.train import TrainConfig, episode_rewards, run
-from agents.trajectories import Trajectories
-from tests.tiny_task import make_eager_to_end_student, make_tiny_task
+from agents.trajectories import Trajectories, collect_on_policy, oracle_batch
+from tests.tiny_task import EOS, only_family, right_padded
+
+ENV_ID = "TrainingWheels-Synthetic-v0"
+
+
+# --------------------------------------------------------------------------------------------- the oracle
+
+V = 64
+MAX_NEW = 7
+
+
+def random_prompts(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded random prompts (ids ≥ 2: no pad, no EOS) of the given lengths."""
+    return right_padded(lengths, V, torch.Generator().manual_seed(seed))
+
+
+def hand_oracle_calls(teacher_logits: torch.Tensor, student_logits: torch.Tensor, budget: float) -> list[int]:
+    """The top ⌊l·b⌋ positions by KL(teacher ‖ student), ties to the earlier position, by hand."""
+    log_p, log_q = torch.log_softmax(teacher_logits, -1), torch.log_softmax(student_logits, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).tolist()
+    k = math.floor(Fraction(str(budget)) * len(kl))
+    return sorted(sorted(range(len(kl)), key=lambda i: (-kl[i], i))[:k])
+
+
+@pytest.fixture
+def oracle_pair(family):
+    """(teacher, policy) of the tiny task's kind; the policy's prompt summary is random (the student's
+    ranking distribution reads it) and so is β (which it must not read: the oracle reads every token
+    as the student's)."""
+    teacher = family.teacher_lm(V, seed=5)
+    policy = StudentPolicy(family.student_lm(V, seed=6)).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        policy.prompt_summary.weight.normal_(std=0.3)
+        policy.state_embedding.beta.normal_()
+    return teacher, policy
+
+
+def test_the_oracle_equals_a_hand_computation_with_full_forwards(family, oracle_pair):
+    """Rows of different prompt lengths; the teacher reads its own prompts C^(T) (other lengths, other
+    tokens), the student its prompts Y; budgets 0.5 and 0.3 give one to three calls per row."""
+    teacher, policy = oracle_pair
+    prompt_ids, prompt_mask = random_prompts([4, 9, 1, 6], seed=1)
+    teacher_ids, teacher_mask = random_prompts([7, 2, 5, 11], seed=2)
+    budgets = torch.tensor([0.5, 0.3, 0.5, 0.3])
+    oracle = oracle_batch(teacher, policy, prompt_ids, prompt_mask, budgets, MAX_NEW, EOS,
+                          teacher_prompts=(teacher_ids, teacher_mask))
+    traj = oracle.trajectories
+    calls_seen = 0
+    for b in range(4):
+        prompt = prompt_ids[b, : int(prompt_mask[b].sum())].tolist()
+        teacher_prompt = teacher_ids[b, : int(teacher_mask[b].sum())].tolist()
+        output = family.greedy(teacher, teacher_prompt, MAX_NEW)
+        teacher_logits = family.output_logits(teacher, teacher_prompt, output)[:, :V]
+        with torch.no_grad():  # every token the student's own: what the oracle ranks
+            student_logits = family.policy_logits(policy, prompt, output)[:, :V]
+        calls = hand_oracle_calls(teacher_logits, student_logits, float(budgets[b]))
+        n = len(output)
+        assert traj.mask[b].tolist() == [True] * n + [False] * (traj.mask.shape[1] - n)
+        assert bool(traj.truncated[b]) == (output[-1] != EOS)
+        assert torch.nonzero(traj.is_call[b]).flatten().tolist() == calls
+        expected_state = [t + V if i in calls else t for i, t in enumerate(output)]
+        assert traj.state_ids[b, :n].tolist() == expected_state
+        assert traj.actions[b, :n].tolist() == [V if i in calls else t for i, t in enumerate(output)]
+        expected_logprob = torch.log_softmax(teacher_logits, -1).gather(1, torch.tensor(output)[:, None]).squeeze(1)
+        torch.testing.assert_close(traj.teacher_logprob[b, :n], expected_logprob, atol=1e-4, rtol=0)
+        torch.testing.assert_close(oracle.teacher_logits[b, :n], teacher_logits, atol=1e-4, rtol=0)
+        calls_seen += len(calls)
+    assert calls_seen >= 4
+    # The batch's widths: prompts are the student's, the episode as long as the longest row.
+    assert torch.equal(traj.prompt_ids, prompt_ids) and traj.state_ids.shape[1] == int(traj.mask.sum(1).max())
+
+
+# --------------------------------------------------------------------------------------------- the trainer
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_task(tmp_path_factory.mktemp("tiny"))
+def tiny(family_task):
+    return family_task
 
 
 @pytest.fixture(scope="module")
-def early_end_kwargs(tiny, tmp_path_factory) -> dict:
+def early_end_kwargs(family, tiny, tmp_path_factory) -> dict:
     """Env overrides with a student whose sampled episodes end at different times (the autoreset path)."""
-    student = make_eager_to_end_student(tiny.student_dir, tmp_path_factory.mktemp("eager") / "student")
+    student = family.eager_to_end_student(tiny.student_dir, tmp_path_factory.mktemp("eager") / "student")
     return {**tiny.env_kwargs(), "student": str(student)}
 
 
 def test_the_early_end_student_ends_rows_at_different_times(early_end_kwargs):
     import gymnasium as gym
 
-    from agents.policy import StudentPolicy
-    from agents.trajectories import collect_on_policy
-
-    envs = gym.make_vec("TrainingWheels-Synthetic-v0", num_envs=6, vectorization_mode="vector_entry_point",
-                        max_new_tokens=12, **early_end_kwargs)
+    envs = gym.make_vec(ENV_ID, num_envs=6, vectorization_mode="vector_entry_point", max_new_tokens=12,
+                        **early_end_kwargs)
     policy = StudentPolicy.load(early_end_kwargs["student"])
     envs.reward_stats.reset()
     lengths, tokens = set(), 0
     for k in range(3):
-        batch, _ = collect_on_policy(envs, policy, [0.1] * 6, list(range(6 * k, 6 * k + 6)), torch.Generator().manual_seed(k))
+        batch, ends = collect_on_policy(envs, policy, [0.1] * 6, list(range(6 * k, 6 * k + 6)),
+                                        torch.Generator().manual_seed(k))
         lengths |= set(batch.mask.sum(dim=1).tolist())
         tokens += int(batch.mask.sum())
+        # The batch is what the env emitted: X^(out) of each row, calls marked as teacher tokens.
+        for row, end in enumerate(ends):
+            n = int(batch.mask[row].sum())
+            assert (batch.state_ids[row, :n] % policy.vocab_size).tolist() == list(end["output_ids"])
     assert len(lengths) >= 3 and min(lengths) < 12, lengths
     # One episode per row: the normalisers saw the batches' tokens and nothing of a discarded episode.
     assert len(envs.reward_stats.state_dict()["teacher"]) == tokens
@@ -55,7 +141,7 @@ def test_the_early_end_student_ends_rows_at_different_times(early_end_kwargs):
 
 def tiny_config(tiny, out: Path, **overrides) -> TrainConfig:
     base = dict(
-        env_id="TrainingWheels-Synthetic-v0", env_kwargs=tiny.env_kwargs(), output_dir=str(out),
+        env_id=ENV_ID, env_kwargs=tiny.env_kwargs(), output_dir=str(out),
         max_new_tokens=6, bc_batches=4, bc_batch_size=6, pcl_batches=4, num_envs=6, eval_every=0,
         eval_examples=8, checkpoint_every=2, tau=0.1, policy_lr=1e-3, value_lr=1e-3, bc_lr=1e-3,
         replay_per_update=4, threads=1, device="cpu",
@@ -68,18 +154,26 @@ def weights(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(directory / "model.safetensors")) | load_file(str(directory / "training_wheels.safetensors"))
 
 
-def test_both_phases_run_and_select_a_policy(tiny, tmp_path):
-    summary = run(tiny_config(tiny, tmp_path))
+def test_both_phases_run_and_select_a_policy(family, tiny, tmp_path):
+    summary = run(tiny_config(tiny, tmp_path, bc_batches=3, eval_every=2))
+    assert summary["phase1"]["batches"] == 3 and summary["phase2"]["batches"] == 4
     assert (tmp_path / "phase1" / "done.json").exists()
     best = summary["phase2"]["selection"]["best"]
     assert best is not None and len(best["results"]) == 6
+    assert len(summary["phase2"]["selection"]["evaluations"]) == 3  # steps 0, 2 and 4
     assert (tmp_path / "best" / "selection.json").exists()
+    assert not (tmp_path / "phase2-evaluated").exists()  # evaluated policies are not kept by default
     assert (tmp_path / "tensorboard").is_dir() and any((tmp_path / "tensorboard").iterdir())
-    # Phase 2 moved the weights away from the phase-1 policy.
-    before, after = weights(tmp_path / "phase1"), weights(tmp_path / "final")
-    assert any(not torch.equal(before[k], after[k]) for k in before)
+    # Phase 1 moved the student's LM, phase 2 moved the weights away from the phase-1 policy.
+    student = load_file(str(tiny.student_dir / "model.safetensors"))
+    phase1, final = weights(tmp_path / "phase1"), weights(tmp_path / "final")
+    assert any(not torch.equal(student[k], phase1[k]) for k in student)
+    assert any(not torch.equal(phase1[k], final[k]) for k in phase1)
+    for name in ("phase1", "final", "best"):
+        assert StudentPolicy.load(tmp_path / name, family=family.name).family.name == family.name
 
 
+@only_family("encoder-decoder")
 def test_kept_evaluated_policies_are_the_policies_each_evaluation_scored(tiny, tmp_path):
     summary = run(tiny_config(tiny, tmp_path, eval_every=2, keep_evaluated_policies=True))
     evaluations = summary["phase2"]["selection"]["evaluations"]
@@ -95,11 +189,6 @@ def test_kept_evaluated_policies_are_the_policies_each_evaluation_scored(tiny, t
     middle = weights(kept[1])
     for other in (weights(tmp_path / "phase1"), weights(tmp_path / "final")):
         assert any(not torch.equal(middle[k], other[k]) for k in middle)
-
-
-def test_evaluated_policies_are_not_kept_by_default(tiny, tmp_path):
-    run(tiny_config(tiny, tmp_path, eval_every=2))
-    assert not (tmp_path / "phase2-evaluated").exists()
 
 
 def _lambdas_by_hand(batches: list[Trajectories], budgets, lr: float, floor: float, cap: float,
@@ -122,6 +211,7 @@ def _lambdas_by_hand(batches: list[Trajectories], budgets, lr: float, floor: flo
     return lam
 
 
+@only_family("encoder-decoder")
 def test_a_negative_lagrange_floor_lets_under_used_budgets_pay_for_calls(tiny, tmp_path, monkeypatch):
     """A fresh student almost never calls: b = 0.5 is under-used, so its λ goes below 0 (down to
     the floor) when the floor allows it, and stays at 0 with the paper's floor.  No budget is below
@@ -129,7 +219,6 @@ def test_a_negative_lagrange_floor_lets_under_used_budgets_pay_for_calls(tiny, t
     student calls under "no teacher use".  Every λ is checked against the dual step applied by hand
     to the teacher use counted in the on-policy batches."""
     import agents.train as train_module
-    from agents.policy import StudentPolicy
 
     collected: list[Trajectories] = []
     real_collect = train_module.collect_on_policy
@@ -211,7 +300,7 @@ def _launch(config: TrainConfig, config_path: Path) -> subprocess.Popen:
 
 def test_same_seed_twice_gives_identical_phase2(tiny, early_end_kwargs, tmp_path):
     """Rows end at different times (the early-end path); two runs of one config agree exactly."""
-    overrides = dict(env_kwargs=early_end_kwargs, max_new_tokens=12, bc_batches=2, pcl_batches=4, eval_every=2,
+    overrides = dict(env_kwargs=early_end_kwargs, max_new_tokens=12, bc_batches=2, pcl_batches=3, eval_every=2,
                      oracle_rounding="stochastic", lagrange_floor=-1.0, lagrange_lr=0.5)
     first = run(tiny_config(tiny, tmp_path / "first", **overrides))["phase2"]
     second = run(tiny_config(tiny, tmp_path / "second", **overrides))["phase2"]
@@ -226,7 +315,7 @@ def test_killed_run_resumes_exactly(tiny, early_end_kwargs, tmp_path):
     """SIGKILL a run right after its first phase-2 checkpoint; the resumed run ends bit-identical.
 
     The student ends its episodes at different times, so the early-end path is exercised."""
-    overrides = dict(bc_batches=2, pcl_batches=8, checkpoint_every=2, oracle_rounding="stochastic", lagrange_floor=-1.0,
+    overrides = dict(bc_batches=2, pcl_batches=6, checkpoint_every=2, oracle_rounding="stochastic", lagrange_floor=-1.0,
                      env_kwargs=early_end_kwargs, max_new_tokens=12)
     reference = tiny_config(tiny, tmp_path / "reference", **overrides)
     proc = _launch(reference, tmp_path / "reference.json")

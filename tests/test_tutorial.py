@@ -137,3 +137,35 @@ def test_agent_arguments_are_a_documented_dataclass(tmp_path) -> None:
         assert helps.get(field.name), f"Args.{field.name} has no docstring"
         flag = "--" + field.name.replace("_", "-")
         assert flag in done.stdout and helps[field.name].split()[0] in done.stdout
+
+
+def test_the_agent_files_student_reads_either_model_family(family_task, monkeypatch) -> None:
+    """`Student` tests no family: on each family's tiny task, episodes without calls write the student's own
+    greedy output (``generate`` on the same prompts), and the agent's state is finite."""
+    import gymnasium as gym
+    import numpy as np
+    import torch
+
+    from tw_env.families import family_of
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    from examples.reinforce_lagrangian import Student, play
+
+    n, new_tokens = 4, 6
+    envs = gym.make_vec("TrainingWheels-Synthetic-v0", num_envs=n, vectorization_mode="vector_entry_point",
+                        split="validation", max_new_tokens=new_tokens, **family_task.env_kwargs())
+    student = Student(str(family_task.student_dir), envs.unwrapped.vocab_size)
+    episodes = play(envs, student, lambda s: torch.zeros(len(s)), np.zeros(n), np.arange(n))
+    assert episodes.calls.sum() == 0 and torch.isfinite(episodes.states).all()
+
+    obs, _ = envs.reset(options={"budget": [0.0] * n, "index": list(range(n)), "autoreset": False})
+    length = torch.as_tensor(obs["prompt_length"][:, 0])
+    ids = torch.as_tensor(obs["prompt_ids"][:, : int(length.max())]).long()
+    mask = (torch.arange(ids.shape[1])[None] < length[:, None]).long()
+    family = family_of(student.lm)
+    generate_ids, generate_mask = family.generation_inputs(ids, mask)
+    out = student.lm.generate(input_ids=generate_ids, attention_mask=generate_mask, do_sample=False, num_beams=1,
+                              max_new_tokens=new_tokens, pad_token_id=0, eos_token_id=1)
+    tokenizer = envs.unwrapped.task.tokenizer
+    want = tokenizer.batch_decode(family.generated_tokens(out, generate_ids.shape[1]), skip_special_tokens=True)
+    assert episodes.outputs == want

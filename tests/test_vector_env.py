@@ -3,21 +3,27 @@
 The vector env is built through ``gym.make_vec(..., vectorization_mode="vector_entry_point")`` and
 compared, row by row, with single envs from ``gym.make`` on the same examples and budgets, through
 several NEXT_STEP autoresets. Every teacher log-probability is also checked against an independent
-full (no-cache) forward of a separately loaded teacher.
+full (no-cache) forward of a separately loaded teacher on the row's own teacher prompt C^(T).
+
+The semantic tests run for both model families (``[encoder-decoder]``: the word-level tokenizer's
+tiny T5 on WMT19-style pairs, the teacher reading the observed prompt; ``[decoder-only]``: the tiny
+causal synthetic task, whose teacher reads its own prompt); the error and bookkeeping tests on the T5.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
+from dataclasses import dataclass
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from transformers import T5ForConditionalGeneration
 
 from tests.conftest import EXAMPLES, INSTRUCTION, WORDS
 from tests.helpers import assert_obs_equal, row_obs
+from tests.tiny_task import FAMILIES
 from tw_env import TeacherAssistedDecodingVectorEnv, eq17_reward
 
 W = {w: i for i, w in enumerate(WORDS)}
@@ -27,18 +33,34 @@ MAX_NEW = 6
 LAMBDAS = {0.0: 0.0, 0.1: 0.5, 0.2: 0.3, 0.3: 1.0, 0.4: 0.8, 0.5: 0.2}
 
 
+@dataclass
+class VectorTask:
+    """A registered task of one family: its env id and ``gym.make`` keywords, its teacher, and the
+    tokens a scripted student writes."""
+
+    family: object
+    env_id: str
+    kwargs: dict
+    reference_teacher: object  # a separately loaded copy of the teacher, run without any cache
+    content: np.ndarray
+
+    def make_vec(self, num_envs: int, **overrides):
+        return gym.make_vec(self.env_id, num_envs=num_envs, vectorization_mode="vector_entry_point",
+                            **{**self.kwargs, **overrides})
+
+
 @pytest.fixture(scope="module")
-def reference_teacher(word_t5_dir):
-    return T5ForConditionalGeneration.from_pretrained(word_t5_dir).eval()
-
-
-@pytest.fixture
-def task_kwargs(word_t5_dir, word_tokenizer_dir, wmt_jsonl):
-    return dict(
-        teacher=str(word_t5_dir), student=str(word_t5_dir), tokenizer=str(word_tokenizer_dir), data=str(wmt_jsonl),
-        max_new_tokens=MAX_NEW, max_prompt_length=32,
-        teacher_prompt=None,  # the teacher reads the observed prompt, so FullForwardChecker can score it
-    )
+def vector_task(family, tiny_tasks, word_t5_dir, word_tokenizer_dir, wmt_jsonl) -> VectorTask:
+    if family.name == "encoder-decoder":
+        kwargs = dict(teacher=str(word_t5_dir), student=str(word_t5_dir), tokenizer=str(word_tokenizer_dir),
+                      data=str(wmt_jsonl), max_new_tokens=MAX_NEW, max_prompt_length=32,
+                      teacher_prompt=None)  # the teacher reads the observed prompt
+        return VectorTask(family, "TrainingWheels-WMT19-v0", kwargs, family.auto_class.from_pretrained(word_t5_dir).eval(),
+                          np.array(CONTENT))
+    task = tiny_tasks.get(family, n_train=40, n_validation=8)
+    reference = family.auto_class.from_pretrained(task.teacher_dir).eval()
+    return VectorTask(family, "TrainingWheels-Synthetic-v0", {**task.env_kwargs(), "max_new_tokens": MAX_NEW}, reference,
+                      np.arange(3, reference.config.vocab_size))
 
 
 def make_vector(word_t5_dir, word_tokenizer_dir, num_envs: int, **kwargs) -> TeacherAssistedDecodingVectorEnv:
@@ -47,12 +69,9 @@ def make_vector(word_t5_dir, word_tokenizer_dir, num_envs: int, **kwargs) -> Tea
     return TeacherAssistedDecodingVectorEnv(num_envs, teacher=str(word_t5_dir), tokenizer=str(word_tokenizer_dir), **defaults)
 
 
-@torch.no_grad()
-def last_logprobs(model, prompt: np.ndarray, outputs: list[int]) -> np.ndarray:
-    """log p(· | X^(out)_<i, Y) for the last position i of ``outputs``, from a full forward."""
-    ids = torch.as_tensor(np.asarray(prompt), dtype=torch.long)[None]
-    dec = torch.as_tensor([0, *outputs[:-1]], dtype=torch.long)[None]
-    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=dec).logits[0, -1]
+def last_logprobs(family, model, teacher_prompt, outputs: list[int]) -> np.ndarray:
+    """log p(· | X^(out)_<i, C^(T)) for the last position i of ``outputs``, from a full forward."""
+    logits = family.output_logits(model, [int(t) for t in teacher_prompt], outputs)[-1]
     return torch.log_softmax(logits.float(), dim=-1).numpy()
 
 
@@ -60,31 +79,34 @@ def last_logprobs(model, prompt: np.ndarray, outputs: list[int]) -> np.ndarray:
 
 
 
-def choose_actions(rng: np.random.Generator, envs, p_eos: float = 0.2) -> np.ndarray:
+def choose_actions(rng: np.random.Generator, envs, p_eos: float = 0.2, content=CONTENT) -> np.ndarray:
     """A seeded mix of content tokens, <τ> calls and EOS, so that rows end at different times
     (and sometimes several rows, with different lengths, in the same step)."""
     batch = envs.unwrapped.batch
     n, V = len(batch.done), envs.unwrapped.vocab_size
     draw = rng.random(n)
-    actions = np.where(draw < 0.3, V, rng.choice(CONTENT, size=n))
+    actions = np.where(draw < 0.3, V, rng.choice(content, size=n))
     actions[draw > 1 - p_eos] = EOS
     actions[batch.done] = EOS  # ignored: those rows are reset by this step
     return actions.astype(np.int64)
 
 
 class FullForwardChecker:
-    """Checks every acting row's teacher_logprob against a full forward on its current episode."""
+    """Checks every acting row's teacher_logprob against a full forward on its current episode (the
+    row's teacher prompt C^(T), then its output)."""
 
-    def __init__(self, model, vocab_size: int):
-        self.model, self.V, self.checked = model, vocab_size, 0
+    def __init__(self, task: VectorTask, envs):
+        self.task, self.core, self.checked = task, envs.unwrapped, 0
+        self.V = self.core.vocab_size
 
     def __call__(self, obs, infos, acting: np.ndarray) -> None:
         for r in acting:
             n = int(obs["state_length"][r, 0])
             state = obs["state_ids"][r, :n]
             outputs = [int(t - self.V if t >= self.V else t) for t in state]
-            prompt = obs["prompt_ids"][r, : int(obs["prompt_length"][r, 0])]
-            lp = last_logprobs(self.model, prompt, outputs)
+            example = self.core.examples[int(self.core.example_index[r])]
+            teacher_prompt = self.core.encode_teacher_prompt(example.source, float(self.core.batch.budget[r]))
+            lp = last_logprobs(self.task.family, self.task.reference_teacher, teacher_prompt, outputs)
             assert infos["_teacher_logprob"][r]
             assert infos["teacher_logprob"][r] == pytest.approx(lp[outputs[-1]], abs=1e-4)
             if state[-1] >= self.V:  # a greedy teacher call
@@ -93,12 +115,15 @@ class FullForwardChecker:
 
 
 # ------------------------------------------------------------------------------------- semantics
-def test_same_semantics_as_single_envs_through_autoresets(task_kwargs, reference_teacher):
+def test_same_semantics_as_single_envs_through_autoresets(vector_task):
     n = 4
-    envs = gym.make_vec("TrainingWheels-WMT19-v0", num_envs=n, vectorization_mode="vector_entry_point", **task_kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        envs = vector_task.make_vec(n)
     core = envs.unwrapped
     assert isinstance(core, TeacherAssistedDecodingVectorEnv) and envs.num_envs == n
-    singles = [gym.make("TrainingWheels-WMT19-v0", **task_kwargs) for _ in range(n)]
+    assert core.task.family.name == vector_task.family.name
+    singles = [gym.make(vector_task.env_id, **vector_task.kwargs) for _ in range(n)]
     V = core.vocab_size
     for e in [envs.unwrapped, *(s.unwrapped for s in singles)]:
         e.set_lagrange_multipliers(LAMBDAS)
@@ -111,14 +136,14 @@ def test_same_semantics_as_single_envs_through_autoresets(task_kwargs, reference
         assert s_info == {"budget": budgets[r], "example_index": indices[r]}
         assert_obs_equal(row_obs(obs, r), s_obs)
 
-    check = FullForwardChecker(reference_teacher, V)
+    check = FullForwardChecker(vector_task, envs)
     rng = np.random.default_rng(0)
     episodes_done = np.zeros(n, dtype=int)
     active_stats = False
     same_step_ends = 0
     for _ in range(26):
         resetting = core.batch.done.copy()
-        actions = choose_actions(rng, envs)
+        actions = choose_actions(rng, envs, content=vector_task.content)
         mu, sigma = core.reward_stats.mu, core.reward_stats.sigma  # what this step's rewards use
         active_stats |= (mu, sigma) != (0.0, 1.0)
         obs, rewards, terminated, truncated, infos = envs.step(actions)
@@ -162,16 +187,18 @@ def test_same_semantics_as_single_envs_through_autoresets(task_kwargs, reference
     assert check.checked >= 70
 
 
-def test_rows_reset_by_reset_done_rows_act_at_once(word_t5_dir, word_tokenizer_dir, reference_teacher):
-    envs = make_vector(word_t5_dir, word_tokenizer_dir, 3)
-    check = FullForwardChecker(reference_teacher, envs.vocab_size)
+def test_rows_reset_by_reset_done_rows_act_at_once(vector_task):
+    """reset_done_rows starts a subset of rows at once: the other rows (a causal teacher: a placeholder
+    rolled back per row) keep exact distributions."""
+    envs = vector_task.make_vec(3).unwrapped
+    check = FullForwardChecker(vector_task, envs)
     with pytest.raises(RuntimeError, match="before reset"):
         envs.reset_done_rows()
     envs.reset(seed=1, options={"index": [0, 1, 2]})
     rng = np.random.default_rng(1)
     restarted = 0
     for _ in range(20):
-        actions = choose_actions(rng, envs)
+        actions = choose_actions(rng, envs, content=vector_task.content)
         obs, rewards, terminated, truncated, infos = envs.step(actions)
         check(obs, infos, np.arange(3))  # every row acts: none is left for a NEXT_STEP reset
         ended = terminated | truncated
@@ -348,7 +375,7 @@ def test_render_ansi_per_row(word_t5_dir, word_tokenizer_dir):
     assert make_vector(word_t5_dir, word_tokenizer_dir, 1).render() is None
 
 
-def test_every_row_scores_against_its_own_teacher_prompt(word_t5_dir, word_tokenizer_dir, word_tokenizer, reference_teacher):
+def test_every_row_scores_against_its_own_teacher_prompt(word_t5, word_t5_dir, word_tokenizer_dir, word_tokenizer):
     template = "{instruction}: {source}"
     envs = make_vector(word_t5_dir, word_tokenizer_dir, 3, teacher_prompt=template)
     envs.reset(seed=2, options={"index": [0, 1, 2], "budget": [0.0, 0.3, 0.5]})
@@ -363,5 +390,30 @@ def test_every_row_scores_against_its_own_teacher_prompt(word_t5_dir, word_token
         assert not (terminated | truncated).any()
         for row in range(3):
             outputs[row].append(int(obs["state_ids"][row, obs["state_length"][row, 0] - 1]) % envs.vocab_size)
-            expected = last_logprobs(reference_teacher, teacher_prompts[row], outputs[row])[outputs[row][-1]]
+            expected = last_logprobs(FAMILIES["encoder-decoder"], word_t5, teacher_prompts[row], outputs[row])[outputs[row][-1]]
             assert infos["teacher_logprob"][row] == pytest.approx(expected, abs=1e-4)
+
+
+def test_vector_env_checks(vector_task):
+    """What gymnasium checks of a single env, for the vector env: batched spaces contain what reset and
+    step return, a seeded reset and the same actions reproduce everything, and nothing warns."""
+    from gymnasium.utils.env_checker import data_equivalence
+
+    def run(seed: int) -> list:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            envs = vector_task.make_vec(2, max_new_tokens=3)
+            envs.action_space.seed(seed)
+            out = [envs.reset(seed=seed)]
+            for _ in range(5):
+                actions = envs.action_space.sample()
+                assert envs.action_space.contains(actions)
+                out.append(envs.step(actions))
+                assert envs.observation_space.contains(out[-1][0])
+                assert out[-1][1].dtype == np.float64 and out[-1][2].dtype == bool and out[-1][3].dtype == bool
+        return out
+
+    first, again = run(4), run(4)
+    assert first[0][0].keys() == again[0][0].keys()
+    assert data_equivalence(first, again)
+    assert not data_equivalence(first, run(5))

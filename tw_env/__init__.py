@@ -1,6 +1,7 @@
 """Training Wheels: teacher-assisted decoding as a Gymnasium environment (arXiv 2502.17717).
 
-Importing this package registers four tasks; nothing is downloaded or trained at import:
+Importing this package registers the tasks of :data:`tw_env.registration.TASKS` (a task is one row
+there); nothing is downloaded or trained at import:
 
 - ``TrainingWheels-XSum-v0``: summarization, teacher google/flan-t5-xl, student google/flan-t5-small.
 - ``TrainingWheels-WMT19-v0``: German→English (wmt/wmt19, de-en), same models.
@@ -12,11 +13,9 @@ Importing this package registers four tasks; nothing is downloaded or trained at
 Each has a native vector form: ``gym.make_vec(id, num_envs=N, vectorization_mode="vector_entry_point")``.
 """
 
-from gymnasium.envs.registration import register, registry
-
 from tw_env.env import TeacherAssistedDecodingEnv
 from tw_env.prompts import BUDGET_KEYWORDS, BUDGETS, make_prompt
-from tw_env.registration import make_task
+from tw_env.registration import make_task, register_tasks
 from tw_env.rewards import RunningRewardStats, eq17_reward
 from tw_env.task import Task
 from tw_env.tasks import Example
@@ -35,16 +34,4 @@ __all__ = [
     "make_task",
 ]
 
-_TASKS = {
-    "TrainingWheels-XSum-v0": "xsum",
-    "TrainingWheels-WMT19-v0": "wmt19",
-    "TrainingWheels-Synthetic-v0": "synthetic",
-    "TrainingWheels-SyntheticCausal-v0": "synthetic_causal",
-}
-for _env_id, _name in _TASKS.items():
-    if _env_id not in registry:
-        register(
-            id=_env_id,
-            entry_point=f"tw_env.registration:make_{_name}_env",
-            vector_entry_point=f"tw_env.registration:make_{_name}_vector_env",
-        )
+register_tasks()

@@ -1,4 +1,5 @@
-"""Batched incremental decoding of a causal (decoder-only) LM in which each row restarts on its own.
+"""The decoder-only family (causal LMs): :class:`DecoderOnlyFamily` and its incremental decoder, in which
+each row of a batch restarts on its own.
 
 Why this exists: the environment steps N episodes in lock step, with one teacher forward per step,
 and episodes end at different times (autoreset). A causal teacher reads its prompt C^(T) followed
@@ -38,27 +39,44 @@ Only architectures whose attention takes an explicit 4D mask and position ids ru
 and SDPA attention implementations, full or sliding-window layers, an LM head applied as is
 (:func:`check_supported_causal_lm` says why a model is refused). Tested on Llama, Qwen2 (with and
 without sliding-window layers) and Qwen3.
+
+The family (:data:`DECODER_ONLY`): the model reads its prompt and then the output in one sequence.
+The prompt minus its last token is prefilled into the KV cache once per episode; the prompt's last
+token plays the part of T5's start token (the first step reads it and yields p(x_1 | prompt)). The
+policy's prompt states are the prefill's final states, and its teacher-forced pass is a prefill and
+one k-token step of this same decoder. The LM head is applied as is.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from tw_env.models import UnsupportedModelError, cache_keyword, lm_head_logits
+from tw_env.model_family import (
+    IncrementalDecoding,
+    ModelFamily,
+    PromptPass,
+    UnsupportedModelError,
+    cache_keyword,
+    check_non_empty,
+    check_non_empty_rows,
+)
+from tw_env.prompts import PromptFormat
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 def check_supported_causal_lm(model: PreTrainedModel) -> None:
-    """Raise :class:`~tw_env.models.UnsupportedModelError` for a causal LM this decoder cannot run exactly."""
+    """Raise :class:`~tw_env.model_family.UnsupportedModelError` for a causal LM this decoder cannot run exactly."""
     config = model.config
     name = getattr(config, "model_type", type(model).__name__)
     attention = getattr(config, "_attn_implementation", None) or "eager"
@@ -273,7 +291,7 @@ class CausalIncrementalDecoder:
     def logits(self, decoder_states: torch.Tensor) -> torch.Tensor:
         """The LM head's logits ``[..., V]`` for final states (as the model's own forward)."""
         # .to: a model spread over devices (device_map) leaves its logits on its last one.
-        return lm_head_logits(self.model, decoder_states).to(self.device)
+        return DECODER_ONLY.lm_head_logits(self.model, decoder_states).to(self.device)
 
     @property
     def clock(self) -> int:
@@ -329,3 +347,168 @@ class CausalIncrementalDecoder:
             for layer in self._layers:
                 if layer.is_initialized:
                     layer.resize(need)
+
+
+def is_causal_lm_config(config: PretrainedConfig | Any) -> bool:
+    """Whether a config that is not encoder-decoder describes a causal (decoder-only) language model.
+
+    transformers maps the model type to a causal-LM class; encoder models that also have one
+    (BERT, RoBERTa, ...: those with a masked-LM head too) count only when configured as decoders.
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return False
+    return model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES or bool(getattr(config, "is_decoder", False))
+
+
+class DecoderOnlyFamily(ModelFamily):
+    """Causal LMs (``AutoModelForCausalLM``): the prompt, then the output, in one sequence.
+
+    The teacher reads C^(T) followed by X^(out) with nothing in between: a prompt format that wants
+    a separator or a chat template puts it at the end of the prompt text. The incremental decoder is
+    :class:`CausalIncrementalDecoder` (the prompt minus its last token prefilled once per episode,
+    per-row positions, exact per-row rollback).
+    """
+
+    name = "decoder-only"
+
+    def accepts(self, config: PretrainedConfig | Any) -> bool:
+        return not getattr(config, "is_encoder_decoder", False) and is_causal_lm_config(config)
+
+    def load(self, source: str, dtype: torch.dtype, **hub_kwargs: Any) -> PreTrainedModel:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, trust_remote_code=False, use_safetensors=True, **hub_kwargs
+        )
+        check_supported_causal_lm(model)
+        return model
+
+    def default_prompt_format(self, tokenizer: PreTrainedTokenizerBase, chat_template: bool | None) -> PromptFormat:
+        # An instruction-tuned model reads one user turn through its chat template; a base model "{prompt}\n".
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        return PromptFormat("chat" if has_template and chat_template is not False else "plain")
+
+    def lm_head_logits(self, model: PreTrainedModel, decoder_states: torch.Tensor) -> torch.Tensor:
+        # Applied as is, tied or not (check_supported_causal_lm refuses heads that scale or cap logits).
+        logits: torch.Tensor = model.get_output_embeddings()(decoder_states)
+        return logits
+
+    def incremental_decoder(
+        self, model: PreTrainedModel, batch_size: int, max_episode_len: int
+    ) -> CausalIncrementalDecoder:
+        return CausalIncrementalDecoder(model, batch_size, max_episode_len)
+
+    def restart_inputs(
+        self, model: PreTrainedModel, prompts: Sequence[Sequence[int]]
+    ) -> tuple[list[list[int]], np.ndarray]:
+        # The last prompt token is the first step's input, so that the step that reads it yields
+        # p(x_1 | prompt) exactly as the encoder-decoder's start-token step does; the rest is prefilled.
+        check_non_empty(prompts)
+        return [list(p[:-1]) for p in prompts], np.array([int(p[-1]) for p in prompts], dtype=np.int64)
+
+    def restart_batch(
+        self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # As restart_inputs: the last real token of each row is its first step's input, the rest the context.
+        lengths = check_non_empty_rows(attention_mask)
+        first = input_ids.gather(1, (lengths - 1)[:, None]).squeeze(1).long()
+        width = int(lengths.max()) - 1
+        columns = torch.arange(width, device=input_ids.device)
+        context_mask = (columns[None, :] < (lengths - 1)[:, None]).to(attention_mask.dtype)
+        return input_ids[:, :width], context_mask, first
+
+    def start_token_id(self, model: PreTrainedModel) -> int:
+        raise TypeError(
+            f"a decoder-only model ({model.config.model_type!r}) has no start token shared by every prompt: its first "
+            "step reads the prompt's last token; use ModelFamily.restart_inputs(model, prompts)"
+        )
+
+    def generation_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # A causal model continues the end of its input, so generate wants the padding on the left.
+        lengths = attention_mask.sum(dim=1)
+        width = input_ids.shape[1]
+        shift = (width - lengths)[:, None]
+        columns = torch.arange(width, device=input_ids.device)[None, :]
+        source = (columns - shift) % width  # rotate each row right by its padding
+        return input_ids.gather(1, source), attention_mask.gather(1, source)
+
+    def generated_tokens(self, sequences: torch.Tensor, prompt_width: int) -> torch.Tensor:
+        # A causal model's generate returns its (left-padded) input followed by the new tokens.
+        return sequences[:, prompt_width:]
+
+    def teacher_forced_logits(
+        self, model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens: torch.Tensor,
+        forward: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
+        # One sequence per row: the prompt left-padded (so every output starts in the same column),
+        # then the output. Positions count real tokens only, so a padded row reads exactly what it
+        # would alone; the logits at columns L-1 … L+T-2 predict the T output tokens.
+        left_ids, left_mask = self.generation_inputs(prompt_ids, prompt_mask)
+        width, length = left_ids.shape[1], tokens.shape[1]
+        input_ids = torch.cat([left_ids, tokens.to(left_ids.dtype)], dim=1)
+        attention_mask = torch.cat([left_mask, torch.ones_like(tokens, dtype=left_mask.dtype)], dim=1)
+        position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        logits = (forward or model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    logits_to_keep=length + 1).logits
+        return logits[:, :length] if logits.shape[1] == length + 1 else logits[:, width - 1 : width - 1 + length]
+
+    def next_token_logits(
+        self, model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, output_ids: torch.Tensor
+    ) -> torch.Tensor:
+        # The left-padded prompt and the output so far in one sequence, positions counting real tokens.
+        left_ids, left_mask = self.generation_inputs(prompt_ids, prompt_mask)
+        sequence = torch.cat([left_ids, output_ids.to(left_ids.dtype)], dim=1)
+        sequence_mask = torch.cat([left_mask, torch.ones_like(output_ids, dtype=left_mask.dtype)], dim=1)
+        positions = (sequence_mask.cumsum(dim=1) - 1).clamp(min=0)
+        logits: torch.Tensor = model(input_ids=sequence, attention_mask=sequence_mask, position_ids=positions,
+                                     use_cache=False, logits_to_keep=1).logits
+        return logits[:, -1]
+
+    # ------------------------------------------------------------------ the policy's reads
+    def read_prompt(
+        self, model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, steps: int,
+        encoded: torch.Tensor | None = None,
+    ) -> PromptPass:
+        # The teacher-forced pass runs the same incremental decoder as the rollout: a prefill here, then
+        # the whole stream in one k-token step (read_stream). Each token is read once; right padding,
+        # per-row positions (|Y_b|−1, |Y_b|, … for the stream of row b) and masks are those of the
+        # incremental path by construction.
+        if encoded is not None:
+            raise TypeError("encoded (an encoder's output) applies to encoder-decoder policies; this policy is decoder-only")
+        decoder = self.incremental_decoder(model, prompt_ids.shape[0], steps)
+        states, mask, first = self.restart_rows(
+            model, decoder, torch.arange(prompt_ids.shape[0], device=prompt_ids.device), prompt_ids, prompt_mask
+        )
+        return PromptPass(states, mask, first, decoder)
+
+    def read_stream(
+        self, model: PreTrainedModel, prompt: PromptPass, embeds: torch.Tensor, state_mask: torch.Tensor
+    ) -> torch.Tensor:
+        # Right padding of X^(in) needs no mask: a padded position comes after every real one of its row.
+        if prompt.decoder is None:
+            raise RuntimeError("a decoder-only prompt pass holds its incremental decoder")
+        return prompt.decoder.step(inputs_embeds=embeds)
+
+    def restart_rows(
+        self, model: PreTrainedModel, decoder: IncrementalDecoding, rows: torch.Tensor, prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # The prompt states are the prefill's final states (Y minus its last token). Why not the last
+        # prompt token's state: that token is the stream's first, whose input the summary is added to,
+        # so its state cannot feed the summary. A one-token prompt has no prefill: a mean of nothing, zero.
+        context_ids, context_mask, first = self.restart_batch(model, prompt_ids, prompt_mask)
+        states = decoder.restart(rows, context_ids, context_mask)
+        if states is None:
+            raise TypeError(f"{type(decoder).__name__} is not a causal LM's incremental decoder (its restart returns no states)")
+        return states, context_mask.to(states.device), first.to(states.device)
+
+
+DECODER_ONLY = DecoderOnlyFamily()

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tw_env.episodes import EpisodeBatch, StepOutcome
 from tw_env.prompts import check_budget
 from tw_env.rewards import RunningRewardStats
-from tw_env.task import Task
+from tw_env.task import FromTask, Task
 from tw_env.tasks import Example
 
 ENV_OPTIONS = ("teacher_sampling", "teacher_temperature", "reward_window", "reward_clip", "render_mode")
@@ -137,51 +137,50 @@ class TaskEpisodes:
 
 
 class TaskAttributes:
-    """The task's fields, read through the env (``env.unwrapped.teacher``, ``.tokenizer``, ...)."""
+    """What both envs share: the task and the episode core they are built on (:meth:`_start_task`), and
+    the task's fields, read through the env (``env.unwrapped.teacher``, ``.tokenizer``, ...)."""
 
+    metadata: dict[str, Any]
     task: Task
     _episodes: TaskEpisodes
     _vocab_size: int
+    _started: bool
 
-    @property
-    def teacher(self) -> PreTrainedModel:
-        return self.task.teacher
+    def _start_task(
+        self,
+        num_rows: int,
+        task: Task | None = None,
+        *,
+        teacher_sampling: bool = False,
+        teacher_temperature: float = 1.0,
+        reward_window: int = 4096,
+        reward_clip: float = 2.0,
+        render_mode: str | None = None,
+        **task_kwargs: Any,
+    ) -> tuple[spaces.Discrete, spaces.Dict]:
+        """Set up the task (given, or built from ``task_kwargs``) and the episodes of ``num_rows`` rows
+        with the env's options (see the env's Arguments); returns one row's action and observation spaces."""
+        check_render_mode(render_mode, self.metadata["render_modes"])
+        self.task = resolve_task(task, task_kwargs)
+        self._episodes = TaskEpisodes(self.task, num_rows, teacher_sampling, teacher_temperature, reward_window,
+                                      reward_clip)
+        self._vocab_size = self.task.vocab_size
+        self.render_mode = render_mode
+        self._started = False
+        return (spaces.Discrete(self._vocab_size + 1),
+                observation_space(self._vocab_size, self.max_prompt_length, self.max_new_tokens))
 
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        return self.task.tokenizer
-
-    @property
-    def examples(self) -> list[Example]:
-        return self.task.examples
-
-    @property
-    def instruction(self) -> str:
-        return self.task.instruction
-
-    @property
-    def metric(self) -> str:
-        return self.task.metric
-
-    @property
-    def budgets(self) -> tuple[float, ...]:
-        return self.task.budgets
-
-    @property
-    def teacher_prompt(self) -> str | None:
-        return self.task.teacher_prompt
-
-    @property
-    def student(self) -> str | PreTrainedModel | None:
-        return self.task.student
-
-    @property
-    def max_new_tokens(self) -> int:
-        return self.task.max_new_tokens
-
-    @property
-    def max_prompt_length(self) -> int:
-        return self.task.max_prompt_length
+    # The task's fields, read through the env (one line each: see :class:`FromTask`).
+    teacher = FromTask[PreTrainedModel]()
+    tokenizer = FromTask[PreTrainedTokenizerBase]()
+    examples = FromTask[list[Example]]()
+    instruction = FromTask[str]()
+    metric = FromTask[str]()
+    budgets = FromTask[tuple[float, ...]]()
+    teacher_prompt = FromTask["str | None"]()
+    student = FromTask["str | PreTrainedModel | None"]()
+    max_new_tokens = FromTask[int]()
+    max_prompt_length = FromTask[int]()
 
     @property
     def vocab_size(self) -> int:
@@ -306,25 +305,8 @@ class TeacherAssistedDecodingEnv(TaskAttributes, gym.Env):
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
 
-    def __init__(
-        self,
-        task: Task | None = None,
-        *,
-        teacher_sampling: bool = False,
-        teacher_temperature: float = 1.0,
-        reward_window: int = 4096,
-        reward_clip: float = 2.0,
-        render_mode: str | None = None,
-        **task_kwargs: Any,
-    ) -> None:
-        check_render_mode(render_mode, self.metadata["render_modes"])
-        self.task = resolve_task(task, task_kwargs)
-        self._episodes = TaskEpisodes(self.task, 1, teacher_sampling, teacher_temperature, reward_window, reward_clip)
-        self._vocab_size = self.task.vocab_size
-        self.render_mode = render_mode
-        self.action_space = spaces.Discrete(self._vocab_size + 1)
-        self.observation_space = observation_space(self._vocab_size, self.max_prompt_length, self.max_new_tokens)
-        self._started = False
+    def __init__(self, task: Task | None = None, **options: Any) -> None:
+        self.action_space, self.observation_space = self._start_task(1, task, **options)
 
     # ------------------------------------------------------------------ gym API
     def reset(

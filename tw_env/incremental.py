@@ -1,4 +1,5 @@
-"""Batched incremental decoding of an encoder-decoder LM in which each row restarts on its own.
+"""The encoder-decoder family (T5): :class:`EncoderDecoderFamily` and its incremental decoder, in which
+each row of a batch restarts on its own.
 
 Why this exists: the environment steps N episodes in lock step, with one decoder forward per step,
 and episodes end at different times (autoreset). Re-running a prefix is never allowed, so each row
@@ -10,19 +11,33 @@ masked out. T5's relative position bias depends only on the distance between que
 new episode that begins at clock s sees exactly the distances it would see from position 0.
 When the shared cache grows past twice the longest episode, the columns no live row can see are
 dropped (the same amount for every row, so distances are unchanged).
+
+The family (:data:`ENCODER_DECODER`): the encoder reads the whole prompt once per episode; the decoder
+starts every row from ``decoder_start_token_id`` and reads X^(out) (the env's teacher) or the policy's
+X^(in) stream with cross-attention to the encoder states, which are also the prompt states the
+policy's prompt summary reads. A tied LM head rescales the decoder output by d_model^-0.5.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Protocol, cast
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-from tw_env.models import cache_keyword, lm_head_logits
+from tw_env.model_family import (
+    IncrementalDecoding,
+    ModelFamily,
+    PromptPass,
+    cache_keyword,
+    check_non_empty,
+    check_non_empty_rows,
+)
+from tw_env.prompts import TEXT_FORMAT, PromptFormat
 
 
 class _KVLayer(Protocol):
@@ -171,7 +186,7 @@ class IncrementalDecoder:
     def logits(self, decoder_states: torch.Tensor) -> torch.Tensor:
         """The LM head's logits ``[..., V]`` for final decoder states (as the model's own forward)."""
         # .to: a teacher spread over devices (device_map) leaves its logits on its last one.
-        return lm_head_logits(self.model, decoder_states).to(self.device)
+        return ENCODER_DECODER.lm_head_logits(self.model, decoder_states).to(self.device)
 
     def _compact(self) -> None:
         if self.self_mask.shape[1] <= 2 * self.max_episode_len + 1:
@@ -189,3 +204,135 @@ class IncrementalDecoder:
     def clock(self) -> int:
         """The shared cache length: columns every row's self-attention mask spans."""
         return self.self_mask.shape[1]
+
+
+def encoder_outputs(decoder: IncrementalDecoding) -> tuple[torch.Tensor, torch.Tensor]:
+    """An encoder-decoder's incremental decoder's encoder states ``[B, L, d]`` and mask ``[B, L]`` (set by
+    its first ``restart``). A causal LM's decoder has none: its ``restart`` returns its context's states."""
+    if not isinstance(decoder, IncrementalDecoder):
+        raise TypeError(
+            f"encoder_outputs reads an encoder-decoder's IncrementalDecoder, got {type(decoder).__name__}; a causal "
+            "LM has no encoder (its decoder's restart returns the prompt states)"
+        )
+    if decoder.encoder_states is None or decoder.encoder_mask is None:
+        raise RuntimeError("the decoder has no encoder states yet: restart() every row before reading them")
+    return decoder.encoder_states, decoder.encoder_mask
+
+
+class EncoderDecoderFamily(ModelFamily):
+    """T5 and its relatives: encoder once per prompt, decoder from ``decoder_start_token_id``."""
+
+    name = "encoder-decoder"
+
+    def accepts(self, config: PretrainedConfig | Any) -> bool:
+        return bool(getattr(config, "is_encoder_decoder", False))
+
+    def load(self, source: str, dtype: torch.dtype, **hub_kwargs: Any) -> PreTrainedModel:
+        from transformers import AutoModelForSeq2SeqLM
+
+        return AutoModelForSeq2SeqLM.from_pretrained(
+            source, dtype=dtype, trust_remote_code=False, use_safetensors=True, **hub_kwargs
+        )
+
+    def default_prompt_format(self, tokenizer: PreTrainedTokenizerBase, chat_template: bool | None) -> PromptFormat:
+        if chat_template:
+            raise ValueError("chat_template=True applies to decoder-only pairs; an encoder-decoder reads its prompt as text")
+        return TEXT_FORMAT
+
+    def lm_head_logits(self, model: PreTrainedModel, decoder_states: torch.Tensor) -> torch.Tensor:
+        # T5 with tied embeddings rescales the decoder output by d_model^-0.5 before the head.
+        scale = getattr(model.config, "scale_decoder_outputs", None)
+        if scale is None:
+            scale = getattr(model.config, "tie_word_embeddings", False)  # transformers 4.x names it after weight tying
+        if scale:
+            decoder_states = decoder_states * (model.config.d_model**-0.5)
+        return model.get_output_embeddings()(decoder_states)
+
+    def incremental_decoder(self, model: PreTrainedModel, batch_size: int, max_episode_len: int) -> IncrementalDecoder:
+        return IncrementalDecoder(model, batch_size, max_episode_len)
+
+    def restart_inputs(
+        self, model: PreTrainedModel, prompts: Sequence[Sequence[int]]
+    ) -> tuple[list[list[int]], np.ndarray]:
+        # The encoder reads the whole prompt; every row's decoder starts from decoder_start_token_id.
+        check_non_empty(prompts)
+        return [list(p) for p in prompts], np.full(len(prompts), self.start_token_id(model), dtype=np.int64)
+
+    def restart_batch(
+        self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        check_non_empty_rows(attention_mask)
+        first = torch.full((input_ids.shape[0],), self.start_token_id(model), dtype=torch.long, device=input_ids.device)
+        return input_ids, attention_mask, first
+
+    def start_token_id(self, model: PreTrainedModel) -> int:
+        return int(model.config.decoder_start_token_id)
+
+    def generation_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return input_ids, attention_mask  # the encoder reads right padding through its mask
+
+    def generated_tokens(self, sequences: torch.Tensor, prompt_width: int) -> torch.Tensor:
+        # An encoder-decoder's generate returns the decoder sequence: the start token, then the output.
+        return sequences[:, 1:]
+
+    def teacher_forced_logits(
+        self, model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens: torch.Tensor,
+        forward: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
+        # The decoder reads the start token, then every output token but the last.
+        start = torch.full_like(tokens[:, :1], self.start_token_id(model))
+        decoder_input_ids = torch.cat([start, tokens[:, :-1]], dim=1)
+        return (forward or model)(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                  decoder_input_ids=decoder_input_ids).logits
+
+    def next_token_logits(
+        self, model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, output_ids: torch.Tensor
+    ) -> torch.Tensor:
+        # The encoder on the prompt, the decoder on the start token and the output so far.
+        start = torch.full((output_ids.shape[0], 1), self.start_token_id(model), dtype=torch.long,
+                           device=output_ids.device)
+        decoder_input_ids = torch.cat([start, output_ids], dim=1)
+        logits: torch.Tensor = model(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                     decoder_input_ids=decoder_input_ids, use_cache=False).logits
+        return logits[:, -1]
+
+    # ------------------------------------------------------------------ the policy's reads
+    def encode(self, model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        states: torch.Tensor = model.get_encoder()(input_ids=prompt_ids, attention_mask=prompt_mask).last_hidden_state
+        return states
+
+    def read_prompt(
+        self, model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, steps: int,
+        encoded: torch.Tensor | None = None,
+    ) -> PromptPass:
+        # The encoder reads Y; its states are the prompt states.
+        if encoded is None:
+            encoded = self.encode(model, prompt_ids, prompt_mask)
+        first = torch.full_like(prompt_ids[:, 0], self.start_token_id(model))
+        return PromptPass(encoded, prompt_mask, first)
+
+    def read_stream(
+        self, model: PreTrainedModel, prompt: PromptPass, embeds: torch.Tensor, state_mask: torch.Tensor
+    ) -> torch.Tensor:
+        # The decoder reads the stream with cross-attention to the encoder states.
+        mask = torch.cat([torch.ones_like(state_mask[:, :1]), state_mask], dim=1).long()
+        out = model.get_decoder()(
+            inputs_embeds=embeds, attention_mask=mask, encoder_hidden_states=prompt.states,
+            encoder_attention_mask=prompt.mask, use_cache=False,
+        )
+        states: torch.Tensor = out.last_hidden_state
+        return states
+
+    def restart_rows(
+        self, model: PreTrainedModel, decoder: IncrementalDecoding, rows: torch.Tensor, prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        decoder.restart(rows, prompt_ids, prompt_mask)
+        encoder_states, encoder_mask = encoder_outputs(decoder)
+        first = torch.full_like(rows, self.start_token_id(model))
+        return encoder_states[rows], encoder_mask[rows], first
+
+
+ENCODER_DECODER = EncoderDecoderFamily()

@@ -7,7 +7,6 @@ transformers ships are loaded, and weights come from safetensors files.
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import os
 import socket
 import urllib.request
@@ -19,17 +18,15 @@ from urllib.parse import urlsplit
 import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 
+from tw_env.families import family_of
+from tw_env.model_family import UnsupportedModelError as UnsupportedModelError  # raised by load_model
+
 OFFLINE_HINT = (
     "Expected a directory written by save_pretrained (config.json and safetensors weights) or a hub id. "
     "If the Hugging Face Hub cannot be reached from this machine, download the model elsewhere "
     "(`huggingface-cli download <hub id> --local-dir DIR`) and pass the local directory instead, "
     "e.g. gym.make(..., {role}='DIR')."
 )
-
-
-
-class UnsupportedModelError(ValueError):
-    """A model (or config) the library cannot run exactly: the wrong family, or an unsupported variant."""
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -183,8 +180,6 @@ def load_model(
     logits back (``tw_env.incremental``). Modules mapped to ``"disk"`` are kept in
     ``offload_folder`` and loaded as they run.
     """
-    from tw_env.families import family_of
-
     if isinstance(name_or_path, PreTrainedModel):
         if device_map is not None:
             raise ValueError(f"device_map applies when the {role} is loaded; got an already loaded model: "
@@ -267,30 +262,8 @@ def check_same_vocabulary(teacher: PreTrainedModel, student_vocab_size: int, stu
     return teacher_v
 
 
-@cache
-def _cache_keyword_of(forward_signature: inspect.Signature) -> str:
-    return "cache" if "cache" in forward_signature.parameters else "past_key_values"
-
-
-def cache_keyword(module: torch.nn.Module) -> str:
-    """The name under which ``module.forward`` takes a KV cache: ``cache`` or ``past_key_values``.
-
-    transformers 5.2x renamed ``past_key_values`` to ``cache`` (the old name warns and goes in 5.40);
-    the oldest release we support only knows the old one. Reading the signature keeps our calls on
-    the current name without a version table.
-    """
-    return _cache_keyword_of(inspect.signature(module.forward))
-
-
 def lm_head_logits(model: PreTrainedModel, decoder_hidden: torch.Tensor) -> torch.Tensor:
-    """Apply the model's LM head to final decoder states exactly as its own forward does.
-
-    T5 with tied embeddings rescales the decoder output by d_model^-0.5 before the head; a causal LM
-    (Llama, Qwen) applies its head as is, tied or not.
-    """
-    scale = getattr(model.config, "scale_decoder_outputs", None)
-    if scale is None and getattr(model.config, "is_encoder_decoder", False):
-        scale = getattr(model.config, "tie_word_embeddings", False)  # transformers 4.x names it after weight tying
-    if scale:
-        decoder_hidden = decoder_hidden * (model.config.d_model**-0.5)
-    return model.get_output_embeddings()(decoder_hidden)
+    """Apply the model's LM head to final decoder states exactly as its own forward does: its family's
+    :meth:`~tw_env.model_family.ModelFamily.lm_head_logits` (T5 with tied embeddings rescales the decoder
+    output by d_model^-0.5 before the head; a causal LM applies its head as is, tied or not)."""
+    return family_of(model).lm_head_logits(model, decoder_hidden)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -163,13 +164,21 @@ class PromptFormat:
 TEXT_FORMAT = PromptFormat("text")
 
 
+class _DefaultPromptFormat(Protocol):
+    """What :func:`resolve_prompt_format` asks of a model family (:class:`~tw_env.model_family.ModelFamily`)."""
+
+    def default_prompt_format(self, tokenizer: PreTrainedTokenizerBase, chat_template: bool | None) -> PromptFormat:
+        """The format of a task whose caller named none."""
+
+
 def resolve_prompt_format(
-    prompt_format: str | PromptFormat | None, causal: bool, tokenizer: PreTrainedTokenizerBase,
+    prompt_format: str | PromptFormat | None, family: _DefaultPromptFormat, tokenizer: PreTrainedTokenizerBase,
     chat_template: bool | None = None,
 ) -> PromptFormat:
-    """The task's prompt format: the one asked for, else ``"text"`` for an encoder-decoder pair and, for a
-    causal pair, ``"chat"`` when the tokenizer has a chat template (unless ``chat_template=False``),
-    else ``"plain"``. ``chat_template=True`` without a template in the tokenizer is an error."""
+    """The task's prompt format: the one asked for, else the model family's default (``"text"`` for an
+    encoder-decoder pair; for a causal pair ``"chat"`` when the tokenizer has a chat template, unless
+    ``chat_template=False``, else ``"plain"``). ``chat_template=True`` without a template in the tokenizer
+    is an error."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if chat_template and not has_template:
         raise ValueError("chat_template=True but the tokenizer has no chat template; expected a tokenizer with "
@@ -182,11 +191,7 @@ def resolve_prompt_format(
         if chat_template is not None and (chosen.kind == "chat") != chat_template:
             raise ValueError(f"prompt_format {chosen.kind!r} contradicts chat_template={chat_template}; give one of them")
         return chosen
-    if not causal:
-        if chat_template:
-            raise ValueError("chat_template=True applies to decoder-only pairs; an encoder-decoder reads its prompt as text")
-        return TEXT_FORMAT
-    return PromptFormat("chat" if has_template and chat_template is not False else "plain")
+    return family.default_prompt_format(tokenizer, chat_template)
 
 
 def encode_text(

@@ -1,4 +1,10 @@
-"""The registered tasks: one factory, :func:`make_task`, from an id plus overrides; the env entry points are one-liners.
+"""The registered tasks: one table, :data:`TASKS`, from which the Gymnasium registrations, the entry
+points and :func:`make_task` (one factory from an id plus overrides) all follow.
+
+Adding a task is one :class:`RegisteredTask` row in :data:`TASKS`: importing :mod:`tw_env` registers
+every row (:func:`register_tasks`) with ``entry_point="tw_env.registration:make_{name}_env"`` and
+``vector_entry_point="tw_env.registration:make_{name}_vector_env"``, two functions this module makes
+for the row.
 
 Every model and dataset is overridable by keyword, exactly as ``gym.make(id, **kwargs)`` takes them:
 the task's keywords (teacher, student, tokenizer, data, split, ..., see :func:`make_task`) build the
@@ -12,12 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from gymnasium.envs.registration import register, registry
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tw_env.env import ENV_OPTIONS, TeacherAssistedDecodingEnv
 from tw_env.prompts import NO_TEACHER_USE_TEMPLATE, PLAIN_TEMPLATE
 from tw_env.task import Task
-from tw_env.tasks import WMT19, XSUM, TaskSpec, load_examples
+from tw_env.tasks import TaskSpec, load_examples
 from tw_env.vector_env import TeacherAssistedDecodingVectorEnv
 
 FLAN_T5_XL = "google/flan-t5-xl"
@@ -33,23 +40,66 @@ SYNTHETIC_CAUSAL_ID = "TrainingWheels-SyntheticCausal-v0"
 
 
 @dataclass(frozen=True)
-class Registered:
-    """What a registered id adds to a :class:`~tw_env.tasks.TaskSpec`: default models and lengths."""
+class RegisteredTask:
+    """One registered id: its data (a hub :class:`~tw_env.tasks.TaskSpec` with FLAN-T5 models by default,
+    or an embedded pair of :func:`tw_env.synthetic.embedded_pairs` whose models and data are made on
+    first use), default lengths and the teacher's prompt."""
 
-    spec: TaskSpec | None  # None: an embedded task (models and data made on first use)
+    env_id: str
+    name: str  # the entry points are make_{name}_env and make_{name}_vector_env in this module
     max_new_tokens: int
     max_prompt_length: int
     teacher_prompt: str
-    causal: bool = False  # the embedded task's decoder-only pair (TrainingWheels-SyntheticCausal-v0)
+    spec: TaskSpec | None = None  # a hub task's data, instruction and metric
+    embedded: str | None = None  # an embedded task's pair (its name in tw_env.synthetic.embedded_pairs())
+
+    def __post_init__(self) -> None:
+        if (self.spec is None) == (self.embedded is None):
+            raise ValueError(f"{self.env_id}: give a hub task's spec or an embedded pair's name, exactly one")
+
+    @property
+    def entry_point(self) -> str:
+        return f"{__name__}:make_{self.name}_env"
+
+    @property
+    def vector_entry_point(self) -> str:
+        return f"{__name__}:make_{self.name}_vector_env"
+
+    def defaults(self) -> str:
+        """What the id builds when nothing is overridden (for the entry points' docstrings)."""
+        if self.spec is None:
+            return (f"the embedded pair {self.embedded!r} (a teacher and student) and data, trained and "
+                    "cached on first use (tw_env.synthetic)")
+        return (f"teacher {FLAN_T5_XL}, student {FLAN_T5_SMALL} (its tokenizer too), data "
+                f"{self.spec.default_data}; local directories/files override any of them")
 
 
-REGISTERED: dict[str, Registered] = {
-    XSUM_ID: Registered(XSUM, max_new_tokens=64, max_prompt_length=512, teacher_prompt=HUB_TEACHER_PROMPT),
-    WMT19_ID: Registered(WMT19, max_new_tokens=64, max_prompt_length=128, teacher_prompt=HUB_TEACHER_PROMPT),
-    SYNTHETIC_ID: Registered(None, max_new_tokens=20, max_prompt_length=32, teacher_prompt=SYNTHETIC_TEACHER_PROMPT),
-    SYNTHETIC_CAUSAL_ID: Registered(None, max_new_tokens=20, max_prompt_length=32,
-                                    teacher_prompt=SYNTHETIC_TEACHER_PROMPT, causal=True),
-}
+TASKS: tuple[RegisteredTask, ...] = (
+    RegisteredTask(XSUM_ID, "xsum", max_new_tokens=64, max_prompt_length=512, teacher_prompt=HUB_TEACHER_PROMPT,
+                   spec=TaskSpec("xsum", "summarize", "rouge2", "document", "summary", "EdinburghNLP/xsum")),
+    RegisteredTask(WMT19_ID, "wmt19", max_new_tokens=64, max_prompt_length=128, teacher_prompt=HUB_TEACHER_PROMPT,
+                   spec=TaskSpec("wmt19", "translate German to English", "bleu", "de", "en", "wmt/wmt19", "de-en")),
+    RegisteredTask(SYNTHETIC_ID, "synthetic", max_new_tokens=20, max_prompt_length=32,
+                   teacher_prompt=SYNTHETIC_TEACHER_PROMPT, embedded="synthetic"),
+    RegisteredTask(SYNTHETIC_CAUSAL_ID, "synthetic_causal", max_new_tokens=20, max_prompt_length=32,
+                   teacher_prompt=SYNTHETIC_TEACHER_PROMPT, embedded="synthetic-causal"),
+)
+REGISTERED: dict[str, RegisteredTask] = {task.env_id: task for task in TASKS}
+
+
+def register_tasks() -> None:
+    """Register every row of :data:`TASKS` with Gymnasium (an id registered already is left as it is)."""
+    for task in TASKS:
+        if task.env_id not in registry:
+            register(id=task.env_id, entry_point=task.entry_point, vector_entry_point=task.vector_entry_point)
+
+
+def registered_task(env_id: str) -> RegisteredTask:
+    """The row of :data:`TASKS` for ``env_id``."""
+    if env_id not in REGISTERED:
+        raise ValueError(f"unknown task id {env_id!r}; expected one of {sorted(REGISTERED)}")
+    return REGISTERED[env_id]
+
 
 _UNSET: Any = object()  # "not given": lets teacher_prompt=None mean "the student's prompt"
 
@@ -85,37 +135,22 @@ def make_task(
     (pass None for the student's prompt). Further keywords (``budgets``, ``device``, ``dtype``,
     ``metric``, ``instruction``, ``examples``, ``prompt_format``, ``chat_template``) go to :meth:`Task.build`.
     """
-    if env_id not in REGISTERED:
-        raise ValueError(f"unknown task id {env_id!r}; expected one of {sorted(REGISTERED)}")
-    registered = REGISTERED[env_id]
-    spec = registered.spec
-    tokenizer_or_student: str | PreTrainedTokenizerBase | PreTrainedModel  # the student's name by default
-    if spec is None:
-        teacher, student, tokenizer_or_student, data = _synthetic_parts(
-            cache_dir, seed, teacher, student, tokenizer, data, causal=registered.causal
-        )
-        instruction, metric, fields = _synthetic_instruction(), "bleu", ("source", "target")
-        dataset_config = None
-        if registered.causal and "chat_template" not in build_kwargs:
-            # The embedded causal models were trained on the prompt text as the tokenizer encodes it
-            # (ending in EOS), not on a chat template or a newline.
-            build_kwargs.setdefault("prompt_format", "text")
+    registered = registered_task(env_id)
+    if registered.spec is None:
+        parts = _embedded_parts(registered, cache_dir, seed, teacher, student, tokenizer, data)
     else:
-        teacher = teacher if teacher is not None else FLAN_T5_XL
-        student = student if student is not None else FLAN_T5_SMALL
-        tokenizer_or_student = tokenizer if tokenizer is not None else student
-        data, dataset_config = (data, config) if data is not None else (spec.default_data, config or spec.default_config)
-        instruction, metric = spec.instruction, spec.metric
-        fields = (source_field or spec.source_field, reference_field or spec.reference_field)
+        parts = _hub_parts(registered.spec, teacher, student, tokenizer, data, config, source_field, reference_field)
+    if parts.prompt_format is not None and "chat_template" not in build_kwargs:
+        build_kwargs.setdefault("prompt_format", parts.prompt_format)
     if "examples" not in build_kwargs:
         build_kwargs["examples"] = load_examples(
-            data, *fields, split=split or (spec.default_split if spec else "train"), config=dataset_config, limit=limit
+            parts.data, *parts.fields, split=split or parts.split, config=parts.config, limit=limit
         )
-    build_kwargs.setdefault("instruction", instruction)
-    build_kwargs.setdefault("metric", metric)
+    build_kwargs.setdefault("instruction", parts.instruction)
+    build_kwargs.setdefault("metric", parts.metric)
     return Task.build(
         # Known gap: a student given as a loaded model (without a tokenizer) reaches load_tokenizer as is.
-        teacher=teacher, student=student, tokenizer=tokenizer_or_student,  # type: ignore[arg-type]
+        teacher=parts.teacher, student=parts.student, tokenizer=parts.tokenizer,  # type: ignore[arg-type]
         max_new_tokens=max_new_tokens if max_new_tokens is not None else registered.max_new_tokens,
         max_prompt_length=max_prompt_length if max_prompt_length is not None else registered.max_prompt_length,
         teacher_prompt=registered.teacher_prompt if teacher_prompt is _UNSET else teacher_prompt,
@@ -123,26 +158,54 @@ def make_task(
     )
 
 
-def _synthetic_instruction() -> str:
-    from tw_env.synthetic import SYNTHETIC_INSTRUCTION
+@dataclass(frozen=True)
+class _Parts:
+    """What :func:`make_task` builds a registered task from, overrides applied."""
 
-    return SYNTHETIC_INSTRUCTION
+    teacher: str | PreTrainedModel
+    student: str | PreTrainedModel
+    tokenizer: str | PreTrainedTokenizerBase | PreTrainedModel  # the student's name by default
+    data: str
+    config: str | None  # the hub dataset's configuration
+    fields: tuple[str, str]  # the source and reference fields of the data
+    split: str  # the split read when none is given
+    instruction: str
+    metric: str
+    prompt_format: str | None = None  # the prompt format the models need unless the caller says otherwise
 
 
-def _synthetic_parts(
-    cache_dir: str | None, seed: int, teacher: str | PreTrainedModel | None, student: str | PreTrainedModel | None,
-    tokenizer: str | PreTrainedTokenizerBase | None, data: str | None, causal: bool = False,
-) -> tuple[str | PreTrainedModel, str | PreTrainedModel, str | PreTrainedTokenizerBase, str]:
-    """An embedded task's models and data folder; trains and caches them on first use (minutes, CPU)."""
+def _hub_parts(
+    spec: TaskSpec, teacher: str | PreTrainedModel | None, student: str | PreTrainedModel | None,
+    tokenizer: str | PreTrainedTokenizerBase | None, data: str | None, config: str | None,
+    source_field: str | None, reference_field: str | None,
+) -> _Parts:
+    """A hub task's parts: FLAN-T5 models and the hub dataset unless overridden."""
+    teacher = teacher if teacher is not None else FLAN_T5_XL
+    student = student if student is not None else FLAN_T5_SMALL
+    data, config = (data, config) if data is not None else (spec.default_data, config or spec.default_config)
+    return _Parts(
+        teacher, student, tokenizer if tokenizer is not None else student, data, config,
+        (source_field or spec.source_field, reference_field or spec.reference_field), spec.default_split,
+        spec.instruction, spec.metric,
+    )
+
+
+def _embedded_parts(
+    registered: RegisteredTask, cache_dir: str | None, seed: int, teacher: str | PreTrainedModel | None,
+    student: str | PreTrainedModel | None, tokenizer: str | PreTrainedTokenizerBase | None, data: str | None,
+) -> _Parts:
+    """An embedded task's models and data folder; trains and caches its pair on first use (minutes, CPU)."""
+    from tw_env.synthetic import SYNTHETIC_INSTRUCTION, embedded_pair, ensure_synthetic_models
+
+    pair = embedded_pair(str(registered.embedded))
     if teacher is None or student is None or tokenizer is None or data is None:
-        from tw_env.synthetic import ensure_synthetic_models
-
-        assets = ensure_synthetic_models(cache_dir=cache_dir, seed=seed, causal=causal)
+        assets = ensure_synthetic_models(cache_dir=cache_dir, seed=seed, pair=pair)
         teacher = teacher if teacher is not None else str(assets.teacher_dir)
         student = student if student is not None else str(assets.student_dir)
         tokenizer = tokenizer if tokenizer is not None else str(assets.tokenizer_dir)
         data = data if data is not None else str(assets.data_dir)  # a folder of split files
-    return teacher, student, tokenizer, data
+    return _Parts(teacher, student, tokenizer, data, None, ("source", "target"), "train", SYNTHETIC_INSTRUCTION,
+                  "bleu", pair.prompt_format)
 
 
 def split_env_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -163,28 +226,32 @@ def make_vector_env(env_id: str, num_envs: int, **kwargs: Any) -> TeacherAssiste
     return TeacherAssistedDecodingVectorEnv(num_envs, make_task(env_id, **task_kwargs), **options)
 
 
-def _entry_points(env_id: str) -> tuple[Callable[..., TeacherAssistedDecodingEnv], Callable[..., TeacherAssistedDecodingVectorEnv]]:
+def _entry_points(task: RegisteredTask) -> dict[str, Callable[..., Any]]:
+    """The two functions Gymnasium's entry points name for ``task``, by name."""
+
     def single(**kwargs: Any) -> TeacherAssistedDecodingEnv:
-        return make_env(env_id, **kwargs)
+        return make_env(task.env_id, **kwargs)
 
     def vector(num_envs: int, **kwargs: Any) -> TeacherAssistedDecodingVectorEnv:
-        return make_vector_env(env_id, num_envs, **kwargs)
+        return make_vector_env(task.env_id, num_envs, **kwargs)
 
-    registered = REGISTERED[env_id]
-    if registered.spec is None:
-        pair = "Llama teacher and student" if registered.causal else "T5 teacher and student"
-        defaults = f"a {pair}, and data, trained and cached on first use (tw_env.synthetic)"
-    else:
-        defaults = (f"teacher {FLAN_T5_XL}, student {FLAN_T5_SMALL} (its tokenizer too), data "
-                    f"{registered.spec.default_data}; local directories/files override any of them")
-    for fn, kind in ((single, "single"), (vector, "vector")):
-        fn.__doc__ = (f"The {kind} env of {env_id}. Defaults: {defaults}; the teacher reads "
-                      f"{registered.teacher_prompt!r} (teacher_prompt=None: the student's prompt). Keywords as "
+    functions: dict[str, Callable[..., Any]] = {}
+    for fn, kind, entry_point in ((single, "single", task.entry_point), (vector, "vector", task.vector_entry_point)):
+        fn.__name__ = fn.__qualname__ = entry_point.split(":")[1]
+        fn.__doc__ = (f"The {kind} env of {task.env_id}. Defaults: {task.defaults()}; the teacher reads "
+                      f"{task.teacher_prompt!r} (teacher_prompt=None: the student's prompt). Keywords as "
                       ":func:`make_task`, plus the env's options.")
-    return single, vector
+        functions[fn.__name__] = fn
+    return functions
 
 
-make_xsum_env, make_xsum_vector_env = _entry_points(XSUM_ID)
-make_wmt19_env, make_wmt19_vector_env = _entry_points(WMT19_ID)
-make_synthetic_env, make_synthetic_vector_env = _entry_points(SYNTHETIC_ID)
-make_synthetic_causal_env, make_synthetic_causal_vector_env = _entry_points(SYNTHETIC_CAUSAL_ID)
+ENTRY_POINTS: dict[str, Callable[..., Any]] = {
+    name: fn for task in TASKS for name, fn in _entry_points(task).items()
+}
+
+
+def __getattr__(name: str) -> Callable[..., Any]:
+    """``make_{name}_env`` / ``make_{name}_vector_env`` of a registered task (what its entry points load)."""
+    if name in ENTRY_POINTS:
+        return ENTRY_POINTS[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

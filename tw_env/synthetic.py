@@ -47,6 +47,9 @@ __all__ = [
     "CAUSAL_FORMAT_VERSION",
     "CAUSAL_TEACHER_SPEC",
     "CAUSAL_STUDENT_SPEC",
+    "EmbeddedPair",
+    "embedded_pair",
+    "embedded_pairs",
     "SyntheticLanguage",
     "SyntheticAssets",
     "build_tokenizer",
@@ -368,6 +371,36 @@ CAUSAL_STUDENT_SPEC = ModelSpec(d_model=32, num_layers=1, d_ff=64, num_heads=2, 
                                 architecture="llama")
 
 
+@dataclass(frozen=True)
+class EmbeddedPair:
+    """One embedded teacher/student pair on the synthetic language: its recipe and its cache folder.
+
+    A registered embedded task names its pair (``TrainingWheels-Synthetic-v0``: ``"synthetic"``,
+    ``TrainingWheels-SyntheticCausal-v0``: ``"synthetic-causal"``); the pair is cached in
+    ``<cache_dir>/<name>-<format_version>-seed<seed>``.
+    """
+
+    name: str  # the cache folder's stem, and the name a registered task gives
+    format_version: str
+    teacher: ModelSpec
+    student: ModelSpec
+    label: str  # what the first-use message and the training bars call it
+    training_time: str  # what the first-use message promises
+    # The prompt format its models were trained on, where the task's default is not it (None: the default).
+    prompt_format: str | None = None
+
+    def root(self, base: Path, seed: int) -> Path:
+        """The pair's cache folder for ``seed`` under the cache root ``base``."""
+        return base / f"{self.name}-{self.format_version}-seed{seed}"
+
+    def describe(self) -> str:
+        """``"a T5 teacher and student"``: the models' architecture, for docstrings and messages."""
+        return f"a {_ARCHITECTURE_NAMES[self.teacher.architecture]} teacher and student"
+
+
+_ARCHITECTURE_NAMES = {"t5": "T5", "llama": "Llama"}
+
+
 def teacher_config(vocab_size: int) -> PretrainedConfig:
     """``T5Config`` of the embedded teacher."""
     return TEACHER_SPEC.config(vocab_size)
@@ -548,11 +581,35 @@ class SyntheticAssets:
 
 
 _SPLIT_NAMES = ("train", "validation", "test")
-# What the first-use message promises: teacher + student training measured 122 s and 146 s on two
-# CPU cores (docs/synthetic-task.md).
-_TRAINING_TIME = "about 2 minutes on 2 CPU cores"
-_CAUSAL_TRAINING_TIME = "about 4 minutes on 2 CPU cores"  # measured 224 s (docs/synthetic-task.md)
 _COMPLETE_MARKER = "COMPLETE.json"
+
+def embedded_pairs() -> dict[str, EmbeddedPair]:
+    """The embedded pairs, by name: ``"synthetic"`` (T5) and ``"synthetic-causal"`` (Llama).
+
+    Built from this module's spec and version constants when asked, so that a replaced constant
+    (a test's few-step ``TEACHER_SPEC``) takes effect. Training times are what the first-use message
+    promises: teacher + student training measured 122 s and 146 s on two CPU cores for the T5 pair,
+    224 s for the causal pair (docs/synthetic-task.md).
+    """
+    pairs = (
+        EmbeddedPair("synthetic", FORMAT_VERSION, TEACHER_SPEC, STUDENT_SPEC, label="Synthetic",
+                     training_time="about 2 minutes on 2 CPU cores"),
+        # The causal models were trained on the prompt text as the tokenizer encodes it (ending in
+        # EOS), not on a chat template or a newline.
+        EmbeddedPair("synthetic-causal", CAUSAL_FORMAT_VERSION, CAUSAL_TEACHER_SPEC, CAUSAL_STUDENT_SPEC,
+                     label="SyntheticCausal", training_time="about 4 minutes on 2 CPU cores", prompt_format="text"),
+    )
+    return {pair.name: pair for pair in pairs}
+
+
+def embedded_pair(pair: str | EmbeddedPair) -> EmbeddedPair:
+    """The embedded pair of a name in :func:`embedded_pairs` (a pair is returned as is)."""
+    if isinstance(pair, EmbeddedPair):
+        return pair
+    pairs = embedded_pairs()
+    if pair not in pairs:
+        raise ValueError(f"unknown embedded pair {pair!r}; expected one of {sorted(pairs)}")
+    return pairs[pair]
 
 
 def default_cache_dir() -> Path:
@@ -603,12 +660,14 @@ def _save_quietly(model: PreTrainedModel, out_dir: Path) -> None:
 
 def ensure_synthetic_models(cache_dir: str | Path | None = None, seed: int = 0,
                             verbose: bool = False, force: bool = False,
-                            progress: bool = True, causal: bool = False) -> SyntheticAssets:
-    """Return the embedded task's teacher, student, tokenizer and data, training them on first use.
+                            progress: bool = True, causal: bool = False,
+                            pair: str | EmbeddedPair | None = None) -> SyntheticAssets:
+    """Return an embedded pair's teacher, student, tokenizer and data, training them on first use.
 
-    ``causal=False``: the T5 pair of ``TrainingWheels-Synthetic-v0`` (``TEACHER_SPEC``, ``STUDENT_SPEC``)
-    in ``<cache_dir>/synthetic-<FORMAT_VERSION>-seed<seed>``. ``causal=True``: the Llama pair of
-    ``TrainingWheels-SyntheticCausal-v0`` (``CAUSAL_TEACHER_SPEC``, ``CAUSAL_STUDENT_SPEC``) in
+    ``pair`` names the pair (:func:`embedded_pairs`): ``"synthetic"`` (the default), the T5 pair of
+    ``TrainingWheels-Synthetic-v0`` (``TEACHER_SPEC``, ``STUDENT_SPEC``) in
+    ``<cache_dir>/synthetic-<FORMAT_VERSION>-seed<seed>``; ``"synthetic-causal"`` (or ``causal=True``), the
+    Llama pair of ``TrainingWheels-SyntheticCausal-v0`` (``CAUSAL_TEACHER_SPEC``, ``CAUSAL_STUDENT_SPEC``) in
     ``<cache_dir>/synthetic-causal-<CAUSAL_FORMAT_VERSION>-seed<seed>``; same language, splits and tokenizer.  If it is complete, nothing
     is loaded or trained and the paths are returned at once.  Otherwise everything is built in a
     temporary sibling folder and moved into place with ``os.replace`` at the very end, so an
@@ -619,68 +678,81 @@ def ensure_synthetic_models(cache_dir: str | Path | None = None, seed: int = 0,
     itself with one line on stderr (what is trained, about how long, where it is cached) and shows
     a tqdm progress bar over each model's training steps; a complete cache prints nothing.
     """
+    if causal and pair is not None:
+        raise ValueError(f"give the embedded pair by name (pair={pair!r}) or causal=True, not both")
+    chosen = embedded_pair(pair if pair is not None else ("synthetic-causal" if causal else "synthetic"))
     base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    if causal:
-        root = base / f"synthetic-causal-{CAUSAL_FORMAT_VERSION}-seed{seed}"
-        teacher_spec, student_spec, label, how_long = CAUSAL_TEACHER_SPEC, CAUSAL_STUDENT_SPEC, "SyntheticCausal", _CAUSAL_TRAINING_TIME
-    else:
-        root = base / f"synthetic-{FORMAT_VERSION}-seed{seed}"
-        teacher_spec, student_spec, label, how_long = TEACHER_SPEC, STUDENT_SPEC, "Synthetic", _TRAINING_TIME
+    root = chosen.root(base, seed)
     if _is_complete(root) and not force:
         return _assets_in(root)
-
-    import torch
-
     if progress:
         why = "rebuild asked for" if force and _is_complete(root) else "first use"
-        print(f"Training the embedded {label} teacher and student ({why}, {how_long}); "
+        print(f"Training the embedded {chosen.label} teacher and student ({why}, {chosen.training_time}); "
               f"cached in {root}", file=sys.stderr, flush=True)
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=base))
     try:
-        assets = _assets_in(tmp)
-        language = SyntheticLanguage(seed=seed)
-        splits = language.splits(seed=seed)
-        assets.data_dir.mkdir()
-        for name in _SPLIT_NAMES:
-            _write_split(assets.data_dir / f"{name}.jsonl", splits[name])
-        tokenizer = build_tokenizer(language)
-        tokenizer.save_pretrained(str(assets.tokenizer_dir))
-        vocab_size = padded_vocab_size(tokenizer)
-
-        threads = torch.get_num_threads()
-        # Two threads: the target machine has two cores, and a fixed thread count keeps the
-        # floating-point reduction order (hence the weights) reproducible.
-        torch.set_num_threads(2)
-        seconds: dict[str, float] = {}
-        try:
-            for name, spec, out_dir in (("teacher", teacher_spec, assets.teacher_dir),
-                                        ("student", student_spec, assets.student_dir)):
-                if verbose:
-                    print(f"training the {label} {name} ({spec.steps} steps)", flush=True)
-                start = time.perf_counter()
-                # Different seeds for the two models so that they do not share an initialisation.
-                model = train_model(spec, vocab_size, tokenizer, splits["train"],
-                                    seed=seed * 1000 + (1 if name == "teacher" else 2), verbose=verbose,
-                                    progress=f"{label} {name}" if progress else None)
-                seconds[name] = time.perf_counter() - start
-                _save_quietly(model, out_dir)
-        finally:
-            torch.set_num_threads(threads)
-        meta = {"format_version": CAUSAL_FORMAT_VERSION if causal else FORMAT_VERSION, "seed": seed,
-                "vocab_size": vocab_size, "tokenizer_size": len(tokenizer), "train_seconds": seconds,
-                "teacher": teacher_spec.__dict__, "student": student_spec.__dict__}
-        (tmp / _COMPLETE_MARKER).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if root.exists():  # a stale or incomplete folder (or force=True): replace it
-            shutil.rmtree(root)
-        try:
-            os.replace(tmp, root)
-        except OSError:
-            # Another process finished the same build first; its (identical) cache wins.
-            if not _is_complete(root):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+        _build_assets(tmp, chosen, seed, verbose, progress)
+        _publish(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return _assets_in(root)
+
+
+def _build_assets(tmp: Path, pair: EmbeddedPair, seed: int, verbose: bool, progress: bool) -> None:
+    """Write the language's splits, its tokenizer, the pair's trained models and the completion marker into ``tmp``."""
+    assets = _assets_in(tmp)
+    language = SyntheticLanguage(seed=seed)
+    splits = language.splits(seed=seed)
+    assets.data_dir.mkdir()
+    for name in _SPLIT_NAMES:
+        _write_split(assets.data_dir / f"{name}.jsonl", splits[name])
+    tokenizer = build_tokenizer(language)
+    tokenizer.save_pretrained(str(assets.tokenizer_dir))
+    vocab_size = padded_vocab_size(tokenizer)
+    seconds = _train_pair(pair, assets, vocab_size, tokenizer, splits["train"], seed, verbose, progress)
+    meta = {"format_version": pair.format_version, "seed": seed,
+            "vocab_size": vocab_size, "tokenizer_size": len(tokenizer), "train_seconds": seconds,
+            "teacher": pair.teacher.__dict__, "student": pair.student.__dict__}
+    (tmp / _COMPLETE_MARKER).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def _train_pair(pair: EmbeddedPair, assets: SyntheticAssets, vocab_size: int, tokenizer: PreTrainedTokenizerFast,
+                rows: Sequence[dict[str, str]], seed: int, verbose: bool, progress: bool) -> dict[str, float]:
+    """Train and save the pair's teacher, then its student; their training seconds."""
+    import torch
+
+    threads = torch.get_num_threads()
+    # Two threads: the target machine has two cores, and a fixed thread count keeps the
+    # floating-point reduction order (hence the weights) reproducible.
+    torch.set_num_threads(2)
+    seconds: dict[str, float] = {}
+    try:
+        for name, spec, out_dir in (("teacher", pair.teacher, assets.teacher_dir),
+                                    ("student", pair.student, assets.student_dir)):
+            if verbose:
+                print(f"training the {pair.label} {name} ({spec.steps} steps)", flush=True)
+            start = time.perf_counter()
+            # Different seeds for the two models so that they do not share an initialisation.
+            model = train_model(spec, vocab_size, tokenizer, rows,
+                                seed=seed * 1000 + (1 if name == "teacher" else 2), verbose=verbose,
+                                progress=f"{pair.label} {name}" if progress else None)
+            seconds[name] = time.perf_counter() - start
+            _save_quietly(model, out_dir)
+    finally:
+        torch.set_num_threads(threads)
+    return seconds
+
+
+def _publish(tmp: Path, root: Path) -> None:
+    """Move the finished cache folder ``tmp`` into place as ``root`` (replacing a stale or incomplete one)."""
+    if root.exists():  # a stale or incomplete folder (or force=True): replace it
+        shutil.rmtree(root)
+    try:
+        os.replace(tmp, root)
+    except OSError:
+        # Another process finished the same build first; its (identical) cache wins.
+        if not _is_complete(root):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Generic, TypeVar, cast, overload
 
 import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -176,7 +176,7 @@ class Task:
                 f"the tokenizer has {len(loaded_tokenizer)} entries but the teacher's output layer only "
                 f"{vocab_size} rows; expected a tokenizer no larger than the model's vocabulary"
             )
-        chosen_format = resolve_prompt_format(prompt_format, family.name == "decoder-only", loaded_tokenizer,
+        chosen_format = resolve_prompt_format(prompt_format, family, loaded_tokenizer,
                                               chat_template)
         return cls(
             prompt_format=chosen_format, teacher=loaded_teacher, tokenizer=loaded_tokenizer, examples=checked_examples, instruction=instruction,
@@ -238,3 +238,23 @@ class Task:
         check_template(template)
         texts = [fill_template(template, self.instruction, s) for s in sources]
         return encode_texts(self.tokenizer, texts, self.max_prompt_length, device, self.prompt_format)
+
+
+T = TypeVar("T")
+
+
+class FromTask(Generic[T]):
+    """A read-only attribute of an object with a ``task`` that is the task's attribute of the same name
+    (``env.teacher`` is ``env.task.teacher``): the task's public fields without a property apiece."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, env: None, owner: type | None = None) -> FromTask[T]: ...
+    @overload
+    def __get__(self, env: object, owner: type | None = None) -> T: ...
+    def __get__(self, env: object | None, owner: type | None = None) -> FromTask[T] | T:
+        if env is None:  # read on the class (help(), introspection): the descriptor itself
+            return self
+        return cast(T, getattr(env.task, self.name))  # type: ignore[attr-defined]

@@ -24,7 +24,8 @@ class Example:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """What a registered task needs to know about its data and how it is scored."""
+    """What a registered hub task needs to know about its data and how it is scored (the rows of
+    :data:`tw_env.registration.TASKS` hold them)."""
 
     name: str
     instruction: str
@@ -35,9 +36,6 @@ class TaskSpec:
     default_config: str | None = None
     default_split: str = "train"
 
-
-XSUM = TaskSpec("xsum", "summarize", "rouge2", "document", "summary", "EdinburghNLP/xsum")
-WMT19 = TaskSpec("wmt19", "translate German to English", "bleu", "de", "en", "wmt/wmt19", "de-en")
 
 _LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 

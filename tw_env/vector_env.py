@@ -5,18 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from tw_env.env import (
-    TaskAttributes,
-    TaskEpisodes,
-    check_render_mode,
-    observation_space,
-    render_state,
-    resolve_task,
-)
+from tw_env.env import TaskAttributes, render_state
 from tw_env.task import Task
 
 
@@ -32,33 +24,13 @@ class TeacherAssistedDecodingVectorEnv(TaskAttributes, VectorEnv):
 
     metadata = {"render_modes": ["ansi"], "autoreset_mode": AutoresetMode.NEXT_STEP}
 
-    def __init__(
-        self,
-        num_envs: int,
-        task: Task | None = None,
-        *,
-        teacher_sampling: bool = False,
-        teacher_temperature: float = 1.0,
-        reward_window: int = 4096,
-        reward_clip: float = 2.0,
-        render_mode: str | None = None,
-        **task_kwargs: Any,
-    ) -> None:
+    def __init__(self, num_envs: int, task: Task | None = None, **options: Any) -> None:
         if int(num_envs) < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs}")
-        check_render_mode(render_mode, self.metadata["render_modes"])
         self.num_envs = int(num_envs)
-        self.task = resolve_task(task, task_kwargs)
-        self._episodes = TaskEpisodes(
-            self.task, self.num_envs, teacher_sampling, teacher_temperature, reward_window, reward_clip
-        )
-        self._vocab_size = self.task.vocab_size
-        self.render_mode = render_mode
-        self.single_action_space = spaces.Discrete(self._vocab_size + 1)
-        self.single_observation_space = observation_space(self._vocab_size, self.max_prompt_length, self.max_new_tokens)
+        self.single_action_space, self.single_observation_space = self._start_task(self.num_envs, task, **options)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
-        self._started = False
         self._autoreset = True
 
     def reset(

@@ -1,0 +1,535 @@
+"""The decoding methods `tw eval` compares, each one class behind one small interface, and the
+registry (:data:`METHODS`) the command reads.
+
+A method (:class:`EvalMethod`) says
+
+- which decoding settings it contributes (:meth:`~EvalMethod.settings`: one per budget, per
+  threshold, per draft length × lenience, ...), each a :class:`~agents.evaluation.Setting` that
+  carries how a batch is decoded with it (the method's ``decoder``);
+- optionally, settings whose threshold it calibrates on held-out rows (:meth:`~EvalMethod.calibrate`,
+  on the shared :class:`CalibrationRows`), with what it tried reported into results.json;
+- what it needs from the config (:meth:`~EvalMethod.check`) and whether it runs when the config
+  lists no ``methods`` (:meth:`~EvalMethod.by_default`).
+
+Adding a method is writing one such class and decorating it with :func:`register`. Every setting is
+then measured by the same loop (:func:`agents.evaluation.evaluate_setting` on top of
+:func:`agents.evaluation.decode_batches`), which the calibrations run too.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import torch
+from tqdm import tqdm
+from transformers import PreTrainedModel
+
+from agents.decoding import confidence_fallback_decode, generate_alone, speculative_decode
+from agents.evaluation import (
+    BudgetResult,
+    Calibration,
+    Decode,
+    Prompts,
+    Setting,
+    calibrate_call_threshold,
+    calibrate_kl_threshold,
+    calibrate_threshold,
+    decode_batches,
+    in_batches,
+    is_better_selection,
+    prompt_encoder,
+    seeded_subset,
+    selection_record,
+    training_wheels_decoder,
+)
+from agents.policy import StudentPolicy
+from tw_env.models import load_model
+from tw_env.registration import make_task, split_env_options
+from tw_env.task import FromTask, Task
+
+
+class EvalOptions(Protocol):
+    """What the methods read of `tw eval`'s config (:class:`scripts.evaluate.EvalConfig`)."""
+
+    env_id: str
+    env_kwargs: dict[str, Any]
+    split: str
+    max_new_tokens: int | None
+    methods: list[str] | None
+    plain_prompt: str
+    batch_size: int
+    student: str | None
+    tw_policy: str | None
+    budgets: list[float]
+    budget_cap: str
+    tw_calibrate: bool
+    tw_policy_candidates: list[str]
+    calibration_delta: float
+    draft: str | None
+    draft_lengths: list[int]
+    lenience: list[float]
+    fallback_student: str | None
+    thresholds: list[float]
+    fallback_targets: list[float]
+    calibration_split: str
+    calibration_examples: int
+    calibration_seed: int
+    calibration_tolerance: float
+
+    def selected_methods(self) -> list[str]: ...
+
+
+def make_eval_task(options: EvalOptions, device: torch.device, split: str | None = None,
+                   teacher: PreTrainedModel | None = None) -> Task:
+    """The task of ``options.env_id`` on the evaluated split, or on ``split`` (env options in ``env_kwargs``
+    are ignored); ``teacher``: an already loaded teacher to reuse instead of loading it again."""
+    _, task_kwargs = split_env_options(dict(options.env_kwargs))
+    task_kwargs.setdefault("device", str(device))
+    if teacher is not None:
+        task_kwargs["teacher"] = teacher
+    if options.max_new_tokens is not None:
+        task_kwargs["max_new_tokens"] = options.max_new_tokens
+    return make_task(options.env_id, **{**task_kwargs, "split": split or options.split})
+
+
+# ---------------------------------------------------------------------------------------------- calibration rows
+class CalibrationRows:
+    """The calibration examples (``calibration_examples`` of ``calibration_split``, seeded; the
+    evaluated task's teacher, not a second copy) and the threshold searches on them."""
+
+    def __init__(self, options: EvalOptions, device: torch.device, teacher: PreTrainedModel) -> None:
+        self.options, self.device = options, device
+        self.task = make_eval_task(options, device, split=options.calibration_split, teacher=teacher)
+        examples = seeded_subset(self.task.examples, min(options.calibration_examples, len(self.task.examples)),
+                                 options.calibration_seed)
+        self.sources, self.references = [e.source for e in examples], [e.reference for e in examples]
+
+    def prompts(self, budget: float | None) -> list[Prompts]:
+        """The calibration sources in batches of ``batch_size``, encoded at ``budget`` (None: the plain prompt)."""
+        encode = prompt_encoder(self.task, budget, self.options.plain_prompt, self.device)
+        return list(in_batches(encode, self.sources, self.options.batch_size))
+
+    def measure(self, decode: Decode, prompts: list[Prompts], measured: dict[float, tuple[float, float]],
+                threshold: float) -> float:
+        """Teacher fraction of ``decode`` over ``prompts``; (fraction, quality) cached in ``measured``
+        by threshold, so that a threshold is decoded once."""
+        if threshold not in measured:
+            decoded = decode_batches(decode, prompts, self.task.tokenizer)
+            measured[threshold] = (decoded.teacher_fraction, decoded.quality(self.task.metric, self.references))
+        return measured[threshold][0]
+
+    def per_budget(self, decoder: Callable[[float, float], Decode], calibrate: Callable[..., Calibration],
+                   desc: str) -> tuple[list[Calibration], list[dict[str, Any]]]:
+        """For each budget b of the config, ``calibrate(fraction_at, b, tolerance=…)`` with
+        ``decoder(b, threshold)`` decoding the budget-b prompts. Returns the Calibrations and, per
+        budget, {budget, threshold, teacher_fraction, quality, tried: [[threshold, fraction, quality], …]}."""
+        options = self.options
+        found_list, entries = [], []
+        for b in tqdm([float(b) for b in options.budgets], desc=f"{desc} on {options.calibration_split}"):
+            prompts = self.prompts(b)
+            measured: dict[float, tuple[float, float]] = {}  # threshold -> (teacher fraction, quality)
+
+            def teacher_fraction_at(threshold: float, b: float = b, prompts: list[Prompts] = prompts,
+                                    measured: dict[float, tuple[float, float]] = measured) -> float:
+                return self.measure(decoder(b, threshold), prompts, measured, threshold)
+
+            found = calibrate(teacher_fraction_at, b, tolerance=options.calibration_tolerance)
+            found_list.append(found)
+            entries.append({
+                "budget": b, "threshold": found.threshold, "teacher_fraction": found.teacher_fraction,
+                "quality": measured[found.threshold][1],
+                "tried": [[c, f, measured[c][1]] for c, f in found.tried]})
+        return found_list, entries
+
+
+# ---------------------------------------------------------------------------------------------- the interface
+class EvalContext:
+    """What the methods of one `tw eval` run share: the options, the evaluated task (its teacher and
+    output length), the device, every model loaded once, the calibration rows (made on first use),
+    the methods built so far and what they report for results.json (``reports``)."""
+
+    def __init__(self, options: EvalOptions, task: Task, device: torch.device) -> None:
+        self.options, self.task, self.device = options, task, device
+        self.dtype = options.env_kwargs.get("dtype")
+        self.methods: dict[str, EvalMethod] = {}
+        self.reports: dict[str, Any] = {}  # fallback_calibration, kl_oracle_calibration, tw_calibration
+        self._models: dict[str, PreTrainedModel] = {}
+        self._calibration: CalibrationRows | None = None
+
+    teacher = FromTask[PreTrainedModel]()
+    max_new_tokens = FromTask[int]()
+
+    @property
+    def student_source(self) -> str | PreTrainedModel | None:
+        """The plain student: the config's, else the task's."""
+        return self.options.student or self.task.student
+
+    def model(self, source: str | PreTrainedModel | None, role: str) -> PreTrainedModel:
+        """The model at ``source`` (loaded once however many methods use it)."""
+        if isinstance(source, PreTrainedModel):
+            return source
+        if source is None:
+            raise ValueError(f"no {role} model: pass --{role.replace('_', '-')} (a directory or hub id)")
+        key = str(source)
+        if key not in self._models:
+            self._models[key] = load_model(key, role=role, device=self.device, dtype=self.dtype)
+        return self._models[key]
+
+    def policy(self, source: str | Path) -> StudentPolicy:
+        return StudentPolicy.load(source, device=self.device, dtype=self.dtype).eval()
+
+    def calibration(self) -> CalibrationRows:
+        """The calibration rows, shared by every calibration (made on first use)."""
+        if self._calibration is None:
+            self._calibration = CalibrationRows(self.options, self.device, self.teacher)
+        return self._calibration
+
+
+class EvalMethod(ABC):
+    """One decoding method of `tw eval`. Built (its models loaded) when its turn comes; its settings,
+    then its calibrated settings, are the rows of the results in that order."""
+
+    name: ClassVar[str]
+    follows: ClassVar[str | None] = None  # built right after this method, whose state it reads
+    needs: ClassVar[tuple[str, str] | None] = None  # (the option it cannot run without, what to pass for it)
+
+    def __init__(self, context: EvalContext) -> None:
+        self.context = context
+        self.options = context.options
+
+    @classmethod
+    def by_default(cls, options: EvalOptions) -> bool:
+        """Whether `tw eval` runs it when the config lists no ``methods``: when the option it ``needs`` is given."""
+        return cls.needs is not None and bool(getattr(options, cls.needs[0]))
+
+    @classmethod
+    def check(cls, options: EvalOptions) -> None:
+        """Raise ValueError when the config lists this method but cannot run it (without the option it ``needs``)."""
+        if cls.needs is not None and not getattr(options, cls.needs[0]):
+            raise ValueError(f"method {cls.name!r} needs {cls.needs[1]}")
+
+    @abstractmethod
+    def settings(self) -> list[Setting]:
+        """The settings from the config, each with its decoder."""
+
+    def calibrate(self) -> list[Setting]:
+        """Settings whose threshold is calibrated on the calibration rows (none by default)."""
+        return []
+
+
+M = TypeVar("M", bound=type[EvalMethod])
+METHODS: dict[str, type[EvalMethod]] = {}  # name -> method, in the order `tw eval` lists them
+
+
+def register(method: M) -> M:
+    """Add a method to :data:`METHODS` under its ``name`` (a class decorator)."""
+    if method.name in METHODS:
+        raise ValueError(f"an evaluation method named {method.name!r} is registered already")
+    METHODS[method.name] = method
+    return method
+
+
+def build_settings(context: EvalContext) -> list[Setting]:
+    """Build every selected method in turn (each model loaded once) and list its settings, then its
+    calibrated ones: the rows of the results, in the order of ``methods`` (a method that follows
+    another right after it)."""
+    settings: list[Setting] = []
+    for name in build_order(context.options.selected_methods()):
+        method = METHODS[name](context)
+        context.methods[name] = method
+        settings += method.settings()
+        settings += method.calibrate()
+    return settings
+
+
+def build_order(names: Sequence[str]) -> list[str]:
+    """``names`` with each method that follows another moved right after it."""
+    order: list[str] = []
+    for name in names:
+        if METHODS[name].follows is None:
+            order.append(name)
+            order += [other for other in dict.fromkeys(names) if METHODS[other].follows == name]
+    return order
+
+
+# ---------------------------------------------------------------------------------------------- the methods
+class _Alone(EvalMethod):
+    """One model alone (greedy ``generate``), one setting; plain prompt."""
+
+    is_teacher: ClassVar[bool]
+
+    @classmethod
+    def by_default(cls, options: EvalOptions) -> bool:
+        return True
+
+    def __init__(self, context: EvalContext) -> None:
+        super().__init__(context)
+        self.model = context.teacher if self.is_teacher else context.model(context.student_source, "student")
+
+    def decoder(self) -> Decode:
+        model, max_new, is_teacher = self.model, self.context.max_new_tokens, self.is_teacher
+        return lambda i, m: generate_alone(model, i, m, max_new, is_teacher=is_teacher)
+
+    def settings(self) -> list[Setting]:
+        return [Setting(self.name, "alone", self.decoder())]
+
+
+@register
+class StudentAlone(_Alone):
+    """``student``: the plain student alone."""
+
+    name, is_teacher = "student", False
+
+
+@register
+class TeacherAlone(_Alone):
+    """``teacher``: the teacher alone."""
+
+    name, is_teacher = "teacher", True
+
+
+@register
+class TrainingWheels(EvalMethod):
+    """``training_wheels``: a trained policy that calls the teacher with <τ>, one setting per budget
+    (optionally under a hard cap); with ``tw_calibrate``, one more per budget at a call threshold
+    calibrated to b, using the candidate policy that ``tw train``'s selection rule prefers there."""
+
+    name = "training_wheels"
+    needs = ("tw_policy", "--tw-policy DIR (a trained policy, e.g. runs/tw/best)")
+
+    def __init__(self, context: EvalContext) -> None:
+        super().__init__(context)
+        assert self.options.tw_policy is not None  # check() refuses a config without it
+        self.policy = context.policy(self.options.tw_policy)
+        self.chosen = self.policy  # the calibrated settings' policy (the KL oracle's too)
+        self.capped = self.options.budget_cap != "off"
+        self.rule = self.options.budget_cap if self.capped else "rounded_up"  # the rule is unused without a cap
+        self.suffix = " guaranteed cap" if self.options.budget_cap == "guaranteed" else ""
+
+    def decoder(self, budget: float, threshold: float, policy: StudentPolicy) -> Decode:
+        return training_wheels_decoder(policy, self.context.teacher, self.context.max_new_tokens,
+                                       budget_cap=budget if self.capped else None, cap_rule=self.rule,
+                                       call_threshold=threshold)
+
+    def settings(self) -> list[Setting]:
+        return [Setting(self.name, f"b={float(b):g}{self.suffix}", self.decoder(float(b), 0.5, self.policy),
+                        budget=float(b), budget_cap=self.options.budget_cap) for b in self.options.budgets]
+
+    def calibrate(self) -> list[Setting]:
+        if not self.options.tw_calibrate:
+            return []
+        candidates = {str(self.options.tw_policy): self.policy}
+        for source in expand_candidates(self.options.tw_policy_candidates):
+            loaded = self.context.policy(source)
+            candidates.setdefault(str(source), loaded)
+        report, found_list = self.choose(candidates, self.context.calibration())
+        self.context.reports["tw_calibration"] = report
+        self.chosen = candidates[report["chosen"]]
+        return [Setting(self.name, f"b={found.target:g}{self.suffix} calibrated c={found.threshold:.3g}",
+                        self.decoder(found.target, found.threshold, self.chosen), budget=found.target,
+                        threshold=found.threshold, budget_cap=self.options.budget_cap, calibrated_for=found.target)
+                for found in found_list]
+
+    def choose(self, candidates: dict[str, StudentPolicy], rows: CalibrationRows) -> tuple[dict[str, Any], list[Calibration]]:
+        """Each candidate policy's call threshold per budget, calibrated on the calibration rows
+        (:func:`~agents.evaluation.calibrate_call_threshold`), and the candidate that ``tw train``'s
+        selection rule (:func:`~agents.evaluation.is_better_selection`, budgets as targets within
+        ``calibration_delta``) prefers at its calibrated thresholds there: a policy whose calibration
+        cannot reach some budget loses to one that can, whatever its quality. The evaluated split is
+        never read. A candidate with the same weights as an earlier one (:func:`weights_digest`)
+        reuses its calibration instead of decoding again, and says so (``same_weights_as``).
+
+        Returns the report {"split", "examples", "candidates": [{"policy", "meets_budgets",
+        "worst_violation", "mean_quality", "budgets": [{budget, threshold, teacher_fraction, quality,
+        tried: [[c, fraction, quality], ...]}]}], "chosen": source} and the chosen one's Calibrations.
+        """
+        report: dict[str, Any] = {"split": self.options.calibration_split, "examples": len(rows.references),
+                                  "candidates": []}
+        found_by_source: dict[str, list[Calibration]] = {}
+        first_with_weights: dict[str, str] = {}  # weights digest -> the first candidate that has them
+        for source, policy in candidates.items():
+            same = first_with_weights.setdefault(weights_digest(source), source)
+            extra: dict[str, str] = {}
+            if same != source:  # e.g. tw train's best/ is also one of its phase2-evaluated/step-N: decoding is deterministic
+                found_by_source[source] = found_by_source[same]
+                entries = next(c["budgets"] for c in report["candidates"] if c["policy"] == same)
+                extra = {"same_weights_as": same}
+            else:
+                found_by_source[source], entries = rows.per_budget(
+                    partial(self.decoder, policy=policy), calibrate_call_threshold, f"calibrating {source}")
+            record = selection_record([BudgetResult(e["budget"], e["teacher_fraction"], e["quality"], len(rows.references))
+                                       for e in entries], self.options.calibration_delta, ceiling=False)
+            report["candidates"].append({"policy": source, **{k: record[k] for k in ("meets_budgets", "worst_violation",
+                                                                                     "mean_quality")},
+                                         "budgets": entries, **extra})
+        best = report["candidates"][0]  # tw_policy: it wins ties
+        for entry in report["candidates"][1:]:
+            best = entry if is_better_selection(entry, best) else best
+        report["chosen"] = best["policy"]
+        return report, found_by_source[best["policy"]]
+
+
+class _LossySpeculative(EvalMethod):
+    """Lossy greedy speculative decoding (Appendix 5.3, Algorithm 1), one setting per draft length K
+    × lenience l; plain prompt."""
+
+    role: ClassVar[str]  # the draft model's role, in messages
+
+    def __init__(self, context: EvalContext) -> None:
+        super().__init__(context)
+        self.draft = context.model(self.draft_source(), self.role)
+
+    @abstractmethod
+    def draft_source(self) -> str | PreTrainedModel | None: ...
+
+    def decoder(self, draft_length: int, lenience: float) -> Decode:
+        draft, teacher, max_new = self.draft, self.context.teacher, self.context.max_new_tokens
+        return lambda i, m: speculative_decode(draft, teacher, i, m, max_new, lenience=lenience, draft_length=draft_length)
+
+    def settings(self) -> list[Setting]:
+        return [Setting(self.name, f"K={int(k)} l={float(lenience):g}", self.decoder(int(k), float(lenience)),
+                        lenience=float(lenience), draft_length=int(k))
+                for k in self.options.draft_lengths for lenience in self.options.lenience]
+
+
+@register
+class DistillSpec(_LossySpeculative):
+    """``distillspec``: the speculative decoder with the GKD draft model (``tw gkd``)."""
+
+    name, role = "distillspec", "draft"
+    needs = ("draft", "--draft DIR (the GKD draft model, e.g. runs/gkd/best)")
+
+    def draft_source(self) -> str | PreTrainedModel | None:
+        return self.options.draft
+
+
+@register
+class Speculative(_LossySpeculative):
+    """``speculative``: the same decoder with the plain student as the draft (no GKD)."""
+
+    name, role = "speculative", "student"
+
+    @classmethod
+    def by_default(cls, options: EvalOptions) -> bool:
+        return not options.draft
+
+    def draft_source(self) -> str | PreTrainedModel | None:
+        return self.context.student_source
+
+
+@register
+class ConfidenceFallback(EvalMethod):
+    """``fallback``: Big Little Decoder's confidence fallback, one setting per threshold; with
+    ``fallback_targets``, one more per target teacher fraction at a threshold calibrated to it."""
+
+    name = "fallback"
+
+    @classmethod
+    def by_default(cls, options: EvalOptions) -> bool:
+        return True
+
+    def __init__(self, context: EvalContext) -> None:
+        super().__init__(context)
+        source = self.options.fallback_student or self.options.draft or context.student_source
+        self.model = context.model(source, "fallback_student")
+
+    def decoder(self, threshold: float) -> Decode:
+        model, teacher, max_new = self.model, self.context.teacher, self.context.max_new_tokens
+        return lambda i, m: confidence_fallback_decode(model, teacher, i, m, max_new, threshold=threshold)
+
+    def settings(self) -> list[Setting]:
+        return [Setting(self.name, f"t={float(t):g}", self.decoder(float(t)), threshold=float(t))
+                for t in self.options.thresholds]
+
+    def calibrate(self) -> list[Setting]:
+        """One threshold per ``fallback_targets`` (:func:`~agents.evaluation.calibrate_threshold`), on
+        the calibration rows' plain prompts; every threshold tried is reported."""
+        found_list: list[Calibration] = []
+        self.context.reports["fallback_calibration"] = found_list
+        if not self.options.fallback_targets:
+            return []
+        rows = self.context.calibration()
+        prompts = rows.prompts(None)
+        measured: dict[float, tuple[float, float]] = {}  # shared by the targets: a threshold is decoded once
+
+        def teacher_fraction_at(threshold: float) -> float:
+            return rows.measure(self.decoder(threshold), prompts, measured, threshold)
+
+        targets = tqdm(self.options.fallback_targets, desc=f"calibrating the fallback on {self.options.calibration_split}")
+        found_list += [calibrate_threshold(teacher_fraction_at, float(target), tolerance=self.options.calibration_tolerance)
+                       for target in targets]
+        return [Setting(self.name, f"t={found.threshold:.3g} (for {found.target:g})", self.decoder(found.threshold),
+                        threshold=found.threshold, calibrated_for=found.target) for found in found_list]
+
+
+@register
+class KLOracle(EvalMethod):
+    """``kl_oracle``: a reference for the call ranking, not a decoder one can deploy. The Training
+    Wheels policy's tokens (the calibrated settings' policy with ``tw_calibrate``), the teacher writing
+    wherever KL(p ‖ π_V) exceeds a threshold calibrated to each budget on the calibration rows
+    (:func:`~agents.evaluation.calibrate_kl_threshold`); it runs the teacher at every token."""
+
+    name = "kl_oracle"
+    follows = "training_wheels"
+
+    @classmethod
+    def check(cls, options: EvalOptions) -> None:
+        if "training_wheels" not in (options.methods or []):
+            raise ValueError("method 'kl_oracle' reuses the Training Wheels policy: list 'training_wheels' too")
+
+    def __init__(self, context: EvalContext) -> None:
+        super().__init__(context)
+        training_wheels = context.methods["training_wheels"]
+        assert isinstance(training_wheels, TrainingWheels)
+        self.policy = training_wheels.chosen
+
+    def decoder(self, budget: float, threshold: float) -> Decode:
+        """The policy's tokens at ``budget``'s prompts, the teacher's where KL exceeds ``threshold`` (no cap)."""
+        return training_wheels_decoder(self.policy, self.context.teacher, self.context.max_new_tokens,
+                                       kl_oracle_threshold=threshold)
+
+    def settings(self) -> list[Setting]:
+        return []  # every setting is calibrated
+
+    def calibrate(self) -> list[Setting]:
+        found_list, entries = self.context.calibration().per_budget(
+            self.decoder, calibrate_kl_threshold, "calibrating the KL oracle")
+        self.context.reports["kl_oracle_calibration"] = entries
+        return [Setting(self.name, f"b={found.target:g} KL>{found.threshold:.3g}", self.decoder(found.target, found.threshold),
+                        budget=found.target, threshold=found.threshold, calibrated_for=found.target)
+                for found in found_list]
+
+
+# ---------------------------------------------------------------------------------------------- candidates
+def expand_candidates(entries: Sequence[str]) -> list[str]:
+    """``tw_policy_candidates`` as directories: a glob pattern (``*``, ``?``, ``[``) becomes its matches in
+    sorted order (``tw train``'s ``phase2-evaluated/step-NNNNNN`` sort by step); a pattern that matches
+    nothing is an error, not an empty choice."""
+    out: list[str] = []
+    for entry in map(str, entries):
+        if any(c in entry for c in "*?["):
+            matches = sorted(glob.glob(entry))
+            if not matches:
+                raise FileNotFoundError(f"tw_policy_candidates pattern {entry!r} matches no directory; expected "
+                                        "policy directories (e.g. tw train's OUTPUT_DIR/phase2-evaluated/step-*)")
+            out += [m for m in matches if m not in out]
+        elif entry not in out:
+            out.append(entry)
+    return out
+
+
+def weights_digest(policy_dir: str | Path) -> str:
+    """SHA-256 over a policy directory's safetensors files (names and bytes): equal digests, equal policies."""
+    digest = hashlib.sha256()
+    for file in sorted(Path(policy_dir).glob("*.safetensors")):
+        digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
