@@ -209,6 +209,29 @@ def selection_record(results: list[BudgetResult], delta: float, ceiling: bool) -
     }
 
 
+def settle_point(evaluations: Sequence[dict], consecutive: int, min_gain: float = 0.0) -> dict | None:
+    """Whether phase 2 has settled, from its :func:`selection_record` s in order (each with its ``step``).
+
+    Settled: the last ``consecutive`` evaluations all meet every budget within δ, and validation
+    quality has stopped improving: none of them beats the best mean quality of the evaluations
+    before them by more than ``min_gain``. Returns ``{"step", "reason"}`` (the last evaluation's
+    batch) or None; ``consecutive`` 0 never settles (phase 2 runs all its batches).
+    """
+    if consecutive < 1 or len(evaluations) <= consecutive:
+        return None  # the rule needs evaluations before the run of `consecutive` to compare quality with
+    recent, earlier = evaluations[-consecutive:], evaluations[:-consecutive]
+    if not all(e["meets_budgets"] for e in recent):
+        return None
+    best_before = max(e["mean_quality"] for e in earlier)
+    best_recent = max(e["mean_quality"] for e in recent)
+    if best_recent > best_before + min_gain:
+        return None
+    return {"step": int(recent[-1]["step"]),
+            "reason": f"every budget within δ at the last {consecutive} evaluations (batches "
+                      f"{', '.join(str(e['step']) for e in recent)}), whose best mean quality {best_recent:.4g} "
+                      f"does not beat the best before them ({best_before:.4g}) by more than {min_gain:g}"}
+
+
 def is_better_selection(candidate: dict, best: dict | None) -> bool:
     """The §3.3 rule between two :func:`selection_record` s: meeting every budget within δ beats not
     meeting them; among those that meet them the best mean quality wins, among those that do not the

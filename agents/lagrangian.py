@@ -94,7 +94,7 @@ class BudgetDual:
 class PIDGains:
     """Gains of the PID dual: λ = clip(kp·e + I + kd·ḟ, floor, cap), I ← I + ki·e, e = f̄ − b."""
 
-    kp: float = 1.0  # proportional gain on the smoothed error f̄ − b
+    kp: float = 0.5  # proportional gain on the smoothed error f̄ − b
     ki: float = 0.05  # integral gain (per dual step)
     kd: float = 0.0  # derivative gain on the change of the smoothed fraction f̄ per step
     smoothing: float = 0.3  # weight of the newest rollout in the exponential moving averages behind f̄ (1: none)
@@ -206,3 +206,17 @@ class PIDBudgetDual(BudgetDual):
                              "lagrange_rule='integral', or start phase 2 afresh with the PID dual")
         self.lambdas = {float(b): float(v) for b, v in state["lambdas"]}
         self.states = {float(b): PIDState(**s) for b, s in state["pid"]}
+
+
+LAGRANGE_RULES = ("integral", "pid")
+
+
+def make_dual(budgets: Sequence[float], rule: str = "integral", lr: float = 1e-2, cap: float = 2.0,
+              floor: float = 0.0, window: int = 4, gains: PIDGains | None = None) -> BudgetDual:
+    """The dual a trainer's config asks for: ``"integral"`` (the paper's projected step on the trailing
+    ``window`` rollouts, step size ``lr``) or ``"pid"`` (:class:`PIDBudgetDual` with ``gains``)."""
+    if rule == "integral":
+        return BudgetDual(budgets, lr=lr, cap=cap, floor=floor, window=window)
+    if rule == "pid":
+        return PIDBudgetDual(budgets, gains or PIDGains(), cap=cap, floor=floor)
+    raise ValueError(f"lagrange_rule must be one of {list(LAGRANGE_RULES)}, got {rule!r}")

@@ -35,6 +35,7 @@ from agents.evaluation import (
     seeded_subset,
     worst_violation,
 )
+from agents.lagrangian import LAGRANGE_RULES, PIDGains
 from agents.policy import StudentPolicy
 from agents.run import Tasks, load_tasks, phase1_policy_dir, start_run
 from agents.sb3_adapter import (
@@ -89,6 +90,11 @@ class PPOConfig:
     lagrange_cap: float = 2.0  # upper bound of λ_b (§5.2)
     lagrange_floor: float = 0.0  # lower bound of λ_b: 0 makes b a ceiling (the paper), < 0 a target (f = b)
     lagrange_window: int = 4  # trailing rollouts whose teacher use drives λ
+    lagrange_rule: str = "integral"  # "integral": the step above on the trailing window; "pid": a PID controller on the smoothed fraction (docs/budget-control.md)
+    pid_kp: float = 0.5  # lagrange_rule "pid": proportional gain on the smoothed error f̄ − b
+    pid_ki: float = 0.05  # lagrange_rule "pid": integral gain per rollout
+    pid_kd: float = 0.0  # lagrange_rule "pid": derivative gain on the change of f̄ per rollout
+    pid_smoothing: float = 0.3  # lagrange_rule "pid": weight of the newest rollout in f̄'s moving averages (1: none)
     checkpoint_every: int = 20_000  # timesteps between resumable checkpoints (0: only at the end)
     keep_checkpoints: int = 2  # resumable checkpoints kept on disk
     max_new_tokens: int | None = None  # episode length (default: the task's)
@@ -105,6 +111,9 @@ class PPOConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.total_timesteps < 0 or self.checkpoint_every < 0 or self.eval_examples < 0:
             raise ValueError("total_timesteps, checkpoint_every and eval_examples must be >= 0")
+        if self.lagrange_rule not in LAGRANGE_RULES:
+            raise ValueError(f"lagrange_rule must be one of {list(LAGRANGE_RULES)}, got {self.lagrange_rule!r}")
+        PIDGains(self.pid_kp, self.pid_ki, self.pid_kd, self.pid_smoothing)  # raises on bad gains
         if self.value_model not in ("head", "network"):
             raise ValueError(f"value_model must be 'head' or 'network', got {self.value_model!r}")
         if self.learning_rate <= 0 or (self.value_lr is not None and self.value_lr <= 0):
@@ -164,7 +173,8 @@ def run(config: PPOConfig) -> dict[str, Any]:
     adapter, venv = make_envs(config, tasks)
     run_dir, tensorboard = out / CHECKPOINTS, out / "tensorboard"
     lagrange = LagrangeCallback(config.budgets, lr=config.lagrange_lr, cap=config.lagrange_cap,
-                                window=config.lagrange_window, floor=config.lagrange_floor)
+                                window=config.lagrange_window, floor=config.lagrange_floor, rule=config.lagrange_rule,
+                                gains=PIDGains(config.pid_kp, config.pid_ki, config.pid_kd, config.pid_smoothing))
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is None:
         model = make_model(config, venv, init, device, tensorboard)

@@ -46,7 +46,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
 from torch import nn
 
-from agents.lagrangian import BudgetDual
+from agents.lagrangian import PIDGains, make_dual
 from agents.policy import (
     IncrementalReader,
     PromptFeatures,
@@ -523,10 +523,11 @@ class LagrangeCallback(BaseCallback):
 
     def __init__(
         self, budgets: Sequence[float], lr: float = 1e-2, cap: float = 2.0, window: int = 4, floor: float = 0.0,
-        lambdas: Mapping[float, float] | None = None, verbose: int = 0,
+        lambdas: Mapping[float, float] | None = None, verbose: int = 0, rule: str = "integral",
+        gains: PIDGains | None = None,
     ) -> None:
         super().__init__(verbose)
-        self.dual = BudgetDual(budgets, lr=lr, cap=cap, floor=floor, window=window)
+        self.dual = make_dual(budgets, rule, lr=lr, cap=cap, floor=floor, window=window, gains=gains)
         if lambdas:
             self.dual.lambdas.update({self.dual.key(b): float(v) for b, v in lambdas.items()})
         self._counts: dict[float, list[int]] = {}

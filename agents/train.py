@@ -50,8 +50,9 @@ from agents.evaluation import (
     is_better_selection,
     seeded_subset,
     selection_record,
+    settle_point,
 )
-from agents.lagrangian import BudgetDual
+from agents.lagrangian import LAGRANGE_RULES, BudgetDual, PIDGains, make_dual
 from agents.objectives import pcl_loss, phase1_loss
 from agents.policy import StudentPolicy, ValueNetwork
 from agents.run import (
@@ -121,6 +122,11 @@ class TrainConfig:
     lagrange_floor: float = 0.0  # lower bound of λ_b: 0 makes b a ceiling (the paper), < 0 a target (f = b)
     reward_clip: float = 2.0  # Eq. 17 rewards are clipped to [−clip, clip] (§2.4.2)
     lagrange_window: int = 4  # trailing on-policy batches whose teacher use drives λ
+    lagrange_rule: str = "integral"  # "integral": the paper's step above on the trailing window; "pid": a PID controller on the smoothed fraction (docs/budget-control.md)
+    pid_kp: float = 0.5  # lagrange_rule "pid": proportional gain on the smoothed error f̄ − b
+    pid_ki: float = 0.05  # lagrange_rule "pid": integral gain per batch
+    pid_kd: float = 0.0  # lagrange_rule "pid": derivative gain on the change of f̄ per batch
+    pid_smoothing: float = 0.3  # lagrange_rule "pid": weight of the newest rollout in f̄'s moving averages (1: none)
     # Checkpoint selection (§3.3), logging, checkpointing
     eval_every: int = 250  # batches between validation evaluations (0: only at the end)
     eval_examples: int = 512  # validation examples for checkpoint selection (a seeded random subset, §3.3)
@@ -130,6 +136,8 @@ class TrainConfig:
     checkpoint_every: int = 50  # batches between resumable checkpoints
     keep_checkpoints: int = 2  # resumable checkpoints kept on disk
     keep_evaluated_policies: bool = False  # also keep every evaluated policy (OUTPUT_DIR/phase2-evaluated/step-N) as a candidate for `tw eval`
+    settle_evaluations: int = 0  # stop phase 2 once every budget has been within δ for this many consecutive evaluations and validation quality has stopped improving (0: run every batch)
+    settle_min_gain: float = 0.0  # the quality gain (mean over budgets) over the earlier evaluations' best that still counts as improving
     check_replicas: bool = False  # data-parallel runs: verify after every update that all ranks hold identical weights, λ, μ_r, σ_r
 
     def validate(self) -> None:
@@ -146,6 +154,18 @@ class TrainConfig:
             raise ValueError(f"oracle_rounding must be 'floor' or 'stochastic', got {self.oracle_rounding!r}")
         if not self.budgets or any(not 0 <= b <= 1 for b in self.budgets):
             raise ValueError(f"budgets must be fractions in [0, 1], got {self.budgets}")
+        if self.lagrange_rule not in LAGRANGE_RULES:
+            raise ValueError(f"lagrange_rule must be one of {list(LAGRANGE_RULES)}, got {self.lagrange_rule!r}")
+        self.pid_gains()  # raises on a negative gain or a smoothing outside (0, 1]
+        if self.settle_evaluations < 0 or self.settle_min_gain < 0:
+            raise ValueError(f"settle_evaluations and settle_min_gain must be >= 0, got {self.settle_evaluations} "
+                             f"and {self.settle_min_gain}")
+        if self.settle_evaluations and not self.eval_every:
+            raise ValueError("settle_evaluations stops phase 2 after evaluations: set eval_every > 0 too")
+
+    def pid_gains(self) -> PIDGains:
+        """The PID dual's gains (used when ``lagrange_rule`` is "pid")."""
+        return PIDGains(kp=self.pid_kp, ki=self.pid_ki, kd=self.pid_kd, smoothing=self.pid_smoothing)
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -431,8 +451,8 @@ class PCLState:
         policy = StudentPolicy.load(policy_dir, device=device).eval()
         value = ValueNetwork.from_policy(policy).eval()
         envs.np_random = np.random.default_rng(seed + 2)  # the env's own draws (teacher sampling)
-        dual = BudgetDual(config.budgets, lr=config.lagrange_lr, cap=config.lagrange_cap,
-                          floor=config.lagrange_floor, window=config.lagrange_window)
+        dual = make_dual(config.budgets, config.lagrange_rule, lr=config.lagrange_lr, cap=config.lagrange_cap,
+                         floor=config.lagrange_floor, window=config.lagrange_window, gains=config.pid_gains())
         return cls(policy, value, optimizers_for(config, policy, value), dual, ReplayBuffer(config.replay_capacity),
                    np.random.default_rng(seed + 1), torch.Generator().manual_seed(seed + 1), dist=dist)
 
@@ -526,12 +546,17 @@ def train_phase2(setup: Setup) -> dict:
         log_phase2_batch(setup.writer, step, on_policy, losses, state.dual, mu, sigma, config.reward_clip)
         fractions = state.dual.fractions
         progress.set_postfix(loss=f"{np.mean(losses):.3f}", frac=" ".join(f"{f:.2f}" for _, f in sorted(fractions.items())))
-        # 6. Checkpoint selection on validation (§3.3), then a resumable checkpoint.
+        # 6. Checkpoint selection on validation (§3.3), then a resumable checkpoint; stop once settled.
         select_and_checkpoint(setup, state, run_dir)
+        settled = settle_point(state.selection["evaluations"], config.settle_evaluations, config.settle_min_gain)
+        if settled is not None and state.step < config.pcl_batches:
+            state.selection = {**state.selection, "settled": settled}
+            break
     if dist.is_main:
         publish_dir(setup.out / "final", state.policy.save)
     barrier(dist)
-    return {"batches": config.pcl_batches, "seconds_this_run": time.time() - t0, "lambdas": state.dual.lambdas,
+    stop = state.selection.get("settled") or {"step": state.step, "reason": "ran every batch (pcl_batches)"}
+    return {"batches": state.step, "stop": stop, "seconds_this_run": time.time() - t0, "lambdas": state.dual.lambdas,
             "reward_normalisers": {"mu": envs.reward_stats.mu, "sigma": envs.reward_stats.sigma},
             "selection": state.selection, "processes": dist.world_size, **throughput.summary("on_policy")}
 

@@ -358,3 +358,22 @@ def test_the_parallel_benchmark_reports_both_variants(tiny, tmp_path):
     assert all(r["pcl_tokens_per_s"] > 0 and r["gkd_tokens_per_s"] > 0 for r in result["runs"])
     assert len(result["pcl_parallel_over_single"]) == 1
     assert json.loads((tmp_path / "out.json").read_text())["runs"] == result["runs"]
+
+
+def _pid_dual_on_rank(rank: int, out: str) -> None:
+    from agents.lagrangian import PIDBudgetDual, PIDGains
+
+    info = Distributed(rank, 2)
+    dual = PIDBudgetDual([0.1, 0.3], PIDGains(kp=0.5, ki=0.1, kd=0.2, smoothing=0.4), cap=2.0, floor=-2.0)
+    for step in range(5):  # each rank sees its own rollouts; the dual steps on every rank's
+        own = {0.1: (rank + step, 20 + rank), 0.3: (3 * rank + 2, 12)}
+        dual.record(all_sum_counts(own, info))
+        dual.step()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(dual.state_dict()))
+
+
+def test_two_ranks_hold_equal_pid_lambdas(tmp_path):
+    _in_two_processes(_pid_dual_on_rank, str(tmp_path))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # the same λ, integral, averages and previous fraction on both ranks
+    assert any(v != 0.0 for _, v in ranks[0]["lambdas"])  # and they moved

@@ -244,3 +244,21 @@ def test_a_method_is_one_registered_class(monkeypatch):
     rows = [(s.method, s.setting) for s in methods.build_settings(context)]
     assert rows == [("echo", "t=0.1"), ("echo", "t=0.2"), ("echo_calibrated", "t=0.1 calibrated")]
     assert context.reports == {"echo": "calibrated"}
+
+
+def _record(step: int, meets: bool, quality: float) -> dict:
+    return {"step": step, "meets_budgets": meets, "mean_quality": quality}
+
+
+def test_settle_point_needs_budgets_met_and_quality_flat():
+    from agents.evaluation import settle_point
+
+    history = [_record(0, False, 10.0), _record(25, True, 30.0), _record(50, True, 29.0), _record(75, True, 30.5)]
+    # The last two meet every budget and their best (30.5) beats the best before (30.0) by 0.5:
+    assert settle_point(history, consecutive=2) is None  # still improving
+    settled = settle_point(history, consecutive=2, min_gain=1.0)  # a gain under 1.0 is not improving
+    assert settled is not None and settled["step"] == 75 and "batches 50, 75" in settled["reason"]
+    assert settle_point(history, consecutive=3, min_gain=1.0) is None  # 25, 50, 75 rose 20.5 above batch 0
+    assert settle_point(history, consecutive=4, min_gain=100.0) is None  # nothing before to compare with
+    assert settle_point(history[:3] + [_record(75, False, 20.0)], consecutive=2, min_gain=100.0) is None  # a miss
+    assert settle_point(history, consecutive=0) is None  # the rule is off

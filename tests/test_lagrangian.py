@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 
 import pytest
 
@@ -102,3 +103,45 @@ def test_integral_dual_refuses_a_pid_checkpoint():
     pid = PIDBudgetDual([0.1], PIDGains())
     with pytest.raises(ValueError, match="PID rule"):
         BudgetDual([0.1]).load_state_dict(pid.state_dict())
+
+
+# ---------------------------------------------------------------------------- closed loop on a toy plant
+def _closed_loop(dual, budget: float = 0.3, steps: int = 200, slope: float = 8.0, delay: int = 3) -> list[float]:
+    """The true teacher fraction of a toy plant under ``dual``, one rollout of 1,000 tokens per step.
+
+    The plant: f = σ(logit(b) + ½ − slope·λ), a known decreasing function of λ (λ* = 1/(2·slope)),
+    that answers λ ``delay`` rollouts late (the policy learns from the reward before its teacher use
+    moves). Counts are exact (no sampling noise), so any oscillation is the controller's own."""
+    import math
+
+    fractions, lambdas = [], [0.0] * (delay + 1)
+    for _ in range(steps):
+        lam = lambdas[-1 - delay]
+        f = 1 / (1 + math.exp(-(math.log(budget / (1 - budget)) + 0.5 - slope * lam)))
+        dual.record({budget: (round(f * 1000), 1000)})
+        dual.step()
+        lambdas.append(dual.lambdas[budget])
+        fractions.append(f)
+    return fractions
+
+
+def _settled_at(fractions: list[float], budget: float, band: float) -> int | None:
+    return next((i for i in range(len(fractions)) if all(abs(f - budget) < band for f in fractions[i:])), None)
+
+
+def test_the_pid_dual_settles_where_the_integral_rule_oscillates():
+    from agents.lagrangian import BudgetDual
+
+    # The shipped configs' integral rule (η = 0.2 on a trailing window of 4 rollouts) on a steep, late plant:
+    integral = _closed_loop(BudgetDual([0.3], lr=0.2, cap=4.0, floor=-4.0, window=4))
+    tail = integral[-50:]
+    crossings = sum((a - 0.3) * (b - 0.3) < 0 for a, b in pairwise(tail))
+    assert max(abs(f - 0.3) for f in tail) > 0.05 and crossings >= 4  # a sustained oscillation, 150 steps in
+    assert _settled_at(integral, 0.3, 0.01) is None
+
+    pid = _closed_loop(PIDBudgetDual([0.3], PIDGains(), cap=4.0, floor=-4.0))
+    settled = _settled_at(pid, 0.3, 0.01)
+    assert settled is not None and settled <= 40  # within 0.01 of b from rollout 40 on, and stays
+    tail = pid[-50:]
+    assert max(abs(f - 0.3) for f in tail) < 0.001
+    assert sum((a - 0.3) * (b - 0.3) < 0 for a, b in pairwise(tail)) == 0  # no oscillation left

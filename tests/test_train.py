@@ -173,6 +173,23 @@ def test_both_phases_run_and_select_a_policy(family, tiny, tmp_path):
         assert StudentPolicy.load(tmp_path / name, family=family.name).family.name == family.name
 
 
+@only_family("encoder-decoder")  # the stopping rule reads selection records, not the model
+def test_phase2_stops_once_settled_and_says_when_and_why(tiny, tmp_path):
+    # δ = 1 meets every budget; a quality gain of 1e9 never counts as improving: settled at the third
+    # evaluation (batches 0, 1, 2), four batches before the end.
+    config = tiny_config(tiny, tmp_path, bc_batches=2, pcl_batches=6, eval_every=1, delta=1.0,
+                         settle_evaluations=2, settle_min_gain=1e9)
+    phase2 = run(config)["phase2"]
+    assert phase2["batches"] == 2 and phase2["stop"]["step"] == 2
+    assert "last 2 evaluations (batches 1, 2)" in phase2["stop"]["reason"]
+    assert [e["step"] for e in phase2["selection"]["evaluations"]] == [0, 1, 2]
+    assert json.loads((tmp_path / "summary.json").read_text())["phase2"]["stop"] == phase2["stop"]
+    assert (tmp_path / "final").exists() and (tmp_path / "best" / "selection.json").exists()
+    # Without the rule the same run takes every batch, and says so.
+    full = run(tiny_config(tiny, tmp_path / "full", bc_batches=2, pcl_batches=3, eval_every=1, delta=1.0))["phase2"]
+    assert full["batches"] == 3 and full["stop"] == {"step": 3, "reason": "ran every batch (pcl_batches)"}
+
+
 @only_family("encoder-decoder")
 def test_kept_evaluated_policies_are_the_policies_each_evaluation_scored(tiny, tmp_path):
     summary = run(tiny_config(tiny, tmp_path, eval_every=2, keep_evaluated_policies=True))
@@ -287,6 +304,12 @@ def test_bad_config_is_refused():
         TrainConfig(phase="rl").validate()
     with pytest.raises(ValueError, match="budgets"):
         TrainConfig(budgets=[0.1, 1.5]).validate()
+    with pytest.raises(ValueError, match="lagrange_rule must be one of .*'pi'"):
+        TrainConfig(lagrange_rule="pi").validate()
+    with pytest.raises(ValueError, match="gains must be >= 0"):
+        TrainConfig(lagrange_rule="pid", pid_kp=-1.0).validate()
+    with pytest.raises(ValueError, match="set eval_every > 0"):
+        TrainConfig(settle_evaluations=3, eval_every=0).validate()
 
 
 def _launch(config: TrainConfig, config_path: Path) -> subprocess.Popen:
@@ -315,8 +338,18 @@ def test_killed_run_resumes_exactly(tiny, early_end_kwargs, tmp_path):
     """SIGKILL a run right after its first phase-2 checkpoint; the resumed run ends bit-identical.
 
     The student ends its episodes at different times, so the early-end path is exercised."""
+    _check_killed_run_resumes_exactly(tiny, early_end_kwargs, tmp_path)
+
+
+@only_family("encoder-decoder")  # the dual reads no model: one family shows its state resumes
+def test_killed_run_with_the_pid_dual_resumes_exactly(tiny, early_end_kwargs, tmp_path):
+    """The same with the PID dual: its integral, moving averages and previous fraction are checkpointed."""
+    _check_killed_run_resumes_exactly(tiny, early_end_kwargs, tmp_path, lagrange_rule="pid", pid_kd=0.5)
+
+
+def _check_killed_run_resumes_exactly(tiny, early_end_kwargs, tmp_path, **extra) -> None:
     overrides = dict(bc_batches=2, pcl_batches=6, checkpoint_every=2, oracle_rounding="stochastic", lagrange_floor=-1.0,
-                     env_kwargs=early_end_kwargs, max_new_tokens=12)
+                     env_kwargs=early_end_kwargs, max_new_tokens=12, **extra)
     reference = tiny_config(tiny, tmp_path / "reference", **overrides)
     proc = _launch(reference, tmp_path / "reference.json")
     assert proc.wait(timeout=600) == 0, proc.stderr.read().decode()[-3000:]
