@@ -174,7 +174,7 @@ def test_both_phases_run_and_select_a_policy(family, tiny, tmp_path):
 
 
 @only_family("encoder-decoder")  # the stopping rule reads selection records, not the model
-def test_phase2_stops_once_settled_and_says_when_and_why(tiny, tmp_path):
+def test_phase2_stops_once_settled_and_says_when_and_why(tiny, tmp_path, capsys):
     # δ = 1 meets every budget; a quality gain of 1e9 never counts as improving: settled at the third
     # evaluation (batches 0, 1, 2), four batches before the end.
     config = tiny_config(tiny, tmp_path, bc_batches=2, pcl_batches=6, eval_every=1, delta=1.0,
@@ -188,6 +188,14 @@ def test_phase2_stops_once_settled_and_says_when_and_why(tiny, tmp_path):
     # Without the rule the same run takes every batch, and says so.
     full = run(tiny_config(tiny, tmp_path / "full", bc_batches=2, pcl_batches=3, eval_every=1, delta=1.0))["phase2"]
     assert full["batches"] == 3 and full["stop"] == {"step": 3, "reason": "ran every batch (pcl_batches)"}
+    # The budget-control report reads both runs: 2 (resp. 3) evaluations after the first third, δ = 1 meets all.
+    from scripts.budget_control_report import main as report
+
+    report([str(tmp_path), str(tmp_path / "full"), "--tolerance", "1.0", "--figure", str(tmp_path / "control.png")])
+    out = capsys.readouterr().out.splitlines()
+    assert out[2].startswith(f"| {tmp_path.name} | 2 of 2 |") and "| 0 | batch 2: every budget within" in out[2]
+    assert out[3].startswith("| full | 2 of 2 |") and out[3].endswith("| 0 | batch 3: ran every batch (pcl_batches) |")
+    assert (tmp_path / "control.png").stat().st_size > 0
 
 
 @only_family("encoder-decoder")
