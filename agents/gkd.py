@@ -53,7 +53,15 @@ from agents.distributed import (
 )
 from agents.evaluation import seeded_subset
 from agents.objectives import reverse_kl
-from agents.run import Run, Throughput, check_selection_data, load_tasks, start_run, student_source
+from agents.run import (
+    Run,
+    Throughput,
+    check_selection_data,
+    end_report,
+    load_tasks,
+    start_run,
+    student_source,
+)
 from tw_env.atomic import publish_dir, write_json
 from tw_env.families import family_of
 from tw_env.metrics import quality
@@ -263,7 +271,22 @@ def run(config: GKDConfig) -> dict:
                          config.allow_selection_on_training_data)
     gkd = _GKDRun(config, start_run(config, config.output_dir, data_parallel=True))
     gkd.train()
-    return gkd.finish()
+    summary = gkd.finish()
+    if gkd.dist.is_main:
+        print(end_of_distillation(config, summary))
+    return summary
+
+
+def end_of_distillation(config: GKDConfig, summary: dict[str, Any]) -> str:
+    """What `tw gkd` prints as it ends: the kept and the final draft model's quality; where the files are."""
+    best, last, out = summary["best"], summary["evaluations"][-1], Path(config.output_dir)
+    title = (f"tw gkd: {summary['batches']} batches ({summary['updates']} updates) in {summary['seconds_this_run']:.0f} s; "
+             f"greedy quality of the draft alone on {summary['eval_examples']} {config.eval_split} examples")
+    table = [["draft model", "after batch", f"quality ({summary['metric']})"],
+             ["best (kept)", str(best["step"]), f"{best['quality']:.2f}"], ["final", str(last["step"]), f"{last['quality']:.2f}"]]
+    files = {"output": out, "best draft": summary["best_dir"], "final draft": summary["final_dir"],
+             "summary": out / "summary.json", "TensorBoard": out / "tensorboard"}
+    return end_report(title, table, files)
 
 
 def _load_student(config: GKDConfig, task: Task, device: torch.device) -> tuple[PreTrainedModel, int]:

@@ -37,7 +37,7 @@ from agents.evaluation import (
 )
 from agents.lagrangian import LAGRANGE_RULES, PIDGains
 from agents.policy import StudentPolicy
-from agents.run import Tasks, load_tasks, phase1_policy_dir, start_run
+from agents.run import Tasks, end_report, load_tasks, phase1_policy_dir, start_run
 from agents.sb3_adapter import (
     LagrangeCallback,
     LMActorCriticPolicy,
@@ -210,7 +210,24 @@ def run(config: PPOConfig) -> dict[str, Any]:
     }
     run_.write_summary(summary)
     venv.close()
+    if run_.dist.is_main:
+        print(end_of_ppo(summary, out, tasks.train.metric))
     return summary
+
+
+def end_of_ppo(summary: dict[str, Any], out: Path, metric: str) -> str:
+    """What `tw train --algo ppo` prints as it ends: per budget the final policy's teacher fraction and quality
+    on the evaluation examples and the last λ; then where the files are (the whole summary: summary.json)."""
+    title = f"tw train --algo ppo: {summary['timesteps']} timesteps in {summary['train_seconds_this_run']:.0f} s"
+    table = [["budget", "teacher fraction", f"quality ({metric})", "λ (last)"]]
+    results = {float(r["budget"]): r for r in (summary["eval"] or {"results": []})["results"]}
+    for b, lam in summary["lambdas"].items():
+        r = results.get(float(b), {})
+        table.append([f"{float(b):g}", *(format(r[k], f) if k in r else "-" for k, f in
+                                         (("teacher_fraction", ".3f"), ("quality", ".2f"))), f"{lam:+.3f}"])
+    files = {"output": out, "final policy": out / "final", "summary": out / "summary.json",
+             "TensorBoard": out / "tensorboard"}
+    return end_report(title, table, files)
 
 
 def resume_model(

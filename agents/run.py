@@ -9,6 +9,7 @@ atomically (:mod:`tw_env.atomic`) and in one format.
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -179,3 +180,22 @@ class Throughput:
     def summary(self, what: str) -> dict[str, float]:
         return {f"{what}_tokens": self.tokens, "training_seconds": self.seconds,
                 f"{what}_tokens_per_s": self.tokens / self.seconds if self.seconds else 0.0}
+
+
+def end_report(
+    title: str, table: Sequence[Sequence[str]], files: Mapping[str, str | Path], notes: Sequence[str] = ()
+) -> str:
+    """What a command prints as it ends: a title, an aligned table (header row first; the first column
+    left-aligned, the others right-aligned), note lines, and where its files are. Everything else is in
+    the files."""
+    lines = [title]
+    if table:
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        lines += ["  " + "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                                   for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+                  for row in table]
+    lines += [f"  {note}" for note in notes]
+    if files:
+        width = max(len(name) for name in files)
+        lines += ["files:", *(f"  {name.ljust(width)}  {path}" for name, path in files.items())]
+    return "\n".join(lines)

@@ -59,6 +59,7 @@ from agents.run import (
     Run,
     Throughput,
     check_selection_data,
+    end_report,
     load_tasks,
     phase1_policy_dir,
     start_run,
@@ -220,7 +221,33 @@ def run(config: TrainConfig) -> dict:
         summary["phase2"] = train_phase2(setup)
     setup.run.write_summary(summary)
     setup.writer.close()
+    if setup.dist.is_main:
+        print(end_of_training(setup, summary))
     return summary
+
+
+def end_of_training(setup: Setup, summary: dict) -> str:
+    """What `tw train` prints as it ends: per budget, the selected policy's teacher fraction and quality on
+    the selection examples and the last λ; then where the files are (the whole summary: summary.json)."""
+    config, out = setup.config, setup.out
+    title = "tw train: " + "; ".join(
+        f"phase {n}, {s['batches']} {what} batches in {s['seconds_this_run']:.0f} s"
+        for n, what, s in ((1, "BC", summary.get("phase1")), (2, "PCL", summary.get("phase2"))) if s)
+    phase1 = Path(config.init) if config.init and "phase1" not in summary else out / "phase1"  # --init: phase 1 is elsewhere
+    files: dict[str, Path] = {"output": out, "phase-1 policy": phase1}
+    table: list[list[str]] = []
+    if "phase2" in summary:
+        best, lambdas = summary["phase2"]["selection"]["best"], summary["phase2"]["lambdas"]
+        title += " (stopped once settled: summary.json says why)" if "settled" in summary["phase2"]["selection"] else ""
+        rule = "every budget within" if best and best["meets_budgets"] else "no evaluation met every budget within"
+        title += (f"\nselected policy: PCL batch {best['step']} ({rule} δ {config.delta:g}), on "
+                  f"{len(setup.eval_examples)} {config.eval_split} examples" if best else "\nno policy was evaluated")
+        table.append(["budget", "teacher fraction", f"quality ({setup.task.metric})", "λ (last)"])
+        for r in best["results"] if best else [{"budget": b} for b in lambdas]:
+            cells = [format(r[k], f) if k in r else "-" for k, f in (("teacher_fraction", ".3f"), ("quality", ".2f"))]
+            table.append([f"{r['budget']:g}", *cells, f"{lambdas[_budget_key(lambdas, r['budget'])]:+.3f}"])
+        files |= ({"best policy": out / "best"} if best else {}) | {"final policy": out / "final"}
+    return end_report(title, table, files | {"summary": out / "summary.json", "TensorBoard": out / "tensorboard"})
 
 
 # ---------------------------------------------------------------------------------------------- phase 1

@@ -7,10 +7,12 @@
     tw gkd   --config ...                         # DistillSpec's draft model (GKD), for the baseline
     tw bench-env ... | tw bench-decode ...        # speed benchmarks (docs/benchmarks.md)
     tw bench-parallel ...                         # data-parallel training throughput (docs/benchmarks.md)
+    tw bench-train ...                            # BC, PCL and GKD steps against their floor (docs/benchmarks.md)
     tw train-mt --config configs/deen-models.json # a de-en teacher and student from scratch (real text)
 
 Each subcommand has one typed config (a dataclass) that ``--config FILE.json`` and flags set;
-``tw COMMAND --help`` lists its flags.
+``tw COMMAND --help`` lists its flags. A command prints its own short ending (a table, where its
+files are); what it returns is written to its files (e.g. ``summary.json``), not printed.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ COMMANDS = {
     "bench-env": ("scripts.bench_env", "BenchEnvConfig", "run"),
     "bench-decode": ("scripts.bench_decode", "BenchDecodeConfig", "run"),
     "bench-parallel": ("scripts.bench_parallel", "BenchParallelConfig", "run"),
+    "bench-train": ("scripts.bench_train", "BenchTrainConfig", "run"),
     "train-mt": ("scripts.train_translation", "TranslationConfig", "run"),
 }
 
@@ -49,6 +52,8 @@ HELP = {
                     "Wheels against its neighbours (docs/benchmarks.md).",
     "bench-parallel": "Speed benchmark: phase-2 and GKD tokens/s with 1 process against N data-parallel "
                       "processes on the same cores (docs/benchmarks.md).",
+    "bench-train": "Speed benchmark: a BC, a PCL and a GKD batch against their floor, the same forward and "
+                   "backward passes as plain transformers calls, per model pair (docs/benchmarks.md).",
     "train-mt": "Train a translation teacher and a smaller student from scratch on parallel JSON-lines text, "
                 "with a tokenizer trained on it (resumable; real-text models for TrainingWheels-WMT19-v0).",
 }
@@ -86,11 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_namespace(getattr(mod, cls_name), args)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
-    result = getattr(mod, entry)(config)
-    if isinstance(result, dict):
-        import json
-
-        print(json.dumps(result, indent=2, default=str)[:4000])
+    getattr(mod, entry)(config)
     return 0
 
 

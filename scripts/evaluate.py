@@ -84,7 +84,7 @@ from agents.evaluation import (
     with_projected_latency,
 )
 from agents.methods import METHODS, EvalContext, build_settings, make_eval_task
-from agents.run import check_calibration_data, start_run
+from agents.run import check_calibration_data, end_report, start_run
 from tw_env.atomic import write_json
 from tw_env.prompts import BUDGETS, PLAIN_TEMPLATE, check_template, keyword_for
 
@@ -225,8 +225,7 @@ def run(config: EvalConfig) -> dict:
     }
     write_json(out / "results.json", results)
     write_csv(out / "results.csv", rows)
-    print(format_table(rows))
-    print(f"wrote {out / 'results.json'}, {out / 'results.csv'} and {out / 'outputs.jsonl'}")
+    print(end_of_evaluation(rows, out, f"{len(examples)} {config.split} examples", task.metric))
     return results
 
 
@@ -275,3 +274,48 @@ def format_table(rows: list[dict]) -> str:
     for line in [header, *lines]:
         text.append("  ".join(str(x).ljust(w) if i < 2 else str(x).rjust(w) for i, (x, w) in enumerate(zip(line, widths, strict=True))))
     return "\n".join(text)
+
+
+def end_of_evaluation(rows: list[dict], out: Path, evaluated: str, metric: str) -> str:
+    """What `tw eval` prints as it ends: per budget, each budgeted method's teacher fraction / quality (a
+    column per method, calibrated rows apart); a method without budgets in a line (one row) or counted
+    (several: every row is in results.csv, and `tw plot` prints them all); where the files are."""
+    unbudgeted: dict[str, list[dict]] = {}
+    for row in rows:
+        if _budget_of(row) is None:
+            unbudgeted.setdefault(row["method"], []).append(row)
+    alone = [f"{method} {r[0]['setting']}: {_fraction_quality(r[0])}" for method, r in unbudgeted.items() if len(r) == 1]
+    several = [f"{len(r)} {method}" for method, r in unbudgeted.items() if len(r) > 1]
+    notes = (["; ".join(alone)] if alone else []) + (
+        [f"and {', '.join(several)} settings: every row is in results.csv"] if several else [])
+    files = {"output": out, "results": out / "results.json", "table": out / "results.csv",
+             "outputs": out / "outputs.jsonl"}
+    return end_report(f"tw eval: {evaluated}; per budget b, teacher fraction / quality ({metric}):",
+                      budget_table(rows), files, notes)
+
+
+def budget_table(rows: list[dict]) -> list[list[str]]:
+    """A header and one line per budget: each budgeted method's (calibrated rows: their target's) teacher
+    fraction / quality, one column per method, calibration and budget cap."""
+    columns: dict[str, dict[float, dict]] = {}
+    for row in rows:
+        budget, cap = _budget_of(row), row.get("budget_cap")
+        if budget is not None:
+            name = (row["method"] + (" calibrated" if row.get("calibrated_for") is not None else "")
+                    + (f" ({cap} cap)" if cap not in (None, "off") else ""))
+            columns.setdefault(name, {})[round(float(budget), 6)] = row
+    budgets = sorted({b for column in columns.values() for b in column})
+    body = [[f"{b:g}", *(_fraction_quality(column.get(b)) for column in columns.values())] for b in budgets]
+    return [["b", *columns], *body] if columns else []
+
+
+def _budget_of(row: dict) -> float | None:
+    """The budget a row stands for: the target it was calibrated to, else its budget (None: neither)."""
+    return row["calibrated_for"] if row.get("calibrated_for") is not None else row.get("budget")
+
+
+def _fraction_quality(row: dict | None) -> str:
+    if row is None:
+        return "-"
+    quality = row["quality"]
+    return f"{row['teacher_fraction']:.3f} / " + (f"{quality:.2f}" if quality is not None and _finite(quality) else "-")

@@ -292,7 +292,7 @@ def run(config: PlotConfig) -> dict:
     files["token_view"].write_text(render_html(chosen, title), encoding="utf-8")
     if config.terminal:
         print(render_ansi(chosen))
-    from scripts.evaluate import format_table  # the table `tw eval` printed, so the last screen has both
+    from scripts.evaluate import format_table  # every row (tw eval prints a line per budget)
 
     print(format_table(results.get("rows", [])))
     print("figures: " + ", ".join(str(path) for path in files.values()))

@@ -1,4 +1,4 @@
-"""Smoke tests of the speed benchmarks (`tw bench env`, `tw bench decode`) on tiny random models.
+"""Smoke tests of the speed benchmarks (`tw bench env`, `tw bench decode`, `tw bench-train`) on tiny random models.
 
 Each benchmark runs end to end on models built from configs in a temporary folder (no download, no
 training) and must return positive, finite figures and its ratios. Speed targets never live in
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,52 @@ def test_flan_t5_configs_are_the_published_sizes() -> None:
         # to the shared embedding; tie_word_embeddings=False now only turns that scaling off).
         assert (c.d_kv, c.vocab_size, c.feed_forward_proj, c.scale_decoder_outputs) == (64, 32128, "gated-gelu", False)
     assert "flan-t5-base-random" in MODEL_CHOICES
+
+
+BENCH_TRAIN_PAIRS = {"encoder-decoder": "embedded", "decoder-only": "embedded-causal"}  # the pair whose configs a family's tiny task stands in for
+
+
+def test_bench_train_prints_step_over_floor_ratios_last(family, family_task, capsys) -> None:
+    """`tw bench-train` on the tiny task of each family: a BC, a PCL and a GKD batch each against its
+    floor; the last line printed is the JSON of the ratios step ÷ floor."""
+    from scripts.cli import main
+
+    pair = BENCH_TRAIN_PAIRS[family.name]
+    code = main([
+        "bench-train", "--models", json.dumps([pair]), "--env-kwargs", json.dumps(family_task.env_kwargs()),
+        "--repeats", "1", "--bc-batch-size", "4", "--num-envs", "4", "--replay-per-update", "4",
+        "--gkd-batch-size", "4", "--max-new-tokens", "5", "--threads", "1",
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    ratios = json.loads(printed[-1])
+    assert set(ratios) == {pair} and set(ratios[pair]) == {"bc", "pcl", "gkd"}
+    _positive_finite(ratios[pair])
+    assert sum("step breakdown" in line for line in printed) == 3
+
+
+def test_the_probe_records_calls_times_stages_and_restores_what_it_wrapped() -> None:
+    """The bench's wrappers: calls of "record" targets kept with their arguments, exclusive time charged
+    to (stage, innermost kind), and every wrapped attribute given back."""
+    from scripts.bench_train import Probe, Target
+
+    class Box:
+        def outer(self, x: int) -> int:
+            time.sleep(0.02)
+            return self.inner(x) + 1
+
+        def inner(self, x: int) -> int:
+            time.sleep(0.01)
+            return 2 * x
+
+    box, probe = Box(), Probe(torch.device("cpu"))
+    targets = [Target(box, "outer", "outer", "record"), Target(box, "inner", "inner", "kind")]
+    with probe.installed(targets, timing=False):
+        assert box.outer(3) == 7 and "inner" not in vars(box)  # kinds are wrapped for the breakdown only
+    assert probe.last("outer").arguments == {"x": 3} and probe.last("outer").result == 7
+    with probe.installed(targets, timing=True):
+        table = probe.breakdown(lambda: box.outer(1), "(root)")
+    assert vars(box) == {}
+    assert set(table) == {"outer", "(root)"} and set(table["outer"]) == {"inner", "other"}
+    assert 0.01 <= table["outer"]["inner"] < table["outer"]["other"] + table["outer"]["inner"]
+    assert table["outer"]["other"] >= 0.02

@@ -288,7 +288,7 @@ def test_student_with_another_vocabulary_is_refused(task, tmp_path):
         gkd.run(config)
 
 
-def test_cli_runs_gkd(task, tmp_path):
+def test_cli_runs_gkd(task, tmp_path, capsys):
     from scripts.cli import main
 
     config = small_config(task, tmp_path / "cli", batches=1, eval_every=0)
@@ -297,3 +297,9 @@ def test_cli_runs_gkd(task, tmp_path):
     assert main(["gkd", "--config", str(path), "--student-fraction", "0.25"]) == 0
     assert json.loads((tmp_path / "cli" / "config.json").read_text())["student_fraction"] == 0.25
     assert (tmp_path / "cli" / "best" / "model.safetensors").exists()
+    # It ends with a short table and where the files are; the summary is in summary.json, not printed.
+    printed = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    assert len(printed) < 15 and printed[0].startswith("tw gkd: 1 batches")
+    assert printed[2].split()[-1] == f"{summary['best']['quality']:.2f}"
+    assert any(line.endswith(str(tmp_path / "cli" / "summary.json")) for line in printed)

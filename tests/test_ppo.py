@@ -267,7 +267,7 @@ def test_lagrange_callback_raises_lambda_only_where_use_exceeds_the_budget(asset
 # ---------------------------------------------------------------------------------------------- run
 
 
-def test_run_trains_evaluates_saves_and_resumes(assets, tmp_path):
+def test_run_trains_evaluates_saves_and_resumes(assets, tmp_path, capsys):
     from agents.checkpoint import latest_checkpoint, load_json, save_json
     from agents.ppo import CHECKPOINTS, PPOConfig, run
 
@@ -282,6 +282,11 @@ def test_run_trains_evaluates_saves_and_resumes(assets, tmp_path):
     assert summary["timesteps"] == rollout and not summary["stopped_by_wall_time"]
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
     assert len(summary["eval"]["results"]) == 2
+    printed = capsys.readouterr().out.splitlines()  # a short ending: the table per budget, then the files
+    assert printed[0].startswith(f"tw train --algo ppo: {rollout} timesteps")
+    r = summary["eval"]["results"][1]
+    assert printed[3].split() == ["0.5", f"{r['teacher_fraction']:.3f}", f"{r['quality']:.2f}", f"{summary['lambdas']['0.5']:+.3f}"]
+    assert any(line.split() == ["summary", str(out / "summary.json")] for line in printed) and len(printed) < 15
     assert (out / "final" / "training_wheels.safetensors").exists()
     StudentPolicy.load(out / "final")
     assert any((out / "tensorboard").rglob("events.out.tfevents.*"))

@@ -191,6 +191,7 @@ def test_phase2_stops_once_settled_and_says_when_and_why(tiny, tmp_path, capsys)
     # The budget-control report reads both runs: 2 (resp. 3) evaluations after the first third, δ = 1 meets all.
     from scripts.budget_control_report import main as report
 
+    capsys.readouterr()  # what the two runs printed as they ended
     report([str(tmp_path), str(tmp_path / "full"), "--tolerance", "1.0", "--figure", str(tmp_path / "control.png")])
     out = capsys.readouterr().out.splitlines()
     assert out[2].startswith(f"| {tmp_path.name} | 2 of 2 |") and "| 0 | batch 2: every budget within" in out[2]
