@@ -556,14 +556,7 @@ def train_phase2(setup: Setup) -> dict:
     throughput = Throughput()
     for step in progress:
         batch_start = time.perf_counter()
-        on_policy, oracle = phase2_episodes(setup, state)  # 1. on-policy and 2. oracle episodes
-        # 3. Several updates on a mix of on-policy, oracle and replayed episodes.
-        mu, sigma = envs.reward_stats.mu, envs.reward_stats.sigma
-        losses = pcl_updates(setup, state, on_policy, oracle, mu, sigma)
-        # 4. The Lagrangian step from the trailing on-policy teacher use (of every rank).
-        used = all_sum_counts(on_policy.teacher_fraction_by_budget(), dist)
-        state.dual.record(used)
-        state.dual.step()
+        on_policy, losses, used, (mu, sigma) = pcl_batch(setup, state)  # 1.–4.
         throughput.add(sum(tokens for _, tokens in used.values()), time.perf_counter() - batch_start)
         state.step = step + 1
         if config.check_replicas:
@@ -586,6 +579,23 @@ def train_phase2(setup: Setup) -> dict:
     return {"batches": state.step, "stop": stop, "seconds_this_run": time.time() - t0, "lambdas": state.dual.lambdas,
             "reward_normalisers": {"mu": envs.reward_stats.mu, "sigma": envs.reward_stats.sigma},
             "selection": state.selection, "processes": dist.world_size, **throughput.summary("on_policy")}
+
+
+def pcl_batch(
+    setup: Setup, state: PCLState
+) -> tuple[Trajectories, list[float], dict[float, tuple[int, int]], tuple[float, float]]:
+    """One PCL batch but its logging: 1. on-policy and 2. oracle episodes, 3. the updates on a mix of them
+    and replayed episodes, 4. the Lagrangian step from the on-policy teacher use of every rank.
+
+    Returns the on-policy episodes, the update losses, the {budget: (calls, tokens)} the dual stepped on,
+    and the reward normalisers (μ_r, σ_r) the updates used. ``tw bench-train`` times exactly this."""
+    on_policy, oracle = phase2_episodes(setup, state)
+    mu, sigma = setup.envs.reward_stats.mu, setup.envs.reward_stats.sigma
+    losses = pcl_updates(setup, state, on_policy, oracle, mu, sigma)
+    used = all_sum_counts(on_policy.teacher_fraction_by_budget(), setup.dist)
+    state.dual.record(used)
+    state.dual.step()
+    return on_policy, losses, used, (mu, sigma)
 
 
 def phase2_episodes(setup: Setup, state: PCLState) -> tuple[Trajectories, Trajectories]:

@@ -64,7 +64,6 @@ from transformers import PreTrainedModel
 import agents.gkd
 import agents.train
 import agents.trajectories
-from agents.distributed import all_sum_counts
 from agents.gkd import GKDConfig, _GKDRun
 from agents.policy import PolicyRollout
 from agents.run import start_run
@@ -75,9 +74,7 @@ from agents.train import (
     TrainConfig,
     log_phase2_batch,
     make_setup,
-    pcl_updates,
     phase1_step,
-    phase2_episodes,
 )
 from agents.trajectories import ReplayBuffer, Trajectories
 from scripts.bench_env import _generate, finite_ratio, interleaved, machine_info, synchronize
@@ -338,13 +335,9 @@ class StepBench:
 
 
 def pcl_batch(setup: Setup, state: PCLState) -> None:
-    """One batch of ``train_phase2``'s loop: episodes, updates, the dual step, logging (the loop's body,
-    which is no function of its own: keep the two alike)."""
-    on_policy, oracle = phase2_episodes(setup, state)
-    mu, sigma = setup.envs.reward_stats.mu, setup.envs.reward_stats.sigma
-    losses = pcl_updates(setup, state, on_policy, oracle, mu, sigma)
-    state.dual.record(all_sum_counts(on_policy.teacher_fraction_by_budget(), setup.dist))
-    state.dual.step()
+    """One batch of ``train_phase2``'s loop: :func:`agents.train.pcl_batch` (episodes, updates, the dual
+    step), then its logging."""
+    on_policy, losses, _, (mu, sigma) = agents.train.pcl_batch(setup, state)
     log_phase2_batch(setup.writer, state.step, on_policy, losses, state.dual, mu, sigma, setup.config.reward_clip)
     state.step += 1
 
