@@ -29,6 +29,7 @@ Where the time goes (what these functions count, so that latency can be compared
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from agents.objectives import (
     lossy_speculative_accept_length,
     teacher_student_kl,
 )
-from agents.policy import StudentPolicy, choose_actions
+from agents.policy import StudentPolicy, call_log_probability, choose_actions
 from tw_env.families import IncrementalDecoding, check_same_family, family_of
 from tw_env.models import check_same_vocabulary, generation_model, output_vocab_size
 
@@ -65,6 +66,12 @@ class DecodeResult:
         wasted_tokens: per row, draft tokens the student produced that the teacher rejected (only
             speculative decoding wastes any).
         student_forwards: student decoder forwards run for the whole batch.
+        same_decisions: Training Wheels' greedy decoder only (else None): the range [lo, hi) of
+            log call thresholds log c under which every call decision of this decode comes out the
+            same (lo: the highest log π(<τ>) where a live row did not call, hi: the lowest where one
+            did). Decoding is deterministic, so any threshold in it reproduces this result exactly:
+            a threshold search reuses it instead of decoding again
+            (:class:`~agents.evaluation.ThresholdDecodes`).
     """
 
     output_ids: list[list[int]]
@@ -73,6 +80,7 @@ class DecodeResult:
     teacher_forwards: int
     wasted_tokens: list[int]
     student_forwards: int = 0
+    same_decisions: tuple[float, float] | None = None
 
     @property
     def teacher_fraction(self) -> list[float]:
@@ -269,7 +277,7 @@ class _CallRule:
         logits[:, vocab] = torch.where(over, torch.full_like(logits[:, vocab], -math.inf), logits[:, vocab])
 
     def choose(
-        self, logits: torch.Tensor, teacher: _CatchUpTeacher, out: _Outputs, n: int
+        self, logits: torch.Tensor, teacher: _CatchUpTeacher, out: _Outputs, n: int, margins: _DecisionMargins
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(call ``[B]``, token ``[B]``) at step ``n``: the teacher's argmax where a row calls."""
         vocab = logits.shape[1] - 1
@@ -277,11 +285,32 @@ class _CallRule:
             teacher_logits = teacher.next_logits(out.tokens[:, :n]).to(logits.device)
             kl = teacher_student_kl(teacher_logits[:, None], logits[:, None])[:, 0]
             call = (kl > self.kl_oracle_threshold) & (logits[:, vocab] > -math.inf) & ~out.done
+            margins.undefined = True
             return call, torch.where(call, teacher_logits.argmax(dim=-1), logits[:, :vocab].argmax(dim=-1))
         # Greedy: call iff π(<τ>) > call_threshold, else the top token (a capped row's <τ> logit is −inf).
-        action = choose_actions(logits, call_threshold=self.call_threshold)
+        call_logprob = call_log_probability(logits)
+        action = choose_actions(logits, call_threshold=self.call_threshold, call_logprob=call_logprob)
         call = (action == vocab) & ~out.done
+        margins.record(call_logprob, call, ~out.done)
         return call, teacher.replace(action, call, out.tokens[:, :n])
+
+
+class _DecisionMargins:
+    """The range of log call thresholds that would repeat every greedy call decision seen so far
+    (:attr:`DecodeResult.same_decisions`), kept as tensors so that recording never syncs."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.highest_declined = torch.tensor(-math.inf, device=device)
+        self.lowest_called = torch.tensor(math.inf, device=device)
+        self.undefined = False  # the KL oracle decides by KL, not by a threshold on π(<τ>)
+
+    def record(self, call_logprob: torch.Tensor, call: torch.Tensor, live: torch.Tensor) -> None:
+        declined = live & ~call
+        self.highest_declined = torch.maximum(self.highest_declined, call_logprob.masked_fill(~declined, -math.inf).max())
+        self.lowest_called = torch.minimum(self.lowest_called, call_logprob.masked_fill(~call, math.inf).min())
+
+    def result(self) -> tuple[float, float] | None:
+        return None if self.undefined else (float(self.highest_declined), float(self.lowest_called))
 
 
 def _teacher_prompts(
@@ -362,16 +391,17 @@ def teacher_help_decode(
         prompt, x_in = policy.begin(student, rows, input_ids, attention_mask)  # the prompt read once, not per step
         helper = _CatchUpTeacher(teacher, teacher_ids.to(teacher.device), teacher_mask.to(teacher.device), max_new_tokens)
         forwards = 0
+        margins = _DecisionMargins(device)
         for n in range(max_new_tokens):
             if bool(out.done.all()):
                 break
             logits = policy.step_head(student, x_in, prompt).float()  # [B, V+1]
             forwards += 1
             rule.apply_cap(logits, out, n)
-            call, token = rule.choose(logits, helper, out, n)
+            call, token = rule.choose(logits, helper, out, n, margins)
             token = out.emit(token, call)
             x_in = torch.where(call, token + vocab, token)  # X^(in): a teacher token is stored as t + V
-    return out.result(helper.forwards, forwards)
+    return dataclasses.replace(out.result(helper.forwards, forwards), same_decisions=margins.result())
 
 
 # --------------------------------------------------------------------------------------------- alone

@@ -13,7 +13,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
 import torch
@@ -86,6 +86,54 @@ def decode_batches(
         output_ids += result.output_ids
         from_teacher += result.from_teacher
     return Decoded(texts, output_ids, from_teacher, calls, tokens, wasted, seconds)
+
+
+class ThresholdDecodes:
+    """Decode a fixed list of prompt batches at many call thresholds, each batch once per distinct
+    set of call decisions: the threshold searches' decoder.
+
+    A Training Wheels decode (:func:`~agents.decoding.teacher_help_decode`) is deterministic and
+    reports the range of log thresholds under which every one of its call decisions would repeat
+    (:attr:`~agents.decoding.DecodeResult.same_decisions`). A later threshold inside a batch's
+    range reuses that batch's result instead of decoding it again (the bisection's late probes
+    move the threshold by little, so many batches repeat). The results are exactly those of
+    decoding every batch at every threshold. ``decoder(threshold)`` gives the decoder at a
+    threshold; batches are decoded as whole batches, as :func:`decode_batches` does.
+    """
+
+    def __init__(self, decoder: Callable[[float], Decode], batches: Sequence[Prompts],
+                 tokenizer: PreTrainedTokenizerBase) -> None:
+        self.decoder, self.batches, self.tokenizer = decoder, list(batches), tokenizer
+        self.done: list[list[DecodeResult]] = [[] for _ in self.batches]  # per batch, the results decoded so far
+        self.decoded = self.reused = 0  # batch decodes run, batch results reused
+
+    def _reusable(self, batch: int, threshold: float) -> DecodeResult | None:
+        # The decoders compare float32 log π(<τ>) with log c rounded to float32 (a Python scalar
+        # against a float32 tensor), so the range is checked at that precision.
+        log_c = float(np.float32(math.log(threshold))) if threshold > 0 else -math.inf
+        for result in self.done[batch]:
+            if result.same_decisions is not None and result.same_decisions[0] <= log_c < result.same_decisions[1]:
+                return result
+        return None
+
+    def decode(self, threshold: float) -> Decoded:
+        """Every batch at call threshold ``threshold``: what :func:`decode_batches` would return
+        (its ``seconds`` count only the decodes run now)."""
+        decode = self.decoder(threshold)
+
+        def decode_or_reuse(batch: int, *prompts: torch.Tensor) -> DecodeResult:
+            result = self._reusable(batch, threshold)
+            if result is not None:
+                self.reused += 1
+                return result
+            result = decode(*prompts)
+            self.done[batch].append(result)
+            self.decoded += 1
+            return result
+
+        # Each batch goes to decode_or_reuse with its index in front, so that it knows which batch it has.
+        indexed = cast(Iterable[Prompts], ((i, *p) for i, p in enumerate(self.batches)))
+        return decode_batches(decode_or_reuse, indexed, self.tokenizer)
 
 
 def encode_budget(task: Task, sources: list[str], budget: float, device: torch.device) -> Prompts:

@@ -37,10 +37,10 @@ from agents.evaluation import (
     Decode,
     Prompts,
     Setting,
+    ThresholdDecodes,
     calibrate_call_threshold,
     calibrate_kl_threshold,
     calibrate_threshold,
-    decode_batches,
     in_batches,
     is_better_selection,
     prompt_encoder,
@@ -115,14 +115,18 @@ class CalibrationRows:
         encode = prompt_encoder(self.task, budget, self.options.plain_prompt, self.device)
         return list(in_batches(encode, self.sources, self.options.batch_size))
 
-    def measure(self, decode: Decode, prompts: list[Prompts], measured: dict[float, tuple[float, float]],
-                threshold: float) -> float:
-        """Teacher fraction of ``decode`` over ``prompts``; (fraction, quality) cached in ``measured``
-        by threshold, so that a threshold is decoded once."""
+    def measure(self, decodes: ThresholdDecodes, measured: dict[float, tuple[float, float]], threshold: float) -> float:
+        """Teacher fraction at ``threshold`` of the decoder behind ``decodes`` (which reuses a batch whose
+        call decisions would repeat); (fraction, quality) cached in ``measured`` by threshold, so that a
+        threshold is decoded once."""
         if threshold not in measured:
-            decoded = decode_batches(decode, prompts, self.task.tokenizer)
+            decoded = decodes.decode(threshold)
             measured[threshold] = (decoded.teacher_fraction, decoded.quality(self.task.metric, self.references))
         return measured[threshold][0]
+
+    def decodes(self, decoder: Callable[[float], Decode], budget: float | None) -> ThresholdDecodes:
+        """The calibration rows' prompts at ``budget`` (None: the plain prompt), decoded by ``decoder(threshold)``."""
+        return ThresholdDecodes(decoder, self.prompts(budget), self.task.tokenizer)
 
     def per_budget(self, decoder: Callable[[float, float], Decode], calibrate: Callable[..., Calibration],
                    desc: str) -> tuple[list[Calibration], list[dict[str, Any]]]:
@@ -132,12 +136,12 @@ class CalibrationRows:
         options = self.options
         found_list, entries = [], []
         for b in tqdm([float(b) for b in options.budgets], desc=f"{desc} on {options.calibration_split}"):
-            prompts = self.prompts(b)
+            decodes = self.decodes(partial(decoder, b), b)
             measured: dict[float, tuple[float, float]] = {}  # threshold -> (teacher fraction, quality)
 
-            def teacher_fraction_at(threshold: float, b: float = b, prompts: list[Prompts] = prompts,
+            def teacher_fraction_at(threshold: float, decodes: ThresholdDecodes = decodes,
                                     measured: dict[float, tuple[float, float]] = measured) -> float:
-                return self.measure(decoder(b, threshold), prompts, measured, threshold)
+                return self.measure(decodes, measured, threshold)
 
             found = calibrate(teacher_fraction_at, b, tolerance=options.calibration_tolerance)
             found_list.append(found)
@@ -455,11 +459,11 @@ class ConfidenceFallback(EvalMethod):
         if not self.options.fallback_targets:
             return []
         rows = self.context.calibration()
-        prompts = rows.prompts(None)
+        decodes = rows.decodes(self.decoder, None)
         measured: dict[float, tuple[float, float]] = {}  # shared by the targets: a threshold is decoded once
 
         def teacher_fraction_at(threshold: float) -> float:
-            return rows.measure(self.decoder(threshold), prompts, measured, threshold)
+            return rows.measure(decodes, measured, threshold)
 
         targets = tqdm(self.options.fallback_targets, desc=f"calibrating the fallback on {self.options.calibration_split}")
         found_list += [calibrate_threshold(teacher_fraction_at, float(target), tolerance=self.options.calibration_tolerance)

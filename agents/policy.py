@@ -365,8 +365,14 @@ class ValueNetwork(_StateModel):
         return self.value_head(states.to(self.value_head.weight.dtype)).squeeze(-1)
 
 
+def call_log_probability(logits: torch.Tensor) -> torch.Tensor:
+    """log π(<τ>) ``[N]`` from π's logits ``[N, V+1]`` (float32): what a greedy call decision compares
+    with log c."""
+    return torch.log_softmax(logits.float(), dim=-1)[:, -1]
+
+
 def choose_actions(logits: torch.Tensor, temperature: float = 0.0, generator: torch.Generator | None = None,
-                   call_threshold: float = 0.5) -> torch.Tensor:
+                   call_threshold: float = 0.5, call_logprob: torch.Tensor | None = None) -> torch.Tensor:
     """Actions ``[N]`` from π's logits ``[N, V+1]``: first whether to call, then which token.
 
     The call is drawn with probability π(<τ>) sharpened by the temperature T,
@@ -380,6 +386,8 @@ def choose_actions(logits: torch.Tensor, temperature: float = 0.0, generator: to
     per cent) a small π(<τ>) still wins the argmax, so a policy whose π(<τ>) averages 0.01 under
     "no teacher use" would call at one token in eight. Deciding the call first keeps greedy teacher
     use equal to the policy's calibrated call probability.
+
+    ``call_logprob``: :func:`call_log_probability` of ``logits`` when the caller has it already (greedy only).
     """
     if logits.dim() != 2 or logits.shape[-1] < 2:
         raise ValueError(f"logits must be [N, V+1] with the <τ> logit last, got shape {tuple(logits.shape)}")
@@ -392,7 +400,7 @@ def choose_actions(logits: torch.Tensor, temperature: float = 0.0, generator: to
     if temperature == 0:
         # π(<τ>) > threshold, compared in log space (threshold 0: log 0 = −inf, calls wherever π(<τ>) > 0).
         log_threshold = math.log(call_threshold) if call_threshold > 0 else -math.inf
-        call = torch.log_softmax(logits, dim=-1)[:, -1] > log_threshold
+        call = (call_log_probability(logits) if call_logprob is None else call_logprob) > log_threshold
         token = token_logits.argmax(dim=-1)
     else:
         call_margin = logits[:, -1] - torch.logsumexp(token_logits, dim=-1)  # log π(<τ>) − log(1 − π(<τ>))

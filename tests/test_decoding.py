@@ -46,9 +46,11 @@ from agents.decoding import (
     speculative_decode,
     teacher_help_decode,
 )
+from agents.evaluation import ThresholdDecodes, calibrate_call_threshold, decode_batches, training_wheels_decoder
 from agents.policy import StudentPolicy
 from tests.helpers import assert_same_rows, check_well_formed, per_row, single_rows
 from tests.tiny_task import EOS, only_family, right_padded, tiny_causal_lm
+from tw_env.synthetic import SyntheticLanguage, build_tokenizer
 
 VOCAB = 128
 MAX_NEW = 14
@@ -638,3 +640,56 @@ def test_decoders_refuse_a_pair_that_mixes_families(student, prompts):
         confidence_fallback_decode(student, t5, *prompts, MAX_NEW, threshold=0.5)
     with pytest.raises(ValueError, match="the teacher is decoder-only but the student is encoder-decoder"):
         teacher_help_decode(StudentPolicy(t5), student, *prompts, MAX_NEW)
+
+
+# ------------------------------------------------------------------ reusing decodes across call thresholds
+def test_same_decisions_range_repeats_the_decode_inside_and_not_outside(family, teacher, student, prompts):
+    """A decode reports the log-threshold range [lo, hi) under which every call decision repeats: a
+    threshold inside it gives the identical result, one just past either end changes some call."""
+    policy = mixed_policy(family, student)
+    base = teacher_help_decode(policy, teacher, *prompts, MAX_NEW, call_threshold=0.5)
+    lo, hi = base.same_decisions
+    assert lo < math.log(0.5) < hi and 0 < sum(base.teacher_calls) < sum(base.lengths)  # a real mix of calls
+    for c in (math.exp(lo) * 1.0001, math.exp((lo + hi) / 2), math.exp(hi) * 0.9999):
+        again = teacher_help_decode(policy, teacher, *prompts, MAX_NEW, call_threshold=c)
+        assert again.output_ids == base.output_ids and again.from_teacher == base.from_teacher
+    lower = teacher_help_decode(policy, teacher, *prompts, MAX_NEW, call_threshold=math.exp(lo) * 0.999)
+    higher = teacher_help_decode(policy, teacher, *prompts, MAX_NEW, call_threshold=math.exp(hi) * 1.001)
+    assert lower.from_teacher != base.from_teacher and higher.from_teacher != base.from_teacher
+    # The first step at which a decision flips: a declined token now calls (lower c), a called one declines (higher c).
+    assert sum(lower.teacher_calls) != sum(base.teacher_calls) or lower.output_ids != base.output_ids
+
+
+def test_threshold_decodes_are_the_plain_decodes_with_fewer_forwards(family, teacher, student):
+    """ThresholdDecodes over batches gives exactly what decode_batches gives at every threshold, and
+    a threshold search through it finds the same threshold, measuring the same fractions, with fewer
+    batch decodes."""
+    tokenizer = build_tokenizer(SyntheticLanguage())
+    policy = mixed_policy(family, student)
+    ids, mask = many_prompts(family, count=16, seed=3)
+    batches = [(ids[i:i + 4], mask[i:i + 4], ids[i:i + 4], mask[i:i + 4]) for i in range(0, 16, 4)]
+
+    def decoder(c):
+        return training_wheels_decoder(policy, teacher, 10, call_threshold=c)
+
+    reused = ThresholdDecodes(decoder, batches, tokenizer)
+    for c in (0.5, 0.3, 0.31, 0.3, 0.9, 0.05):
+        plain = decode_batches(decoder(c), batches, tokenizer)
+        through = reused.decode(c)
+        assert (through.output_ids, through.from_teacher, through.teacher_calls, through.tokens) == (
+            plain.output_ids, plain.from_teacher, plain.teacher_calls, plain.tokens)
+    assert reused.reused >= 4  # 0.3 a second time reuses every batch at least
+
+    def plain_fraction(c):
+        return decode_batches(decoder(c), batches, tokenizer).teacher_fraction
+
+    searches = ThresholdDecodes(decoder, batches, tokenizer)
+    for target in (0.1, 0.4):
+        expected = calibrate_call_threshold(plain_fraction, target, tolerance=0.0, iterations=6)
+        found = calibrate_call_threshold(lambda c: searches.decode(c).teacher_fraction, target, tolerance=0.0,
+                                         iterations=6)
+        assert (found.threshold, found.teacher_fraction, found.tried) == (
+            expected.threshold, expected.teacher_fraction, expected.tried)
+    probes = sum(len(calibrate_call_threshold(plain_fraction, t, tolerance=0.0, iterations=6).tried)
+                 for t in (0.1, 0.4))
+    assert searches.decoded < probes * len(batches)  # the same answers from fewer decodes
