@@ -342,8 +342,9 @@ def teacher_help_decode(
     teacher_attention_mask: torch.Tensor | None = None,
     *,
     cap_rule: str = "rounded_up",
-    call_threshold: float = 0.5,
+    call_threshold: float | None = None,
     kl_oracle_threshold: float | None = None,
+    budget: float | None = None,
 ) -> DecodeResult:
     """Training Wheels at test time: the student decodes greedily over V+1 actions and calls the teacher.
 
@@ -362,18 +363,25 @@ def teacher_help_decode(
             cap): ``"rounded_up"`` (the default), A = ⌈b·n⌉, a cap on the rate under which an output
             of n tokens may exceed b by less than one call; ``"guaranteed"``, A = ⌊b·n⌋, under which
             every output's teacher fraction is ≤ b (and no call comes before b·n reaches 1).
-        call_threshold: call iff π(<τ>) > this. ½ (the default) is the policy's own decision; a
-            threshold calibrated per budget (:func:`~agents.evaluation.calibrate_call_threshold`)
-            makes teacher use land at the budget when the learnt call rate misses it.
+        call_threshold: call iff π(<τ>) > this. ``None`` (the default): the checkpoint's own rule at
+            ``budget``, :meth:`~agents.policy.StudentPolicy.call_threshold_for`: the threshold ``tw
+            train`` calibrated for that budget on its selection rows (``call_rule.json``), else ½,
+            the raw decision π(<τ>) > ½. A threshold calibrated per budget makes teacher use land
+            at the budget when the learnt call rate misses it.
         kl_oracle_threshold: a reference, not a decoder one can deploy: ignore <τ> and call wherever
             KL(p ‖ π_V) at the current prefix exceeds this (the Phase-1 oracle's ranking, §2.4.1,
             applied online; the teacher runs at every step). ``None``: the policy decides.
+        budget: the budget the prompts ask for, which picks the checkpoint's threshold when
+            ``call_threshold`` is None (``None``: ½). The prompts themselves carry the budget to the
+            policy; this only chooses the threshold.
 
     One student forward per token for all rows; the student reads X^(in) (a teacher token t as t+V,
     Eq. 15). When any row emits <τ>, the teacher catches up on X^(out) in one forward and the calling
     rows take its argmax. ``wasted_tokens`` is 0 for every row.
     """
     _check_inputs(input_ids, attention_mask, max_new_tokens)
+    if call_threshold is None:
+        call_threshold = policy.call_threshold_for(budget)
     rule = _CallRule(budget_cap, cap_rule, call_threshold, kl_oracle_threshold)
     model, vocab = policy.model, policy.vocab_size
     check_same_family(teacher, model)

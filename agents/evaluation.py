@@ -159,14 +159,16 @@ def in_batches(encode: Callable[[list[str]], Prompts], sources: Sequence[str], b
 
 def training_wheels_decoder(
     policy: StudentPolicy, teacher: PreTrainedModel, max_new_tokens: int, budget_cap: float | None = None,
-    cap_rule: str = "rounded_up", call_threshold: float = 0.5, kl_oracle_threshold: float | None = None,
+    cap_rule: str = "rounded_up", call_threshold: float | None = None, kl_oracle_threshold: float | None = None,
+    budget: float | None = None,
 ) -> Decode:
-    """:func:`~agents.decoding.teacher_help_decode` at one setting, on (Y ids, mask, C^(T) ids, mask)."""
+    """:func:`~agents.decoding.teacher_help_decode` at one setting, on (Y ids, mask, C^(T) ids, mask).
+    ``call_threshold`` None: the checkpoint's own threshold at ``budget``."""
     def decode(ids: torch.Tensor, mask: torch.Tensor, teacher_ids: torch.Tensor, teacher_mask: torch.Tensor) -> DecodeResult:
         return teacher_help_decode(
             policy, teacher, ids, mask, max_new_tokens, budget_cap=budget_cap, teacher_input_ids=teacher_ids,
             teacher_attention_mask=teacher_mask, cap_rule=cap_rule, call_threshold=call_threshold,
-            kl_oracle_threshold=kl_oracle_threshold)
+            kl_oracle_threshold=kl_oracle_threshold, budget=budget)
 
     return decode
 
@@ -193,11 +195,11 @@ def evaluate_budgets(
     was_training = policy.training
     policy.eval()
     local_sources = [e.source for e in shard(examples, dist)]
-    decode = training_wheels_decoder(policy, task.teacher, max_new_tokens)
     for budget in budgets:
         def encode(sources: list[str], budget: float = budget) -> Prompts:
             return encode_budget(task, sources, budget, policy.device)
 
+        decode = training_wheels_decoder(policy, task.teacher, max_new_tokens, budget=float(budget))
         decoded = decode_batches(decode, in_batches(encode, local_sources, batch_size), task.tokenizer)
         parts = all_gather_objects((decoded.texts, decoded.teacher_calls, decoded.tokens), dist)
         hypotheses = [h for part, _, _ in parts for h in part]
@@ -206,6 +208,47 @@ def evaluate_budgets(
         results.append(BudgetResult(float(budget), calls / max(tokens, 1), score, len(examples)))
     policy.train(was_training)
     return results
+
+
+def calibrate_budgets(
+    policy: StudentPolicy, task: Task, examples: Sequence[Example], budgets: Sequence[float], max_new_tokens: int,
+    batch_size: int = 64, tolerance: float = 0.005,
+) -> tuple[dict[float, float], list[dict]]:
+    """The call rule ``tw train`` ships: per budget b, the threshold c of "call iff π(<τ>) > c" whose
+    teacher fraction on ``examples`` (the selection rows) is closest to b
+    (:func:`calibrate_call_threshold`, which keeps ½ where the policy's own rule already lands within
+    ``tolerance``), decoding through :class:`ThresholdDecodes`.
+
+    Returns {b: c} and, per budget, {budget, threshold, teacher_fraction, quality, own_rule_teacher_fraction,
+    own_rule_quality, tried: [[c, fraction], …], batch_decodes, batches_reused}: the raw rule (c = ½)
+    beside the calibrated one.
+    """
+    sources, references = [e.source for e in examples], [e.reference for e in examples]
+    was_training = policy.training
+    policy.eval()
+    thresholds: dict[float, float] = {}
+    report: list[dict] = []
+    for budget in (float(b) for b in budgets):
+        def encode(batch: list[str], budget: float = budget) -> Prompts:
+            return encode_budget(task, batch, budget, policy.device)
+
+        def decoder(threshold: float) -> Decode:
+            return training_wheels_decoder(policy, task.teacher, max_new_tokens, call_threshold=threshold)
+
+        decodes = ThresholdDecodes(decoder, list(in_batches(encode, sources, batch_size)), task.tokenizer)
+        def fraction_at(threshold: float, decodes: ThresholdDecodes = decodes) -> float:
+            return decodes.decode(threshold).teacher_fraction
+
+        found = calibrate_call_threshold(fraction_at, budget, tolerance=tolerance)
+        chosen, own = decodes.decode(found.threshold), decodes.decode(0.5)  # both decoded already: reused
+        thresholds[budget] = found.threshold
+        report.append({
+            "budget": budget, "threshold": found.threshold, "teacher_fraction": chosen.teacher_fraction,
+            "quality": chosen.quality(task.metric, references), "own_rule_teacher_fraction": own.teacher_fraction,
+            "own_rule_quality": own.quality(task.metric, references), "tried": [list(t) for t in found.tried],
+            "batch_decodes": decodes.decoded, "batches_reused": decodes.reused})
+    policy.train(was_training)
+    return thresholds, report
 
 
 def seeded_subset(examples: Sequence[T], count: int, seed: int) -> list[T]:

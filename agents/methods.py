@@ -316,14 +316,24 @@ class TrainingWheels(EvalMethod):
         self.rule = self.options.budget_cap if self.capped else "rounded_up"  # the rule is unused without a cap
         self.suffix = " guaranteed cap" if self.options.budget_cap == "guaranteed" else ""
 
-    def decoder(self, budget: float, threshold: float, policy: StudentPolicy) -> Decode:
+    def decoder(self, budget: float, threshold: float | None, policy: StudentPolicy) -> Decode:
         return training_wheels_decoder(policy, self.context.teacher, self.context.max_new_tokens,
                                        budget_cap=budget if self.capped else None, cap_rule=self.rule,
-                                       call_threshold=threshold)
+                                       call_threshold=threshold, budget=budget)
 
     def settings(self) -> list[Setting]:
-        return [Setting(self.name, f"b={float(b):g}{self.suffix}", self.decoder(float(b), 0.5, self.policy),
-                        budget=float(b), budget_cap=self.options.budget_cap) for b in self.options.budgets]
+        """Per budget, the checkpoint's own rule (the threshold ``tw train`` calibrated and saved with the
+        policy, else ½); where that is not ½, the raw rule π(<τ>) > ½ beside it, labelled."""
+        rows = []
+        for b in (float(b) for b in self.options.budgets):
+            shipped = self.policy.call_threshold_for(b)
+            label = f"b={b:g}{self.suffix}" + (f" (checkpoint c={shipped:.3g})" if shipped != 0.5 else "")
+            rows.append(Setting(self.name, label, self.decoder(b, None, self.policy), budget=b, threshold=shipped,
+                                budget_cap=self.options.budget_cap))
+            if shipped != 0.5:
+                rows.append(Setting(self.name, f"b={b:g}{self.suffix} raw π>½", self.decoder(b, 0.5, self.policy),
+                                    budget=b, threshold=0.5, budget_cap=self.options.budget_cap))
+        return rows
 
     def calibrate(self) -> list[Setting]:
         if not self.options.tw_calibrate:

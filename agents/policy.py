@@ -44,11 +44,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
+from tw_env.atomic import write_json
 from tw_env.families import FAMILIES, IncrementalDecoding, ModelFamily, PromptPass, family_of
 from tw_env.models import load_model, output_vocab_size
 
 EXTRA_WEIGHTS = "training_wheels.safetensors"
 EXTRA_CONFIG = "training_wheels.json"
+CALL_RULE = "call_rule.json"  # the calibrated call thresholds per budget (tw train), beside the weights
 
 
 @dataclass
@@ -223,6 +225,19 @@ class StudentPolicy(_StateModel):
         for layer in (self.call_head, self.call_confidence, self.call_prompt):
             nn.init.zeros_(layer.weight)
         nn.init.zeros_(self.call_head.bias)
+        # The checkpoint's call rule: per budget, the threshold c of "call iff π(<τ>) > c" that `tw train`
+        # calibrated on its selection rows (empty: the raw rule c = ½ at every budget).
+        self.call_thresholds: dict[float, float] = {}
+
+    def call_threshold_for(self, budget: float | None) -> float:
+        """The checkpoint's call threshold at ``budget``: the calibrated one where ``tw train`` learnt it,
+        else ½ (the policy's own decision, also for ``None``: no budget named)."""
+        if budget is None:
+            return 0.5
+        for b, c in self.call_thresholds.items():
+            if math.isclose(b, budget, abs_tol=1e-9):
+                return c
+        return 0.5
 
     @property
     def teacher_action(self) -> int:
@@ -289,6 +304,8 @@ class StudentPolicy(_StateModel):
         (directory / EXTRA_CONFIG).write_text(
             json.dumps({"vocab_size": self.vocab_size, "format": 1, "family": self.family.name})
         )
+        if self.call_thresholds:
+            write_call_rule(directory, self.call_thresholds)
 
     @classmethod
     def load(
@@ -329,7 +346,34 @@ class StudentPolicy(_StateModel):
                 for name in ("prompt_summary.weight", "call_confidence.weight", "call_prompt.weight"):
                     if name in extra:  # absent from policies saved before these parts existed: keep zeros
                         policy.get_parameter(name).copy_(extra[name])
+        policy.call_thresholds = read_call_rule(directory)
         return policy.to(policy.model.device)
+
+
+def write_call_rule(directory: str | Path, thresholds: dict[float, float], report: dict | None = None) -> None:
+    """Write the checkpoint's call rule (:attr:`StudentPolicy.call_thresholds`, and how it was found)
+    to ``directory/call_rule.json`` atomically."""
+    for b, c in thresholds.items():
+        if not (0.0 <= b <= 1.0 and 0.0 <= c <= 1.0):
+            raise ValueError(f"a call rule maps budgets in [0, 1] to thresholds in [0, 1], got {b} -> {c}")
+    write_json(Path(directory) / CALL_RULE, {
+        "rule": "call iff π(<τ>) > threshold[budget]; ½ at any other budget",
+        "thresholds": [[float(b), float(c)] for b, c in sorted(thresholds.items())], **(report or {})})
+
+
+def read_call_rule(directory: str | Path) -> dict[float, float]:
+    """The call thresholds a policy folder holds (``call_rule.json``); none: an empty rule (c = ½)."""
+    path = Path(directory) / CALL_RULE
+    if not path.exists():
+        return {}
+    try:
+        thresholds = {float(b): float(c) for b, c in json.loads(path.read_text())["thresholds"]}
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path} is not a call rule (expected {{\"thresholds\": [[budget, threshold], ...]}}): {error}") from error
+    for b, c in thresholds.items():
+        if not (0.0 <= b <= 1.0 and 0.0 <= c <= 1.0):
+            raise ValueError(f"{path}: thresholds must map budgets in [0, 1] to probabilities in [0, 1], got {b} -> {c}")
+    return thresholds
 
 
 def _resolve_family(family: str | ModelFamily | None) -> ModelFamily | None:

@@ -46,6 +46,7 @@ from agents.distributed import (
 from agents.evaluation import (
     BudgetResult,
     budgets_are_ceilings,
+    calibrate_budgets,
     evaluate_budgets,
     is_better_selection,
     seeded_subset,
@@ -54,7 +55,7 @@ from agents.evaluation import (
 )
 from agents.lagrangian import LAGRANGE_RULES, BudgetDual, PIDGains, make_dual
 from agents.objectives import pcl_loss, phase1_loss
-from agents.policy import StudentPolicy, ValueNetwork
+from agents.policy import StudentPolicy, ValueNetwork, write_call_rule
 from agents.run import (
     Run,
     Throughput,
@@ -139,6 +140,8 @@ class TrainConfig:
     keep_evaluated_policies: bool = False  # also keep every evaluated policy (OUTPUT_DIR/phase2-evaluated/step-N) as a candidate for `tw eval`
     settle_evaluations: int = 0  # stop phase 2 once every budget has been within δ for this many consecutive evaluations and validation quality has stopped improving (0: run every batch)
     settle_min_gain: float = 0.0  # the quality gain (mean over budgets) over the earlier evaluations' best that still counts as improving
+    calibrate_calls: bool = True  # after phase 2, calibrate best/'s call threshold per budget on the selection rows (call_rule.json), the rule tw eval and the decoders use by default; False: ship the raw rule π(<τ>) > ½
+    calibration_tolerance: float = 0.005  # the threshold search stops once a budget's teacher fraction is this close
     check_replicas: bool = False  # data-parallel runs: verify after every update that all ranks hold identical weights, λ, μ_r, σ_r
 
     def validate(self) -> None:
@@ -161,6 +164,8 @@ class TrainConfig:
         if self.settle_evaluations < 0 or self.settle_min_gain < 0:
             raise ValueError(f"settle_evaluations and settle_min_gain must be >= 0, got {self.settle_evaluations} "
                              f"and {self.settle_min_gain}")
+        if not 0 <= self.calibration_tolerance < 1:
+            raise ValueError(f"calibration_tolerance must lie in [0, 1), got {self.calibration_tolerance}")
         if self.settle_evaluations and not self.eval_every:
             raise ValueError("settle_evaluations stops phase 2 after evaluations: set eval_every > 0 too")
 
@@ -219,11 +224,40 @@ def run(config: TrainConfig) -> dict:
         summary["phase1"] = train_phase1(setup)
     if config.phase in ("pcl", "both"):
         summary["phase2"] = train_phase2(setup)
+        if config.calibrate_calls:
+            summary["call_rule"] = ship_call_rule(setup)
     setup.run.write_summary(summary)
     setup.writer.close()
     if setup.dist.is_main:
         print(end_of_training(setup, summary))
     return summary
+
+
+def ship_call_rule(setup: Setup) -> dict:
+    """Calibrate the selected policy's call threshold per budget on the selection rows and write it
+    into ``best/`` (``call_rule.json``), the rule that `tw eval` and the decoders then use by default.
+
+    Why: the dual drives the sampled rollouts' teacher use towards b, but the greedy rule a user
+    decodes with (π(<τ>) > ½) still lands off b on some budgets (docs/budget-control.md). The
+    threshold keeps the policy's own ranking of which tokens to ask for and moves only how many.
+    Selection rows only, as for selection itself; the raw rule's figures are reported beside.
+    """
+    config, dist = setup.config, setup.dist
+    started = time.time()
+    report: dict = {}
+    best_dir = setup.out / "best"
+    if not best_dir.exists():  # phase 2 evaluated nothing (pcl_batches 0 and eval_every 0)
+        return {"skipped": "no best/ policy to calibrate"}
+    if dist.is_main:
+        policy = StudentPolicy.load(best_dir, device=setup.device)
+        thresholds, budgets = calibrate_budgets(policy, setup.task,
+                                                setup.eval_examples, config.budgets, setup.task.max_new_tokens,
+                                                tolerance=config.calibration_tolerance)
+        report = {"policy": str(best_dir), "split": config.eval_split, "examples": len(setup.eval_examples),
+                  "tolerance": config.calibration_tolerance, "budgets": budgets, "seconds": time.time() - started}
+        write_call_rule(best_dir, thresholds, report)
+    barrier(dist)
+    return report
 
 
 def end_of_training(setup: Setup, summary: dict) -> str:
@@ -242,10 +276,16 @@ def end_of_training(setup: Setup, summary: dict) -> str:
         rule = "every budget within" if best and best["meets_budgets"] else "no evaluation met every budget within"
         title += (f"\nselected policy: PCL batch {best['step']} ({rule} δ {config.delta:g}), on "
                   f"{len(setup.eval_examples)} {config.eval_split} examples" if best else "\nno policy was evaluated")
-        table.append(["budget", "teacher fraction", f"quality ({setup.task.metric})", "λ (last)"])
+        shipped = {e["budget"]: e for e in summary.get("call_rule", {}).get("budgets", [])}
+        table.append(["budget", "teacher fraction (π>½)", f"quality ({setup.task.metric})", "λ (last)"]
+                     + (["shipped c", "its fraction", "its quality"] if shipped else []))
         for r in best["results"] if best else [{"budget": b} for b in lambdas]:
             cells = [format(r[k], f) if k in r else "-" for k, f in (("teacher_fraction", ".3f"), ("quality", ".2f"))]
-            table.append([f"{r['budget']:g}", *cells, f"{lambdas[_budget_key(lambdas, r['budget'])]:+.3f}"])
+            row = [f"{r['budget']:g}", *cells, f"{lambdas[_budget_key(lambdas, r['budget'])]:+.3f}"]
+            if shipped:
+                e = shipped.get(float(r["budget"]))
+                row += [f"{e['threshold']:.3g}", f"{e['teacher_fraction']:.3f}", f"{e['quality']:.2f}"] if e else ["-"] * 3
+            table.append(row)
         files |= ({"best policy": out / "best"} if best else {}) | {"final policy": out / "final"}
     return end_report(title, table, files | {"summary": out / "summary.json", "TensorBoard": out / "tensorboard"})
 

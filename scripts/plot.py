@@ -92,13 +92,20 @@ def _series(rows: list[dict], y_key: str, x_key: str = "quality") -> list[dict]:
                 curves.append({"method": method, "label": f"{label} K={k}", "variant": k,
                                "points": points([r for r in group if r.get("draft_length") == k], "lenience")})
         elif method == "training_wheels":
-            # The policy's own call rule, and (tw eval's tw_calibrate) its call threshold calibrated per budget.
-            for calibrated in (False, True):
-                rows_ = [r for r in group if (r.get("calibrated_for") is not None) == calibrated]
+            # The checkpoint's own call rule (tw train's calibrated thresholds, or ½), the raw rule π(<τ>) > ½
+            # beside it where those differ, and (tw eval's tw_calibrate) a threshold calibrated after training.
+            def variant(r: dict) -> str:
+                if r.get("calibrated_for") is not None:
+                    return "calibrated"
+                return "raw" if str(r.get("setting", "")).endswith("raw π>½") else "own"
+
+            names = {"own": label, "raw": f"{label}, raw rule π(<τ>) > ½",
+                     "calibrated": f"{label}, call threshold calibrated by tw eval"}
+            for kind in ("own", "raw", "calibrated"):
+                rows_ = [r for r in group if variant(r) == kind]
                 if rows_:
-                    curves.append({"method": method, "label": f"{label}, calibrated call threshold" if calibrated
-                                   else label, "variant": calibrated, "points": points(rows_, "budget"),
-                                   "annotate": "budget"})
+                    curves.append({"method": method, "label": names[kind], "variant": kind,
+                                   "points": points(rows_, "budget"), "annotate": "budget"})
         elif method == "fallback":
             curves.append({"method": method, "label": label, "points": points(group, "threshold")})
         elif method == "kl_oracle":

@@ -46,7 +46,12 @@ from agents.decoding import (
     speculative_decode,
     teacher_help_decode,
 )
-from agents.evaluation import ThresholdDecodes, calibrate_call_threshold, decode_batches, training_wheels_decoder
+from agents.evaluation import (
+    ThresholdDecodes,
+    calibrate_call_threshold,
+    decode_batches,
+    training_wheels_decoder,
+)
 from agents.policy import StudentPolicy
 from tests.helpers import assert_same_rows, check_well_formed, per_row, single_rows
 from tests.tiny_task import EOS, only_family, right_padded, tiny_causal_lm
@@ -693,3 +698,18 @@ def test_threshold_decodes_are_the_plain_decodes_with_fewer_forwards(family, tea
     probes = sum(len(calibrate_call_threshold(plain_fraction, t, tolerance=0.0, iterations=6).tried)
                  for t in (0.1, 0.4))
     assert searches.decoded < probes * len(batches)  # the same answers from fewer decodes
+
+
+def test_the_default_threshold_is_the_checkpoints_own_at_the_named_budget(family, teacher, student, prompts):
+    """call_threshold None: the threshold the policy holds for ``budget`` (tw train's call_rule.json), else ½."""
+    policy = mixed_policy(family, student)
+    half = teacher_help_decode(policy, teacher, *prompts, MAX_NEW, call_threshold=0.5)
+    lo, hi = half.same_decisions
+    moved = math.exp(hi) * 1.001  # past the lowest call: a different decode
+    explicit = teacher_help_decode(policy, teacher, *prompts, MAX_NEW, call_threshold=moved)
+    assert explicit.from_teacher != half.from_teacher
+    policy.call_thresholds = {0.3: moved}
+    for budget, expected in ((0.3, explicit), (0.1, half), (None, half)):
+        got = teacher_help_decode(policy, teacher, *prompts, MAX_NEW, budget=budget)
+        assert (got.output_ids, got.from_teacher) == (expected.output_ids, expected.from_teacher), budget
+    policy.call_thresholds = {}

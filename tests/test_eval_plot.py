@@ -260,7 +260,7 @@ def test_training_wheels_call_threshold_calibrated_per_budget_and_the_candidate_
         assert abs(entry["teacher_fraction"] - entry["budget"]) == min(abs(f - entry["budget"]) for _, f, _ in entry["tried"])
     assert oracle[0]["teacher_fraction"] == 0.0 and 0.0 < oracle[1]["teacher_fraction"] < 1.0
     labels = [c["label"] for c in _series(results["rows"], "teacher_fraction")]
-    assert labels[:2] == ["Training Wheels", "Training Wheels, calibrated call threshold"]
+    assert labels[:2] == ["Training Wheels", "Training Wheels, call threshold calibrated by tw eval"]
     assert labels[2].startswith("KL oracle")
     with pytest.raises(ValueError, match="list 'training_wheels' too"):
         EvalConfig(tw_policy="p", methods=["kl_oracle"]).validate()
@@ -343,3 +343,29 @@ def test_eval_refuses_a_plain_prompt_the_prompt_module_refuses(template, message
 
     with pytest.raises(ValueError, match=f"plain_prompt .* is not usable: it {message}"):
         EvalConfig(plain_prompt=template).validate()
+
+
+def test_eval_decodes_with_the_checkpoints_call_rule_and_reports_the_raw_rule_beside(task):
+    """A policy that holds a call rule (tw train's call_rule.json) is decoded at its threshold for each
+    budget by default, labelled, with the raw rule π(<τ>) > ½ beside it; a budget without one gets ½."""
+    from agents.policy import StudentPolicy
+    from scripts.plot import _series
+    from tw_env.models import load_model
+
+    ruled = StudentPolicy(load_model(task["student"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ruled.call_head.weight.normal_(0.0, 1.0)
+        ruled.call_head.bias.fill_(10.0)  # π(<τ>) around ½, above and below by state
+    ruled.call_thresholds = {0.3: 0.95}
+    ruled.save(task["root"] / "ruled")
+    config = EvalConfig(
+        env_kwargs=task["env_kwargs"], examples=EXAMPLES, device="cpu", max_new_tokens=MAX_NEW,
+        output_dir=str(task["root"] / "ruled-eval"), methods=["training_wheels"], tw_policy=str(task["root"] / "ruled"),
+        budgets=[0.0, 0.3], batch_size=4, latency_examples=0)
+    rows = run_eval(config)["rows"]
+    assert [(r["setting"], r["threshold"]) for r in rows] == [
+        ("b=0", 0.5), ("b=0.3 (checkpoint c=0.95)", 0.95), ("b=0.3 raw π>½", 0.5)]
+    assert rows[1]["teacher_fraction"] < rows[2]["teacher_fraction"]  # a higher threshold than ½ calls less here
+    labels = [c["label"] for c in _series(rows, "teacher_fraction")]
+    assert labels == ["Training Wheels", "Training Wheels, raw rule π(<τ>) > ½"]

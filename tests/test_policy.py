@@ -12,13 +12,23 @@ for mixed families.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from agents.policy import EXTRA_CONFIG, StudentPolicy, ValueNetwork, choose_actions, decoder_inputs
+from agents.policy import (
+    CALL_RULE,
+    EXTRA_CONFIG,
+    StudentPolicy,
+    ValueNetwork,
+    choose_actions,
+    decoder_inputs,
+    read_call_rule,
+    write_call_rule,
+)
 from tests.tiny_task import family_of_model, right_padded, tiny_causal_lm, tiny_t5
 
 V = 64
@@ -182,6 +192,31 @@ def test_save_and_load_round_trip_and_plain_transformers(policy, tmp_path):
                                    policy(prompt, prompt_mask, state, state_mask))
     plain = family.auto_class.from_pretrained(tmp_path / "policy")  # the student without <τ>
     assert plain.config.model_type == policy.model.config.model_type and plain.config.vocab_size == V
+
+
+def test_the_call_rule_is_saved_with_the_policy_and_read_back(policy, tmp_path):
+    assert policy.call_thresholds == {} and policy.call_threshold_for(0.3) == 0.5  # no rule: the raw ½
+    policy.call_thresholds = {0.1: 0.62, 0.3: 0.41}
+    policy.save(tmp_path / "p")
+    assert json.loads((tmp_path / "p" / CALL_RULE).read_text())["thresholds"] == [[0.1, 0.62], [0.3, 0.41]]
+    loaded = StudentPolicy.load(tmp_path / "p")
+    assert loaded.call_thresholds == {0.1: 0.62, 0.3: 0.41}
+    assert loaded.call_threshold_for(0.3) == 0.41 and loaded.call_threshold_for(0.1 + 0.2) == 0.41  # float noise
+    assert loaded.call_threshold_for(0.2) == 0.5 and loaded.call_threshold_for(None) == 0.5
+
+
+@pytest.mark.parametrize("text, what", [
+    ('{"thresholds": [[0.1, 1.5]]}', "probabilities in \\[0, 1\\], got 0.1 -> 1.5"),
+    ('{"rule": "x"}', "is not a call rule"),
+    ('{"thresholds": [["a", 0.5]]}', "is not a call rule"),
+])
+def test_a_bad_call_rule_is_refused_by_name(text, what, tmp_path):
+    (tmp_path / CALL_RULE).write_text(text)
+    with pytest.raises(ValueError, match=what):
+        read_call_rule(tmp_path)
+    with pytest.raises(ValueError, match="thresholds in \\[0, 1\\]"):
+        write_call_rule(tmp_path / "w", {0.2: -0.1})
+    assert not (tmp_path / "w" / CALL_RULE).exists()
 
 
 def test_a_policy_saved_without_the_newer_call_reads_loads_with_them_at_zero(policy, tmp_path):

@@ -171,6 +171,18 @@ def test_both_phases_run_and_select_a_policy(family, tiny, tmp_path):
     assert any(not torch.equal(phase1[k], final[k]) for k in phase1)
     for name in ("phase1", "final", "best"):
         assert StudentPolicy.load(tmp_path / name, family=family.name).family.name == family.name
+    # The shipped call rule: best/'s threshold per budget, calibrated on the same selection rows. At c = ½ it
+    # decodes exactly what selection measured; the threshold kept is the closest to b of those tried.
+    shipped = summary["call_rule"]
+    assert shipped["split"] == "validation" and shipped["examples"] == 8 and len(shipped["budgets"]) == 6
+    for entry, selected in zip(shipped["budgets"], best["results"], strict=True):
+        assert entry["budget"] == selected["budget"]
+        assert entry["own_rule_teacher_fraction"] == selected["teacher_fraction"]
+        assert entry["own_rule_quality"] == pytest.approx(selected["quality"])
+        assert entry["tried"][0][0] == 0.5 and [entry["threshold"], entry["teacher_fraction"]] in entry["tried"]
+        assert abs(entry["teacher_fraction"] - entry["budget"]) == min(abs(f - entry["budget"]) for _, f in entry["tried"])
+    assert StudentPolicy.load(tmp_path / "best").call_thresholds == {e["budget"]: e["threshold"] for e in shipped["budgets"]}
+    assert StudentPolicy.load(tmp_path / "final").call_thresholds == {}  # the rule ships with best/ only
 
 
 @only_family("encoder-decoder")  # the stopping rule reads selection records, not the model
@@ -186,7 +198,10 @@ def test_phase2_stops_once_settled_and_says_when_and_why(tiny, tmp_path, capsys)
     assert json.loads((tmp_path / "summary.json").read_text())["phase2"]["stop"] == phase2["stop"]
     assert (tmp_path / "final").exists() and (tmp_path / "best" / "selection.json").exists()
     # Without the rule the same run takes every batch, and says so.
-    full = run(tiny_config(tiny, tmp_path / "full", bc_batches=2, pcl_batches=3, eval_every=1, delta=1.0))["phase2"]
+    full_summary = run(tiny_config(tiny, tmp_path / "full", bc_batches=2, pcl_batches=3, eval_every=1, delta=1.0,
+                                   calibrate_calls=False))
+    full = full_summary["phase2"]
+    assert "call_rule" not in full_summary and not (tmp_path / "full" / "best" / "call_rule.json").exists()
     assert full["batches"] == 3 and full["stop"] == {"step": 3, "reason": "ran every batch (pcl_batches)"}
     # The budget-control report reads both runs: 2 (resp. 3) evaluations after the first third, δ = 1 meets all.
     from scripts.budget_control_report import main as report
