@@ -140,7 +140,10 @@ def write_task_data(config: TranslationConfig, folder: Path) -> dict[str, int]:
     ``train.jsonl``: the training rows of the selected corpora. ``validation.jsonl``: a seeded random
     ``selection_examples`` of the selected validation corpora (checkpoint selection, GKD selection,
     fallback calibration). ``test.jsonl``: the remaining validation rows, which nothing selects or
-    tunes on (the held-out results). Rows keep all their fields."""
+    tunes on (the held-out results). Rows keep all their fields. A validation row whose source
+    sentence also occurs in the training rows is dropped after the split (Multi30k validation repeats
+    one training sentence, "Drei Hunde spielen im Schnee."): a held-out row must not have been trained
+    on, and dropping it after the split leaves every other row where it was."""
     train = read_rows(config.train_data, config.corpora)
     validation = read_rows(config.validation_data, config.validation_corpora)
     if len(validation) <= config.selection_examples:
@@ -149,8 +152,10 @@ def write_task_data(config: TranslationConfig, folder: Path) -> dict[str, int]:
     order = list(range(len(validation)))
     random.Random(f"mt-selection-{config.seed}").shuffle(order)
     chosen = set(order[: config.selection_examples])
-    splits = {"train": train, "validation": [r for i, r in enumerate(validation) if i in chosen],
-              "test": [r for i, r in enumerate(validation) if i not in chosen]}
+    seen = {str(r.get(config.source_field, "")).strip() for r in train}
+    unseen = [str(r.get(config.source_field, "")).strip() not in seen for r in validation]
+    splits = {"train": train, "validation": [r for i, r in enumerate(validation) if i in chosen and unseen[i]],
+              "test": [r for i, r in enumerate(validation) if i not in chosen and unseen[i]]}
 
     def build(target: Path) -> None:
         for split, rows in splits.items():

@@ -20,6 +20,9 @@ PAIRS = [
     ("die katze ist groß", "the cat is big"), ("ein roter baum", "a red tree"), ("das kleine haus", "the small house"),
 ]
 
+VALIDATION = [("zwei vögel", "two birds"), ("ein kind singt", "a child sings"), ("der baum ist grün", "the tree is green"),
+              ("die sonne scheint", "the sun shines")]
+
 
 def write_data(root: Path) -> tuple[Path, Path]:
     train, validation = root / "train.jsonl", root / "validation.jsonl"
@@ -28,7 +31,7 @@ def write_data(root: Path) -> tuple[Path, Path]:
     rows.append({"de": "nachrichten", "en": "news", "corpus": "newstest2009-deen"})  # not selected
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     validation.write_text("".join(json.dumps({"de": de, "en": en, "corpus": "multi30k-task1-val"}) + "\n"
-                                  for de, en in PAIRS[:4]))
+                                  for de, en in [*VALIDATION, PAIRS[0]]))  # PAIRS[0] is a training sentence too
     return train, validation
 
 
@@ -127,11 +130,12 @@ def test_writes_the_task_data_folder_that_the_wmt19_task_reads(tmp_path):
 
     summary = mt.run(tiny_config(tmp_path))
     out = tmp_path / "out"
-    assert summary["data"] == {"train": 40, "validation": 2, "test": 2}
+    assert summary["data"]["train"] == 40 and summary["data"]["validation"] + summary["data"]["test"] == 4
     rows = {split: [json.loads(line) for line in (out / "data" / f"{split}.jsonl").open()]
             for split in ("train", "validation", "test")}
     selection, test = ({r["de"] for r in rows[s]} for s in ("validation", "test"))
-    assert not selection & test and selection | test == {de for de, _ in PAIRS[:4]}  # disjoint, all of validation
+    # Disjoint, all of validation but the sentence that is also a training row.
+    assert not selection & test and selection | test == {de for de, _ in VALIDATION}
     assert all(r["corpus"].startswith(("multi30k", "tatoeba")) for r in rows["train"])
     env = gym.make("TrainingWheels-WMT19-v0", teacher=str(out / "teacher"), student=str(out / "student"),
                    tokenizer=str(out / "tokenizer"), data=str(out / "data"), split="test", max_new_tokens=4)
@@ -146,7 +150,7 @@ def test_writes_the_task_data_folder_that_the_wmt19_task_reads(tmp_path):
     (dict(batch_size=0), ValueError, "batch_size"),
     (dict(train_data="missing.jsonl"), FileNotFoundError, "no data file"),
     (dict(corpora=["europarl"]), ValueError, "no pairs"),
-    (dict(selection_examples=4), ValueError, "leaves no test rows"),
+    (dict(selection_examples=5), ValueError, "leaves no test rows"),
 ])
 def test_bad_input_is_refused(tmp_path, overrides, error, message):
     config = tiny_config(tmp_path, **overrides)
