@@ -88,7 +88,7 @@ def run(config: BenchParallelConfig) -> dict[str, Any]:
                 out.mkdir()
                 train = TrainConfig(**{**train_base, "env_id": config.env_id, "env_kwargs": config.env_kwargs,
                                        "output_dir": str(out / "train"), "phase": "pcl", "init": config.init,
-                                       "pcl_batches": config.pcl_batches, "eval_every": 0, "eval_examples": 64,
+                                       "pcl_batches": config.pcl_batches, "eval_every": 0, "settle_evaluations": 0, "eval_examples": 64,
                                        "checkpoint_every": 10**9, "threads": threads, "device": config.device})
                 pcl = _timed_run("train", train, processes, threads, out)
                 gkd = GKDConfig(**{**gkd_base, "env_id": config.env_id, "env_kwargs": config.env_kwargs,

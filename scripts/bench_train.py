@@ -477,7 +477,7 @@ def gkd_config(ctx: PairContext) -> GKDConfig:
 
 def _common(config: BenchTrainConfig, env_kwargs: dict[str, Any], out: Path) -> dict[str, Any]:
     threads = {"threads": config.threads} if config.threads else {}
-    return {"env_kwargs": env_kwargs, "output_dir": str(out), "device": config.device, "eval_every": 0,
+    return {"env_kwargs": env_kwargs, "output_dir": str(out), "device": config.device, "eval_every": 0, "settle_evaluations": 0,
             "eval_examples": 8, "checkpoint_every": 10**9, **threads}
 
 
