@@ -464,6 +464,7 @@ def train_config(config: BenchTrainConfig, spec: PairSpec, env_kwargs: dict[str,
     sizes = {"bc_batch_size": config.bc_batch_size, "num_envs": config.num_envs,
              "replay_per_update": config.replay_per_update, "max_new_tokens": config.max_new_tokens}
     return TrainConfig(**{**_read_json(spec.train_config), **_common(config, env_kwargs, folder / "train"),
+                          "settle_evaluations": 0,  # evaluations are off here, so is the stop rule that reads them
                           **{k: v for k, v in sizes.items() if v is not None}})
 
 
@@ -477,7 +478,7 @@ def gkd_config(ctx: PairContext) -> GKDConfig:
 
 def _common(config: BenchTrainConfig, env_kwargs: dict[str, Any], out: Path) -> dict[str, Any]:
     threads = {"threads": config.threads} if config.threads else {}
-    return {"env_kwargs": env_kwargs, "output_dir": str(out), "device": config.device, "eval_every": 0, "settle_evaluations": 0,
+    return {"env_kwargs": env_kwargs, "output_dir": str(out), "device": config.device, "eval_every": 0,
             "eval_examples": 8, "checkpoint_every": 10**9, **threads}
 
 

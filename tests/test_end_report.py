@@ -33,10 +33,14 @@ def test_tw_train_ends_with_a_short_table_and_where_the_files_are(family, family
     assert not any(line.lstrip().startswith(("{", '"')) for line in printed)  # no JSON dump
     summary = json.loads((out / "summary.json").read_text())["phase2"]
     rows = {line.split()[0]: line.split()[1:] for line in printed if line.startswith("  ") and line.split()[0][0].isdigit()}
-    for result in summary["selection"]["best"]["results"]:  # one line per budget: fraction, quality, λ
-        fraction, quality, lam = rows[f"{result['budget']:g}"]
+    shipped = {e["budget"]: e for e in json.loads((out / "summary.json").read_text())["call_rule"]["budgets"]}
+    for result in summary["selection"]["best"]["results"]:  # one line per budget: fraction, quality, λ, then the shipped rule
+        fraction, quality, lam, threshold, its_fraction, its_quality = rows[f"{result['budget']:g}"]
         assert float(fraction) == round(result["teacher_fraction"], 3) and float(quality) == round(result["quality"], 2)
         assert float(lam) == round(summary["lambdas"][str(result["budget"])], 3)
+        entry = shipped[result["budget"]]
+        assert float(threshold) == float(f"{entry['threshold']:.3g}") and float(its_fraction) == round(entry["teacher_fraction"], 3)
+        assert float(its_quality) == round(entry["quality"], 2)
 
 
 def test_end_report_aligns_the_table_and_lists_the_files() -> None:
