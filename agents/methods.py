@@ -298,6 +298,9 @@ class TeacherAlone(_Alone):
     name, is_teacher = "teacher", True
 
 
+RAW_RULE = "raw π>½"  # the label suffix of tw eval's rows that decode with the raw rule beside the checkpoint's
+
+
 @register
 class TrainingWheels(EvalMethod):
     """``training_wheels``: a trained policy that calls the teacher with <τ>, one setting per budget
@@ -331,7 +334,7 @@ class TrainingWheels(EvalMethod):
             rows.append(Setting(self.name, label, self.decoder(b, None, self.policy), budget=b, threshold=shipped,
                                 budget_cap=self.options.budget_cap))
             if shipped != 0.5:
-                rows.append(Setting(self.name, f"b={b:g}{self.suffix} raw π>½", self.decoder(b, 0.5, self.policy),
+                rows.append(Setting(self.name, f"b={b:g}{self.suffix} {RAW_RULE}", self.decoder(b, 0.5, self.policy),
                                     budget=b, threshold=0.5, budget_cap=self.options.budget_cap))
         return rows
 

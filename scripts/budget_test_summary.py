@@ -13,15 +13,17 @@ from __future__ import annotations
 import json
 import sys
 
+from agents.methods import RAW_RULE
+
 
 def summarise(run: str) -> list[str]:
     rows = json.loads(open(f"{run}/eval-test/results.json").read())["rows"]
     alone = {r["method"]: r["quality"] for r in rows if r["setting"] == "alone"}
     student, teacher = alone["student"], alone["teacher"]
     tw = [r for r in rows if r["method"] == "training_wheels"]
-    own = [r for r in tw if "raw" not in r["setting"]]
+    own = [r for r in tw if not r["setting"].endswith(RAW_RULE)]
     # The raw rule π(<τ>) > ½: its own row where the checkpoint's threshold differs from ½, else the same row.
-    raw = {r["budget"]: r for r in own} | {r["budget"]: r for r in tw if "raw" in r["setting"]}
+    raw = {r["budget"]: r for r in own} | {r["budget"]: r for r in tw if r["setting"].endswith(RAW_RULE)}
     misses = [abs(r["teacher_fraction"] - r["budget"]) for r in own]
     at_02 = next(r for r in own if r["budget"] == 0.2)
     gap = 100 * (at_02["quality"] - student) / (teacher - student)

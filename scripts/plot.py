@@ -23,6 +23,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from agents.methods import RAW_RULE
+
 STYLES = {  # method -> (label, colour, marker)
     "student": ("student alone", "tab:gray", "s"),
     "teacher": ("teacher alone", "black", "*"),
@@ -97,7 +99,7 @@ def _series(rows: list[dict], y_key: str, x_key: str = "quality") -> list[dict]:
             def variant(r: dict) -> str:
                 if r.get("calibrated_for") is not None:
                     return "calibrated"
-                return "raw" if str(r.get("setting", "")).endswith("raw π>½") else "own"
+                return "raw" if str(r.get("setting", "")).endswith(RAW_RULE) else "own"
 
             names = {"own": label, "raw": f"{label}, raw rule π(<τ>) > ½",
                      "calibrated": f"{label}, call threshold calibrated by tw eval"}
