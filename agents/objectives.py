@@ -25,7 +25,11 @@ from torch import Tensor
 
 __all__ = [
     "CAP_RULES",
+    "bild_rollback_position",
     "budget_allowance",
+    "collm_defers",
+    "collm_marginal_nll",
+    "collm_pseudo_labels",
     "confidence_fallback",
     "forward_kl",
     "lagrange_step",
@@ -573,3 +577,114 @@ def budget_allowance(budget_cap: float, length: int, cap_rule: str = "rounded_up
     if cap_rule == "rounded_up":
         return math.ceil(exact - _BUDGET_SLACK)
     return math.floor(exact + _BUDGET_SLACK)
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. The published token routers (agents.routers): Co-LLM's learnt deferral, BiLD's rollback
+# ---------------------------------------------------------------------------------------------
+
+
+def collm_marginal_nll(
+    deferral_logits: Tensor, student_target_logprobs: Tensor, teacher_target_logprobs: Tensor, mask: Tensor
+) -> Tensor:
+    """Co-LLM's training loss (Shen et al., ACL 2024, Eq. 2; ``DeferralTrainerV1`` in clinicalml/co-llm):
+    the negative marginal log-likelihood of the reference tokens with the latent Z_t (who writes token t)
+    summed out, averaged over the valid tokens.
+
+        −log p(x_t) = −logsumexp( log σ(−d_t) + log p_student(x_t),  log σ(d_t) + log p_teacher(x_t) )
+
+    No label says who should write: the gradient pushes σ(d_t) up where the teacher gives the reference
+    token the higher probability. The teacher is frozen (its log-probabilities are data); the student's
+    log-probabilities carry gradients when the student is fine-tuned with the router.
+
+    Args:
+        deferral_logits: ``[B, T]`` d_t, the router's logit of P(Z_t = 1) (the teacher writes).
+        student_target_logprobs: ``[B, T]`` log p_student(x_t | x_<t) over V.
+        teacher_target_logprobs: ``[B, T]`` log p_teacher(x_t | x_<t).
+        mask: ``[B, T]`` the reference tokens (padding False).
+
+    Returns:
+        The scalar mean over valid tokens (0 when none is valid).
+
+    By hand: d = 0 (σ = ½), p_student = 0.2, p_teacher = 0.6 → −log(½·0.2 + ½·0.6) = −log 0.4.
+    """
+    _check_2d("deferral_logits", deferral_logits)
+    shape = tuple(deferral_logits.shape)
+    _check_2d("student_target_logprobs", student_target_logprobs, shape)
+    _check_2d("teacher_target_logprobs", teacher_target_logprobs, shape)
+    valid = _as_bool_mask("mask", mask, shape)
+    both = torch.stack([F.logsigmoid(-deferral_logits) + student_target_logprobs,
+                        F.logsigmoid(deferral_logits) + teacher_target_logprobs.to(deferral_logits.dtype)], dim=-1)
+    return _masked_mean(-torch.logsumexp(both, dim=-1), valid)
+
+
+def collm_pseudo_labels(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor) -> Tensor:
+    """The labels Co-LLM's deferral head is initialised on (``collm/dataset/initialization.py``): 1 where
+    the teacher's argmax is the reference token and the student's is not, else 0.
+
+    Args:
+        student_logits, teacher_logits: ``[B, T, V]`` next-token logits at each reference position.
+        targets: ``[B, T]`` the reference tokens.
+
+    Returns:
+        ``[B, T]`` float labels in {0, 1}.
+    """
+    if student_logits.dim() != 3 or teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"student_logits and teacher_logits must both be [B, T, V], got "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    _check_2d("targets", targets, tuple(student_logits.shape[:2]))
+    teacher_right = teacher_logits.argmax(dim=-1) == targets
+    student_right = student_logits.argmax(dim=-1) == targets
+    return (teacher_right & ~student_right).float()
+
+
+def collm_defers(deferral_logits: Tensor, threshold: float) -> Tensor:
+    """Co-LLM's decision at test time: the teacher writes the token where P(Z_t = 1) = σ(d_t) > η.
+
+    η = 1 never defers, η = 0 defers unless σ(d_t) is exactly 0. Compared in logit space (d > logit η),
+    which is the probability test without σ saturating at 1 for large d.
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"the deferral threshold η must lie in [0, 1], got {threshold}")
+    if threshold >= 1.0:
+        return torch.zeros_like(deferral_logits, dtype=torch.bool)
+    if threshold <= 0.0:
+        return deferral_logits > -math.inf
+    return deferral_logits > math.log(threshold) - math.log1p(-threshold)
+
+
+def bild_rollback_position(
+    teacher_target_nll: Tensor, valid: Tensor, threshold: float, large_argmax: Tensor | None = None
+) -> Tensor:
+    """Big Little Decoder's rollback (Kim et al., NeurIPS 2023, §3.3; ``T5BiLDModel._greedy_search_body``):
+    the first of the small model's tokens since the large model's last pass whose negative log-likelihood
+    under the large model exceeds α_RB. That token and every one after it are discarded (wasted) and the
+    large model's argmax takes its place.
+
+    Args:
+        teacher_target_nll: ``[B, K]`` −log p_large(s_j | prefix) of the small tokens s_1 … s_K of each row.
+        valid: ``[B, K]`` bool, the tokens a row has (a row drafts K_b ≤ K; its later slots are False).
+        threshold: α_RB ≥ 0 (nats; the official default 5, its README sweeps 2–5).
+        large_argmax: optional ``[B, K]`` bool, True where s_j is the large model's own argmax. Such a
+            token is never rolled back: its replacement would be itself. (The official loop finds the
+            first token over α_RB and, if the large model's argmax there is that token, skips the rollback
+            and checks no later token; here the later tokens are still checked.)
+
+    Returns:
+        ``[B]`` int64 j in [0, K_b]: tokens s_1 … s_j are kept; j = K_b means no rollback.
+
+    By hand: NLLs [0.1, 6.0, 0.2] with α_RB = 5 → 1 (s_1 kept, s_2 and s_3 wasted); α_RB = 7 → 3;
+    α_RB = 0 → 0, unless s_1 is the large model's argmax (then 1, where s_2 is not).
+    """
+    _check_2d("teacher_target_nll", teacher_target_nll)
+    shape = tuple(teacher_target_nll.shape)
+    valid = _as_bool_mask("valid", valid, shape)
+    if not threshold >= 0:
+        raise ValueError(f"the rollback threshold α_RB must be >= 0 nats, got {threshold}")
+    rejected = (teacher_target_nll > threshold) & valid
+    if large_argmax is not None:
+        rejected &= ~_as_bool_mask("large_argmax", large_argmax, shape)
+    # The valid slots are leading: K_b of them. A row without a rejection keeps them all.
+    kept = valid.long().sum(dim=1)
+    first = torch.where(rejected.any(dim=1), rejected.float().argmax(dim=1), kept)
+    return first

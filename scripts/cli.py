@@ -5,6 +5,7 @@
     tw eval  --config ...                         # quality, teacher use, latency of every method
     tw plot  --results DIR                        # operating-point plots and the token view
     tw gkd   --config ...                         # DistillSpec's draft model (GKD), for the baseline
+    tw co-llm --config ...                        # Co-LLM's deferral router, for the router baseline
     tw bench-env ... | tw bench-decode ...        # speed benchmarks (docs/benchmarks.md)
     tw bench-parallel ...                         # data-parallel training throughput (docs/benchmarks.md)
     tw bench-train ...                            # BC, PCL and GKD steps against their floor (docs/benchmarks.md)
@@ -26,6 +27,7 @@ COMMANDS = {
     "train": ("agents.train", "TrainConfig", "run"),
     "train-ppo": ("agents.ppo", "PPOConfig", "run"),
     "gkd": ("agents.gkd", "GKDConfig", "run"),
+    "co-llm": ("agents.co_llm", "CoLLMConfig", "run"),
     "eval": ("scripts.evaluate", "EvalConfig", "run"),
     "plot": ("scripts.plot", "PlotConfig", "run"),
     "bench-env": ("scripts.bench_env", "BenchEnvConfig", "run"),
@@ -44,6 +46,8 @@ HELP = {
                  "per-budget λ); the same as `tw train --algo ppo`.",
     "gkd": "Distil the student with GKD: DistillSpec's draft model, the baseline's draft for lossy "
            "speculative decoding (`tw eval` uses it).",
+    "co-llm": "Train Co-LLM's deferral router (a baseline for `tw eval`): P(the teacher writes token t) from "
+              "the student's states, by the marginal likelihood of the reference outputs.",
     "eval": "Quality, teacher use, wasted tokens and latency of every method on held-out data.",
     "plot": "Operating-point plots (quality vs teacher use) and the token view from `tw eval` results.",
     "bench-env": "Speed benchmark: vector-env steps/s against the teacher's own generate "
