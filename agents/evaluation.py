@@ -538,6 +538,7 @@ class Setting:
     threshold: float | None = None
     budget_cap: str | None = None  # Training Wheels: "off", "rounded_up" or "guaranteed"; None for the other methods
     calibrated_for: float | None = None  # the target teacher fraction its threshold was calibrated to
+    rollback_threshold: float | None = None  # BiLD's α_RB (its α_FB is ``threshold``)
 
 
 def token_pieces(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[str]:
@@ -610,6 +611,7 @@ def evaluate_setting(
         "output_tokens_per_example": tokens / n,
         "student_forwards_per_example": timing["student_forwards_per_example"],
         "budget_cap": setting.budget_cap, "calibrated_for": setting.calibrated_for,
+        "rollback_threshold": setting.rollback_threshold,
     }
     return row, _output_records(setting, task, examples, decoded)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -49,6 +50,7 @@ from agents.evaluation import (
     training_wheels_decoder,
 )
 from agents.policy import StudentPolicy
+from agents.routers import ROUTER_CONFIG, CoLLMRouter, bild_decode, co_llm_decode
 from tw_env.models import load_model
 from tw_env.registration import make_task, split_env_options
 from tw_env.task import FromTask, Task
@@ -77,6 +79,13 @@ class EvalOptions(Protocol):
     fallback_student: str | None
     thresholds: list[float]
     fallback_targets: list[float]
+    co_llm_router: str | None
+    co_llm_thresholds: list[float]
+    co_llm_targets: list[float]
+    bild_fallback: list[float]
+    bild_rollback: list[float]
+    bild_small_iters: int
+    bild_targets: list[float]
     calibration_split: str
     calibration_examples: int
     calibration_seed: int
@@ -187,6 +196,12 @@ class EvalContext:
 
     def policy(self, source: str | Path) -> StudentPolicy:
         return StudentPolicy.load(source, device=self.device, dtype=self.dtype).eval()
+
+    @property
+    def small_model_source(self) -> str | PreTrainedModel | None:
+        """The small model of the fallback and BiLD: ``fallback_student``, else the GKD draft (aligned with
+        the teacher, as BiLD aligns its small model), else the plain student."""
+        return self.options.fallback_student or self.options.draft or self.student_source
 
     def calibration(self) -> CalibrationRows:
         """The calibration rows, shared by every calibration (made on first use)."""
@@ -453,8 +468,7 @@ class ConfidenceFallback(EvalMethod):
 
     def __init__(self, context: EvalContext) -> None:
         super().__init__(context)
-        source = self.options.fallback_student or self.options.draft or context.student_source
-        self.model = context.model(source, "fallback_student")
+        self.model = context.model(context.small_model_source, "fallback_student")
 
     def decoder(self, threshold: float) -> Decode:
         model, teacher, max_new = self.model, self.context.teacher, self.context.max_new_tokens
@@ -471,18 +485,129 @@ class ConfidenceFallback(EvalMethod):
         self.context.reports["fallback_calibration"] = found_list
         if not self.options.fallback_targets:
             return []
-        rows = self.context.calibration()
-        decodes = rows.decodes(self.decoder, None)
-        measured: dict[float, tuple[float, float]] = {}  # shared by the targets: a threshold is decoded once
-
-        def teacher_fraction_at(threshold: float) -> float:
-            return rows.measure(decodes, measured, threshold)
-
-        targets = tqdm(self.options.fallback_targets, desc=f"calibrating the fallback on {self.options.calibration_split}")
-        found_list += [calibrate_threshold(teacher_fraction_at, float(target), tolerance=self.options.calibration_tolerance)
-                       for target in targets]
+        found_list += calibrated_per_target(self.context.calibration(), self.decoder, self.options.fallback_targets,
+                                            calibrate_threshold, "calibrating the fallback")[0]
         return [Setting(self.name, f"t={found.threshold:.3g} (for {found.target:g})", self.decoder(found.threshold),
                         threshold=found.threshold, calibrated_for=found.target) for found in found_list]
+
+
+def calibrated_per_target(rows: CalibrationRows, decoder: Callable[[float], Decode], targets: Sequence[float],
+                          calibrate: Callable[..., Calibration], desc: str) -> tuple[list[Calibration], dict[float, tuple[float, float]]]:
+    """One threshold per target teacher fraction, calibrated on the calibration rows' plain prompts; a
+    threshold is decoded once for all targets. Returns the Calibrations and (fraction, quality) per threshold."""
+    decodes = rows.decodes(decoder, None)
+    measured: dict[float, tuple[float, float]] = {}
+
+    def teacher_fraction_at(threshold: float) -> float:
+        return rows.measure(decodes, measured, threshold)
+
+    found = [calibrate(teacher_fraction_at, float(t), tolerance=rows.options.calibration_tolerance)
+             for t in tqdm(targets, desc=f"{desc} on {rows.options.calibration_split}")]
+    return found, measured
+
+
+def calibration_report(found: Calibration, measured: dict[float, tuple[float, float]], **extra: Any) -> dict[str, Any]:
+    """A calibration as results.json reports it: target, threshold, fraction, quality and every threshold tried."""
+    return {"target": found.target, "threshold": found.threshold, "teacher_fraction": found.teacher_fraction,
+            "quality": measured[found.threshold][1], **extra,
+            "tried": [[c, f, measured[c][1]] for c, f in found.tried]}
+
+
+@register
+class CoLLM(EvalMethod):
+    """``co_llm``: Co-LLM's learnt deferral (a router trained by ``tw co-llm``), one setting per threshold η
+    (the teacher writes where P(Z_t = 1) > η); with ``co_llm_targets``, one more per target teacher
+    fraction at an η calibrated to it on the calibration rows (bisection in log-odds, as Co-LLM picks η per
+    fraction from the deferral probabilities on validation data). Plain prompt: the router's own."""
+
+    name = "co_llm"
+    needs = ("co_llm_router", "--co-llm-router DIR (a router trained by tw co-llm, e.g. runs/co-llm/best)")
+
+    def __init__(self, context: EvalContext) -> None:
+        super().__init__(context)
+        assert self.options.co_llm_router is not None  # check() refuses a config without it
+        self.router = CoLLMRouter.load(self.options.co_llm_router, device=context.device, dtype=context.dtype)
+        prompt = read_router_prompt(self.options.co_llm_router)
+        if prompt is not None and prompt != self.options.plain_prompt:
+            raise ValueError(f"the Co-LLM router at {self.options.co_llm_router} was trained on the prompt {prompt!r}, "
+                             f"but plain_prompt is {self.options.plain_prompt!r}; expected the same template")
+
+    def decoder(self, threshold: float) -> Decode:
+        router, teacher, max_new = self.router, self.context.teacher, self.context.max_new_tokens
+        return lambda i, m: co_llm_decode(router, teacher, i, m, max_new, threshold=threshold)
+
+    def settings(self) -> list[Setting]:
+        return [Setting(self.name, f"η={float(t):g}", self.decoder(float(t)), threshold=float(t))
+                for t in self.options.co_llm_thresholds]
+
+    def calibrate(self) -> list[Setting]:
+        self.context.reports["co_llm_calibration"] = []
+        if not self.options.co_llm_targets:
+            return []
+        found_list, measured = calibrated_per_target(self.context.calibration(), self.decoder, self.options.co_llm_targets,
+                                                     calibrate_call_threshold, "calibrating Co-LLM's η")
+        self.context.reports["co_llm_calibration"] = [calibration_report(f, measured) for f in found_list]
+        return [Setting(self.name, f"η={found.threshold:.3g} (for {found.target:g})", self.decoder(found.threshold),
+                        threshold=found.threshold, calibrated_for=found.target) for found in found_list]
+
+
+def read_router_prompt(folder: str | Path) -> str | None:
+    """The prompt template a Co-LLM router was trained on (its ``co_llm.json``), None if it records none."""
+    path = Path(folder) / ROUTER_CONFIG
+    return json.loads(path.read_text()).get("prompt") if path.is_file() else None
+
+
+@register
+class BiLD(EvalMethod):
+    """``bild``: Big Little Decoder's fallback with rollback, one setting per α_FB × α_RB (``bild_fallback`` ×
+    ``bild_rollback``, ``bild_small_iters`` small tokens at most between large passes); the small model is the
+    fallback's. With ``bild_targets``, one more per target teacher fraction: for each α_RB, α_FB is calibrated
+    to the target on the calibration rows, and the α_RB whose calibration lands within
+    ``calibration_delta`` with the best quality there is kept (else the closest): the Pareto choice at that
+    fraction. Plain prompt."""
+
+    name = "bild"
+
+    @classmethod
+    def by_default(cls, options: EvalOptions) -> bool:
+        return True
+
+    def __init__(self, context: EvalContext) -> None:
+        super().__init__(context)
+        self.model = context.model(context.small_model_source, "fallback_student")
+
+    def decoder(self, fallback: float, rollback: float) -> Decode:
+        model, teacher, max_new, small_iters = self.model, self.context.teacher, self.context.max_new_tokens, self.options.bild_small_iters
+        return lambda i, m: bild_decode(model, teacher, i, m, max_new, fallback, rollback, small_iters)
+
+    def settings(self) -> list[Setting]:
+        return [Setting(self.name, f"FB={float(fb):g} RB={float(rb):g}", self.decoder(float(fb), float(rb)),
+                        threshold=float(fb), rollback_threshold=float(rb))
+                for rb in self.options.bild_rollback for fb in self.options.bild_fallback]
+
+    def calibrate(self) -> list[Setting]:
+        self.context.reports["bild_calibration"] = []
+        if not self.options.bild_targets:
+            return []
+        rows, targets = self.context.calibration(), [float(t) for t in self.options.bild_targets]
+        per_rollback = {float(rb): calibrated_per_target(rows, partial(self.decoder, rollback=float(rb)), targets,
+                                                         calibrate_threshold, f"calibrating BiLD's α_FB at α_RB={rb:g}")
+                        for rb in self.options.bild_rollback}
+        settings, report = [], []
+        for i, target in enumerate(targets):
+            candidates = [(rb, found_list[i], measured) for rb, (found_list, measured) in per_rollback.items()]
+            within = [c for c in candidates if abs(c[1].teacher_fraction - target) <= self.options.calibration_delta]
+            if within:  # the best quality among the calibrations that land at the target
+                rb, found, measured = max(within, key=lambda c: c[2][c[1].threshold][1])
+            else:
+                rb, found, measured = min(candidates, key=lambda c: abs(c[1].teacher_fraction - target))
+            report.append({"target": target, "chosen": {"rollback_threshold": rb, "fallback_threshold": found.threshold},
+                           "candidates": [calibration_report(f, m, rollback_threshold=r) for r, f, m in candidates]})
+            settings.append(Setting(self.name, f"FB={found.threshold:.3g} RB={rb:g} (for {target:g})",
+                                    self.decoder(found.threshold, rb), threshold=found.threshold,
+                                    rollback_threshold=rb, calibrated_for=target))
+        self.context.reports["bild_calibration"] = report
+        return settings
 
 
 @register

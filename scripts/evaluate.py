@@ -37,12 +37,21 @@ Figures 1–2, plus two reference points):
   validation examples checkpoint selection reads) so that its teacher use lands at the target, as
   Co-LLM calibrates its deferral threshold per fraction: the matched comparison with Training
   Wheels at each budget. The thresholds tried are in results.json (``fallback_calibration``).
+- ``co_llm``: Co-LLM's learnt per-token deferral (Shen et al., ACL 2024) with a router trained by
+  ``tw co-llm`` (``co_llm_router``): the teacher writes token t where P(Z_t = 1) > η, one row per η of
+  ``co_llm_thresholds`` and, with ``co_llm_targets``, one per target teacher fraction at an η calibrated
+  to it on the calibration rows (``co_llm_calibration``); the router's plain prompt.
+- ``bild``: Big Little Decoder (Kim et al., NeurIPS 2023), fallback with rollback, one row per α_FB ×
+  α_RB (``bild_fallback`` × ``bild_rollback``; at most ``bild_small_iters`` small tokens between large
+  passes), the fallback's small model; with ``bild_targets``, one row per target fraction at the α_FB
+  calibrated to it for the α_RB with the best calibration-row quality there (``bild_calibration``).
+  Rolled-back tokens are its ``wasted_per_example``.
 
 What is measured for each method and setting:
 
 - ``quality``: the task's metric (BLEU or ROUGE-2) over ``examples`` examples, decoded in batches.
 - ``teacher_fraction``: Σ teacher tokens / Σ output tokens (token level, over the whole set).
-- ``wasted_per_example``: rejected draft tokens per example (speculative decoding only).
+- ``wasted_per_example``: rejected draft tokens per example (speculative decoding), rolled-back tokens (BiLD).
 - ``teacher_forwards_per_example``: teacher decoder forwards per example at batch size 1, over the
   timed examples (blank when ``latency_examples`` is 0).
 - ``latency_ms_median``: median wall time of one example decoded alone (batch size 1), over
@@ -99,7 +108,7 @@ CSV_COLUMNS = [
     "batched_tokens_per_s", "examples", "device",
     # Beyond the columns the figures need:
     "batched_examples_per_s", "latency_ms_mean", "latency_examples", "output_tokens_per_example",
-    "student_forwards_per_example", "budget_cap", "calibrated_for", "projected_latency_ms",
+    "student_forwards_per_example", "budget_cap", "calibrated_for", "projected_latency_ms", "rollback_threshold",
 ]
 
 
@@ -115,7 +124,7 @@ class EvalConfig:
     threads: int = 0  # torch CPU threads (0: torch's default)
     max_new_tokens: int | None = None  # output length limit (None: the task's)
     output_dir: str = "runs/eval"  # results.json, results.csv and outputs.jsonl go here
-    methods: list | None = None  # among student, teacher, training_wheels, distillspec, speculative, fallback, kl_oracle (None: all available but kl_oracle)
+    methods: list | None = None  # among student, teacher, training_wheels, distillspec, speculative, fallback, co_llm, bild, kl_oracle (None: all available but kl_oracle)
     tw_policy: str | None = None  # a trained Training Wheels policy directory (e.g. runs/tw/best)
     budgets: list = field(default_factory=lambda: list(BUDGETS))  # Training Wheels budgets (Table 1 keywords)
     budget_cap: str = "off"  # Training Wheels hard cap at b: "off"; "rounded_up" (<= ceil(b*n) calls in every prefix, a short output may exceed b by under one call); "guaranteed" (<= floor(b*n): every output's teacher fraction <= b). true/false mean rounded_up/off
@@ -130,6 +139,13 @@ class EvalConfig:
     latency_examples: int = 64  # examples timed one at a time (batch size 1); 0 skips latency
     warmup: int = 3  # untimed batch-size-1 examples before the timed ones
     fallback_targets: list = field(default_factory=list)  # teacher fractions the fallback is calibrated to (one row each; [] for none)
+    co_llm_router: str | None = None  # Co-LLM's router directory (tw co-llm's OUTPUT_DIR/best); runs co_llm by default when given
+    co_llm_thresholds: list = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9])  # Co-LLM deferral thresholds η (teacher writes where P(Z=1) > η)
+    co_llm_targets: list = field(default_factory=list)  # teacher fractions Co-LLM's η is calibrated to (one row each)
+    bild_fallback: list = field(default_factory=lambda: [0.3, 0.6, 0.9])  # BiLD fallback thresholds α_FB (official default 0.6)
+    bild_rollback: list = field(default_factory=lambda: [2.0, 5.0])  # BiLD rollback thresholds α_RB in nats (official default 5; its README sweeps 2-5)
+    bild_small_iters: int = 10  # BiLD: the most small-model tokens in a row before a large pass (official num_small_iters)
+    bild_targets: list = field(default_factory=list)  # teacher fractions BiLD's α_FB is calibrated to, for each α_RB (one row each)
     calibration_split: str = "validation"  # split whose examples the thresholds are calibrated on (never data the evaluated split reads)
     calibration_examples: int = 512  # a seeded random subset of calibration_split (checkpoint selection's, with the same seed)
     calibration_seed: int = 0  # seeds that subset (tw train's seed selects the same examples)
@@ -175,13 +191,18 @@ class EvalConfig:
         if any(float(t) < 0 for t in self.thresholds):
             raise ValueError(f"thresholds must be >= 0, got {self.thresholds}")
         check_template(self.plain_prompt, "plain_prompt")
-        if any(not 0.0 <= float(b) <= 1.0 for b in self.fallback_targets):
-            raise ValueError(f"fallback_targets must be teacher fractions in [0, 1], got {self.fallback_targets}")
+        for name in ("fallback_targets", "co_llm_targets", "bild_targets", "co_llm_thresholds"):
+            if any(not 0.0 <= float(b) <= 1.0 for b in getattr(self, name)):
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if any(not float(x) >= 0 for x in [*self.bild_fallback, *self.bild_rollback]) or self.bild_small_iters < 1:
+            raise ValueError(f"bild_fallback and bild_rollback must be >= 0 and bild_small_iters >= 1, got "
+                             f"{self.bild_fallback}, {self.bild_rollback} and {self.bild_small_iters}")
         if self.tw_policy_candidates and not self.tw_calibrate:
             raise ValueError("tw_policy_candidates are chosen among by calibrated quality: set tw_calibrate too")
         if self.tw_calibrate and not self.tw_policy:
             raise ValueError("tw_calibrate calibrates a Training Wheels policy: pass --tw-policy DIR as well")
-        if self.fallback_targets or self.tw_calibrate or "kl_oracle" in (self.methods or []):
+        if (self.fallback_targets or self.co_llm_targets or self.bild_targets or self.tw_calibrate
+                or "kl_oracle" in (self.methods or [])):
             check_calibration_data(self.env_kwargs, self.split, self.calibration_split)  # the files, not the names
         if self.calibration_examples < 1 or self.calibration_tolerance < 0 or self.calibration_delta < 0:
             raise ValueError("calibration_examples must be >= 1, calibration_tolerance and calibration_delta >= 0")
@@ -222,6 +243,7 @@ def run(config: EvalConfig) -> dict:
         "fallback_calibration": [dataclasses.asdict(c) for c in reports.get("fallback_calibration", [])],
         "kl_oracle_calibration": reports.get("kl_oracle_calibration"),
         "tw_calibration": reports.get("tw_calibration"),
+        "co_llm_calibration": reports.get("co_llm_calibration"), "bild_calibration": reports.get("bild_calibration"),
     }
     write_json(out / "results.json", results)
     write_csv(out / "results.csv", rows)

@@ -3,8 +3,9 @@
 - ``operating_points.png``: latency against quality for every method, as the paper's Figures 1–2
   (X: quality, Y: median latency per example at batch size 1; lower right is best). Training Wheels
   is one line over its budgets (each point labelled with b), DistillSpec / speculative decoding one
-  line per draft length over the lenience values, the fallback one line over its thresholds, the
-  student and the teacher alone one marker each.
+  line per draft length over the lenience values, the fallback and Co-LLM one line over their
+  thresholds, BiLD one line per rollback threshold α_RB over α_FB, the student and the teacher alone
+  one marker each.
 - ``operating_points_projected.png``: the same with the cost model's *projected* latency (teacher
   and student forwards per example × per-forward costs; see :func:`agents.evaluation.projected_latency_ms`),
   titled as a projection with the costs' source. The costs are `tw eval`'s (given, or measured
@@ -32,6 +33,8 @@ STYLES = {  # method -> (label, colour, marker)
     "distillspec": ("DistillSpec", "tab:blue", "^"),
     "speculative": ("lossy speculative (plain student)", "tab:cyan", "v"),
     "fallback": ("confidence fallback", "tab:green", "D"),
+    "co_llm": ("Co-LLM (learnt deferral)", "tab:orange", "P"),
+    "bild": ("BiLD (fallback + rollback)", "tab:olive", "h"),
     "kl_oracle": ("KL oracle choosing the calls (teacher at every token; a reference)", "tab:purple", "x"),
 }
 LINESTYLES = ["-", "--", ":", "-."]
@@ -108,8 +111,13 @@ def _series(rows: list[dict], y_key: str, x_key: str = "quality") -> list[dict]:
                 if rows_:
                     curves.append({"method": method, "label": names[kind], "variant": kind,
                                    "points": points(rows_, "budget"), "annotate": "budget"})
-        elif method == "fallback":
+        elif method in ("fallback", "co_llm"):
             curves.append({"method": method, "label": label, "points": points(group, "threshold")})
+        elif method == "bild":  # one line per α_RB over α_FB
+            for rollback in sorted({_number(r.get("rollback_threshold")) for r in group}):
+                curves.append({"method": method, "label": f"{label} α_RB={rollback:g}", "variant": rollback,
+                               "points": points([r for r in group if _number(r.get("rollback_threshold")) == rollback],
+                                                "threshold")})
         elif method == "kl_oracle":
             curves.append({"method": method, "label": label, "points": points(group, "budget")})
         else:

@@ -85,6 +85,7 @@ def evaluated(task) -> tuple[dict, Path]:
         tw_policy=task["policy"], budgets=[0.0, 0.5], budget_cap=True, draft=task["student"],
         lenience=[0.0, 1.0], draft_lengths=[3], thresholds=[0.0, 1.5], batch_size=4, latency_examples=2, warmup=1,
         fallback_targets=[0.0, 0.5], calibration_examples=EXAMPLES,  # validation.jsonl repeats test.jsonl: calibrates on the rows it evaluates
+        bild_fallback=[0.0, 1.5], bild_rollback=[100.0],
     )
     return run_eval(config), out
 
@@ -104,9 +105,9 @@ def test_eval_writes_one_row_per_method_and_setting(evaluated):
     assert settings == [
         ("student", "alone"), ("teacher", "alone"), ("training_wheels", "b=0"), ("training_wheels", "b=0.5"),
         ("distillspec", "K=3 l=0"), ("distillspec", "K=3 l=1"), ("fallback", "t=0"), ("fallback", "t=1.5"),
-        ("fallback", "t=0 (for 0)"), settings[-1],
+        ("fallback", "t=0 (for 0)"), settings[9], ("bild", "FB=0 RB=100"), ("bild", "FB=1.5 RB=100"),
     ]
-    assert settings[-1][1].endswith("(for 0.5)")
+    assert settings[9][1].endswith("(for 0.5)")
     assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
     for r in rows:
         assert int(r["examples"]) == EXAMPLES and r["metric"] == "bleu" and r["device"].startswith("cpu")
@@ -114,6 +115,10 @@ def test_eval_writes_one_row_per_method_and_setting(evaluated):
                     "latency_ms_median", "batched_tokens_per_s"):
             assert math.isfinite(float(r[key])), (r["method"], r["setting"], key)
         assert 0.0 <= float(r["teacher_fraction"]) <= 1.0
+
+
+def _outputs(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
 
 
 def test_eval_reference_points(evaluated):
@@ -129,6 +134,13 @@ def test_eval_reference_points(evaluated):
     assert row["fallback", "t=0"]["teacher_fraction"] == 0.0
     assert row["fallback", "t=1.5"]["teacher_fraction"] == 1.0
     assert row["fallback", "t=1.5"]["quality"] == pytest.approx(teacher["quality"])
+    # BiLD: α_FB above 1 always falls back (the teacher's output); α_FB 0 and no rollback: the teacher
+    # writes the first token only (the outputs are shorter than bild_small_iters + 1).
+    assert row["bild", "FB=1.5 RB=100"]["quality"] == pytest.approx(teacher["quality"])
+    assert row["bild", "FB=1.5 RB=100"]["teacher_fraction"] == 1.0
+    never = [o for o in _outputs(out) if (o["method"], o["setting"]) == ("bild", "FB=0 RB=100")]
+    assert row["bild", "FB=0 RB=100"]["teacher_fraction"] == pytest.approx(
+        EXAMPLES / (row["bild", "FB=0 RB=100"]["output_tokens_per_example"] * EXAMPLES)) and len(never) == EXAMPLES
     # Training Wheels under the cap: no calls at b = 0, at most ceil(b * n) calls per output at b = 0.5.
     assert row["training_wheels", "b=0"]["teacher_fraction"] == 0.0
     assert 0.0 < row["training_wheels", "b=0.5"]["teacher_fraction"] <= 0.5 + 1.0 / 2
@@ -147,7 +159,7 @@ def test_eval_reference_points(evaluated):
 
 def test_the_fallback_calibrated_per_target_teacher_fraction(evaluated):
     results, _ = evaluated
-    calibrated = [r for r in results["rows"] if r["calibrated_for"] is not None]
+    calibrated = [r for r in results["rows"] if r["calibrated_for"] is not None and r["method"] == "fallback"]
     found = results["fallback_calibration"]
     assert [c["target"] for c in found] == [r["calibrated_for"] for r in calibrated] == [0.0, 0.5]
     assert found[0]["threshold"] == 0.0 and calibrated[0]["teacher_fraction"] == 0.0
@@ -329,9 +341,15 @@ def test_cli_help_and_validation(task):
         EvalConfig(lenience=[1.5]).validate()
     with pytest.raises(ValueError, match="keyword"):
         EvalConfig(budgets=[0.25]).validate()
-    assert EvalConfig().selected_methods() == ["student", "teacher", "speculative", "fallback"]
-    assert EvalConfig(tw_policy="p", draft="d").selected_methods() == [
-        "student", "teacher", "training_wheels", "distillspec", "fallback"]
+    assert EvalConfig().selected_methods() == ["student", "teacher", "speculative", "fallback", "bild"]
+    assert EvalConfig(tw_policy="p", draft="d", co_llm_router="r").selected_methods() == [
+        "student", "teacher", "training_wheels", "distillspec", "fallback", "co_llm", "bild"]
+    with pytest.raises(ValueError, match="co-llm-router"):
+        EvalConfig(methods=["co_llm"]).validate()
+    with pytest.raises(ValueError, match="bild_small_iters"):
+        EvalConfig(bild_small_iters=0).validate()
+    with pytest.raises(ValueError, match="co_llm_targets"):
+        EvalConfig(co_llm_targets=[1.2]).validate()
 
 
 @pytest.mark.parametrize("template, message", [
@@ -369,3 +387,47 @@ def test_eval_decodes_with_the_checkpoints_call_rule_and_reports_the_raw_rule_be
     assert rows[1]["teacher_fraction"] < rows[2]["teacher_fraction"]  # a higher threshold than ½ calls less here
     labels = [c["label"] for c in _series(rows, "teacher_fraction")]
     assert labels == ["Training Wheels", "Training Wheels, raw rule π(<τ>) > ½"]
+
+
+def test_co_llm_and_bild_calibrated_per_target_teacher_fraction(task):
+    """Both routers as tw eval methods, each calibrated to target fractions on the calibration rows (here the
+    evaluated rows): the achieved fraction is the calibration's, and it lands at the target within the
+    granularity of this tiny set (one token of the ~40 decoded changes the fraction by about 0.025)."""
+    from agents.routers import CoLLMRouter
+    from tw_env.models import load_model
+
+    router = CoLLMRouter(load_model(task["student"]))
+    with torch.no_grad():
+        router.deferral.weight.normal_(0.0, 2.0, generator=torch.Generator().manual_seed(0))
+    router.save(task["root"] / "router", extra={"prompt": EvalConfig().plain_prompt})
+    out = task["root"] / "routed"
+    targets = [0.0, 0.3, 0.5]
+    results = run_eval(EvalConfig(
+        env_kwargs=task["env_kwargs"], examples=EXAMPLES, device="cpu", max_new_tokens=MAX_NEW, output_dir=str(out),
+        methods=["teacher", "co_llm", "bild"], co_llm_router=str(task["root"] / "router"), co_llm_thresholds=[0.0, 1.0],
+        co_llm_targets=targets, bild_fallback=[0.5], bild_rollback=[1.0, 100.0], bild_small_iters=3, bild_targets=targets,
+        batch_size=4, latency_examples=0, calibration_examples=EXAMPLES, calibration_tolerance=0.0,
+    ))
+    rows = {(r["method"], r["setting"]): r for r in results["rows"]}
+    assert rows["co_llm", "η=0"]["teacher_fraction"] == 1.0 and rows["co_llm", "η=1"]["teacher_fraction"] == 0.0
+    assert rows["co_llm", "η=0"]["quality"] == pytest.approx(rows["teacher", "alone"]["quality"])
+    for method, report in (("co_llm", results["co_llm_calibration"]), ("bild", results["bild_calibration"])):
+        calibrated = [r for r in results["rows"] if r["method"] == method and r["calibrated_for"] is not None]
+        assert [r["calibrated_for"] for r in calibrated] == [c["target"] for c in report] == targets
+        for row, found in zip(calibrated, report, strict=True):
+            chosen = found if method == "co_llm" else next(
+                c for c in found["candidates"] if c["rollback_threshold"] == found["chosen"]["rollback_threshold"])
+            assert row["teacher_fraction"] == pytest.approx(chosen["teacher_fraction"])
+            assert row["threshold"] == chosen["threshold"]
+        fractions = [r["teacher_fraction"] for r in calibrated]
+        assert fractions == sorted(fractions)
+    co_llm_fractions = [r["teacher_fraction"] for r in results["rows"] if r["method"] == "co_llm" and r["calibrated_for"] is not None]
+    assert co_llm_fractions[0] == 0.0 and all(abs(f - t) <= 0.05 for f, t in zip(co_llm_fractions, targets, strict=True))
+    # BiLD's large model writes the first token and one after every 3 small ones: no fraction below that floor.
+    bild_rows = [r for r in results["rows"] if r["method"] == "bild" and r["calibrated_for"] is not None]
+    floor = min(r["teacher_fraction"] for r in results["rows"] if r["method"] == "bild")
+    assert bild_rows[0]["teacher_fraction"] == pytest.approx(floor) and floor > 0.0
+    assert all(abs(r["teacher_fraction"] - t) <= 0.05 for r, t in zip(bild_rows[1:], targets[1:], strict=True))
+    assert {r["rollback_threshold"] for r in bild_rows} <= {1.0, 100.0}
+    run_plot(PlotConfig(results=str(out), terminal=False))
+    assert (out / "quality_vs_teacher_use.png").stat().st_size > 0
