@@ -79,6 +79,7 @@ class EvalOptions(Protocol):
     fallback_student: str | None
     thresholds: list[float]
     fallback_targets: list[float]
+    speculative_targets: list[float]
     co_llm_router: str | None
     co_llm_thresholds: list[float]
     co_llm_targets: list[float]
@@ -159,6 +160,28 @@ class CalibrationRows:
                 "quality": measured[found.threshold][1],
                 "tried": [[c, f, measured[c][1]] for c, f in found.tried]})
         return found_list, entries
+
+
+def calibrated_per_target(rows: CalibrationRows, decoder: Callable[[float], Decode], targets: Sequence[float],
+                          calibrate: Callable[..., Calibration], desc: str) -> tuple[list[Calibration], dict[float, tuple[float, float]]]:
+    """One threshold per target teacher fraction, calibrated on the calibration rows' plain prompts; a
+    threshold is decoded once for all targets. Returns the Calibrations and (fraction, quality) per threshold."""
+    decodes = rows.decodes(decoder, None)
+    measured: dict[float, tuple[float, float]] = {}
+
+    def teacher_fraction_at(threshold: float) -> float:
+        return rows.measure(decodes, measured, threshold)
+
+    found = [calibrate(teacher_fraction_at, float(t), tolerance=rows.options.calibration_tolerance)
+             for t in tqdm(targets, desc=f"{desc} on {rows.options.calibration_split}")]
+    return found, measured
+
+
+def calibration_report(found: Calibration, measured: dict[float, tuple[float, float]], **extra: Any) -> dict[str, Any]:
+    """A calibration as results.json reports it: target, threshold, fraction, quality and every threshold tried."""
+    return {"target": found.target, "threshold": found.threshold, "teacher_fraction": found.teacher_fraction,
+            "quality": measured[found.threshold][1], **extra,
+            "tried": [[c, f, measured[c][1]] for c, f in found.tried]}
 
 
 # ---------------------------------------------------------------------------------------------- the interface
@@ -429,6 +452,25 @@ class _LossySpeculative(EvalMethod):
                         lenience=float(lenience), draft_length=int(k))
                 for k in self.options.draft_lengths for lenience in self.options.lenience]
 
+    def calibrate(self) -> list[Setting]:
+        """With ``speculative_targets``: per draft length, one lenience per target teacher fraction (replacement
+        and bonus tokens are the teacher's), bisected in log10(l) on the calibration rows (the fraction grows
+        with l; l = 0 accepts every draft); every lenience tried is reported."""
+        self.context.reports[f"{self.name}_calibration"] = []
+        if not self.options.speculative_targets:
+            return []
+        settings, report = [], []
+        for k in (int(k) for k in self.options.draft_lengths):
+            found_list, measured = calibrated_per_target(
+                self.context.calibration(), partial(self.decoder, k), self.options.speculative_targets,
+                calibrate_threshold, f"calibrating {self.name}'s lenience at K={k}")
+            report += [calibration_report(f, measured, draft_length=k) for f in found_list]
+            settings += [Setting(self.name, f"K={k} l={found.threshold:.3g} (for {found.target:g})",
+                                 self.decoder(k, found.threshold), lenience=found.threshold, draft_length=k,
+                                 calibrated_for=found.target) for found in found_list]
+        self.context.reports[f"{self.name}_calibration"] = report
+        return settings
+
 
 @register
 class DistillSpec(_LossySpeculative):
@@ -489,28 +531,6 @@ class ConfidenceFallback(EvalMethod):
                                             calibrate_threshold, "calibrating the fallback")[0]
         return [Setting(self.name, f"t={found.threshold:.3g} (for {found.target:g})", self.decoder(found.threshold),
                         threshold=found.threshold, calibrated_for=found.target) for found in found_list]
-
-
-def calibrated_per_target(rows: CalibrationRows, decoder: Callable[[float], Decode], targets: Sequence[float],
-                          calibrate: Callable[..., Calibration], desc: str) -> tuple[list[Calibration], dict[float, tuple[float, float]]]:
-    """One threshold per target teacher fraction, calibrated on the calibration rows' plain prompts; a
-    threshold is decoded once for all targets. Returns the Calibrations and (fraction, quality) per threshold."""
-    decodes = rows.decodes(decoder, None)
-    measured: dict[float, tuple[float, float]] = {}
-
-    def teacher_fraction_at(threshold: float) -> float:
-        return rows.measure(decodes, measured, threshold)
-
-    found = [calibrate(teacher_fraction_at, float(t), tolerance=rows.options.calibration_tolerance)
-             for t in tqdm(targets, desc=f"{desc} on {rows.options.calibration_split}")]
-    return found, measured
-
-
-def calibration_report(found: Calibration, measured: dict[float, tuple[float, float]], **extra: Any) -> dict[str, Any]:
-    """A calibration as results.json reports it: target, threshold, fraction, quality and every threshold tried."""
-    return {"target": found.target, "threshold": found.threshold, "teacher_fraction": found.teacher_fraction,
-            "quality": measured[found.threshold][1], **extra,
-            "tried": [[c, f, measured[c][1]] for c, f in found.tried]}
 
 
 @register

@@ -24,7 +24,9 @@ Figures 1–2, plus two reference points):
 - ``distillspec``: lossy greedy speculative decoding (Appendix 5.3, Algorithm 1) with the GKD
   draft model (``tw gkd``), one row per draft length × lenience; plain prompt.
 - ``speculative``: the same decoder with the plain student as the draft (no GKD); run by default
-  only when no GKD draft is given.
+  only when no GKD draft is given. With ``speculative_targets``, both get one more row per draft length
+  and target teacher fraction at a lenience calibrated to it on the calibration rows
+  (``distillspec_calibration``, ``speculative_calibration``): the matched comparison at each fraction.
 - ``kl_oracle`` (only when listed in ``methods``, with ``training_wheels``): a reference for the
   call ranking, not a decoder one can deploy. The Training Wheels policy's tokens (the calibrated
   rows' policy with ``tw_calibrate``) with the teacher writing a token wherever KL(p ‖ π_V) at the
@@ -139,6 +141,7 @@ class EvalConfig:
     latency_examples: int = 64  # examples timed one at a time (batch size 1); 0 skips latency
     warmup: int = 3  # untimed batch-size-1 examples before the timed ones
     fallback_targets: list = field(default_factory=list)  # teacher fractions the fallback is calibrated to (one row each; [] for none)
+    speculative_targets: list = field(default_factory=list)  # teacher fractions DistillSpec's (and speculative's) lenience is calibrated to, per draft length (one row each)
     co_llm_router: str | None = None  # Co-LLM's router directory (tw co-llm's OUTPUT_DIR/best); runs co_llm by default when given
     co_llm_thresholds: list = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9])  # Co-LLM deferral thresholds η (teacher writes where P(Z=1) > η)
     co_llm_targets: list = field(default_factory=list)  # teacher fractions Co-LLM's η is calibrated to (one row each)
@@ -191,7 +194,7 @@ class EvalConfig:
         if any(float(t) < 0 for t in self.thresholds):
             raise ValueError(f"thresholds must be >= 0, got {self.thresholds}")
         check_template(self.plain_prompt, "plain_prompt")
-        for name in ("fallback_targets", "co_llm_targets", "bild_targets", "co_llm_thresholds"):
+        for name in ("fallback_targets", "speculative_targets", "co_llm_targets", "bild_targets", "co_llm_thresholds"):
             if any(not 0.0 <= float(b) <= 1.0 for b in getattr(self, name)):
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if any(not float(x) >= 0 for x in [*self.bild_fallback, *self.bild_rollback]) or self.bild_small_iters < 1:
@@ -201,7 +204,7 @@ class EvalConfig:
             raise ValueError("tw_policy_candidates are chosen among by calibrated quality: set tw_calibrate too")
         if self.tw_calibrate and not self.tw_policy:
             raise ValueError("tw_calibrate calibrates a Training Wheels policy: pass --tw-policy DIR as well")
-        if (self.fallback_targets or self.co_llm_targets or self.bild_targets or self.tw_calibrate
+        if (self.fallback_targets or self.speculative_targets or self.co_llm_targets or self.bild_targets or self.tw_calibrate
                 or "kl_oracle" in (self.methods or [])):
             check_calibration_data(self.env_kwargs, self.split, self.calibration_split)  # the files, not the names
         if self.calibration_examples < 1 or self.calibration_tolerance < 0 or self.calibration_delta < 0:
@@ -243,6 +246,8 @@ def run(config: EvalConfig) -> dict:
         "fallback_calibration": [dataclasses.asdict(c) for c in reports.get("fallback_calibration", [])],
         "kl_oracle_calibration": reports.get("kl_oracle_calibration"),
         "tw_calibration": reports.get("tw_calibration"),
+        "distillspec_calibration": reports.get("distillspec_calibration"),
+        "speculative_calibration": reports.get("speculative_calibration"),
         "co_llm_calibration": reports.get("co_llm_calibration"), "bild_calibration": reports.get("bild_calibration"),
     }
     write_json(out / "results.json", results)

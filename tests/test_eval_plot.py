@@ -390,7 +390,7 @@ def test_eval_decodes_with_the_checkpoints_call_rule_and_reports_the_raw_rule_be
 
 
 def test_co_llm_and_bild_calibrated_per_target_teacher_fraction(task):
-    """Both routers as tw eval methods, each calibrated to target fractions on the calibration rows (here the
+    """Both routers (and DistillSpec's lenience) as tw eval methods, each calibrated to target fractions on the calibration rows (here the
     evaluated rows): the achieved fraction is the calibration's, and it lands at the target within the
     granularity of this tiny set (one token of the ~40 decoded changes the fraction by about 0.025)."""
     from agents.routers import CoLLMRouter
@@ -404,21 +404,23 @@ def test_co_llm_and_bild_calibrated_per_target_teacher_fraction(task):
     targets = [0.0, 0.3, 0.5]
     results = run_eval(EvalConfig(
         env_kwargs=task["env_kwargs"], examples=EXAMPLES, device="cpu", max_new_tokens=MAX_NEW, output_dir=str(out),
-        methods=["teacher", "co_llm", "bild"], co_llm_router=str(task["root"] / "router"), co_llm_thresholds=[0.0, 1.0],
+        methods=["teacher", "distillspec", "co_llm", "bild"], co_llm_router=str(task["root"] / "router"), co_llm_thresholds=[0.0, 1.0],
+        draft=task["student"], draft_lengths=[3], lenience=[1.0], speculative_targets=targets,
         co_llm_targets=targets, bild_fallback=[0.5], bild_rollback=[1.0, 100.0], bild_small_iters=3, bild_targets=targets,
         batch_size=4, latency_examples=0, calibration_examples=EXAMPLES, calibration_tolerance=0.0,
     ))
     rows = {(r["method"], r["setting"]): r for r in results["rows"]}
     assert rows["co_llm", "η=0"]["teacher_fraction"] == 1.0 and rows["co_llm", "η=1"]["teacher_fraction"] == 0.0
     assert rows["co_llm", "η=0"]["quality"] == pytest.approx(rows["teacher", "alone"]["quality"])
-    for method, report in (("co_llm", results["co_llm_calibration"]), ("bild", results["bild_calibration"])):
+    for method, report in (("co_llm", results["co_llm_calibration"]), ("bild", results["bild_calibration"]),
+                           ("distillspec", results["distillspec_calibration"])):
         calibrated = [r for r in results["rows"] if r["method"] == method and r["calibrated_for"] is not None]
         assert [r["calibrated_for"] for r in calibrated] == [c["target"] for c in report] == targets
         for row, found in zip(calibrated, report, strict=True):
-            chosen = found if method == "co_llm" else next(
+            chosen = found if method != "bild" else next(
                 c for c in found["candidates"] if c["rollback_threshold"] == found["chosen"]["rollback_threshold"])
             assert row["teacher_fraction"] == pytest.approx(chosen["teacher_fraction"])
-            assert row["threshold"] == chosen["threshold"]
+            assert row["lenience" if method == "distillspec" else "threshold"] == chosen["threshold"]
         fractions = [r["teacher_fraction"] for r in calibrated]
         assert fractions == sorted(fractions)
     co_llm_fractions = [r["teacher_fraction"] for r in results["rows"] if r["method"] == "co_llm" and r["calibrated_for"] is not None]
