@@ -26,6 +26,7 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/tw train --config configs/synthetic.json
 	$(BIN)/tw gkd   --config configs/synthetic-gkd.json
+	$(BIN)/tw co-llm --config configs/synthetic-co-llm.json
 	$(BIN)/tw eval  --config configs/synthetic-eval.json
 	$(BIN)/tw plot  --results runs/synthetic/eval --terminal false
 
