@@ -433,3 +433,14 @@ def test_co_llm_and_bild_calibrated_per_target_teacher_fraction(task):
     assert {r["rollback_threshold"] for r in bild_rows} <= {1.0, 100.0}
     run_plot(PlotConfig(results=str(out), terminal=False))
     assert (out / "quality_vs_teacher_use.png").stat().st_size > 0
+
+
+def test_router_table_lists_each_method_at_the_target_fraction(evaluated, capsys):
+    from scripts.router_table import main as router_table
+
+    results, out = evaluated
+    router_table([str(out), "--fractions", "0.5"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0.5 |")]
+    assert [line.split(" | ")[1] for line in lines] == ["Training Wheels (checkpoint rule)", "confidence fallback"]
+    fallback = next(r for r in results["rows"] if r["method"] == "fallback" and r["calibrated_for"] == 0.5)
+    assert f"| {fallback['teacher_fraction']:.3f} | {fallback['quality']:.2f} |" in lines[1]
