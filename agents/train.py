@@ -116,6 +116,8 @@ class TrainConfig:
     rollout_temperature: float = 1.0  # sampling temperature of on-policy rollouts
     policy_lr: float = 1e-5  # policy learning rate (§5.2)
     policy_weight_decay: float = 1e-5  # policy weight decay (§5.2)
+    policy_lr_decay_start: float = 1.0  # fraction of pcl_batches after which the policy lr falls linearly (1: constant lr, the paper)
+    policy_lr_final: float = 1.0  # the policy lr at the last PCL batch, as a multiple of policy_lr (with policy_lr_decay_start < 1)
     value_lr: float = 1e-6  # value-network learning rate (§5.2)
     value_weight_decay: float = 1e-6  # value-network weight decay (§5.2)
     grad_clip: float = 1.0  # gradient-norm clip for both networks (0: off)
@@ -166,6 +168,9 @@ class TrainConfig:
                              f"and {self.settle_min_gain}")
         if not 0 <= self.calibration_tolerance < 1:
             raise ValueError(f"calibration_tolerance must lie in [0, 1), got {self.calibration_tolerance}")
+        if not 0 <= self.policy_lr_decay_start <= 1 or not 0 <= self.policy_lr_final <= 1:
+            raise ValueError(f"policy_lr_decay_start and policy_lr_final must lie in [0, 1], got "
+                             f"{self.policy_lr_decay_start} and {self.policy_lr_final}")
         if self.settle_evaluations and not self.eval_every:
             raise ValueError("settle_evaluations stops phase 2 after evaluations: set eval_every > 0 too")
 
@@ -577,6 +582,21 @@ class PCLState:
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
 
 
+def policy_lr_factor(step: int, total: int, decay_start: float, final: float) -> float:
+    """The policy lr of PCL batch ``step`` (0-based) as a multiple of ``policy_lr``: 1 until ``decay_start`` ·
+    ``total`` batches, then falling linearly to ``final`` at the last batch. Why: the dual chases a plant that
+    drifts while the policy learns (docs/budget-control.md); a slower policy late in phase 2 lets it settle.
+
+    By hand: total 300, start ⅓ (batch 100), final 0.1: batches 0–100 → 1, batch 299 → 0.1, batch 199 →
+    1 − 0.9·99/199 ≈ 0.552.
+    """
+    first = decay_start * total
+    if step < first or total <= 1:
+        return 1.0
+    span = max(total - 1 - first, 1e-9)
+    return 1.0 - (1.0 - final) * min((step - first) / span, 1.0)
+
+
 def train_phase2(setup: Setup) -> dict:
     """PCL with the Lagrangian: the paper's phase 2, with checkpoint selection on validation.
 
@@ -596,6 +616,9 @@ def train_phase2(setup: Setup) -> dict:
     throughput = Throughput()
     for step in progress:
         batch_start = time.perf_counter()
+        for group in state.optimizers[0].param_groups:  # from the step alone: a resumed run sets the same lr
+            group["lr"] = config.policy_lr * policy_lr_factor(step, config.pcl_batches, config.policy_lr_decay_start,
+                                                              config.policy_lr_final)
         on_policy, losses, used, (mu, sigma) = pcl_batch(setup, state)  # 1.–4.
         throughput.add(sum(tokens for _, tokens in used.values()), time.perf_counter() - batch_start)
         state.step = step + 1

@@ -399,3 +399,14 @@ def _check_killed_run_resumes_exactly(tiny, early_end_kwargs, tmp_path, **extra)
     summary_b = json.loads((tmp_path / "interrupted" / "summary.json").read_text())["phase2"]
     assert summary_a["lambdas"] == summary_b["lambdas"]
     assert summary_a["reward_normalisers"] == summary_b["reward_normalisers"]
+
+
+def test_policy_lr_factor_by_hand():
+    from agents.train import TrainConfig, policy_lr_factor
+
+    # 300 batches, decay from batch 100 (a third) to 0.1 at the last batch, linearly.
+    assert [policy_lr_factor(s, 300, 1 / 3, 0.1) for s in (0, 99, 100, 299)] == [1.0, 1.0, 1.0, pytest.approx(0.1)]
+    assert policy_lr_factor(199, 300, 1 / 3, 0.1) == pytest.approx(1 - 0.9 * 99 / 199)
+    assert all(policy_lr_factor(s, 300, 1.0, 0.1) == 1.0 for s in range(300))  # the default: constant
+    with pytest.raises(ValueError, match="policy_lr_final"):
+        TrainConfig(policy_lr_final=1.5).validate()
