@@ -1,6 +1,7 @@
 """The matched comparison of issue 30 from a `tw eval` results folder: per target teacher fraction, each
 method's row at that fraction (Training Wheels: the checkpoint's own rule at budget b = f; the baselines:
-their row calibrated to f on the calibration rows), with quality, the achieved fraction, wasted tokens per
+their row calibrated to f on the calibration rows; DistillSpec: at the draft length the calibration rows
+prefer), with quality, the achieved fraction, wasted tokens per
 example and the projected latency. Markdown on stdout.
 
     python scripts/router_table.py runs/synthetic/eval [--fractions 0.1 0.2 0.3]
@@ -19,10 +20,24 @@ NAMES = {"training_wheels": "Training Wheels (checkpoint rule)", "co_llm": "Co-L
          "distillspec": "DistillSpec", "fallback": "confidence fallback"}
 
 
-def row_at(rows: list[dict], method: str, fraction: float) -> dict | None:
+def chosen_draft_length(results: dict, fraction: float) -> int | None:
+    """DistillSpec calibrates a lenience per draft length K; the K kept for a target is chosen on the
+    calibration (selection) rows as BiLD's α_RB is: the best quality among the K whose calibration lands
+    within ``calibration_delta`` of the target, else the closest. None without a calibration report."""
+    found = [c for c in results.get("distillspec_calibration") or [] if abs(c["target"] - fraction) < 1e-9]
+    if not found:
+        return None
+    delta = results["config"].get("calibration_delta", 0.02)
+    within = [c for c in found if abs(c["teacher_fraction"] - fraction) <= delta]
+    best = max(within, key=lambda c: c["quality"]) if within else min(found, key=lambda c: abs(c["teacher_fraction"] - fraction))
+    return int(best["draft_length"])
+
+
+def row_at(results: dict, method: str, fraction: float) -> dict | None:
     """The method's row standing for teacher fraction ``fraction``."""
-    for row in rows:
-        if row["method"] != method:
+    draft_length = chosen_draft_length(results, fraction) if method == "distillspec" else None
+    for row in results["rows"]:
+        if row["method"] != method or (draft_length is not None and row.get("draft_length") != draft_length):
             continue
         if method == "training_wheels":
             if (row.get("budget") is not None and abs(row["budget"] - fraction) < 1e-9
@@ -42,7 +57,7 @@ def table(results: dict, fractions: list[float]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for f in fractions:
         for method in ORDER:
-            row = row_at(rows, method, f)
+            row = row_at(results, method, f)
             if row is None:
                 continue
             projected = row.get("projected_latency_ms")
