@@ -314,6 +314,22 @@ def test_two_process_training_keeps_ranks_identical_and_writes_once(tiny, tmp_pa
 
 
 @pytest.mark.slow
+def test_two_process_co_llm_router_keeps_ranks_identical(tiny, tmp_path):
+    """`tw co-llm` on 2 gloo ranks, both phases, a replica check (router weights) after every update, and
+    rank 0 alone writes the router."""
+    from agents.co_llm import CoLLMConfig
+    from agents.routers import CoLLMRouter
+
+    config = CoLLMConfig(env_kwargs=tiny.env_kwargs(), output_dir=str(tmp_path / "two"), init_batches=2, batches=2,
+                         batch_size=4, eval_every=0, eval_examples=10, threads=1, device="cpu", check_replicas=True)
+    _finish(_launch("co-llm", config, tmp_path / "two.json", 2))
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["processes"] == 2 and [e["step"] for e in two["evaluations"]] == [4]
+    assert CoLLMRouter.load(tmp_path / "two" / "best").deferral.weight.abs().sum() > 0
+    assert len(list((tmp_path / "two" / "tensorboard").glob("events.*"))) == 1
+
+
+@pytest.mark.slow
 def test_killed_two_process_run_resumes_exactly(tiny, tmp_path):
     reference = _train_config(tiny, tmp_path / "reference", pcl_batches=8, eval_every=4, check_replicas=False)
     _finish(_launch("train", reference, tmp_path / "reference.json", 2))
