@@ -211,7 +211,7 @@ def test_a_method_is_one_registered_class(monkeypatch):
 
     monkeypatch.setattr(methods, "METHODS", dict(methods.METHODS))  # registered for this test only
     assert list(methods.METHODS) == ["student", "teacher", "training_wheels", "distillspec", "speculative",
-                                     "fallback", "kl_oracle"]
+                                     "fallback", "co_llm", "bild", "kl_oracle"]
 
     @methods.register
     class Echo(methods.EvalMethod):
