@@ -231,7 +231,8 @@ class StudentPolicy(_StateModel):
 
     def call_threshold_for(self, budget: float | None) -> float:
         """The checkpoint's call threshold at ``budget``: the calibrated one where ``tw train`` learnt it,
-        else ½ (the policy's own decision, also for ``None``: no budget named)."""
+        else ½ (the policy's own decision, also for ``None``: no budget named, and for a budget the
+        calibration did not cover, such as one between the trained budgets of a numeric-prompt policy)."""
         if budget is None:
             return 0.5
         for b, c in self.call_thresholds.items():

@@ -97,7 +97,7 @@ from agents.evaluation import (
 from agents.methods import METHODS, EvalContext, build_settings, make_eval_task
 from agents.run import check_calibration_data, end_report, start_run
 from tw_env.atomic import write_json
-from tw_env.prompts import BUDGETS, PLAIN_TEMPLATE, check_template, keyword_for
+from tw_env.prompts import BUDGETS, PLAIN_TEMPLATE, check_budgets_for_style, check_template
 
 BUDGET_CAPS = ("off", "rounded_up", "guaranteed")  # "off", then agents.objectives.CAP_RULES
 # Configs written when budget_cap was a bool (JSON true/false, or `--budget-cap true` on the command line).
@@ -128,7 +128,7 @@ class EvalConfig:
     output_dir: str = "runs/eval"  # results.json, results.csv and outputs.jsonl go here
     methods: list | None = None  # among student, teacher, training_wheels, distillspec, speculative, fallback, co_llm, bild, kl_oracle (None: all available but kl_oracle)
     tw_policy: str | None = None  # a trained Training Wheels policy directory (e.g. runs/tw/best)
-    budgets: list = field(default_factory=lambda: list(BUDGETS))  # Training Wheels budgets (Table 1 keywords)
+    budgets: list = field(default_factory=lambda: list(BUDGETS))  # Training Wheels budgets (Table 1 keywords; any b in [0, 1] with env_kwargs budget_style "numeric")
     budget_cap: str = "off"  # Training Wheels hard cap at b: "off"; "rounded_up" (<= ceil(b*n) calls in every prefix, a short output may exceed b by under one call); "guaranteed" (<= floor(b*n): every output's teacher fraction <= b). true/false mean rounded_up/off
     student: str | None = None  # plain student for the student-alone and speculative rows (None: the task's student)
     draft: str | None = None  # DistillSpec's GKD draft model directory (tw gkd's OUTPUT_DIR/best)
@@ -185,8 +185,8 @@ class EvalConfig:
                 raise ValueError(f"unknown methods {unknown}; expected a non-empty list from {list(METHODS)}")
             for method in self.methods:
                 METHODS[method].check(self)
-        for b in self.budgets:
-            keyword_for(b)  # raises for a budget without a Table 1 keyword
+        # A Table 1 keyword per budget, or (budget_style "numeric" in env_kwargs) any number in [0, 1] to 0.001.
+        check_budgets_for_style(self.budgets, self.env_kwargs.get("budget_style", "keyword"))
         if any(not 0.0 <= float(x) <= 1.0 for x in self.lenience):
             raise ValueError(f"lenience values must lie in [0, 1], got {self.lenience}")
         if any(int(k) < 1 for k in self.draft_lengths):

@@ -17,8 +17,8 @@ from gymnasium import spaces
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tw_env.episodes import EpisodeBatch, StepOutcome
-from tw_env.prompts import check_budget
-from tw_env.rewards import RunningRewardStats
+from tw_env.prompts import BUDGET_DECIMALS, check_budget, format_budget
+from tw_env.rewards import RunningRewardStats, interpolate_multiplier
 from tw_env.task import FromTask, Task
 from tw_env.tasks import Example
 
@@ -71,8 +71,14 @@ class TaskEpisodes:
         self.lagrange_multipliers.update(updates)
 
     def lagrange(self, rows: np.ndarray) -> np.ndarray:
-        """λ of each row's budget, for ``rows``."""
-        return np.array([self.lagrange_multipliers[float(self.batch.budget[r])] for r in rows])
+        """λ of each row's budget, for ``rows``: its own, or for a budget between the task's (numeric
+        prompts) λ interpolated between the two around it (:func:`~tw_env.rewards.interpolate_multiplier`)."""
+        out = []
+        for r in rows:
+            b = float(self.batch.budget[r])
+            lam = self.lagrange_multipliers.get(b)
+            out.append(interpolate_multiplier(b, self.lagrange_multipliers) if lam is None else lam)
+        return np.array(out)
 
     def parse_options(self, options: Mapping[str, Any] | None) -> tuple[float | None, int | None]:
         """Validate one row's reset options ``budget`` and ``index`` (None: drawn at the start)."""
@@ -90,11 +96,17 @@ class TaskEpisodes:
         return budget, index
 
     def known_budget(self, budget: float) -> float:
-        """The task's own budget within 1e-6 of ``budget`` (observations carry float32 budgets); raises otherwise."""
+        """The task's own budget within 1e-6 of ``budget`` (observations carry float32 budgets); with numeric
+        prompts any budget in [0, 1] to 0.001 (rounded so, for the same reason); raises otherwise."""
         for known in self.task.budgets:
             if abs(known - budget) < 1e-6:
                 return known
-        raise ValueError(f"budget {budget} is not one of this env's budgets {list(self.task.budgets)}")
+        if self.task.budget_style == "numeric":
+            rounded = round(budget, BUDGET_DECIMALS)
+            format_budget(rounded if abs(rounded - budget) < 1e-6 else budget)  # raises for a finer budget
+            return rounded
+        raise ValueError(f"budget {budget} is not one of this env's budgets {list(self.task.budgets)}; "
+                         "expected one of them, or a task with budget_style 'numeric' for any budget in [0, 1]")
 
     def start_rows(
         self, rows: np.ndarray, per_row: list[tuple[float | None, int | None]], rng: np.random.Generator,

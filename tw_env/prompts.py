@@ -28,6 +28,10 @@ BUDGET_KEYWORDS: dict[float, str] = {
 BUDGETS: tuple[float, ...] = tuple(BUDGET_KEYWORDS)
 
 BUDGET_TEMPLATE = "With {keyword} teacher use, {instruction}: {source}"
+# Beyond the paper: any budget in [0, 1] as a number (issue 31), selected by a task's ``budget_style``.
+NUMERIC_BUDGET_TEMPLATE = "With teacher use {value}, {instruction}: {source}"
+BUDGET_STYLES = ("keyword", "numeric")
+BUDGET_DECIMALS = 3  # the numeric prompt writes budgets to 0.001
 # The task without the budget clause: the hub tasks' teacher prompt, GKD's and the baselines' prompt.
 PLAIN_TEMPLATE = "{instruction}: {source}"
 # The embedded teacher was trained on budget prompts only, so it reads the "no teacher use" one.
@@ -35,14 +39,40 @@ NO_TEACHER_USE_TEMPLATE = "With no teacher use, {instruction}: {source}"
 
 
 def check_budget(budget: float) -> float:
-    """Return ``budget`` as a float, or raise ValueError if it is not a fraction in [0, 1]."""
+    """Return ``budget`` as a float (a number, or a string of one such as ``"0.3"``), or raise ValueError if
+    it is not a fraction in [0, 1] (NaN and bools included: the message names the value and the range)."""
+    if isinstance(budget, bool):
+        raise ValueError(f"budget must be a number in [0, 1], got {budget!r}")
     try:
         value = float(budget)
     except (TypeError, ValueError):
         raise ValueError(f"budget must be a number in [0, 1], got {budget!r}") from None
-    if not 0.0 <= value <= 1.0:
+    if not 0.0 <= value <= 1.0:  # also NaN
         raise ValueError(f"budget must be a teacher-use fraction in [0, 1], got {value}")
     return value
+
+
+def check_budget_style(style: str) -> str:
+    if style not in BUDGET_STYLES:
+        raise ValueError(f"budget_style must be one of {list(BUDGET_STYLES)}, got {style!r}")
+    return style
+
+
+def format_budget(budget: float) -> str:
+    """A budget as the numeric prompt writes it: a decimal fraction with at most three places, no
+    trailing zeros (0 → "0", 0.1 → "0.1", 0.15 → "0.15", 0.025 → "0.025", 1 → "1").
+
+    Why this form: it is the number a user gives (`tw eval --budgets`, the env's ``budget`` option), with no
+    unit to get wrong; a byte-level or BPE tokenizer reads it digit by digit (the de→en tokenizer: "0", ".",
+    "1", "5"), and T5's SentencePiece in pieces it has seen in pretraining ("▁0.", "15"; "0.1"). A budget
+    with more places is refused rather than silently rounded: the prompt must say the budget asked for.
+    """
+    value = check_budget(budget)
+    rounded = round(value, BUDGET_DECIMALS)
+    if abs(rounded - value) > 1e-9:
+        raise ValueError(f"budget {budget!r} has more than {BUDGET_DECIMALS} decimal places; the numeric prompt "
+                         "writes budgets to 0.001 (e.g. 0.15, 0.025)")
+    return f"{rounded:.{BUDGET_DECIMALS}f}".rstrip("0").rstrip(".")
 
 
 def keyword_for(budget: float) -> str:
@@ -52,13 +82,45 @@ def keyword_for(budget: float) -> str:
         if abs(known - key) < 1e-6:
             return word
     raise ValueError(
-        f"budget {budget!r} has no prompt keyword; expected one of {sorted(BUDGET_KEYWORDS)} (Table 1)"
+        f"budget {budget!r} has no prompt keyword; expected one of {sorted(BUDGET_KEYWORDS)} (Table 1), "
+        "or budget_style 'numeric' for any budget in [0, 1]"
     )
 
 
-def make_prompt(instruction: str, source: str, budget: float) -> str:
-    """The student's prompt Y: ``"With {keyword} teacher use, {instruction}: {source}"``."""
+def make_prompt(instruction: str, source: str, budget: float, style: str = "keyword") -> str:
+    """The student's prompt Y: ``"With {keyword} teacher use, {instruction}: {source}"`` (the paper's Table 1
+    keywords, style ``"keyword"``), or ``"With teacher use {value}, {instruction}: {source}"`` for any
+    budget in [0, 1] (style ``"numeric"``, :func:`format_budget`)."""
+    if check_budget_style(style) == "numeric":
+        return NUMERIC_BUDGET_TEMPLATE.format(value=format_budget(budget), instruction=instruction, source=source)
     return BUDGET_TEMPLATE.format(keyword=keyword_for(budget), instruction=instruction, source=source)
+
+
+def budget_of_prompt(prompt: str) -> float | None:
+    """The budget a student prompt states (either style), None if it states none: the inverse of
+    :func:`make_prompt` on its budget clause."""
+    numeric = "With teacher use "
+    if prompt.startswith(numeric):
+        value = prompt[len(numeric):].split(",", 1)[0]
+        try:
+            return check_budget(float(value))
+        except ValueError:
+            return None
+    for budget, keyword in BUDGET_KEYWORDS.items():
+        if prompt.startswith(f"With {keyword} teacher use, "):
+            return budget
+    return None
+
+
+def check_budgets_for_style(budgets: Sequence[float], style: str) -> tuple[float, ...]:
+    """``budgets`` as floats, each one the style can write (a Table 1 keyword; or a number in [0, 1] to 0.001)."""
+    checked = tuple(check_budget(b) for b in budgets)
+    for b in checked:
+        if check_budget_style(style) == "numeric":
+            format_budget(b)
+        else:
+            keyword_for(b)
+    return checked
 
 
 def check_template(template: str | None, name: str = "prompt", allow_none: bool = False) -> str | None:

@@ -128,3 +128,23 @@ class RunningRewardStats:
         self._teacher = deque(state["teacher"], maxlen=self.window)
         self._student = deque(state["student"], maxlen=self.window)
         self._refresh()
+
+
+def interpolate_multiplier(budget: float, multipliers: Mapping[float, float]) -> float:
+    """λ(b) for any budget from the multipliers of known budgets (the knots): linear between the two knots
+    around b, the nearest knot's λ outside them (issue 31: a budget between the trained ones).
+
+    By hand: knots {0.1: 1.0, 0.2: 3.0}: b = 0.15 → 2.0, b = 0.125 → 1.5, b = 0.05 → 1.0, b = 0.3 → 3.0.
+    """
+    if not multipliers:
+        raise ValueError("no known budgets to interpolate λ from; expected at least one {budget: λ}")
+    knots = sorted((float(k), float(v)) for k, v in multipliers.items())
+    b = float(budget)
+    if b <= knots[0][0]:
+        return knots[0][1]
+    if b >= knots[-1][0]:
+        return knots[-1][1]
+    for (lo, lam_lo), (hi, lam_hi) in zip(knots, knots[1:], strict=False):
+        if lo <= b <= hi:
+            return lam_lo + (lam_hi - lam_lo) * (b - lo) / (hi - lo)
+    raise AssertionError("unreachable: b lies between the first and last knot")

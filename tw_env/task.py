@@ -22,12 +22,11 @@ from tw_env.prompts import (
     BUDGETS,
     TEXT_FORMAT,
     PromptFormat,
-    check_budget,
+    check_budgets_for_style,
     check_template,
     encode_text,
     encode_texts,
     fill_template,
-    keyword_for,
     make_prompt,
     resolve_prompt_format,
 )
@@ -54,6 +53,17 @@ def as_examples(examples: Sequence[Any]) -> list[Example]:
     if not out:
         raise ValueError("the task has no examples; expected at least one (source, reference) pair")
     return out
+
+
+def check_reads_digits(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse a tokenizer that turns a numeric budget into unknown tokens (a word-level vocabulary without
+    digits, such as the embedded synthetic language's): the student could not read its budget."""
+    unk = tokenizer.unk_token_id
+    ids = tokenizer("With teacher use 0.123456789", add_special_tokens=False)["input_ids"]
+    if unk is not None and unk in ids:
+        raise ValueError("budget_style 'numeric' needs a tokenizer that reads digits, but this one maps "
+                         f"'0.123456789' to its unknown token {tokenizer.unk_token!r}; expected a subword or "
+                         "byte-level tokenizer (T5's, a BPE one), or budget_style 'keyword'")
 
 
 def _student_config(student: str | PreTrainedModel) -> PretrainedConfig:
@@ -103,6 +113,7 @@ class Task:
     student: str | PreTrainedModel | None
     family: ModelFamily
     prompt_format: PromptFormat = TEXT_FORMAT
+    budget_style: str = "keyword"  # how Y states the budget: Table 1's keywords, or "numeric" (any b in [0, 1])
 
     @classmethod
     def build(
@@ -123,6 +134,7 @@ class Task:
         teacher_offload_folder: str | None = None,
         prompt_format: str | PromptFormat | None = None,
         chat_template: bool | None = None,
+        budget_style: str = "keyword",
     ) -> Task:
         """Check every argument and load the teacher and tokenizer; raises before loading on bad input.
 
@@ -133,7 +145,8 @@ class Task:
             examples: (source, reference) pairs, Examples, or dicts with ``source``/``reference``.
             instruction: the task's instruction.
             metric: ``"bleu"`` or ``"rouge2"``.
-            budgets: the budgets an episode may draw; each needs a Table 1 keyword.
+            budgets: the budgets an episode may draw; each needs a Table 1 keyword (style ``"keyword"``)
+                or is any number in [0, 1] to 0.001 (style ``"numeric"``).
             student: optional student (name or model): its family (the teacher's) and its vocabulary
                 (the teacher's output layer) are checked, in that order.
             max_new_tokens, max_prompt_length: output horizon and prompt truncation.
@@ -147,6 +160,9 @@ class Task:
                 when it has one, else ``"plain"`` (``"{prompt}\n"``).
             chat_template: the switch for a causal pair's default: False never uses the chat template
                 (``"plain"``), True requires one.
+            budget_style: ``"keyword"`` (the paper: "With light teacher use, ...") or ``"numeric"``
+                ("With teacher use 0.15, ..."; beyond the paper): then any budget in [0, 1] may be asked
+                for, at reset and at decoding, and the tokenizer must read digits.
         """
         if max_new_tokens < 1 or max_prompt_length < 2:
             raise ValueError(
@@ -155,11 +171,9 @@ class Task:
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
         check_template(teacher_prompt, "teacher_prompt", allow_none=True)
-        checked_budgets = tuple(check_budget(b) for b in budgets)
+        checked_budgets = check_budgets_for_style(budgets, budget_style)
         if not checked_budgets:
             raise ValueError("budgets must name at least one teacher-use budget")
-        for b in checked_budgets:
-            keyword_for(b)  # every budget needs a prompt keyword
         checked_examples = as_examples(examples)
         if prompt_format is not None and not isinstance(prompt_format, PromptFormat):
             PromptFormat(str(prompt_format))  # a bad name fails before anything is loaded
@@ -178,10 +192,12 @@ class Task:
             )
         chosen_format = resolve_prompt_format(prompt_format, family, loaded_tokenizer,
                                               chat_template)
+        if budget_style == "numeric":
+            check_reads_digits(loaded_tokenizer)
         return cls(
             prompt_format=chosen_format, teacher=loaded_teacher, tokenizer=loaded_tokenizer, examples=checked_examples, instruction=instruction,
             metric=metric, budgets=checked_budgets, teacher_prompt=teacher_prompt, max_new_tokens=int(max_new_tokens),
-            max_prompt_length=int(max_prompt_length), student=student, family=family,
+            max_prompt_length=int(max_prompt_length), student=student, family=family, budget_style=budget_style,
         )
 
     # ------------------------------------------------------------------ derived
@@ -202,7 +218,8 @@ class Task:
     # ------------------------------------------------------------------ prompts
     def encode_prompt(self, source: str, budget: float) -> list[int]:
         """Token ids of the student's prompt Y for ``source`` at ``budget``."""
-        return encode_text(self.tokenizer, make_prompt(self.instruction, source, budget), self.max_prompt_length,
+        return encode_text(self.tokenizer, make_prompt(self.instruction, source, budget, self.budget_style),
+                           self.max_prompt_length,
                            self.prompt_format)
 
     def encode_teacher_prompt(self, source: str, budget: float) -> list[int]:
@@ -220,7 +237,7 @@ class Task:
         self, sources: Sequence[str], budgets: Sequence[float], device: torch.device | str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Batched student prompts Y: right-padded ``[B, L]`` ids and mask."""
-        texts = [make_prompt(self.instruction, s, b) for s, b in zip(sources, budgets, strict=True)]
+        texts = [make_prompt(self.instruction, s, b, self.budget_style) for s, b in zip(sources, budgets, strict=True)]
         return encode_texts(self.tokenizer, texts, self.max_prompt_length, device, self.prompt_format)
 
     def teacher_prompts(

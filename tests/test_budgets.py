@@ -1,0 +1,120 @@
+"""Any teacher-use budget in [0, 1] (issue 31): the numeric prompt, its parsing and its errors, λ(b) between
+trained budgets, and the env asked for a budget it never trained.
+
+The env check uses the real T5 tokenizer from ../shared (it reads digits) with a tiny random T5 of its
+vocabulary size; the embedded synthetic tokenizer (whole words, no digits) is refused with a message.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.test_env import full_logprobs, play, prompt_of
+from tw_env.env import TeacherAssistedDecodingEnv
+from tw_env.prompts import (
+    budget_of_prompt,
+    check_budget,
+    check_budgets_for_style,
+    format_budget,
+    make_prompt,
+)
+from tw_env.rewards import eq17_reward, interpolate_multiplier
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+
+def test_numeric_prompts_write_and_read_any_budget():
+    assert [format_budget(b) for b in (0, 0.1, 0.15, 0.025, 0.5, 1)] == ["0", "0.1", "0.15", "0.025", "0.5", "1"]
+    assert make_prompt("summarize", "A text.", 0.15, "numeric") == "With teacher use 0.15, summarize: A text."
+    assert make_prompt("summarize", "A text.", 0.1) == "With light teacher use, summarize: A text."  # Table 1 stays
+    for b in (0.0, 0.05, 0.15, 0.333, 0.5, 1.0):
+        assert budget_of_prompt(make_prompt("translate", "x, y", b, "numeric")) == b
+    for b in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5):
+        assert budget_of_prompt(make_prompt("translate", "x", b)) == b
+    assert budget_of_prompt("summarize: no budget here") is None
+    assert check_budgets_for_style([0.05, 0.15], "numeric") == (0.05, 0.15)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (float("nan"), r"in \[0, 1\], got nan"), (1.5, r"in \[0, 1\], got 1.5"), (-0.1, r"in \[0, 1\], got -0.1"),
+    ("abc", r"a number in \[0, 1\], got 'abc'"), (None, r"a number in \[0, 1\], got None"), (True, "got True"),
+    (0.1234, "more than 3 decimal places"),
+])
+def test_bad_budgets_are_refused_naming_the_value_and_the_range(bad, message):
+    with pytest.raises(ValueError, match=message):
+        format_budget(bad)
+
+
+def test_keyword_style_refuses_a_budget_without_a_keyword_and_points_to_the_numeric_style():
+    with pytest.raises(ValueError, match="no prompt keyword.*budget_style 'numeric'"):
+        check_budgets_for_style([0.15], "keyword")
+    with pytest.raises(ValueError, match="budget_style must be one of"):
+        make_prompt("i", "s", 0.1, "words")
+    assert check_budget(np.float32(0.25)) == 0.25
+
+
+# ---------------------------------------------------------------------------------------------- λ(b) and the call rule
+
+
+def test_lambda_between_trained_budgets_by_hand():
+    knots = {0.1: 1.0, 0.2: 3.0, 0.4: -1.0}
+    assert interpolate_multiplier(0.15, knots) == pytest.approx(2.0)
+    assert interpolate_multiplier(0.125, knots) == pytest.approx(1.5)
+    assert interpolate_multiplier(0.3, knots) == pytest.approx(1.0)
+    assert interpolate_multiplier(0.05, knots) == 1.0 and interpolate_multiplier(0.5, knots) == -1.0
+    assert interpolate_multiplier(0.2, knots) == 3.0
+    with pytest.raises(ValueError, match="no known budgets"):
+        interpolate_multiplier(0.1, {})
+
+
+# ---------------------------------------------------------------------------------------------- the env
+
+
+@pytest.mark.shared
+def test_env_with_numeric_prompts_takes_a_budget_it_never_trained(t5_tokenizer_dir, tiny_t5_dir):
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    tok = AutoTokenizer.from_pretrained(t5_tokenizer_dir)
+    env = TeacherAssistedDecodingEnv(
+        teacher=str(tiny_t5_dir), tokenizer=str(t5_tokenizer_dir), student=str(tiny_t5_dir),
+        examples=[("Ein Hund läuft im Park.", "A dog runs in the park.")], instruction="translate German to English",
+        max_new_tokens=4, max_prompt_length=48, budgets=[0.1, 0.2], budget_style="numeric",
+    )
+    env.set_lagrange_multipliers({0.1: 1.0, 0.2: 3.0})
+    obs, _ = env.reset(seed=0, options={"budget": 0.15, "index": 0})
+    assert tok.decode(prompt_of(obs), skip_special_tokens=True) == (
+        "With teacher use 0.15, translate German to English: Ein Hund läuft im Park.")
+    assert obs["budget"][0] == np.float32(0.15)
+    V = env.vocab_size
+    steps = play(env, [V, 5, V, 6])
+    out = steps[-1][4]["output_ids"]
+    lp = full_logprobs(T5ForConditionalGeneration.from_pretrained(tiny_t5_dir).eval(), prompt_of(obs), out)
+    calls = np.array([True, False, True, False])[: len(out)]
+    # The reward at an unseen budget uses λ(0.15) = 2.0, halfway between the trained budgets' 1.0 and 3.0.
+    np.testing.assert_allclose([s[1] for s in steps], eq17_reward(lp[np.arange(len(out)), out], calls, 0.15, 2.0),
+                               atol=1e-4)
+    for bad, message in ((1.5, r"\[0, 1\], got 1.5"), (float("nan"), "got nan"), (0.1234, "decimal places")):
+        with pytest.raises(ValueError, match=message):
+            env.reset(options={"budget": bad})
+
+
+def test_numeric_prompts_need_a_tokenizer_that_reads_digits(family_task):
+    """The embedded synthetic tokenizer has whole words and no digits: a numeric budget would be <unk>."""
+    with pytest.raises(ValueError, match="needs a tokenizer that reads digits.*budget_style 'keyword'"):
+        TeacherAssistedDecodingEnv(teacher=str(family_task.teacher_dir), tokenizer=str(family_task.tokenizer_dir),
+                                   examples=[("a b", "c")], instruction="repeat", budgets=[0.15], budget_style="numeric")
+    with pytest.raises(ValueError, match="is not one of this env's budgets.*budget_style 'numeric'"):
+        env = TeacherAssistedDecodingEnv(teacher=str(family_task.teacher_dir), tokenizer=str(family_task.tokenizer_dir),
+                                         examples=[("a b", "c")], instruction="repeat", budgets=[0.1, 0.2])
+        env.reset(options={"budget": 0.15})
+
+
+def test_tw_eval_takes_any_budget_with_numeric_prompts():
+    from scripts.evaluate import EvalConfig
+
+    EvalConfig(budgets=[0.05, 0.15, 0.25], env_kwargs={"budget_style": "numeric"}).validate()
+    with pytest.raises(ValueError, match="budget 0.15 has no prompt keyword"):
+        EvalConfig(budgets=[0.15]).validate()
+    with pytest.raises(ValueError, match=r"\[0, 1\], got 1.5"):
+        EvalConfig(budgets=[1.5], env_kwargs={"budget_style": "numeric"}).validate()
