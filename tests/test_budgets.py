@@ -7,6 +7,8 @@ vocabulary size; the embedded synthetic tokenizer (whole words, no digits) is re
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -118,3 +120,38 @@ def test_tw_eval_takes_any_budget_with_numeric_prompts():
         EvalConfig(budgets=[0.15]).validate()
     with pytest.raises(ValueError, match=r"\[0, 1\], got 1.5"):
         EvalConfig(budgets=[1.5], env_kwargs={"budget_style": "numeric"}).validate()
+
+
+@pytest.mark.shared
+def test_train_on_numeric_budgets_then_decode_an_unseen_one(t5_tokenizer_dir, tiny_t5_dir, tmp_path):
+    """`tw train` on a denser grid of numeric budgets (the per-budget dual), then the checkpoint decoded at a
+    budget it never saw, from a prompt that states it."""
+    import json
+
+    from agents.evaluation import training_wheels_decoder
+    from agents.policy import StudentPolicy
+    from agents.train import TrainConfig, run
+    from tw_env.registration import make_task
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = "".join(json.dumps({"de": f"Ein Hund {i} läuft.", "en": f"A dog {i} runs."}) + "\n" for i in range(40))
+    for split in ("train", "validation"):
+        (data / f"{split}.jsonl").write_text(rows)
+    env_kwargs = {"teacher": str(tiny_t5_dir), "student": str(tiny_t5_dir), "tokenizer": str(t5_tokenizer_dir),
+                  "data": str(data), "budget_style": "numeric", "max_new_tokens": 6}
+    budgets = [0.0, 0.05, 0.15, 0.25]
+    summary = run(TrainConfig(
+        env_id="TrainingWheels-WMT19-v0", env_kwargs=env_kwargs, budgets=budgets, output_dir=str(tmp_path / "run"),
+        bc_batches=2, bc_batch_size=4, pcl_batches=2, num_envs=4, eval_every=1, eval_examples=8, threads=1,
+        device="cpu", lagrange_floor=-1.0, oracle_rounding="stochastic"))
+    assert [r["budget"] for r in summary["phase2"]["selection"]["evaluations"][-1]["results"]] == budgets
+    assert [b["budget"] for b in summary["call_rule"]["budgets"]] == budgets
+    task = make_task("TrainingWheels-WMT19-v0", split="validation", **env_kwargs)
+    ids, mask = task.prompts([task.examples[0].source], [0.1])
+    assert task.tokenizer.decode(ids[0], skip_special_tokens=True).startswith("With teacher use 0.1, translate")
+    policy = StudentPolicy.load(tmp_path / "run" / "best")
+    assert policy.call_threshold_for(0.1) == 0.5  # not calibrated there: the policy's own rule
+    result = training_wheels_decoder(policy, task.teacher, 6, budget=0.1, budget_cap=0.1)(ids, mask, *task.teacher_prompts(
+        [task.examples[0].source], [0.1]))
+    assert len(result.output_ids[0]) >= 1 and sum(result.from_teacher[0]) <= math.ceil(0.1 * len(result.output_ids[0]))
