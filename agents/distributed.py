@@ -150,7 +150,7 @@ def all_sum(value: float, info: Distributed) -> float:
     return float(sum(all_gather_objects(float(value), info)))
 
 
-def all_sum_counts(counts: Counts, info: Distributed) -> dict[float, tuple[int, int]]:
+def all_sum_counts(counts: Counts, info: Distributed) -> dict[float, tuple[float, float]]:
     """{budget: (teacher calls, tokens)} summed over every rank's rollout (λ steps on all of them)."""
     return merge_counts(all_gather_objects(dict(counts), info))
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from agents.objectives import lagrange_step
 
-Counts = Mapping[float, tuple[int, int]]  # {budget: (teacher calls, output tokens)} of one rollout
+Counts = Mapping[float, tuple[float, float]]  # {budget: (teacher calls, output tokens)} of one rollout
 
 
 def trailing_fractions(history: Iterable[Counts]) -> dict[float, float]:
@@ -24,14 +24,63 @@ def trailing_fractions(history: Iterable[Counts]) -> dict[float, float]:
     return {b: calls / tokens for b, (calls, tokens) in merge_counts(history).items() if tokens > 0}
 
 
-def merge_counts(parts: Iterable[Counts]) -> dict[float, tuple[int, int]]:
+def merge_counts(parts: Iterable[Counts]) -> dict[float, tuple[float, float]]:
     """{budget: (calls, tokens)} summed over several rollouts (e.g. one per data-parallel rank)."""
-    totals: dict[float, tuple[int, int]] = {}
+    totals: dict[float, tuple[float, float]] = {}
     for counts in parts:
         for b, (calls, tokens) in counts.items():
             c, t = totals.get(b, (0, 0))
-            totals[b] = (c + int(calls), t + int(tokens))
+            totals[b] = (c + calls, t + tokens)
     return totals
+
+
+def knot_weights(budget: float, knots: Sequence[float]) -> list[tuple[float, float]]:
+    """How a budget between the dual's knots shares in them: linear (hat-function) weights of the two knots
+    around it, the nearest end knot alone outside them (issue 31: λ(b) on knots, interpolated).
+
+    By hand: knots [0.1, 0.2, 0.4]: b = 0.15 → [(0.1, 0.5), (0.2, 0.5)]; b = 0.25 → [(0.2, 0.75), (0.4, 0.25)];
+    b = 0.2 → [(0.2, 1.0)]; b = 0.05 → [(0.1, 1.0)].
+    """
+    ordered = sorted(float(k) for k in knots)
+    b = float(budget)
+    for knot in ordered:
+        if abs(knot - b) < 1e-6:
+            return [(knot, 1.0)]
+    if b < ordered[0]:
+        return [(ordered[0], 1.0)]
+    if b > ordered[-1]:
+        return [(ordered[-1], 1.0)]
+    for lo, hi in zip(ordered, ordered[1:], strict=False):
+        if lo < b < hi:
+            return [(lo, (hi - b) / (hi - lo)), (hi, (b - lo) / (hi - lo))]
+    raise AssertionError("unreachable: b lies between two knots")
+
+
+def pool_counts(counts: Counts, knots: Sequence[float]) -> dict[float, tuple[float, float]]:
+    """One rollout's {budget: (calls, tokens)} at any budgets as {knot: (calls', tokens')} for the dual: each
+    budget's **error** (its excess calls, calls − b·tokens) and its tokens are shared among the knots around
+    it (:func:`knot_weights`), and a knot's calls' = knot·tokens' + its pooled excess, so that its fraction
+    minus the knot is the token-weighted error of the budgets near it. A budget on a knot is counted as is.
+
+    By hand: knots [0.1, 0.2], {0.15: (5, 20)} (error 5/20 − 0.15 = 0.1) → {0.1: (2.0, 10.0), 0.2: (3.0, 10.0)}:
+    both knots see the error 0.1.
+    """
+    pooled: dict[float, tuple[float, float]] = {}  # on-knot budgets: their counts as they are (exact sums)
+    excess: dict[float, float] = {}
+    tokens_off: dict[float, float] = {}
+    for b, (calls, tokens) in counts.items():
+        weights = knot_weights(b, knots)
+        if len(weights) == 1 and abs(weights[0][0] - float(b)) < 1e-6:
+            c, t = pooled.get(weights[0][0], (0, 0))
+            pooled[weights[0][0]] = (c + calls, t + tokens)
+            continue
+        for knot, weight in weights:
+            excess[knot] = excess.get(knot, 0.0) + weight * (calls - float(b) * tokens)
+            tokens_off[knot] = tokens_off.get(knot, 0.0) + weight * tokens
+    for k, t_off in tokens_off.items():
+        c, t = pooled.get(k, (0, 0))
+        pooled[k] = (c + k * t_off + excess[k], t + t_off)
+    return pooled
 
 
 class BudgetDual:
@@ -46,15 +95,16 @@ class BudgetDual:
         self.budgets = [float(b) for b in budgets]
         self.lr, self.cap, self.floor = lr, cap, floor
         self.lambdas: dict[float, float] = {b: 0.0 for b in self.budgets}
-        self.history: deque[dict[float, tuple[int, int]]] = deque(maxlen=window)
+        self.history: deque[dict[float, tuple[float, float]]] = deque(maxlen=window)
 
     def key(self, budget: float) -> float:
         """The dual's own budget value nearest ``budget`` (budgets travel as float32 in observations)."""
         return min(self.budgets, key=lambda b: abs(b - float(budget)))
 
     def record(self, counts: Counts) -> None:
-        """Add one rollout's {budget: (calls, tokens)} to the trailing window."""
-        self.history.append({self.key(b): (int(c), int(t)) for b, (c, t) in counts.items()})
+        """Add one rollout's {budget: (calls, tokens)} to the trailing window (budgets off the dual's own
+        are pooled into them: :func:`pool_counts`)."""
+        self.history.append(pool_counts(counts, self.budgets))
 
     @property
     def fractions(self) -> dict[float, float]:
@@ -62,8 +112,10 @@ class BudgetDual:
         return trailing_fractions(self.history)
 
     def step(self) -> dict[float, float]:
-        """One projected dual step from the trailing fractions; returns the new λs."""
-        self.lambdas = lagrange_step(self.lambdas, self.fractions, lr=self.lr, cap=self.cap, floor=self.floor)
+        """One projected dual step from the trailing fractions; returns the new λs. (A knot's fraction pooled
+        from budgets around it, knot + their error, can reach past [0, 1] at the end knots; it is clamped.)"""
+        fractions = {b: min(max(f, 0.0), 1.0) for b, f in self.fractions.items()}
+        self.lambdas = lagrange_step(self.lambdas, fractions, lr=self.lr, cap=self.cap, floor=self.floor)
         return self.lambdas
 
     def state_dict(self) -> dict[str, Any]:
@@ -121,7 +173,7 @@ class PIDState:
         return self.smoothed_calls / self.smoothed_tokens if self.smoothed_tokens > 0 else None
 
 
-def smooth_counts(state: PIDState, calls: int, tokens: int, smoothing: float) -> PIDState:
+def smooth_counts(state: PIDState, calls: float, tokens: float, smoothing: float) -> PIDState:
     """Fold one rollout's (calls, tokens) into the moving averages (the first rollout is taken as is).
 
     Averaging counts rather than per-rollout fractions weighs each rollout by its tokens, as the
@@ -178,9 +230,8 @@ class PIDBudgetDual(BudgetDual):
         self.states: dict[float, PIDState] = {b: PIDState() for b in self.budgets}
 
     def record(self, counts: Counts) -> None:
-        for b, (calls, tokens) in counts.items():
-            key = self.key(b)
-            self.states[key] = smooth_counts(self.states[key], int(calls), int(tokens), self.gains.smoothing)
+        for key, (calls, tokens) in pool_counts(counts, self.budgets).items():
+            self.states[key] = smooth_counts(self.states[key], calls, tokens, self.gains.smoothing)
 
     @property
     def fractions(self) -> dict[float, float]:

@@ -541,7 +541,7 @@ class LagrangeCallback(BaseCallback):
         return self.dual.fractions
 
     @property
-    def history(self) -> deque[dict[float, tuple[int, int]]]:
+    def history(self) -> deque[dict[float, tuple[float, float]]]:
         return self.dual.history
 
     def _init_callback(self) -> None:

@@ -75,7 +75,7 @@ from agents.trajectories import (
 from tw_env.atomic import publish_dir, write_json
 from tw_env.models import load_model as load_lm
 from tw_env.prompts import BUDGETS
-from tw_env.rewards import eq17_reward
+from tw_env.rewards import eq17_reward, interpolate_multiplier
 from tw_env.task import Task
 from tw_env.tasks import Example
 from tw_env.vector_env import TeacherAssistedDecodingVectorEnv
@@ -96,7 +96,8 @@ class TrainConfig:
     device: str = "auto"  # "cpu", "cuda" or "auto"
     threads: int = 0  # torch CPU threads (0: torch's default)
     max_new_tokens: int | None = None  # episode length (default: the task's)
-    budgets: list = field(default_factory=lambda: list(BUDGETS))  # the teacher-use budgets one model learns
+    budgets: list = field(default_factory=lambda: list(BUDGETS))  # the teacher-use budgets one model learns (with budget_range: the dual's knots and the evaluated budgets)
+    budget_range: list | None = None  # [lo, hi]: draw each episode's budget uniformly from it (to 0.001; needs env_kwargs budget_style "numeric"); the dual's λ lives on `budgets` and is interpolated between them
     # Phase 1 (§2.4.1)
     bc_batches: int = 200  # behaviour-cloning batches
     bc_batch_size: int = 32  # prompts per phase-1 batch
@@ -160,6 +161,12 @@ class TrainConfig:
             raise ValueError(f"oracle_rounding must be 'floor' or 'stochastic', got {self.oracle_rounding!r}")
         if not self.budgets or any(not 0 <= b <= 1 for b in self.budgets):
             raise ValueError(f"budgets must be fractions in [0, 1], got {self.budgets}")
+        if self.budget_range is not None:
+            if len(self.budget_range) != 2 or not 0 <= self.budget_range[0] < self.budget_range[1] <= 1:
+                raise ValueError(f"budget_range must be [lo, hi] with 0 <= lo < hi <= 1, got {self.budget_range}")
+            if self.env_kwargs.get("budget_style") != "numeric":
+                raise ValueError("budget_range draws budgets the Table 1 keywords cannot state: set "
+                                 "env_kwargs budget_style 'numeric' (and a tokenizer that reads digits)")
         if self.lagrange_rule not in LAGRANGE_RULES:
             raise ValueError(f"lagrange_rule must be one of {list(LAGRANGE_RULES)}, got {self.lagrange_rule!r}")
         self.pid_gains()  # raises on a negative gain or a smoothing outside (0, 1]
@@ -286,7 +293,7 @@ def end_of_training(setup: Setup, summary: dict) -> str:
                      + (["shipped c", "its fraction", "its quality"] if shipped else []))
         for r in best["results"] if best else [{"budget": b} for b in lambdas]:
             cells = [format(r[k], f) if k in r else "-" for k, f in (("teacher_fraction", ".3f"), ("quality", ".2f"))]
-            row = [f"{r['budget']:g}", *cells, f"{lambdas[_budget_key(lambdas, r['budget'])]:+.3f}"]
+            row = [f"{r['budget']:g}", *cells, f"{multiplier_for(lambdas, r['budget']):+.3f}"]
             if shipped:
                 e = shipped.get(float(r["budget"]))
                 row += [f"{e['threshold']:.3g}", f"{e['teacher_fraction']:.3f}", f"{e['quality']:.2f}"] if e else ["-"] * 3
@@ -404,7 +411,7 @@ def phase1_step(setup: Setup, clone: Phase1State) -> torch.Tensor:
     rng, policy = clone.rng, clone.policy
     rows = rows_per_rank(config.bc_batch_size, dist.world_size, "bc_batch_size")
     index = draw_examples(rng, len(setup.train_examples), rows, dist)
-    budgets = rng.choice(np.array(config.budgets, dtype=np.float64), size=rows)
+    budgets = draw_budgets(config, rng, rows)
     sources = [setup.train_examples[i].source for i in index]
     ids, mask = task.prompts(sources, budgets.tolist(), device)
     oracle = oracle_batch(
@@ -426,11 +433,19 @@ def phase1_step(setup: Setup, clone: Phase1State) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- phase 2
+def draw_budgets(config: TrainConfig, rng: np.random.Generator, rows: int) -> np.ndarray:
+    """Each row's budget: one of ``budgets`` (phase 1's draw), or uniform on ``budget_range`` to 0.001."""
+    if config.budget_range is None:
+        return rng.choice(np.array(config.budgets, dtype=np.float64), size=rows)
+    lo, hi = (float(x) for x in config.budget_range)
+    return np.round(rng.uniform(lo, hi, size=rows), 3).clip(lo, hi)
+
+
 def episode_rewards(
     batch: Trajectories, lambdas: dict[float, float], mu: float, sigma: float, clip: float = 2.0
 ) -> torch.Tensor:
     """Eq. 17 rewards of a batch, recomputed from its raw parts with the current λ and normalisers."""
-    lam = np.array([lambdas[_budget_key(lambdas, b)] for b in batch.budget.tolist()])[:, None]
+    lam = np.array([multiplier_for(lambdas, b) for b in batch.budget.tolist()])[:, None]
     rewards = eq17_reward(
         batch.teacher_logprob.cpu().numpy(), batch.is_call.cpu().numpy(), batch.budget.cpu().numpy()[:, None],
         lam, mu, sigma, clip=clip,
@@ -438,8 +453,11 @@ def episode_rewards(
     return torch.as_tensor(rewards, dtype=torch.float32, device=batch.mask.device) * batch.mask
 
 
-def _budget_key(lambdas: dict[float, float], budget: float) -> float:
-    return min(lambdas, key=lambda b: abs(b - budget))
+def multiplier_for(lambdas: dict[float, float], budget: float) -> float:
+    """λ of a budget: the dual's own (budgets travel as float32), else interpolated between the two around it
+    (a budget drawn from ``budget_range`` with numeric prompts), as the env does."""
+    nearest = min(lambdas, key=lambda b: abs(b - budget))
+    return lambdas[nearest] if abs(nearest - budget) < 1e-6 else interpolate_multiplier(budget, lambdas)
 
 
 def pcl_update(
@@ -620,7 +638,7 @@ def train_phase2(setup: Setup) -> dict:
             group["lr"] = config.policy_lr * policy_lr_factor(step, config.pcl_batches, config.policy_lr_decay_start,
                                                               config.policy_lr_final)
         on_policy, losses, used, (mu, sigma) = pcl_batch(setup, state)  # 1.–4.
-        throughput.add(sum(tokens for _, tokens in used.values()), time.perf_counter() - batch_start)
+        throughput.add(int(sum(tokens for _, tokens in used.values())), time.perf_counter() - batch_start)
         state.step = step + 1
         if config.check_replicas:
             check_replicas(dist, [*state.policy.parameters(), *state.value.parameters()], state.dual.lambdas,
@@ -646,7 +664,7 @@ def train_phase2(setup: Setup) -> dict:
 
 def pcl_batch(
     setup: Setup, state: PCLState
-) -> tuple[Trajectories, list[float], dict[float, tuple[int, int]], tuple[float, float]]:
+) -> tuple[Trajectories, list[float], dict[float, tuple[float, float]], tuple[float, float]]:
     """One PCL batch but its logging: 1. on-policy and 2. oracle episodes, 3. the updates on a mix of them
     and replayed episodes, 4. the Lagrangian step from the on-policy teacher use of every rank.
 
@@ -666,7 +684,8 @@ def phase2_episodes(setup: Setup, state: PCLState) -> tuple[Trajectories, Trajec
     examples), then one oracle (off-policy) episode per prompt."""
     config, envs, device, dist, task = setup.config, setup.envs, setup.device, setup.dist, setup.task
     rows = envs.num_envs  # this rank's rows: num_envs / N
-    budgets = state.rng.permutation(np.resize(np.array(config.budgets, dtype=np.float64), rows))
+    budgets = (state.rng.permutation(np.resize(np.array(config.budgets, dtype=np.float64), rows))
+               if config.budget_range is None else draw_budgets(config, state.rng, rows))
     index = draw_examples(state.rng, len(setup.train_examples), rows, dist)
     envs.set_lagrange_multipliers(state.dual.lambdas)
     before = envs.reward_stats.mark()

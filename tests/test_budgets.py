@@ -124,8 +124,8 @@ def test_tw_eval_takes_any_budget_with_numeric_prompts():
 
 @pytest.mark.shared
 def test_train_on_numeric_budgets_then_decode_an_unseen_one(t5_tokenizer_dir, tiny_t5_dir, tmp_path):
-    """`tw train` on a denser grid of numeric budgets (the per-budget dual), then the checkpoint decoded at a
-    budget it never saw, from a prompt that states it."""
+    """`tw train` with numeric prompts, each episode's budget drawn from a range, λ on knots; then the
+    checkpoint decoded at a budget it never saw, from a prompt that states it."""
     import json
 
     from agents.evaluation import training_wheels_decoder
@@ -143,10 +143,12 @@ def test_train_on_numeric_budgets_then_decode_an_unseen_one(t5_tokenizer_dir, ti
     budgets = [0.0, 0.05, 0.15, 0.25]
     summary = run(TrainConfig(
         env_id="TrainingWheels-WMT19-v0", env_kwargs=env_kwargs, budgets=budgets, output_dir=str(tmp_path / "run"),
+        budget_range=[0.0, 0.3],  # every episode its own budget; λ on the four knots, interpolated between them
         bc_batches=2, bc_batch_size=4, pcl_batches=2, num_envs=4, eval_every=1, eval_examples=8, threads=1,
         device="cpu", lagrange_floor=-1.0, oracle_rounding="stochastic"))
     assert [r["budget"] for r in summary["phase2"]["selection"]["evaluations"][-1]["results"]] == budgets
     assert [b["budget"] for b in summary["call_rule"]["budgets"]] == budgets
+    assert sorted(float(b) for b in summary["phase2"]["lambdas"]) == budgets
     task = make_task("TrainingWheels-WMT19-v0", split="validation", **env_kwargs)
     ids, mask = task.prompts([task.examples[0].source], [0.1])
     assert task.tokenizer.decode(ids[0], skip_special_tokens=True).startswith("With teacher use 0.1, translate")
@@ -155,3 +157,45 @@ def test_train_on_numeric_budgets_then_decode_an_unseen_one(t5_tokenizer_dir, ti
     result = training_wheels_decoder(policy, task.teacher, 6, budget=0.1, budget_cap=0.1)(ids, mask, *task.teacher_prompts(
         [task.examples[0].source], [0.1]))
     assert len(result.output_ids[0]) >= 1 and sum(result.from_teacher[0]) <= math.ceil(0.1 * len(result.output_ids[0]))
+
+
+# ---------------------------------------------------------------------------------------------- the dual over a range
+
+
+def test_knot_weights_and_pooled_errors_by_hand():
+    from agents.lagrangian import knot_weights, pool_counts
+
+    knots = [0.1, 0.2, 0.4]
+    assert knot_weights(0.15, knots) == [(0.1, pytest.approx(0.5)), (0.2, pytest.approx(0.5))]
+    assert knot_weights(0.25, knots) == [(0.2, pytest.approx(0.75)), (0.4, pytest.approx(0.25))]
+    assert knot_weights(np.float32(0.2), knots) == [(0.2, 1.0)] and knot_weights(0.05, knots) == [(0.1, 1.0)]
+    # 0.15 with 5 calls in 20 tokens is 0.1 over its budget: both knots around it see that error.
+    pooled = pool_counts({0.15: (5, 20)}, knots)
+    assert pooled.keys() == {0.1, 0.2} and pooled[0.1] == pytest.approx((2.0, 10.0)) and pooled[0.2] == pytest.approx((3.0, 10.0))
+    assert {k: c / t - k for k, (c, t) in pooled.items()} == {0.1: pytest.approx(0.1), 0.2: pytest.approx(0.1)}
+    # A budget on a knot is counted as it is (exact integers: the keyword runs are unchanged).
+    assert pool_counts({0.1: (13, 130), 0.2: (7, 40)}, knots) == {0.1: (13, 130), 0.2: (7, 40)}
+    both = pool_counts({0.2: (8, 40), 0.3: (2, 20)}, knots)  # 0.3: error −0.2, shared half and half
+    assert both[0.2] == pytest.approx((8 + 0.2 * 10 + 0.5 * (2 - 6), 50.0))
+    assert both[0.4] == pytest.approx((0.4 * 10 + 0.5 * (2 - 6), 10.0))
+
+
+def test_the_dual_steps_on_errors_pooled_from_budgets_between_its_knots():
+    from agents.lagrangian import PIDGains, make_dual
+    from agents.train import multiplier_for
+
+    dual = make_dual([0.1, 0.2], "pid", cap=4.0, floor=-4.0, gains=PIDGains(kp=1.0, ki=0.0, kd=0.0, smoothing=1.0))
+    dual.record({0.15: (5, 20)})  # error +0.1 at 0.15, nothing at the knots themselves
+    assert dual.step() == {0.1: pytest.approx(0.1), 0.2: pytest.approx(0.1)}
+    assert multiplier_for({0.1: 1.0, 0.2: 3.0}, np.float32(0.15)) == pytest.approx(2.0)
+    assert multiplier_for({0.1: 1.0, 0.2: 3.0}, np.float32(0.1)) == 1.0
+
+
+def test_budget_range_needs_numeric_prompts_and_a_range():
+    from agents.train import TrainConfig
+
+    with pytest.raises(ValueError, match="budget_style 'numeric'"):
+        TrainConfig(budget_range=[0.0, 0.5]).validate()
+    with pytest.raises(ValueError, match=r"budget_range must be \[lo, hi\]"):
+        TrainConfig(budget_range=[0.5, 0.1], env_kwargs={"budget_style": "numeric"}).validate()
+    TrainConfig(budget_range=[0.0, 0.5], env_kwargs={"budget_style": "numeric"}).validate()
