@@ -12,6 +12,10 @@
   here) unless ``teacher_forward_ms`` / ``student_forward_ms`` are given to `tw plot`, which projects
   the recorded forwards to other hardware without decoding again.
 - ``quality_vs_teacher_use.png``: quality against the token-level teacher-use fraction, same methods.
+- ``teacher_use_vs_budget.png``: Training Wheels' achieved teacher fraction against the budget asked for,
+  with the ideal diagonal (left), and its quality against the budget (right), one line per call rule (the
+  checkpoint's, the raw ½, a threshold calibrated by `tw eval`): how well the budgets are kept, over any
+  grid of budgets (numeric prompts: issue 31).
 - ``token_view.html`` (and the terminal, with ANSI colours): a few Training Wheels outputs at each
   budget with the tokens the student asked the teacher for highlighted.
 """
@@ -209,6 +213,55 @@ def plot_quality_vs_teacher_use(results: dict, path: Path) -> None:
             "teacher-use fraction (teacher tokens / output tokens)", metric, title, path)
 
 
+def budget_curves(rows: list[dict]) -> dict[str, list[tuple[float, float, float]]]:
+    """Training Wheels' (budget, teacher fraction, quality) per call rule ("checkpoint rule", "raw rule π > ½",
+    "calibrated by tw eval"), sorted by budget; calibrated rows are placed at the budget they were calibrated to."""
+    names = {"own": "checkpoint rule", "raw": "raw rule π(<τ>) > ½", "calibrated": "calibrated by tw eval"}
+    curves: dict[str, list[tuple[float, float, float]]] = {}
+    for row in rows:
+        if row.get("method") != "training_wheels" or row.get("budget") is None:
+            continue
+        kind = ("calibrated" if row.get("calibrated_for") is not None
+                else "raw" if str(row.get("setting", "")).endswith(RAW_RULE) else "own")
+        curves.setdefault(names[kind], []).append(
+            (float(row["budget"]), _number(row.get("teacher_fraction")), _number(row.get("quality"))))
+    return {name: sorted(points) for name, points in curves.items()}
+
+
+def plot_teacher_use_vs_budget(results: dict, path: Path) -> None:
+    """Achieved teacher fraction against the budget asked for (with the diagonal), and quality against it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = budget_curves(results["rows"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    budgets = [b for points in curves.values() for b, _, _ in points]
+    top = max(budgets + [0.5]) if budgets else 0.5
+    left.plot([0, top], [0, top], color="gray", linestyle=":", label="ideal: f = b")
+    for (name, points), style in zip(curves.items(), LINESTYLES, strict=False):
+        left.plot([b for b, _, _ in points], [f for _, f, _ in points], marker="o", linestyle=style,
+                  color=STYLES["training_wheels"][1], label=name)
+        right.plot([b for b, _, _ in points], [q for _, _, q in points], marker="o", linestyle=style,
+                   color=STYLES["training_wheels"][1], label=name)
+    for row in results["rows"]:
+        if row.get("method") in ("student", "teacher") and row.get("quality") is not None:
+            right.axhline(row["quality"], color=STYLES[row["method"]][1], linestyle="--", linewidth=0.8,
+                          label=STYLES[row["method"]][0])
+    left.set(xlabel="budget asked for, b", ylabel="teacher-use fraction achieved, f",
+             title=f"{results.get('env_id', '')}: teacher use against budget")
+    right.set(xlabel="budget asked for, b", ylabel=_metric_name(results), title="quality against budget")
+    for ax in (left, right):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    if not curves:
+        left.text(0.5, 0.5, "no Training Wheels rows", ha="center", va="center", transform=left.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _metric_name(results: dict) -> str:
     metric = results.get("metric") or (results["rows"][0]["metric"] if results.get("rows") else "")
     return {"bleu": "BLEU", "rouge2": "ROUGE-2"}.get(metric, metric or "quality")
@@ -290,7 +343,7 @@ def render_html(chosen: dict[float, list[dict]], title: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- run
 def run(config: PlotConfig) -> dict:
-    """Write the three figures and token_view.html; return their paths."""
+    """Write the four figures and token_view.html; return their paths."""
     config.validate()
     results, folder = load_results(config.results)
     out = Path(config.output_dir) if config.output_dir else folder
@@ -299,11 +352,13 @@ def run(config: PlotConfig) -> dict:
         "operating_points": out / "operating_points.png",
         "operating_points_projected": out / "operating_points_projected.png",
         "quality_vs_teacher_use": out / "quality_vs_teacher_use.png",
+        "teacher_use_vs_budget": out / "teacher_use_vs_budget.png",
         "token_view": out / "token_view.html",
     }
     plot_operating_points(results, files["operating_points"])
     plot_projected_operating_points(results, config, files["operating_points_projected"])
     plot_quality_vs_teacher_use(results, files["quality_vs_teacher_use"])
+    plot_teacher_use_vs_budget(results, files["teacher_use_vs_budget"])
     chosen = token_view_records(folder / "outputs.jsonl", config.token_view_examples, config.token_view_budget)
     title = f"Where the student asked for help: {results.get('env_id', '')}"
     files["token_view"].write_text(render_html(chosen, title), encoding="utf-8")

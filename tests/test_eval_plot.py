@@ -201,7 +201,7 @@ def test_the_cost_model_projects_latency_from_forwards(evaluated):
 def test_plot_writes_figures_and_token_view(evaluated, capsys):
     _, out = evaluated
     files = run_plot(PlotConfig(results=str(out), token_view_examples=2))
-    for key in ("operating_points", "operating_points_projected", "quality_vs_teacher_use"):
+    for key in ("operating_points", "operating_points_projected", "quality_vs_teacher_use", "teacher_use_vs_budget"):
         data = Path(files[key]).read_bytes()
         assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
     page = Path(files["token_view"]).read_text()
@@ -444,3 +444,21 @@ def test_router_table_lists_each_method_at_the_target_fraction(evaluated, capsys
     assert [line.split(" | ")[1] for line in lines] == ["Training Wheels (checkpoint rule)", "confidence fallback"]
     fallback = next(r for r in results["rows"] if r["method"] == "fallback" and r["calibrated_for"] == 0.5)
     assert f"| {fallback['teacher_fraction']:.3f} | {fallback['quality']:.2f} |" in lines[1]
+
+
+def test_budget_curves_read_each_call_rule_at_its_budget():
+    from scripts.plot import budget_curves
+
+    rows = [
+        {"method": "training_wheels", "setting": "b=0.1 (checkpoint c=0.4)", "budget": 0.1, "teacher_fraction": 0.1, "quality": 50.0},
+        {"method": "training_wheels", "setting": "b=0.05 (checkpoint c=0.4)", "budget": 0.05, "teacher_fraction": 0.06, "quality": 45.0},
+        {"method": "training_wheels", "setting": "b=0.1 raw π>½", "budget": 0.1, "teacher_fraction": 0.08, "quality": 48.0},
+        {"method": "training_wheels", "setting": "b=0.1 calibrated c=0.3", "budget": 0.1, "calibrated_for": 0.1,
+         "teacher_fraction": 0.1, "quality": 49.0},
+        {"method": "fallback", "setting": "t=0.5", "budget": None, "teacher_fraction": 0.2, "quality": 40.0},
+    ]
+    assert budget_curves(rows) == {
+        "checkpoint rule": [(0.05, 0.06, 45.0), (0.1, 0.1, 50.0)],
+        "raw rule π(<τ>) > ½": [(0.1, 0.08, 48.0)],
+        "calibrated by tw eval": [(0.1, 0.1, 49.0)],
+    }
