@@ -36,33 +36,29 @@ def test_train_mt_then_the_deen_configs_run_end_to_end(tmp_path):
                  "--replay-per-update", "4", "--eval-every", "1", "--eval-examples", "2",
                  "--checkpoint-every", "1"]) == 0
     assert (tw / "best" / "training_wheels.safetensors").is_file() and (tw / "best" / "selection.json").is_file()
+    assert (tw / "best" / "call_rule.json").is_file()  # the shipped rule: calibrated inside tw train
     assert main(["gkd", "--config", str(CONFIGS / "deen-gkd.json"), *common, "--output-dir", str(gkd),
                  "--batches", "2", "--batch-size", "4", "--eval-every", "1", "--eval-examples", "2"]) == 0
+    router = tmp_path / "co-llm"
+    assert main(["co-llm", "--config", str(CONFIGS / "deen-co-llm.json"), *common, "--output-dir", str(router),
+                 "--init-batches", "1", "--batches", "1", "--batch-size", "4", "--eval-examples", "2"]) == 0
     assert main(["eval", "--config", str(CONFIGS / "deen-eval.json"), *common, "--output-dir", str(ev),
-                 "--tw-policy", str(tw / "best"), "--draft", str(gkd / "best"), "--examples", "2",
-                 "--calibration-examples", "2", "--latency-examples", "1", "--warmup", "0",
-                 "--tw-policy-candidates", json.dumps([str(tw / "phase2-evaluated" / "step-*")])]) == 0
+                 "--tw-policy", str(tw / "best"), "--draft", str(gkd / "best"), "--co-llm-router", str(router / "best"),
+                 "--examples", "2", "--calibration-examples", "2", "--latency-examples", "1", "--warmup", "0"]) == 0
 
     results = json.loads((ev / "results.json").read_text())
     rows = results["rows"]
     by_method: dict[str, list[dict]] = {}
     for row in rows:
         by_method.setdefault(row["method"], []).append(row)
-    assert set(by_method) == {"student", "teacher", "training_wheels", "distillspec", "fallback"}
+    assert set(by_method) == {"student", "teacher", "training_wheels", "distillspec", "fallback", "co_llm", "bild"}
     assert by_method["teacher"][0]["teacher_fraction"] == 1.0
     assert by_method["student"][0]["teacher_fraction"] == 0.0
-    # One row per budget of the shipped config under the policy's own rule, one with its calibrated call threshold.
+    # Per budget of the shipped config: the checkpoint's own rule (the raw ½ rule beside it where they differ).
     tw_rows = by_method["training_wheels"]
-    assert [r["budget"] for r in tw_rows if r.get("calibrated_for") is None] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
-    assert [r["calibrated_for"] for r in tw_rows if r.get("calibrated_for") is not None] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
-    report = results["tw_calibration"]
-    # The shipped recipe keeps every evaluated policy (batches 0, 1, 2 here); the pattern finds them in order.
-    assert [c["policy"] for c in report["candidates"]] == [
-        str(tw / "best"), *(str(tw / "phase2-evaluated" / f"step-{s:06d}") for s in (0, 1, 2))]
-    assert report["chosen"] in [c["policy"] for c in report["candidates"]]
-    # best/ is one of the kept policies under another name: that one reuses best's calibration.
-    reused = [c for c in report["candidates"] if "same_weights_as" in c]
-    assert [c["same_weights_as"] for c in reused] == [str(tw / "best")]
-    assert reused[0]["budgets"] == report["candidates"][0]["budgets"]
-    calibrated = [r for r in by_method["fallback"] if r.get("calibrated_for") not in (None, "")]
-    assert sorted(float(r["calibrated_for"]) for r in calibrated) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    assert sorted({r["budget"] for r in tw_rows}) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    assert all(r.get("calibrated_for") is None for r in tw_rows) and results["tw_calibration"] is None
+    # Every baseline is calibrated to each target fraction on the calibration rows.
+    for method in ("fallback", "distillspec", "co_llm", "bild"):
+        calibrated = [r for r in by_method[method] if r.get("calibrated_for") not in (None, "")]
+        assert sorted(float(r["calibrated_for"]) for r in calibrated) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5], method
