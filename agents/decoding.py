@@ -201,6 +201,23 @@ class _Outputs:
         )
 
 
+
+def _start_pair(
+    model: PreTrainedModel | StudentPolicy, teacher: PreTrainedModel, input_ids: torch.Tensor,
+    attention_mask: torch.Tensor, max_new_tokens: int, role: str = "student",
+) -> tuple[PreTrainedModel, torch.Tensor, torch.Tensor, _Outputs]:
+    """What every decoder of a small model with the teacher does first: the small LM (a StudentPolicy's own),
+    the pair checked (one family, one vocabulary; ``role`` names the small model in messages), the prompts
+    on its device and an empty output buffer."""
+    small = _as_model(model)
+    check_same_family(teacher, small, role)
+    check_same_vocabulary(teacher, output_vocab_size(small), role)
+    device = small.device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    out = _Outputs(input_ids.shape[0], max_new_tokens, _pad_id(small), _eos_ids(small, device))
+    return small, input_ids, attention_mask, out
+
+
 class _CatchUpTeacher:
     """The teacher at test time: idle until asked, then one forward over everything it has not seen.
 
@@ -612,12 +629,8 @@ def speculative_decode(
         raise ValueError(f"draft_length must be >= 1, got {draft_length}")
     if not 0.0 <= lenience <= 1.0:
         raise ValueError(f"lenience must lie in [0, 1], got {lenience}")
-    drafter = _as_model(draft_model)
-    check_same_family(teacher, drafter, "draft model")
-    check_same_vocabulary(teacher, output_vocab_size(drafter), "draft model")
-    device = drafter.device
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    out = _Outputs(input_ids.shape[0], max_new_tokens, _pad_id(drafter), _eos_ids(drafter, device))
+    drafter, input_ids, attention_mask, out = _start_pair(draft_model, teacher, input_ids, attention_mask,
+                                                          max_new_tokens, "draft model")
     with _eval_mode(drafter, teacher):
         speculation = _Speculation(drafter, teacher, input_ids, attention_mask, out, draft_length)
         while not bool(out.done.all()):
@@ -648,13 +661,8 @@ def confidence_fallback_decode(
     _check_inputs(input_ids, attention_mask, max_new_tokens)
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
-    model = _as_model(student_model)
-    check_same_family(teacher, model)
-    check_same_vocabulary(teacher, output_vocab_size(model))
-    device = model.device
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    batch_size = input_ids.shape[0]
-    out = _Outputs(batch_size, max_new_tokens, _pad_id(model), _eos_ids(model, device))
+    model, input_ids, attention_mask, out = _start_pair(student_model, teacher, input_ids, attention_mask, max_new_tokens)
+    batch_size, device = input_ids.shape[0], model.device
     with _eval_mode(model, teacher):
         student = family_of(model).incremental_decoder(model, batch_size, max_new_tokens + 1)
         context, context_mask, token = family_of(model).restart_batch(model, input_ids, attention_mask)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -50,7 +49,7 @@ from agents.evaluation import (
     training_wheels_decoder,
 )
 from agents.policy import StudentPolicy
-from agents.routers import ROUTER_CONFIG, CoLLMRouter, bild_decode, co_llm_decode
+from agents.routers import CoLLMRouter, bild_decode, co_llm_decode
 from tw_env.models import load_model
 from tw_env.registration import make_task, split_env_options
 from tw_env.task import FromTask, Task
@@ -547,7 +546,7 @@ class CoLLM(EvalMethod):
         super().__init__(context)
         assert self.options.co_llm_router is not None  # check() refuses a config without it
         self.router = CoLLMRouter.load(self.options.co_llm_router, device=context.device, dtype=context.dtype)
-        prompt = read_router_prompt(self.options.co_llm_router)
+        prompt = self.router.prompt
         if prompt is not None and prompt != self.options.plain_prompt:
             raise ValueError(f"the Co-LLM router at {self.options.co_llm_router} was trained on the prompt {prompt!r}, "
                              f"but plain_prompt is {self.options.plain_prompt!r}; expected the same template")
@@ -569,12 +568,6 @@ class CoLLM(EvalMethod):
         self.context.reports["co_llm_calibration"] = [calibration_report(f, measured) for f in found_list]
         return [Setting(self.name, f"η={found.threshold:.3g} (for {found.target:g})", self.decoder(found.threshold),
                         threshold=found.threshold, calibrated_for=found.target) for found in found_list]
-
-
-def read_router_prompt(folder: str | Path) -> str | None:
-    """The prompt template a Co-LLM router was trained on (its ``co_llm.json``), None if it records none."""
-    path = Path(folder) / ROUTER_CONFIG
-    return json.loads(path.read_text()).get("prompt") if path.is_file() else None
 
 
 @register

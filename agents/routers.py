@@ -30,6 +30,7 @@ over the batch), student forwards, and BiLD's wasted (rolled-back) tokens per ro
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -41,18 +42,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from agents.decoding import (
     DecodeResult,
-    _as_model,
     _CatchUpTeacher,
     _check_inputs,
-    _eos_ids,
     _eval_mode,
     _Outputs,
-    _pad_id,
+    _start_pair,
 )
 from agents.objectives import bild_rollback_position, collm_defers, confidence_fallback
 from tw_env.atomic import publish_dir, write_json
-from tw_env.families import IncrementalDecoding, check_same_family, family_of
-from tw_env.models import check_same_vocabulary, load_model, output_vocab_size
+from tw_env.families import IncrementalDecoding, family_of
+from tw_env.models import load_model, output_vocab_size
 
 ROUTER_WEIGHTS = "co_llm_deferral.safetensors"
 ROUTER_CONFIG = "co_llm.json"
@@ -80,6 +79,7 @@ class CoLLMRouter(nn.Module):
         self.vocab_size = output_vocab_size(model)
         self.deferral = nn.Linear(model.config.hidden_size, 1, bias=False)
         nn.init.zeros_(self.deferral.weight)  # P(Z = 1) = ½ everywhere until the initialisation fits it
+        self.prompt: str | None = None  # the prompt template it was trained on (``co_llm.json``), once loaded
 
     @property
     def device(self) -> torch.device:
@@ -136,6 +136,8 @@ class CoLLMRouter(nn.Module):
             raise ValueError(f"{weights}: deferral weight of shape {tuple(state['weight'].shape)}, expected "
                              f"{tuple(router.deferral.weight.shape)} for a model of hidden size {router.model.config.hidden_size}")
         router.deferral.weight.data.copy_(state["weight"])
+        record = folder / ROUTER_CONFIG
+        router.prompt = json.loads(record.read_text()).get("prompt") if record.is_file() else None
         return router.to(router.device).eval()
 
 
@@ -151,13 +153,9 @@ def co_llm_decode(
     """Co-LLM's greedy decoding: at each token the teacher writes its argmax where σ(d_t) > η
     (``threshold``), the student its own argmax elsewhere. η = 1 never defers; η = 0 always does."""
     _check_inputs(input_ids, attention_mask, max_new_tokens)
-    model = router.model
-    check_same_family(teacher, model, "Co-LLM router")
-    check_same_vocabulary(teacher, output_vocab_size(model), "Co-LLM router")
-    device = model.device
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    model, input_ids, attention_mask, out = _start_pair(router.model, teacher, input_ids, attention_mask,
+                                                        max_new_tokens, "Co-LLM router")
     batch_size = input_ids.shape[0]
-    out = _Outputs(batch_size, max_new_tokens, _pad_id(model), _eos_ids(model, device))
     with _eval_mode(router, teacher):
         family = family_of(model)
         student = family.incremental_decoder(model, batch_size, max_new_tokens + 1)
@@ -332,12 +330,8 @@ def bild_decode(
         raise ValueError(f"rollback_threshold α_RB must be >= 0 nats (math.inf: never), got {rollback_threshold}")
     if small_iters < 1:
         raise ValueError(f"small_iters must be >= 1, got {small_iters}")
-    small = _as_model(small_model)
-    check_same_family(teacher, small, "small model")
-    check_same_vocabulary(teacher, output_vocab_size(small), "small model")
-    device = small.device
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    out = _Outputs(input_ids.shape[0], max_new_tokens, _pad_id(small), _eos_ids(small, device))
+    small, input_ids, attention_mask, out = _start_pair(small_model, teacher, input_ids, attention_mask,
+                                                        max_new_tokens, "small model")
     with _eval_mode(small, teacher):
         bild = _BiLD(small, teacher, input_ids, attention_mask, out, small_iters)
         while not bool(out.done.all()):
