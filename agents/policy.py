@@ -271,11 +271,32 @@ class StudentPolicy(_StateModel):
         return self.stream_states(read, prompt.summary, state_ids, state_mask), prompt
 
     def forward(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, state_ids: torch.Tensor, state_mask: torch.Tensor,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[B, T, V+1]``: position i is π(· | X^(in)_<i, Y), i.e. the distribution of action i.
+
+        ``positions`` (bool ``[B, T]``): the logits ``[N, V+1]`` of those positions only, in row-major
+        order. Why: the head's work (the LM head, the confidence read and the log-softmax a loss takes
+        after it) is over V at every position, and a padded batch of short outputs is mostly padding.
+        """
+        states, prompt = self.state_features(prompt_ids, prompt_mask, state_ids, state_mask)
+        if positions is None:
+            return self.head(states[:, :-1], prompt)
+        if positions.dtype != torch.bool or positions.shape != state_ids.shape:
+            raise ValueError(f"positions must be a bool mask of the states' shape {tuple(state_ids.shape)}, "
+                             f"got {positions.dtype} {tuple(positions.shape)}")
+        rows = positions.nonzero()[:, 0]
+        return self.head(states[:, :-1][positions], PromptFeatures(prompt.summary[rows], prompt.call_bias[rows]))
+
+    @torch.no_grad()
+    def token_logits(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, state_ids: torch.Tensor, state_mask: torch.Tensor
     ) -> torch.Tensor:
-        """Logits ``[B, T, V+1]``: position i is π(· | X^(in)_<i, Y), i.e. the distribution of action i."""
-        states, prompt = self.state_features(prompt_ids, prompt_mask, state_ids, state_mask)
-        return self.head(states[:, :-1], prompt)
+        """The first V columns of :meth:`forward` (``[B, T, V]``, no gradient) without the <τ> head: what
+        the phase-1 oracle ranks positions by, at the cost of the LM alone."""
+        states, _ = self.state_features(prompt_ids, prompt_mask, state_ids, state_mask)
+        return self.family.lm_head_logits(self.model, states[:, :-1])
 
     def step_head(self, decoder: IncrementalDecoding, ids: torch.Tensor, prompt: PromptFeatures) -> torch.Tensor:
         """``[B, V+1]`` logits of one incremental step that feeds X^(in) tokens ``ids`` to ``decoder``.

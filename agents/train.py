@@ -420,8 +420,11 @@ def phase1_step(setup: Setup, clone: Phase1State) -> torch.Tensor:
         task.teacher_prompts(sources, budgets.tolist(), device),
     )
     traj = oracle.trajectories
-    logits = clone.trained(ids, mask, traj.state_ids, traj.mask.long())
-    loss = phase1_loss(logits, oracle.teacher_logits, traj.is_call, traj.mask)
+    # The head runs at the valid positions only (positions=), which phase1_loss reads as one row of N.
+    valid = traj.mask
+    logits = clone.trained(ids, mask, traj.state_ids, valid.long(), positions=valid)[None]
+    everything = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+    loss = phase1_loss(logits, oracle.teacher_logits[valid][None], traj.is_call[valid][None], everything)
     tokens = float(traj.mask.sum())
     scale = data_parallel_loss_scale(tokens, all_sum(tokens, dist), dist.world_size)
     clone.optimizer.zero_grad(set_to_none=True)
@@ -471,8 +474,10 @@ def pcl_update(
     of the loss over every rank's episodes.
     """
     mask = batch.mask
-    logits = policy(batch.prompt_ids, batch.prompt_mask, batch.state_ids, mask.long()).float()
-    log_pi = torch.log_softmax(logits, dim=-1).gather(-1, batch.actions[..., None]).squeeze(-1)
+    # π's head at the valid positions only (positions=); padding's log π is 0 (pcl_loss masks it anyway).
+    logits = policy(batch.prompt_ids, batch.prompt_mask, batch.state_ids, mask.long(), positions=mask).float()
+    taken = torch.log_softmax(logits, dim=-1).gather(-1, batch.actions[mask][:, None]).squeeze(-1)
+    log_pi = torch.zeros(mask.shape, dtype=taken.dtype, device=mask.device).masked_scatter(mask, taken)
     values = value(batch.prompt_ids, batch.prompt_mask, batch.state_ids, mask.long()).float()  # [B, T+1]
     # max_new_tokens is the decoding horizon at training and at test time, so nothing is earned after
     # it: a truncated episode ends with value 0, like a terminated one. `bootstrap_truncated` takes

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from agents.decoding import generation_model
-from agents.objectives import oracle_call_mask, teacher_student_kl
+from agents.objectives import oracle_call_mask, teacher_student_kl_fast
 from agents.policy import StudentPolicy, choose_actions
 from tw_env.families import family_of
 from tw_env.vector_env import TeacherAssistedDecodingVectorEnv
@@ -123,15 +123,20 @@ def oracle_batch(
     mask = after_eos == 0
     output = output.masked_fill(~mask, 0)
     truncated = ~is_eos.any(dim=1)
-    student_logits = policy(prompt_ids, prompt_mask, output, mask.long())
-    kl = teacher_student_kl(teacher_logits, student_logits)
+    student_logits = policy.token_logits(prompt_ids, prompt_mask, output, mask.long())
+    # The valid positions only (short outputs pad most of a batch), the teacher's log-softmax once for both
+    # reads, and the KL in its three-pass form (agents.objectives.teacher_student_kl_fast).
+    teacher_log_probs = torch.log_softmax(teacher_logits[mask], dim=-1)
+    kl = torch.zeros(mask.shape, dtype=teacher_log_probs.dtype, device=mask.device)
+    kl[mask] = teacher_student_kl_fast(teacher_logits[mask], student_logits[mask], teacher_log_probs)
     calls = oracle_call_mask(kl, mask, budgets, round_up_draws)
-    teacher_logprob = torch.log_softmax(teacher_logits, dim=-1).gather(-1, output[..., None]).squeeze(-1)
+    teacher_logprob = torch.zeros_like(kl)
+    teacher_logprob[mask] = teacher_log_probs.gather(-1, output[mask][:, None]).squeeze(-1)
     trajectories = Trajectories(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask,
         state_ids=torch.where(calls, output + vocab, output),
         actions=torch.where(calls, torch.full_like(output, vocab), output),
-        teacher_logprob=teacher_logprob.masked_fill(~mask, 0.0), is_call=calls, mask=mask,
+        teacher_logprob=teacher_logprob, is_call=calls, mask=mask,
         budget=budgets.float(), truncated=truncated,
     )
     assert trajectories.state_ids.shape[1] == width

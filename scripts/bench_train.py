@@ -285,12 +285,14 @@ def floor_score(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, t
     family_of(model).teacher_forced_logits(model, ids, mask, tokens)
 
 
-def floor_update(floor: FloorModels, ids: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor) -> None:
+def floor_update(floor: FloorModels, ids: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor,
+                 trained: torch.Tensor) -> None:
     """Teacher-forced forwards of the student (and the value net, one more position) with gradients,
-    one backward, one AdamW step each."""
+    one backward, one AdamW step each. The LMs run over the padded batch, as any batched call must; the
+    loss (a log-softmax over V) reads the ``trained`` positions only, the tokens the step learns from."""
     family = family_of(floor.student)
     logits = family.teacher_forced_logits(floor.student, ids, mask, tokens).float()
-    loss = torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).mean()
+    loss = torch.log_softmax(logits[trained], dim=-1).gather(-1, tokens[trained][:, None]).mean()
     if floor.value is not None and floor.value_head is not None:
         states = family.teacher_forced_logits(floor.value, ids, mask, nn.functional.pad(tokens, (0, 1)))
         loss = loss + floor.value_head(states).mean()
@@ -359,7 +361,7 @@ def bc_bench(ctx: PairContext) -> StepBench:
         tokens = traj.state_ids % vocab
         floor_decode(args["teacher"], teacher_ids, teacher_mask, tokens.shape[1])
         floor_score(floor.student, ids, mask, tokens)
-        floor_update(floor, ids, mask, tokens)
+        floor_update(floor, ids, mask, tokens, traj.mask)
 
     def shapes() -> dict[str, Any]:
         call = probe.last("oracle")
@@ -389,7 +391,7 @@ def pcl_bench(ctx: PairContext) -> StepBench:
         floor_score(floor.student, oracle.prompt_ids, oracle.prompt_mask, oracle.state_ids % vocab)
         for call in probe.calls["update"]:
             batch = call.arguments["batch"]
-            floor_update(floor, batch.prompt_ids, batch.prompt_mask, batch.state_ids % vocab)
+            floor_update(floor, batch.prompt_ids, batch.prompt_mask, batch.state_ids % vocab, batch.mask)
 
     def shapes() -> dict[str, Any]:
         return {"rollout": _episodes(probe.last("rollout").result[0]),
@@ -434,7 +436,7 @@ def gkd_bench(ctx: PairContext) -> StepBench:
         if n < len(ids):
             floor_decode(teacher, ids[n:], mask[n:], int(lengths[n:].max()))  # its outputs, scored as decoded
         for _ in probe.calls["update"]:
-            floor_update(floor, ids, mask, batch.tokens)
+            floor_update(floor, ids, mask, batch.tokens, batch.mask.bool())
 
     def shapes() -> dict[str, Any]:
         batch = probe.last("samples").result

@@ -22,6 +22,7 @@ from agents.objectives import (
     phase1_loss_terms,
     reverse_kl,
     teacher_student_kl,
+    teacher_student_kl_fast,
 )
 
 ln = math.log
@@ -717,3 +718,84 @@ def test_budget_allowance_rejects_bad_inputs():
             budget_allowance(budget, 10, "guaranteed")
     with pytest.raises(ValueError, match="length must be >= 0"):
         budget_allowance(0.1, -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The three-pass forms against the textbook ones
+# ---------------------------------------------------------------------------------------------
+
+
+def _random_phase1_batch(seed: int, rows: int = 3, width: int = 5, vocab: int = 7):
+    generator = torch.Generator().manual_seed(seed)
+    student = (3 * torch.randn(rows, width, vocab + 1, generator=generator, dtype=torch.float64)).requires_grad_()
+    teacher = 3 * torch.randn(rows, width, vocab, generator=generator, dtype=torch.float64)
+    teacher[0, 1, 2:5] = -math.inf  # some teacher tokens impossible: 0·log 0 = 0
+    mask = torch.ones(rows, width, dtype=torch.bool)
+    mask[1, 3:] = False
+    mask[2, 1:] = False
+    calls = torch.rand(rows, width, generator=generator) < 0.4
+    return student, teacher, calls, mask
+
+
+def _textbook_phase1_loss(student, teacher, calls, mask, literal):
+    call_nll, kl = phase1_loss_terms(student, teacher)
+    if not literal:
+        kl = kl - (torch.logsumexp(student[..., :-1], dim=-1) - torch.logsumexp(student, dim=-1))
+    per_position = torch.where(calls, call_nll, kl)
+    return per_position[mask].mean()
+
+
+@pytest.mark.parametrize("literal", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_phase1_loss_equals_its_textbook_form_with_gradients(seed, literal):
+    student, teacher, calls, mask = _random_phase1_batch(seed)
+    fast = phase1_loss(student, teacher, calls, mask, literal=literal)
+    (fast_grad,) = torch.autograd.grad(fast, student)
+    slow = _textbook_phase1_loss(student, teacher, calls, mask, literal)
+    (slow_grad,) = torch.autograd.grad(slow, student)
+    assert fast.item() == pytest.approx(slow.item(), abs=1e-12)
+    assert torch.allclose(fast_grad, slow_grad, atol=1e-12)
+    assert slow_grad[~mask].abs().max() == 0 and fast_grad[~mask].abs().max() == 0  # padding learns nothing
+
+
+def test_phase1_loss_with_nothing_valid_is_zero_with_a_graph():
+    student = torch.zeros(2, 3, 5, requires_grad=True)
+    loss = phase1_loss(student, torch.zeros(2, 3, 4), torch.zeros(2, 3), torch.zeros(2, 3))
+    loss.backward()
+    assert loss.item() == 0.0 and student.grad.abs().max() == 0
+
+
+@pytest.mark.parametrize("with_call_logit", [True, False])
+def test_fast_kl_equals_the_textbook_kl(with_call_logit):
+    student, teacher, _, _ = _random_phase1_batch(3)
+    student = student.detach() if with_call_logit else student.detach()[..., :-1]
+    expected = teacher_student_kl(teacher, student)
+    assert torch.allclose(teacher_student_kl_fast(teacher, student), expected, atol=1e-12)
+    given = torch.log_softmax(teacher, dim=-1)
+    assert torch.allclose(teacher_student_kl_fast(teacher, student, given), expected, atol=1e-12)
+
+
+def test_fast_kl_by_hand_with_impossible_tokens_on_both_sides():
+    # p = [1, 0, 0] (zeros as −inf), q = [0.4, 0.6, 0] (its 0 a −inf logit where p is 0 too): KL = ln 2.5.
+    teacher = torch.tensor([[[0.0, -math.inf, -math.inf]]])
+    student = torch.tensor([[[math.log(0.4), math.log(0.6), -math.inf]]])
+    assert teacher_student_kl_fast(teacher, student).item() == pytest.approx(math.log(2.5), abs=1e-6)
+    # Where p gives mass to a token the student rules out, the KL is infinite.
+    assert teacher_student_kl_fast(teacher, torch.tensor([[[-math.inf, 0.0, 0.0]]])).item() == math.inf
+
+
+def test_fast_kl_refuses_a_student_of_the_wrong_width():
+    with pytest.raises(ValueError, match="expected V=3 or V\\+1=4"):
+        teacher_student_kl_fast(torch.zeros(1, 2, 3), torch.zeros(1, 2, 6))
+
+
+@pytest.mark.parametrize("divergence", [reverse_kl, forward_kl])
+def test_token_kls_read_valid_positions_only(divergence):
+    student, teacher, _, mask = _random_phase1_batch(4)
+    student, teacher = student.detach()[..., :-1].clone(), teacher.clone()
+    teacher[0, 1] = 0.0  # no impossible teacher tokens here (reverse KL would be infinite)
+    expected = torch.stack([divergence(student[b:b + 1, t:t + 1], teacher[b:b + 1, t:t + 1], torch.ones(1, 1))
+                            for b, t in mask.nonzero().tolist()]).mean()
+    student[~mask], teacher[~mask] = math.nan, math.nan  # what padding holds is never read
+    assert divergence(student, teacher, mask).item() == pytest.approx(expected.item(), abs=1e-12)
+    assert divergence(student, teacher, torch.zeros_like(mask)).item() == 0.0

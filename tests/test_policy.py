@@ -312,3 +312,20 @@ def test_sampling_needs_a_generator():
     with pytest.raises(ValueError, match="Generator"):
         choose_actions(torch.zeros(2, 3), 0.5)
 
+
+
+def test_token_logits_and_positions_are_the_forward_pass_read_differently(policy):
+    """What the trainers call to skip work: the oracle's token logits, and the head at valid positions only."""
+    prompt_ids, prompt_mask, state_ids, state_mask = episode_batch()
+    with torch.no_grad():
+        full = policy(prompt_ids, prompt_mask, state_ids, state_mask)
+    vocab = policy.vocab_size
+    # token_logits is forward's first V columns, bit for bit (the oracle ranks by it).
+    assert torch.equal(policy.token_logits(prompt_ids, prompt_mask, state_ids, state_mask), full[..., :vocab])
+    positions = state_mask.bool()
+    with torch.no_grad():
+        some = policy(prompt_ids, prompt_mask, state_ids, state_mask, positions=positions)
+    assert some.shape == (int(positions.sum()), vocab + 1)
+    assert torch.allclose(some, full[positions], atol=1e-6)
+    with pytest.raises(ValueError, match="positions must be a bool mask"):
+        policy(prompt_ids, prompt_mask, state_ids, state_mask, positions=state_mask)
