@@ -131,27 +131,33 @@ class GKDBatch:
     tokens: torch.Tensor  # [B, T] long, 0 after the end
     mask: torch.Tensor  # [B, T] bool
     from_student: torch.Tensor  # [B] bool: sampled from the student (else the teacher's greedy output)
+    # [B − n_student, T, V'] the teacher's logits at its own outputs, kept from its decode (None: no such rows)
+    teacher_output_logits: torch.Tensor | None = None
 
 
 @torch.no_grad()
 def generate(
-    model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: int, sample: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+    model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: int, sample: bool,
+    with_logits: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Outputs of ``model`` for right-padded prompts (without the decoder start token or a causal model's
-    prompt) and their valid positions."""
+    prompt), their valid positions and, ``with_logits``, the model's logits ``[B, T, V']`` at each of
+    them (what its decode computed anyway; else ``None``)."""
     # Pure ancestral sampling at temperature 1: top_k=0 and top_p=1 switch off the generation
     # config's defaults (top_k=50), which would otherwise truncate the student's distribution.
     options = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
     family = family_of(model)
     generate_ids, generate_mask = family.generation_inputs(ids, mask)  # left padding for a causal model
-    sequences = generation_model(model).generate(
-        input_ids=generate_ids, attention_mask=generate_mask, max_new_tokens=max_new_tokens, num_beams=1, **options
+    generated = generation_model(model).generate(
+        input_ids=generate_ids, attention_mask=generate_mask, max_new_tokens=max_new_tokens, num_beams=1,
+        output_logits=with_logits, return_dict_in_generate=True, **options
     )
-    tokens = family.generated_tokens(sequences, ids.shape[1])
+    tokens = family.generated_tokens(generated.sequences, ids.shape[1])
     is_eos = tokens == eos
     # Valid up to and including the first EOS; generate pads finished rows after it.
     valid = (torch.cumsum(is_eos.long(), dim=1) - is_eos.long()) == 0
-    return tokens.masked_fill(~valid, 0), valid
+    logits = torch.stack(generated.logits, dim=1).to(ids.device) if with_logits else None
+    return tokens.masked_fill(~valid, 0), valid, logits
 
 
 def pair_prompts(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -168,15 +174,37 @@ def collect(
 ) -> GKDBatch:
     """GKD's mixture: the first ``n_student`` prompts get a student sample, the others the teacher's output."""
     parts: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
+    teacher_logits = None
     if n_student > 0:
-        parts.append((*generate(student, ids[:n_student], mask[:n_student], max_new_tokens, eos, sample=True), True))
+        tokens, valid, _ = generate(student, ids[:n_student], mask[:n_student], max_new_tokens, eos, sample=True)
+        parts.append((tokens, valid, True))
     if n_student < ids.shape[0]:
-        parts.append((*generate(teacher, ids[n_student:], mask[n_student:], max_new_tokens, eos, sample=False), False))
+        tokens, valid, teacher_logits = generate(teacher, ids[n_student:], mask[n_student:], max_new_tokens, eos,
+                                                 sample=False, with_logits=True)
+        parts.append((tokens, valid, False))
     width = max(tokens.shape[1] for tokens, _, _ in parts)
     pad = [torch.nn.functional.pad(tokens, (0, width - tokens.shape[1])) for tokens, _, _ in parts]
-    valid = [torch.nn.functional.pad(v, (0, width - v.shape[1])) for _, v, _ in parts]
+    valid_parts = [torch.nn.functional.pad(v, (0, width - v.shape[1])) for _, v, _ in parts]
     from_student = torch.cat([torch.full((t.shape[0],), s, dtype=torch.bool) for t, _, s in parts])
-    return GKDBatch(ids, mask, torch.cat(pad), torch.cat(valid), from_student.to(ids.device))
+    if teacher_logits is not None:
+        teacher_logits = torch.nn.functional.pad(teacher_logits, (0, 0, 0, width - teacher_logits.shape[1]))
+    return GKDBatch(ids, mask, torch.cat(pad), torch.cat(valid_parts), from_student.to(ids.device), teacher_logits)
+
+
+@torch.no_grad()
+def teacher_logits_on(teacher: PreTrainedModel, batch: GKDBatch, vocab: int) -> torch.Tensor:
+    """``[B, T, V]`` the teacher's logits at every position of ``batch``: one teacher-forced forward over the
+    student's samples, and for the teacher's own outputs the logits its decode already gave (``collect``
+    keeps them; they equal a teacher-forced forward's up to float rounding, as a KV-cached decode does)."""
+    n_student = int(batch.from_student.sum())
+    if batch.teacher_output_logits is None or n_student == len(batch.from_student):
+        return logits_on(teacher, batch)[..., :vocab].float()
+    decoded = batch.teacher_output_logits[..., :vocab].float().to(batch.tokens.device)
+    if n_student == 0:
+        return decoded
+    samples = GKDBatch(batch.prompt_ids[:n_student], batch.prompt_mask[:n_student], batch.tokens[:n_student],
+                       batch.mask[:n_student], batch.from_student[:n_student])
+    return torch.cat([logits_on(teacher, samples)[..., :vocab].float().to(decoded.device), decoded])
 
 
 def logits_on(model: PreTrainedModel, batch: GKDBatch, forward: torch.nn.Module | None = None) -> torch.Tensor:
@@ -231,7 +259,7 @@ def evaluate(
     for start in range(0, len(local), batch_size):
         chunk = local[start : start + batch_size]
         ids, mask = task.plain_prompts([e.source for e in chunk], template, student.device)
-        tokens, valid = generate(student, ids, mask, max_new_tokens, task.eos_token_id, sample=False)
+        tokens, valid, _ = generate(student, ids, mask, max_new_tokens, task.eos_token_id, sample=False)
         hypotheses += task.tokenizer.batch_decode(tokens.masked_fill(~valid, 0), skip_special_tokens=True)
     hypotheses = [h for part in all_gather_objects(hypotheses, dist) for h in part]
     return quality(task.metric, hypotheses, [e.reference for e in examples])
@@ -402,8 +430,7 @@ class _GKDRun:
         if config.pairing == "per_prompt":
             ids, mask, n_student = pair_prompts(ids, mask)
         batch = collect(student, task.teacher, ids, mask, n_student, task.max_new_tokens, task.eos_token_id)
-        with torch.no_grad():
-            teacher_logits = logits_on(task.teacher, batch)[..., :self.vocab].float().to(device)
+        teacher_logits = teacher_logits_on(task.teacher, batch, self.vocab).to(device)
         # 2. Several reverse-KL updates on the same trajectories.
         tokens = float(batch.mask.sum())
         all_tokens = all_sum(tokens, dist)

@@ -24,7 +24,7 @@ import tw_env  # noqa: F401  (registers the tasks)
 from agents import gkd
 from agents.gkd import GKDConfig
 from agents.objectives import reverse_kl
-from tw_env.models import load_model
+from tw_env.models import load_model, output_vocab_size
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV_ID = "TrainingWheels-Synthetic-v0"
@@ -143,9 +143,27 @@ def test_per_prompt_pairing_gives_every_prompt_a_student_sample_and_the_teachers
     batch = gkd.collect(student, env.teacher, paired_ids, paired_mask, n_student, env.max_new_tokens,
                         env.tokenizer.eos_token_id)
     assert batch.from_student.tolist() == [True] * 5 + [False] * 5
-    teacher_alone = gkd.generate(env.teacher, ids, mask, env.max_new_tokens, env.tokenizer.eos_token_id, sample=False)
+    teacher_alone = gkd.generate(env.teacher, ids, mask, env.max_new_tokens, env.tokenizer.eos_token_id, sample=False)[:2]
     width = teacher_alone[0].shape[1]
     assert torch.equal(batch.tokens[5:, :width] * batch.mask[5:, :width], teacher_alone[0] * teacher_alone[1])
+
+
+def test_the_teachers_logits_come_from_its_decode_for_its_own_outputs(task):
+    """teacher_logits_on: a forward over the student's samples only, the decode's logits for the teacher's
+    outputs; equal (to float rounding) to one teacher-forced forward over the whole batch, on valid positions."""
+    env = gym.make(ENV_ID, disable_env_checker=True, **task["env_kwargs"]).unwrapped
+    student = load_model(task["env_kwargs"]["student"]).eval()
+    torch.manual_seed(0)
+    ids, mask = env.task.plain_prompts([e.source for e in env.examples[:6]], gkd.PLAIN_PROMPT, "cpu")
+    vocab = output_vocab_size(env.teacher)
+    for n_student in (0, 3, 6):
+        batch = gkd.collect(student, env.teacher, ids, mask, n_student, env.max_new_tokens, env.tokenizer.eos_token_id)
+        assert (batch.teacher_output_logits is None) == (n_student == 6)
+        with torch.no_grad():
+            reference = gkd.logits_on(env.teacher, batch)[..., :vocab].float()
+        kept = gkd.teacher_logits_on(env.teacher, batch, vocab)
+        assert kept.shape == reference.shape
+        torch.testing.assert_close(kept[batch.mask], reference[batch.mask], atol=1e-4, rtol=1e-4)
 
 
 def test_reverse_kl_updates_reduce_the_kl_on_a_fixed_batch(task):
@@ -200,11 +218,11 @@ def test_greedy_outputs_equal_each_row_alone(task):
     """gkd.generate on a padded batch (left padding for a causal model) = generate on each unpadded prompt."""
     env = gym.make(ENV_ID, disable_env_checker=True, **task["env_kwargs"]).unwrapped
     ids, mask = env.task.plain_prompts([env.examples[i].source for i in range(5)], gkd.PLAIN_PROMPT, "cpu")
-    tokens, valid = gkd.generate(env.teacher, ids, mask, env.max_new_tokens, env.tokenizer.eos_token_id, sample=False)
+    tokens, valid, _ = gkd.generate(env.teacher, ids, mask, env.max_new_tokens, env.tokenizer.eos_token_id, sample=False)
     for row in range(5):
         length = int(mask[row].sum())
-        alone, alone_valid = gkd.generate(env.teacher, ids[row : row + 1, :length], mask[row : row + 1, :length],
-                                          env.max_new_tokens, env.tokenizer.eos_token_id, sample=False)
+        alone, alone_valid, _ = gkd.generate(env.teacher, ids[row : row + 1, :length], mask[row : row + 1, :length],
+                                             env.max_new_tokens, env.tokenizer.eos_token_id, sample=False)
         n = int(alone_valid.sum())
         assert int(valid[row].sum()) == n and torch.equal(tokens[row, :n], alone[0, :n])
 
