@@ -98,6 +98,7 @@ class TrainConfig:
     max_new_tokens: int | None = None  # episode length (default: the task's)
     budgets: list = field(default_factory=lambda: list(BUDGETS))  # the teacher-use budgets one model learns (with budget_range: the dual's knots and the evaluated budgets)
     budget_range: list | None = None  # [lo, hi]: draw each episode's budget uniformly from it (to 0.001; needs env_kwargs budget_style "numeric"); the dual's λ lives on `budgets` and is interpolated between them
+    budget_step: float = 0.001  # the grid budget_range draws on (lo, lo + step, ..., hi): 0.02 leaves out 0.05, 0.15, ... 0.45, the budgets an evaluation of unseen ones asks for
     # Phase 1 (§2.4.1)
     bc_batches: int = 200  # behaviour-cloning batches
     bc_batch_size: int = 32  # prompts per phase-1 batch
@@ -164,6 +165,11 @@ class TrainConfig:
         if self.budget_range is not None:
             if len(self.budget_range) != 2 or not 0 <= self.budget_range[0] < self.budget_range[1] <= 1:
                 raise ValueError(f"budget_range must be [lo, hi] with 0 <= lo < hi <= 1, got {self.budget_range}")
+            steps = (self.budget_range[1] - self.budget_range[0]) / self.budget_step if self.budget_step > 0 else 0.5
+            if (self.budget_step < 0.001 or abs(round(self.budget_step, 3) - self.budget_step) > 1e-9
+                    or abs(steps - round(steps)) > 1e-6):
+                raise ValueError(f"budget_step must be a multiple of 0.001 that divides budget_range "
+                                 f"{self.budget_range} into whole steps, got {self.budget_step}")
             if self.env_kwargs.get("budget_style") != "numeric":
                 raise ValueError("budget_range draws budgets the Table 1 keywords cannot state: set "
                                  "env_kwargs budget_style 'numeric' (and a tokenizer that reads digits)")
@@ -437,11 +443,13 @@ def phase1_step(setup: Setup, clone: Phase1State) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- phase 2
 def draw_budgets(config: TrainConfig, rng: np.random.Generator, rows: int) -> np.ndarray:
-    """Each row's budget: one of ``budgets`` (phase 1's draw), or uniform on ``budget_range`` to 0.001."""
+    """Each row's budget: one of ``budgets`` (phase 1's draw), or uniform on the grid of ``budget_step`` in
+    ``budget_range`` (to 0.001)."""
     if config.budget_range is None:
         return rng.choice(np.array(config.budgets, dtype=np.float64), size=rows)
     lo, hi = (float(x) for x in config.budget_range)
-    return np.round(rng.uniform(lo, hi, size=rows), 3).clip(lo, hi)
+    steps = int(round((hi - lo) / config.budget_step))
+    return np.round(lo + config.budget_step * rng.integers(0, steps + 1, size=rows), 3).clip(lo, hi)
 
 
 def episode_rewards(

@@ -199,3 +199,20 @@ def test_budget_range_needs_numeric_prompts_and_a_range():
     with pytest.raises(ValueError, match=r"budget_range must be \[lo, hi\]"):
         TrainConfig(budget_range=[0.5, 0.1], env_kwargs={"budget_style": "numeric"}).validate()
     TrainConfig(budget_range=[0.0, 0.5], env_kwargs={"budget_style": "numeric"}).validate()
+
+
+def test_budget_range_draws_on_its_grid_and_refuses_a_step_that_does_not_divide_it():
+    from agents.train import TrainConfig, draw_budgets
+
+    numeric = {"budget_style": "numeric"}
+    config = TrainConfig(budget_range=[0.0, 0.5], budget_step=0.02, env_kwargs=numeric)
+    config.validate()
+    drawn = draw_budgets(config, np.random.default_rng(0), 5000)
+    grid = {round(0.02 * k, 3) for k in range(26)}
+    assert set(np.round(drawn, 3).tolist()) == grid  # every point of the grid, both ends included, nothing else
+    assert not {0.05, 0.15, 0.25, 0.35, 0.45} & set(drawn.tolist())  # the unseen budgets stay unseen
+    fine = draw_budgets(TrainConfig(budget_range=[0.1, 0.2], env_kwargs=numeric), np.random.default_rng(1), 5000)
+    assert fine.min() == 0.1 and fine.max() == 0.2 and len(set(fine.tolist())) == 101  # 0.001 by default
+    for step in (0.03, 0.0005, 0.0):
+        with pytest.raises(ValueError, match="budget_step must be a multiple of 0.001"):
+            TrainConfig(budget_range=[0.0, 0.5], budget_step=step, env_kwargs=numeric).validate()

@@ -13,6 +13,8 @@ import pytest
 
 import tw_env.synthetic as syn
 from tw_env.prompts import BUDGET_KEYWORDS, make_prompt
+from tw_env.registration import make_task
+from tw_env.task import check_reads_digits
 from tw_env.synthetic import (
     SYNTHETIC_INSTRUCTION,
     SyntheticLanguage,
@@ -296,3 +298,44 @@ def test_teacher_clearly_beats_student(tmp_path) -> None:
     student = evaluate_bleu(assets.student_dir, assets.tokenizer_dir, test)
     assert teacher >= student + 15, (teacher, student)
     assert teacher >= 50, teacher
+
+
+# ---------------------------------------------------------------------- the numeric-budget pair (issue 31)
+
+
+def test_the_digit_tokenizer_reads_numeric_budgets_and_keeps_every_other_id(language, tokenizer, splits) -> None:
+    digits = syn.build_tokenizer(language, digits=True)
+    assert len(digits) == len(tokenizer) + 11
+    prompt = make_prompt(syn.SYNTHETIC_INSTRUCTION, splits["train"][0]["source"], 0.15, "numeric")
+    pieces = digits.tokenize(prompt)
+    assert pieces[:7] == ["▁With", "▁teacher", "▁use", "▁", "0", ".", "1"] and pieces[7] == "5"
+    assert digits.unk_token_id not in digits(prompt)["input_ids"]
+    check_reads_digits(digits)  # what Task.build asks of a numeric task
+    with pytest.raises(ValueError, match="reads digits"):
+        check_reads_digits(tokenizer)
+    # Text without digits (every keyword prompt, every source and target) has the same ids as before.
+    for row in splits["train"][:50]:
+        for text in (make_prompt(syn.SYNTHETIC_INSTRUCTION, row["source"], 0.3), row["target"]):
+            assert digits(text)["input_ids"] == tokenizer(text)["input_ids"]
+
+
+def test_the_numeric_pair_trains_on_numeric_prompts_and_its_task_states_budgets_as_numbers(
+        tiny_specs, tmp_path, monkeypatch) -> None:
+    shown: list[str] = []
+    real_train = syn.train_model
+
+    def recording(spec, vocab_size, tokenizer, rows, **kwargs):
+        shown.append(kwargs["budget_style"])
+        return real_train(spec, vocab_size, tokenizer, rows, **kwargs)
+
+    monkeypatch.setattr(syn, "train_model", recording)
+    assets = syn.ensure_synthetic_models(cache_dir=tmp_path, pair="synthetic-numeric", progress=False)
+    assert assets.teacher_dir.parent.name == f"synthetic-numeric-{syn.NUMERIC_FORMAT_VERSION}-seed0"
+    assert shown == ["numeric", "numeric"]
+    task = make_task("TrainingWheels-SyntheticNumeric-v0", cache_dir=str(tmp_path), limit=4)
+    assert task.budget_style == "numeric"
+    ids = task.prompts([task.examples[0].source], [0.15], "cpu")[0][0].tolist()
+    assert task.tokenizer.decode(ids, skip_special_tokens=True).startswith("With teacher use 0.15,")
+    encoder = syn._BatchEncoder(task.tokenizer, [{"source": "a", "target": "b"}], "numeric")
+    assert encoder.prefix(0.1) == task.tokenizer(make_prompt(syn.SYNTHETIC_INSTRUCTION, "", 0.1, "numeric"),
+                                                 add_special_tokens=False)["input_ids"]

@@ -37,6 +37,7 @@ XSUM_ID = "TrainingWheels-XSum-v0"
 WMT19_ID = "TrainingWheels-WMT19-v0"
 SYNTHETIC_ID = "TrainingWheels-Synthetic-v0"
 SYNTHETIC_CAUSAL_ID = "TrainingWheels-SyntheticCausal-v0"
+SYNTHETIC_NUMERIC_ID = "TrainingWheels-SyntheticNumeric-v0"
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,9 @@ TASKS: tuple[RegisteredTask, ...] = (
                    teacher_prompt=SYNTHETIC_TEACHER_PROMPT, embedded="synthetic"),
     RegisteredTask(SYNTHETIC_CAUSAL_ID, "synthetic_causal", max_new_tokens=20, max_prompt_length=32,
                    teacher_prompt=SYNTHETIC_TEACHER_PROMPT, embedded="synthetic-causal"),
+    # The embedded T5 task for any budget in [0, 1]: numeric budget prompts ("With teacher use 0.15, ...").
+    RegisteredTask(SYNTHETIC_NUMERIC_ID, "synthetic_numeric", max_new_tokens=20, max_prompt_length=32,
+                   teacher_prompt=SYNTHETIC_TEACHER_PROMPT, embedded="synthetic-numeric"),
 )
 REGISTERED: dict[str, RegisteredTask] = {task.env_id: task for task in TASKS}
 
@@ -142,6 +146,8 @@ def make_task(
         parts = _hub_parts(registered.spec, teacher, student, tokenizer, data, config, source_field, reference_field)
     if parts.prompt_format is not None and "chat_template" not in build_kwargs:
         build_kwargs.setdefault("prompt_format", parts.prompt_format)
+    if parts.budget_style is not None:
+        build_kwargs.setdefault("budget_style", parts.budget_style)
     if "examples" not in build_kwargs:
         build_kwargs["examples"] = load_examples(
             parts.data, *parts.fields, split=split or parts.split, config=parts.config, limit=limit
@@ -172,6 +178,7 @@ class _Parts:
     instruction: str
     metric: str
     prompt_format: str | None = None  # the prompt format the models need unless the caller says otherwise
+    budget_style: str | None = None  # how the prompts state the budget, where not the default (keyword)
 
 
 def _hub_parts(
@@ -205,7 +212,7 @@ def _embedded_parts(
         tokenizer = tokenizer if tokenizer is not None else str(assets.tokenizer_dir)
         data = data if data is not None else str(assets.data_dir)  # a folder of split files
     return _Parts(teacher, student, tokenizer, data, None, ("source", "target"), "train", SYNTHETIC_INSTRUCTION,
-                  "bleu", pair.prompt_format)
+                  "bleu", pair.prompt_format, None if pair.budget_style == "keyword" else pair.budget_style)
 
 
 def split_env_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

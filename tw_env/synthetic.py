@@ -74,6 +74,7 @@ SYNTHETIC_INSTRUCTION = "translate Synthetic to English"
 FORMAT_VERSION = "v1"
 # The same for the causal embedded pair (its own cache folder, its own recipe).
 CAUSAL_FORMAT_VERSION = "v1"
+NUMERIC_FORMAT_VERSION = "v1"
 
 PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "</s>", "<unk>"
 # Metaspace marks word starts with this character, which makes decoding an exact inverse of encoding.
@@ -256,8 +257,12 @@ class SyntheticLanguage:
 # ---------------------------------------------------------------------- tokenizer
 
 
-def build_tokenizer(language: SyntheticLanguage) -> PreTrainedTokenizerFast:
+def build_tokenizer(language: SyntheticLanguage, digits: bool = False) -> PreTrainedTokenizerFast:
     """A word-level ``PreTrainedTokenizerFast`` covering every prompt, source and target word.
+
+    ``digits``: also read numbers digit by digit (the numeric budget prompt "With teacher use 0.15, ...":
+    ``▁`` ``0`` ``.`` ``1`` ``5``), with the 11 tokens this needs appended after every word, so that any
+    text without digits has the same ids as without ``digits``.
 
     Ids: ``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2 (T5's conventions, so ``decoder_start_token_id=0``).
     Pre-tokenisation is Metaspace (each word carries a leading ``▁``) followed by isolating ``, : .``;
@@ -272,14 +277,20 @@ def build_tokenizer(language: SyntheticLanguage) -> PreTrainedTokenizerFast:
         vocab[punct] = len(vocab)
     for word in language.vocabulary():
         vocab.setdefault(_SPACE + word, len(vocab))
+    if digits:
+        for piece in (_SPACE, *"0123456789"):
+            vocab.setdefault(piece, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
     # Collapse runs of whitespace and strip the ends: a stray space would otherwise become a lone
     # word-start marker, i.e. <unk>.
     tok.normalizer = normalizers.Sequence([normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
+    splits = [
         pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="always", split=True),
         pre_tokenizers.Split(Regex("[" + "".join(_PUNCTUATION) + "]"), behavior="isolated"),
-    ])
+    ]
+    if digits:  # "▁0" -> "▁", "0"; "15" -> "1", "5" (no word of the language has a digit)
+        splits.append(pre_tokenizers.Digits(individual_digits=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(splits)
     tok.decoder = decoders.Metaspace(replacement=_SPACE, prepend_scheme="always", split=True)
     tok.post_processor = processors.TemplateProcessing(
         single=f"$A {EOS_TOKEN}", pair=f"$A {EOS_TOKEN} $B {EOS_TOKEN}",
@@ -388,6 +399,9 @@ class EmbeddedPair:
     training_time: str  # what the first-use message promises
     # The prompt format its models were trained on, where the task's default is not it (None: the default).
     prompt_format: str | None = None
+    # How its prompts state the budget: "keyword" (Table 1's six) or "numeric" (any b in [0, 1]; the
+    # tokenizer then reads digits and the models are trained on numeric prompts).
+    budget_style: str = "keyword"
 
     def root(self, base: Path, seed: int) -> Path:
         """The pair's cache folder for ``seed`` under the cache root ``base``."""
@@ -419,12 +433,19 @@ class _BatchEncoder:
     is shown with (tokenising every prompt at every step cost ~15% of the student's training time).
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, rows: Sequence[dict[str, str]]) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, rows: Sequence[dict[str, str]],
+                 budget_style: str = "keyword") -> None:
         self.tokenizer = tokenizer
         self.rows = rows
-        self.prefix = {b: tokenizer(make_prompt(SYNTHETIC_INSTRUCTION, "", b), add_special_tokens=False)["input_ids"]
-                       for b in BUDGET_KEYWORDS}
+        self.budget_style = budget_style
+        self.prefixes: dict[float, list[int]] = {}
         self.cache: dict[int, tuple[list[int], list[int]]] = {}
+
+    def prefix(self, budget: float) -> list[int]:
+        if budget not in self.prefixes:
+            prompt = make_prompt(SYNTHETIC_INSTRUCTION, "", budget, self.budget_style)
+            self.prefixes[budget] = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return self.prefixes[budget]
 
     def _ids(self, i: int) -> tuple[list[int], list[int]]:
         if i not in self.cache:
@@ -435,7 +456,7 @@ class _BatchEncoder:
     def batch(self, idx: Sequence[int], budgets: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask, labels)`` tensors; labels are -100 on padding (no loss)."""
         pairs = [self._ids(i) for i in idx]
-        input_ids = _pad([self.prefix[b] + src for (src, _), b in zip(pairs, budgets, strict=True)], 0)
+        input_ids = _pad([self.prefix(b) + src for (src, _), b in zip(pairs, budgets, strict=True)], 0)
         labels = _pad([tgt for _, tgt in pairs], -100)
         return input_ids, (input_ids != 0).long(), labels
 
@@ -444,7 +465,7 @@ class _BatchEncoder:
         encodes it) then the target, right-padded; the loss is on the target only (labels -100 on the
         prompt and the padding; the model shifts them by one itself)."""
         pairs = [self._ids(i) for i in idx]
-        prompts = [self.prefix[b] + src for (src, _), b in zip(pairs, budgets, strict=True)]
+        prompts = [self.prefix(b) + src for (src, _), b in zip(pairs, budgets, strict=True)]
         sequences = [p + tgt for p, (_, tgt) in zip(prompts, pairs, strict=True)]
         input_ids = _pad(sequences, 0)
         mask = _pad([[1] * len(q) for q in sequences], 0)
@@ -464,9 +485,10 @@ def _pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
 
 def train_model(spec: ModelSpec, vocab_size: int, tokenizer: PreTrainedTokenizerFast,
                 train_rows: Sequence[dict[str, str]], seed: int,
-                verbose: bool = False, progress: str | None = None) -> PreTrainedModel:
+                verbose: bool = False, progress: str | None = None, budget_style: str = "keyword") -> PreTrainedModel:
     """Train one model (T5, or a Llama for a causal spec) from scratch with cross-entropy on budget-keyword
-    prompts; returns the model.
+    prompts (``budget_style="numeric"``: the same six budgets written as numbers, "With teacher use 0.1, ..."),
+    so that no other budget is ever shown to the models before Training Wheels; returns the model.
 
     Deterministic: the weights are initialised after ``torch.manual_seed``, the data order and the
     prompt budgets come from seeded generators, and the step count is fixed.  ``progress``, if
@@ -495,7 +517,7 @@ def train_model(spec: ModelSpec, vocab_size: int, tokenizer: PreTrainedTokenizer
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     rng = random.Random(f"synthetic-train-{seed}")
     budgets_all = sorted(BUDGET_KEYWORDS)
-    encoder = _BatchEncoder(tokenizer, train_rows)
+    encoder = _BatchEncoder(tokenizer, train_rows, budget_style)
     make_batch = encoder.causal_batch if spec.is_causal else encoder.batch
     order: list[int] = []
     start = time.perf_counter()
@@ -598,6 +620,10 @@ def embedded_pairs() -> dict[str, EmbeddedPair]:
         # EOS), not on a chat template or a newline.
         EmbeddedPair("synthetic-causal", CAUSAL_FORMAT_VERSION, CAUSAL_TEACHER_SPEC, CAUSAL_STUDENT_SPEC,
                      label="SyntheticCausal", training_time="about 4 minutes on 2 CPU cores", prompt_format="text"),
+        # The T5 pair for any budget in [0, 1] (issue 31): the same language and recipe, a tokenizer that
+        # also reads digits, models trained on numeric budget prompts.
+        EmbeddedPair("synthetic-numeric", NUMERIC_FORMAT_VERSION, TEACHER_SPEC, STUDENT_SPEC, label="SyntheticNumeric",
+                     training_time="about 2 minutes on 2 CPU cores", budget_style="numeric"),
     )
     return {pair.name: pair for pair in pairs}
 
@@ -708,7 +734,7 @@ def _build_assets(tmp: Path, pair: EmbeddedPair, seed: int, verbose: bool, progr
     assets.data_dir.mkdir()
     for name in _SPLIT_NAMES:
         _write_split(assets.data_dir / f"{name}.jsonl", splits[name])
-    tokenizer = build_tokenizer(language)
+    tokenizer = build_tokenizer(language, digits=pair.budget_style == "numeric")
     tokenizer.save_pretrained(str(assets.tokenizer_dir))
     vocab_size = padded_vocab_size(tokenizer)
     seconds = _train_pair(pair, assets, vocab_size, tokenizer, splits["train"], seed, verbose, progress)
@@ -737,7 +763,7 @@ def _train_pair(pair: EmbeddedPair, assets: SyntheticAssets, vocab_size: int, to
             # Different seeds for the two models so that they do not share an initialisation.
             model = train_model(spec, vocab_size, tokenizer, rows,
                                 seed=seed * 1000 + (1 if name == "teacher" else 2), verbose=verbose,
-                                progress=f"{pair.label} {name}" if progress else None)
+                                progress=f"{pair.label} {name}" if progress else None, budget_style=pair.budget_style)
             seconds[name] = time.perf_counter() - start
             _save_quietly(model, out_dir)
     finally:
