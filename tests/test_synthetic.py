@@ -14,7 +14,6 @@ import pytest
 import tw_env.synthetic as syn
 from tw_env.prompts import BUDGET_KEYWORDS, make_prompt
 from tw_env.registration import make_task
-from tw_env.task import check_reads_digits
 from tw_env.synthetic import (
     SYNTHETIC_INSTRUCTION,
     SyntheticLanguage,
@@ -26,6 +25,7 @@ from tw_env.synthetic import (
     student_config,
     teacher_config,
 )
+from tw_env.task import check_reads_digits
 
 
 @pytest.fixture(scope="module")
