@@ -75,6 +75,7 @@ from agents.trajectories import (
 from tw_env.atomic import publish_dir, write_json
 from tw_env.models import load_model as load_lm
 from tw_env.prompts import BUDGETS
+from tw_env.registration import budget_style_of
 from tw_env.rewards import eq17_reward, interpolate_multiplier
 from tw_env.task import Task
 from tw_env.tasks import Example
@@ -170,7 +171,7 @@ class TrainConfig:
                     or abs(steps - round(steps)) > 1e-6):
                 raise ValueError(f"budget_step must be a multiple of 0.001 that divides budget_range "
                                  f"{self.budget_range} into whole steps, got {self.budget_step}")
-            if self.env_kwargs.get("budget_style") != "numeric":
+            if budget_style_of(self.env_id, self.env_kwargs) != "numeric":
                 raise ValueError("budget_range draws budgets the Table 1 keywords cannot state: set "
                                  "env_kwargs budget_style 'numeric' (and a tokenizer that reads digits)")
         if self.lagrange_rule not in LAGRANGE_RULES:

@@ -98,6 +98,7 @@ from agents.methods import METHODS, EvalContext, build_settings, make_eval_task
 from agents.run import check_calibration_data, end_report, start_run
 from tw_env.atomic import write_json
 from tw_env.prompts import BUDGETS, PLAIN_TEMPLATE, check_budgets_for_style, check_template
+from tw_env.registration import budget_style_of
 
 BUDGET_CAPS = ("off", "rounded_up", "guaranteed")  # "off", then agents.objectives.CAP_RULES
 # Configs written when budget_cap was a bool (JSON true/false, or `--budget-cap true` on the command line).
@@ -186,7 +187,7 @@ class EvalConfig:
             for method in self.methods:
                 METHODS[method].check(self)
         # A Table 1 keyword per budget, or (budget_style "numeric" in env_kwargs) any number in [0, 1] to 0.001.
-        check_budgets_for_style(self.budgets, self.env_kwargs.get("budget_style", "keyword"))
+        check_budgets_for_style(self.budgets, budget_style_of(self.env_id, self.env_kwargs))
         if any(not 0.0 <= float(x) <= 1.0 for x in self.lenience):
             raise ValueError(f"lenience values must lie in [0, 1], got {self.lenience}")
         if any(int(k) < 1 for k in self.draft_lengths):

@@ -216,3 +216,19 @@ def test_budget_range_draws_on_its_grid_and_refuses_a_step_that_does_not_divide_
     for step in (0.03, 0.0005, 0.0):
         with pytest.raises(ValueError, match="budget_step must be a multiple of 0.001"):
             TrainConfig(budget_range=[0.0, 0.5], budget_step=step, env_kwargs=numeric).validate()
+
+
+def test_a_task_registered_with_numeric_prompts_needs_no_budget_style_in_a_config():
+    from agents.train import TrainConfig
+    from scripts.evaluate import EvalConfig
+    from tw_env.registration import budget_style_of
+
+    numeric_id = "TrainingWheels-SyntheticNumeric-v0"
+    assert budget_style_of(numeric_id) == "numeric"
+    assert budget_style_of("TrainingWheels-Synthetic-v0") == "keyword"
+    assert budget_style_of("TrainingWheels-WMT19-v0") == "keyword"
+    assert budget_style_of("TrainingWheels-WMT19-v0", {"budget_style": "numeric"}) == "numeric"
+    TrainConfig(env_id=numeric_id, budget_range=[0.0, 0.5], budget_step=0.02).validate()
+    EvalConfig(env_id=numeric_id, budgets=[0.05, 0.15]).validate()
+    with pytest.raises(ValueError, match="keyword"):
+        EvalConfig(env_id="TrainingWheels-Synthetic-v0", budgets=[0.05]).validate()

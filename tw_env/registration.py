@@ -105,6 +105,20 @@ def registered_task(env_id: str) -> RegisteredTask:
     return REGISTERED[env_id]
 
 
+def budget_style_of(env_id: str, env_kwargs: dict[str, Any] | None = None) -> str:
+    """How a task's prompts will state the budget: ``env_kwargs["budget_style"]`` where given, else the
+    registered task's own (``"numeric"`` for TrainingWheels-SyntheticNumeric-v0, ``"keyword"`` otherwise);
+    what configs check their budgets against before anything is loaded."""
+    if env_kwargs and "budget_style" in env_kwargs:
+        return str(env_kwargs["budget_style"])
+    registered = REGISTERED.get(env_id)
+    if registered is None or registered.embedded is None:
+        return "keyword"
+    from tw_env.synthetic import embedded_pair
+
+    return embedded_pair(registered.embedded).budget_style
+
+
 _UNSET: Any = object()  # "not given": lets teacher_prompt=None mean "the student's prompt"
 
 
