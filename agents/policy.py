@@ -200,6 +200,10 @@ class _StateModel(nn.Module):
         return self.model.device
 
 
+def _log_odds(probability: float) -> float:
+    return math.log(probability) - math.log1p(-probability)
+
+
 class StudentPolicy(_StateModel):
     """π(· | X^(in)_<i, Y) over V + 1 actions; action V is <τ>.
 
@@ -230,15 +234,23 @@ class StudentPolicy(_StateModel):
         self.call_thresholds: dict[float, float] = {}
 
     def call_threshold_for(self, budget: float | None) -> float:
-        """The checkpoint's call threshold at ``budget``: the calibrated one where ``tw train`` learnt it,
-        else ½ (the policy's own decision, also for ``None``: no budget named, and for a budget the
-        calibration did not cover, such as one between the trained budgets of a numeric-prompt policy)."""
+        """The checkpoint's call threshold at ``budget``: the calibrated one where ``tw train`` learnt it;
+        between two calibrated budgets (a numeric-prompt policy asked for a budget it was not calibrated
+        at), interpolated linearly in log-odds between theirs, as the dual's λ(b) is between its knots;
+        else ½ (the policy's own decision: no budget named, no rule, or a budget outside the calibrated ones)."""
         if budget is None:
             return 0.5
         for b, c in self.call_thresholds.items():
             if math.isclose(b, budget, abs_tol=1e-9):
                 return c
-        return 0.5
+        below = [b for b in self.call_thresholds if b < budget]
+        above = [b for b in self.call_thresholds if b > budget]
+        if not below or not above:
+            return 0.5
+        lo, hi = max(below), min(above)
+        weight = (budget - lo) / (hi - lo)
+        log_odds = (1 - weight) * _log_odds(self.call_thresholds[lo]) + weight * _log_odds(self.call_thresholds[hi])
+        return 1.0 / (1.0 + math.exp(-log_odds))
 
     @property
     def teacher_action(self) -> int:

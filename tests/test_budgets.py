@@ -153,7 +153,9 @@ def test_train_on_numeric_budgets_then_decode_an_unseen_one(t5_tokenizer_dir, ti
     ids, mask = task.prompts([task.examples[0].source], [0.1])
     assert task.tokenizer.decode(ids[0], skip_special_tokens=True).startswith("With teacher use 0.1, translate")
     policy = StudentPolicy.load(tmp_path / "run" / "best")
-    assert policy.call_threshold_for(0.1) == 0.5  # not calibrated there: the policy's own rule
+    shipped = {b["budget"]: b["threshold"] for b in summary["call_rule"]["budgets"]}
+    # Not calibrated at 0.1: between the rule's thresholds at 0.05 and 0.15, in log-odds.
+    assert min(shipped[0.05], shipped[0.15]) <= policy.call_threshold_for(0.1) <= max(shipped[0.05], shipped[0.15])
     result = training_wheels_decoder(policy, task.teacher, 6, budget=0.1, budget_cap=0.1)(ids, mask, *task.teacher_prompts(
         [task.examples[0].source], [0.1]))
     assert len(result.output_ids[0]) >= 1 and sum(result.from_teacher[0]) <= math.ceil(0.1 * len(result.output_ids[0]))

@@ -202,7 +202,12 @@ def test_the_call_rule_is_saved_with_the_policy_and_read_back(policy, tmp_path):
     loaded = StudentPolicy.load(tmp_path / "p")
     assert loaded.call_thresholds == {0.1: 0.62, 0.3: 0.41}
     assert loaded.call_threshold_for(0.3) == 0.41 and loaded.call_threshold_for(0.1 + 0.2) == 0.41  # float noise
-    assert loaded.call_threshold_for(0.2) == 0.5 and loaded.call_threshold_for(None) == 0.5
+    assert loaded.call_threshold_for(None) == 0.5 and loaded.call_threshold_for(0.05) == 0.5  # outside the rule
+    assert loaded.call_threshold_for(0.4) == 0.5
+    # Between two calibrated budgets: linear in log-odds (at the midpoint, the log-odds' mean).
+    mean_log_odds = (math.log(0.62 / 0.38) + math.log(0.41 / 0.59)) / 2
+    assert loaded.call_threshold_for(0.2) == pytest.approx(1 / (1 + math.exp(-mean_log_odds)), abs=1e-12)
+    assert 0.41 < loaded.call_threshold_for(0.25) < loaded.call_threshold_for(0.15) < 0.62
 
 
 @pytest.mark.parametrize("text, what", [
