@@ -99,7 +99,8 @@ class TrainConfig:
     max_new_tokens: int | None = None  # episode length (default: the task's)
     budgets: list = field(default_factory=lambda: list(BUDGETS))  # the teacher-use budgets one model learns (with budget_range: the dual's knots and the evaluated budgets)
     budget_range: list | None = None  # [lo, hi]: draw each episode's budget uniformly from it (to 0.001; needs env_kwargs budget_style "numeric"); the dual's λ lives on `budgets` and is interpolated between them
-    budget_step: float = 0.001  # the grid budget_range draws on (lo, lo + step, ..., hi): 0.02 leaves out 0.05, 0.15, ... 0.45, the budgets an evaluation of unseen ones asks for
+    budget_step: float = 0.001  # the grid budget_range draws on (lo, lo + step, ..., hi)
+    budget_holdout: list = field(default_factory=list)  # budgets of that grid never drawn (an evaluation of budgets unseen in training)
     # Phase 1 (§2.4.1)
     bc_batches: int = 200  # behaviour-cloning batches
     bc_batch_size: int = 32  # prompts per phase-1 batch
@@ -171,6 +172,10 @@ class TrainConfig:
                     or abs(steps - round(steps)) > 1e-6):
                 raise ValueError(f"budget_step must be a multiple of 0.001 that divides budget_range "
                                  f"{self.budget_range} into whole steps, got {self.budget_step}")
+            if not set(budget_grid(self)) - {round(float(b), 3) for b in self.budget_holdout}:
+                raise ValueError(f"budget_holdout {self.budget_holdout} leaves no budget of budget_range to draw")
+        elif self.budget_holdout:
+            raise ValueError("budget_holdout removes budgets from budget_range's draws: set budget_range too")
             if budget_style_of(self.env_id, self.env_kwargs) != "numeric":
                 raise ValueError("budget_range draws budgets the Table 1 keywords cannot state: set "
                                  "env_kwargs budget_style 'numeric' (and a tokenizer that reads digits)")
@@ -445,12 +450,20 @@ def phase1_step(setup: Setup, clone: Phase1State) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- phase 2
 def draw_budgets(config: TrainConfig, rng: np.random.Generator, rows: int) -> np.ndarray:
     """Each row's budget: one of ``budgets`` (phase 1's draw), or uniform on the grid of ``budget_step`` in
-    ``budget_range`` (to 0.001)."""
+    ``budget_range`` (to 0.001) less ``budget_holdout``."""
     if config.budget_range is None:
         return rng.choice(np.array(config.budgets, dtype=np.float64), size=rows)
+    held_out = {round(float(b), 3) for b in config.budget_holdout}
+    grid = np.array([b for b in budget_grid(config) if b not in held_out], dtype=np.float64)
+    return grid[rng.integers(0, len(grid), size=rows)]
+
+
+def budget_grid(config: TrainConfig) -> list[float]:
+    """The budgets ``budget_range`` draws from: lo, lo + ``budget_step``, ..., hi (to 0.001)."""
+    assert config.budget_range is not None
     lo, hi = (float(x) for x in config.budget_range)
     steps = int(round((hi - lo) / config.budget_step))
-    return np.round(lo + config.budget_step * rng.integers(0, steps + 1, size=rows), 3).clip(lo, hi)
+    return [min(round(lo + config.budget_step * k, 3), hi) for k in range(steps + 1)]
 
 
 def episode_rewards(

@@ -2,7 +2,8 @@
 
     python scripts/any_budget_report.py runs/synthetic-numeric [--keyword runs/budget-control/shipped-seed0/eval-test]
 
-Reads RUN/config.json (the budgets training drew: ``budgets``, ``budget_range``, ``budget_step``) and
+Reads RUN/config.json (the budgets training drew: ``budgets``, ``budget_range``, ``budget_step``,
+``budget_holdout``) and
 RUN/eval/results.json (``tw eval`` with the student, the teacher and Training Wheels over a budget grid).
 Prints one markdown row per budget asked for: whether training ever drew it, the teacher fraction under the
 checkpoint's rule (and the raw rule π(<τ>) > ½), the miss, the quality; then the budgets never seen in
@@ -20,12 +21,14 @@ from agents.methods import RAW_RULE
 
 
 def seen_budgets(config: dict) -> set[float]:
-    """Every budget ``tw train`` could draw: the grid of ``budget_step`` on ``budget_range``, or ``budgets``."""
+    """Every budget ``tw train`` could draw: the grid of ``budget_step`` on ``budget_range`` less
+    ``budget_holdout``, or ``budgets``."""
     if config.get("budget_range") is None:
         return {round(float(b), 3) for b in config["budgets"]}
     lo, hi = (float(x) for x in config["budget_range"])
     step = float(config.get("budget_step", 0.001))
-    return {round(lo + k * step, 3) for k in range(int(round((hi - lo) / step)) + 1)}
+    grid = {round(lo + k * step, 3) for k in range(int(round((hi - lo) / step)) + 1)}
+    return grid - {round(float(b), 3) for b in config.get("budget_holdout", [])}
 
 
 def training_wheels_rows(results: Path) -> tuple[dict[float, dict], dict[float, dict], dict[str, float]]:

@@ -234,3 +234,18 @@ def test_a_task_registered_with_numeric_prompts_needs_no_budget_style_in_a_confi
     EvalConfig(env_id=numeric_id, budgets=[0.05, 0.15]).validate()
     with pytest.raises(ValueError, match="keyword"):
         EvalConfig(env_id="TrainingWheels-Synthetic-v0", budgets=[0.05]).validate()
+
+
+def test_held_out_budgets_are_never_drawn_and_a_holdout_needs_a_range():
+    from agents.train import TrainConfig, draw_budgets
+
+    numeric = {"budget_style": "numeric"}
+    unseen = [0.05, 0.15, 0.25, 0.35, 0.45]
+    config = TrainConfig(budget_range=[0.0, 0.5], budget_holdout=unseen, env_kwargs=numeric)
+    config.validate()
+    drawn = set(draw_budgets(config, np.random.default_rng(0), 200_000).tolist())
+    assert not drawn & set(unseen) and {0.049, 0.051, 0.0, 0.5} <= drawn and len(drawn) == 501 - 5
+    with pytest.raises(ValueError, match="set budget_range too"):
+        TrainConfig(budget_holdout=[0.05], env_kwargs=numeric).validate()
+    with pytest.raises(ValueError, match="leaves no budget"):
+        TrainConfig(budget_range=[0.1, 0.12], budget_step=0.02, budget_holdout=[0.1, 0.12], env_kwargs=numeric).validate()
