@@ -677,6 +677,9 @@ def test_registered_tasks_give_the_teacher_a_budget_free_prompt():
     assert "teacher use" not in HUB_TEACHER_PROMPT.format(instruction="summarize", source="x")
     # The embedded teacher was trained on budget prompts only: it reads the fixed "no" one.
     assert SYNTHETIC_TEACHER_PROMPT.format(instruction="i", source="s") == make_prompt("i", "s", 0.0)
+    # ...and the numeric-budget teacher on numeric ones: it reads b = 0 as a number.
+    numeric_teacher_prompt = registration.REGISTERED["TrainingWheels-SyntheticNumeric-v0"].teacher_prompt
+    assert numeric_teacher_prompt.format(instruction="i", source="s") == make_prompt("i", "s", 0.0, "numeric")
 
 
 # ------------------------------------------------------------------------------------- both families

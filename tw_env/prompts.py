@@ -36,6 +36,9 @@ BUDGET_DECIMALS = 3  # the numeric prompt writes budgets to 0.001
 PLAIN_TEMPLATE = "{instruction}: {source}"
 # The embedded teacher was trained on budget prompts only, so it reads the "no teacher use" one.
 NO_TEACHER_USE_TEMPLATE = "With no teacher use, {instruction}: {source}"
+# The same for the embedded numeric-budget teacher, trained on numeric budget prompts only (with the keyword
+# one it translates at 21 BLEU instead of 48 on 64 training rows: it never read "no").
+NUMERIC_NO_TEACHER_USE_TEMPLATE = "With teacher use 0, {instruction}: {source}"
 
 
 def check_budget(budget: float) -> float:

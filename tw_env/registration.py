@@ -22,7 +22,7 @@ from gymnasium.envs.registration import register, registry
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tw_env.env import ENV_OPTIONS, TeacherAssistedDecodingEnv
-from tw_env.prompts import NO_TEACHER_USE_TEMPLATE, PLAIN_TEMPLATE
+from tw_env.prompts import NO_TEACHER_USE_TEMPLATE, NUMERIC_NO_TEACHER_USE_TEMPLATE, PLAIN_TEMPLATE
 from tw_env.task import Task
 from tw_env.tasks import TaskSpec, load_examples
 from tw_env.vector_env import TeacherAssistedDecodingVectorEnv
@@ -86,7 +86,7 @@ TASKS: tuple[RegisteredTask, ...] = (
                    teacher_prompt=SYNTHETIC_TEACHER_PROMPT, embedded="synthetic-causal"),
     # The embedded T5 task for any budget in [0, 1]: numeric budget prompts ("With teacher use 0.15, ...").
     RegisteredTask(SYNTHETIC_NUMERIC_ID, "synthetic_numeric", max_new_tokens=20, max_prompt_length=32,
-                   teacher_prompt=SYNTHETIC_TEACHER_PROMPT, embedded="synthetic-numeric"),
+                   teacher_prompt=NUMERIC_NO_TEACHER_USE_TEMPLATE, embedded="synthetic-numeric"),
 )
 REGISTERED: dict[str, RegisteredTask] = {task.env_id: task for task in TASKS}
 
