@@ -94,7 +94,7 @@ from agents.evaluation import (
     given_forward_costs,
     with_projected_latency,
 )
-from agents.methods import METHODS, EvalContext, build_settings, make_eval_task
+from agents.methods import METHODS, RAW_RULE, EvalContext, build_settings, make_eval_task
 from agents.run import check_calibration_data, end_report, start_run
 from tw_env.atomic import write_json
 from tw_env.prompts import BUDGETS, PLAIN_TEMPLATE, check_budgets_for_style, check_template
@@ -329,7 +329,10 @@ def budget_table(rows: list[dict]) -> list[list[str]]:
     for row in rows:
         budget, cap = _budget_of(row), row.get("budget_cap")
         if budget is not None:
+            # The raw rule's rows (decoded beside the checkpoint's rule) get their own column, so that the
+            # checkpoint's, the default a user gets, is the one under the method's name.
             name = (row["method"] + (" calibrated" if row.get("calibrated_for") is not None else "")
+                    + (f" {RAW_RULE}" if str(row.get("setting", "")).endswith(RAW_RULE) else "")
                     + (f" ({cap} cap)" if cap not in (None, "off") else ""))
             columns.setdefault(name, {})[round(float(budget), 6)] = row
     budgets = sorted({b for column in columns.values() for b in column})

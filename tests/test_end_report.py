@@ -71,3 +71,16 @@ def test_tw_eval_ends_with_one_line_per_budget() -> None:
     assert lines[4].strip() == "student alone: 0.000 / 6.20; teacher alone: 1.000 / 23.00"
     assert "2 distillspec settings" in lines[5] and "results.csv" in lines[5]
     assert "out/results.json" in lines[-3] and len(lines) == 11
+
+
+def test_tw_eval_puts_the_checkpoints_rule_under_the_methods_name_and_the_raw_rule_beside_it() -> None:
+    raw = "raw π>½"
+    rows = [
+        _row("training_wheels", "b=0.1 (checkpoint c=0.512)", 0.093, 12.41, budget=0.1, budget_cap="off"),
+        _row("training_wheels", f"b=0.1 {raw}", 0.119, 12.40, budget=0.1, budget_cap="off"),
+        _row("training_wheels", "b=0.3", 0.31, 16.8, budget=0.3, budget_cap="off"),
+    ]
+    lines = end_of_evaluation(rows, Path("out"), "40 test examples", "bleu").splitlines()
+    assert lines[1].split() == ["b", "training_wheels", "training_wheels", "raw", "π>½"]
+    assert lines[2].split() == ["0.1", "0.093", "/", "12.41", "0.119", "/", "12.40"]
+    assert lines[3].split() == ["0.3", "0.310", "/", "16.80", "-"]
