@@ -218,15 +218,18 @@ def logits_on(model: PreTrainedModel, batch: GKDBatch, forward: torch.nn.Module 
 
 # ---------------------------------------------------------------------------------------------- loss and update
 def gkd_loss(
-    student: PreTrainedModel, batch: GKDBatch, teacher_logits: torch.Tensor, forward: torch.nn.Module | None = None
+    student: PreTrainedModel, batch: GKDBatch, teacher_logits: torch.Tensor, forward: torch.nn.Module | None = None,
+    teacher_log_probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Token-wise reverse KL( π ‖ p ) averaged over the valid positions of every trajectory."""
-    return reverse_kl(logits_on(student, batch, forward).float(), teacher_logits, batch.mask)
+    """Token-wise reverse KL( π ‖ p ) averaged over the valid positions of every trajectory
+    (``teacher_log_probs``: the teacher's log-softmax there, computed once per batch by the caller)."""
+    return reverse_kl(logits_on(student, batch, forward).float(), teacher_logits, batch.mask, teacher_log_probs)
 
 
 def gkd_update(
     student: PreTrainedModel, optimizer: torch.optim.Optimizer, batch: GKDBatch, teacher_logits: torch.Tensor,
     grad_clip: float, forward: torch.nn.Module | None = None, loss_scale: float = 1.0,
+    teacher_log_probs: torch.Tensor | None = None,
 ) -> float:
     """One gradient step; the teacher's logits are computed once per batch and reused (it does not change).
 
@@ -234,7 +237,7 @@ def gkd_update(
     (:func:`~agents.distributed.data_parallel_loss_scale`) makes the averaged gradient that of the
     token mean over every rank's trajectories. Returns this rank's loss.
     """
-    loss = gkd_loss(student, batch, teacher_logits, forward)
+    loss = gkd_loss(student, batch, teacher_logits, forward, teacher_log_probs)
     optimizer.zero_grad(set_to_none=True)
     (loss * loss_scale).backward()
     if grad_clip:
@@ -435,8 +438,10 @@ class _GKDRun:
         tokens = float(batch.mask.sum())
         all_tokens = all_sum(tokens, dist)
         scale = data_parallel_loss_scale(tokens, all_tokens, dist.world_size)
-        losses = [gkd_update(student, state.optimizer, batch, teacher_logits, config.grad_clip, self.trained, scale)
-                  for _ in range(config.updates_per_batch)]
+        # The teacher's log-softmax at the valid positions, once for the batch's updates (it does not change).
+        teacher_log_probs = torch.log_softmax(teacher_logits[batch.mask.bool()], dim=-1)
+        losses = [gkd_update(student, state.optimizer, batch, teacher_logits, config.grad_clip, self.trained, scale,
+                             teacher_log_probs) for _ in range(config.updates_per_batch)]
         self.throughput.add(int(all_tokens), time.perf_counter() - batch_start)
         if config.check_replicas:
             check_replicas(dist, list(student.parameters()), what=f"student after GKD batch {step + 1}")

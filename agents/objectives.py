@@ -275,7 +275,8 @@ def phase1_loss_terms(student_logits: Tensor, teacher_logits: Tensor) -> tuple[T
 
 
 def phase1_loss(
-    student_logits: Tensor, teacher_logits: Tensor, call_mask: Tensor, mask: Tensor, literal: bool = False
+    student_logits: Tensor, teacher_logits: Tensor, call_mask: Tensor, mask: Tensor, literal: bool = False,
+    teacher_log_probs: Tensor | None = None,
 ) -> Tensor:
     """Phase-1 behaviour-cloning loss (scalar).
 
@@ -297,6 +298,8 @@ def phase1_loss(
             padding are ignored.
         mask: ``[B, T]`` valid positions.
         literal: drop the −log(1 − π(<τ>)) term (the paper's literal reading).
+        teacher_log_probs: ``[N, V]`` ``log_softmax(teacher_logits)`` at the N valid positions (row-major),
+            where the caller has them (the oracle does); not computed again.
 
     Returns:
         Scalar: mean over valid positions of ``−log π(<τ>)`` where ``call_mask`` else
@@ -316,11 +319,15 @@ def phase1_loss(
     # passes over V: log π(<τ>) = s_τ − lse_{V+1}, KL(p ‖ π_V) = Σ p log p − ⟨p, s⟩ + lse_V (Σ p = 1) and
     # −log(1 − π(<τ>)) = lse_{V+1} − lse_V. Equal to phase1_loss_terms' textbook form to float rounding
     # (a test compares them and their gradients) at a fraction of its cost (docs/benchmarks.md).
-    student, teacher = student_logits[valid], teacher_logits[valid]
+    student = student_logits[valid]
     tokens, call_logit = student[:, :vocab], student[:, vocab]
     lse_tokens = torch.logsumexp(tokens, dim=-1)
     lse_all = torch.logaddexp(lse_tokens, call_logit)
-    p, negentropy = _teacher_negentropy(teacher)
+    if teacher_log_probs is not None and teacher_log_probs.shape != (student.shape[0], vocab):
+        raise ValueError(f"teacher_log_probs must be [N, V] = {[student.shape[0], vocab]} (the valid positions), "
+                         f"got {list(teacher_log_probs.shape)}")
+    teacher = teacher_logits[valid] if teacher_log_probs is None else teacher_log_probs
+    p, negentropy = _teacher_negentropy(teacher, teacher_log_probs)
     imitation = negentropy - _cross_term(p, tokens) + (lse_tokens if literal else lse_all)
     # torch.where (not a 0/1 blend) so that an infinite unused term cannot turn into NaN.
     per_position = torch.where(calls[valid], lse_all - call_logit, imitation)
@@ -530,7 +537,7 @@ def lossy_speculative_accept_length(
 # ---------------------------------------------------------------------------------------------
 
 
-def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
+def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, teacher_log_probs: Tensor | None = None) -> Tensor:
     """Token-wise reverse KL( π ‖ p ) averaged over valid tokens (scalar).
 
     Args:
@@ -538,6 +545,8 @@ def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> 
             renormalised over V).
         teacher_logits: ``[B, T, V]``.
         mask: ``[B, T]`` valid positions.
+        teacher_log_probs: ``[N, V]`` ``log_softmax(teacher_logits)`` at the N valid positions (row-major),
+            where the caller has them (GKD's updates reuse one batch's); not computed again.
 
     Returns:
         Scalar mean over valid positions of Σ_v π_v (log π_v − log p_v); 0 when nothing is valid.
@@ -548,7 +557,10 @@ def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> 
     # The valid positions only: every pass over V (two log-softmaxes, the KL and their backward) skips padding.
     valid = _as_bool_mask("mask", mask, tuple(student_logits.shape[:-1]))
     log_q = _student_log_probs_over_vocab(student_logits[valid], vocab)
-    log_p = F.log_softmax(teacher_logits[valid], dim=-1)
+    if teacher_log_probs is not None and teacher_log_probs.shape != log_q.shape:
+        raise ValueError(f"teacher_log_probs must be [N, V] = {list(log_q.shape)} (the valid positions), "
+                         f"got {list(teacher_log_probs.shape)}")
+    log_p = F.log_softmax(teacher_logits[valid], dim=-1) if teacher_log_probs is None else teacher_log_probs
     return _mean_or_zero(_kl_from_log_probs(log_q, log_p))
 
 

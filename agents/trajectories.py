@@ -81,6 +81,9 @@ class OracleBatch:
 
     trajectories: Trajectories
     teacher_logits: torch.Tensor  # [B, T, V]
+    # [N, V] log_softmax of the teacher's logits at the N valid positions (row-major): what the oracle ranked
+    # by, kept so that the phase-1 loss does not compute it again
+    teacher_log_probs: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -128,7 +131,8 @@ def oracle_batch(
     # reads, and the KL in its three-pass form (agents.objectives.teacher_student_kl_fast).
     teacher_log_probs = torch.log_softmax(teacher_logits[mask], dim=-1)
     kl = torch.zeros(mask.shape, dtype=teacher_log_probs.dtype, device=mask.device)
-    kl[mask] = teacher_student_kl_fast(teacher_logits[mask], student_logits[mask], teacher_log_probs)
+    # (teacher_log_probs stands in for the teacher's logits: only their shape is read when the log-probs are given)
+    kl[mask] = teacher_student_kl_fast(teacher_log_probs, student_logits[mask], teacher_log_probs)
     calls = oracle_call_mask(kl, mask, budgets, round_up_draws)
     teacher_logprob = torch.zeros_like(kl)
     teacher_logprob[mask] = teacher_log_probs.gather(-1, output[mask][:, None]).squeeze(-1)
@@ -140,7 +144,7 @@ def oracle_batch(
         budget=budgets.float(), truncated=truncated,
     )
     assert trajectories.state_ids.shape[1] == width
-    return OracleBatch(trajectories, teacher_logits)
+    return OracleBatch(trajectories, teacher_logits, teacher_log_probs)
 
 
 @torch.no_grad()

@@ -529,7 +529,7 @@ def describe(name: str, spec: PairSpec, config: BenchTrainConfig, setup: Setup, 
 
     given = [k for k in _MODEL_PATHS if config.env_kwargs.get(k)]
     source = (f"given {', '.join(given)}" if given else "random weights, the architectures and BPE tokenizer "
-              "of configs/deen-models.json (the trained de→en models are not on this machine)" if spec.random_models
+              "of configs/deen-models.json (for the trained models: --env-kwargs with their folders)" if spec.random_models
               else "trained, cached by tw_env.synthetic")
     return (f"{name} ({setup.config.env_id}; {source}): {setup.task.family.name}, teacher {millions(setup.task.teacher)}, "
             f"student {millions(policy.model)} parameters, V {policy.vocab_size}, up to {setup.task.max_new_tokens} "

@@ -799,3 +799,18 @@ def test_token_kls_read_valid_positions_only(divergence):
     student[~mask], teacher[~mask] = math.nan, math.nan  # what padding holds is never read
     assert divergence(student, teacher, mask).item() == pytest.approx(expected.item(), abs=1e-12)
     assert divergence(student, teacher, torch.zeros_like(mask)).item() == 0.0
+
+
+def test_precomputed_teacher_log_probs_give_the_same_losses():
+    student, teacher, calls, mask = _random_phase1_batch(5)
+    teacher[0, 1] = 0.0
+    given = torch.log_softmax(teacher[mask], dim=-1)
+    for literal in (False, True):
+        assert phase1_loss(student, teacher, calls, mask, literal, teacher_log_probs=given).item() == pytest.approx(
+            phase1_loss(student, teacher, calls, mask, literal).item(), abs=1e-12)
+    assert reverse_kl(student[..., :-1], teacher, mask, given).item() == pytest.approx(
+        reverse_kl(student[..., :-1], teacher, mask).item(), abs=1e-12)
+    with pytest.raises(ValueError, match=r"teacher_log_probs must be \[N, V\]"):
+        phase1_loss(student, teacher, calls, mask, teacher_log_probs=given[1:])
+    with pytest.raises(ValueError, match=r"teacher_log_probs must be \[N, V\]"):
+        reverse_kl(student[..., :-1], teacher, mask, given[:, 1:])
