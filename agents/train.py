@@ -174,11 +174,11 @@ class TrainConfig:
                                  f"{self.budget_range} into whole steps, got {self.budget_step}")
             if not set(budget_grid(self)) - {round(float(b), 3) for b in self.budget_holdout}:
                 raise ValueError(f"budget_holdout {self.budget_holdout} leaves no budget of budget_range to draw")
-        elif self.budget_holdout:
-            raise ValueError("budget_holdout removes budgets from budget_range's draws: set budget_range too")
             if budget_style_of(self.env_id, self.env_kwargs) != "numeric":
                 raise ValueError("budget_range draws budgets the Table 1 keywords cannot state: set "
                                  "env_kwargs budget_style 'numeric' (and a tokenizer that reads digits)")
+        elif self.budget_holdout:
+            raise ValueError("budget_holdout removes budgets from budget_range's draws: set budget_range too")
         if self.lagrange_rule not in LAGRANGE_RULES:
             raise ValueError(f"lagrange_rule must be one of {list(LAGRANGE_RULES)}, got {self.lagrange_rule!r}")
         self.pid_gains()  # raises on a negative gain or a smoothing outside (0, 1]
