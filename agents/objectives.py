@@ -252,6 +252,18 @@ def oracle_call_mask(
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_phase1_pair(student_logits: Tensor, teacher_logits: Tensor) -> int:
+    """Phase 1's logits pair: matching leading dimensions and the <τ> logit on the student's side; V."""
+    _check_logits_pair(student_logits, teacher_logits)
+    vocab = teacher_logits.shape[-1]
+    if student_logits.shape[-1] != vocab + 1:
+        raise ValueError(
+            f"Phase 1 needs the <τ> logit: student logits must have V+1={vocab + 1} entries, "
+            f"got {student_logits.shape[-1]}"
+        )
+    return vocab
+
+
 def phase1_loss_terms(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
     """Both per-position Phase-1 loss terms, before the oracle's choice between them.
 
@@ -263,13 +275,7 @@ def phase1_loss_terms(student_logits: Tensor, teacher_logits: Tensor) -> tuple[T
         ``(call_nll, kl)``, each ``[B, T]``: ``call_nll = −log π(<τ>)`` with π over all V+1 actions,
         and ``kl = KL(p ‖ π_V)`` as in :func:`teacher_student_kl`.
     """
-    _check_logits_pair(student_logits, teacher_logits)
-    vocab = teacher_logits.shape[-1]
-    if student_logits.shape[-1] != vocab + 1:
-        raise ValueError(
-            f"Phase 1 needs the <τ> logit: student logits must have V+1={vocab + 1} entries, "
-            f"got {student_logits.shape[-1]}"
-        )
+    vocab = _check_phase1_pair(student_logits, teacher_logits)
     call_nll = -F.log_softmax(student_logits, dim=-1)[..., vocab]
     return call_nll, teacher_student_kl(teacher_logits, student_logits)
 
@@ -305,13 +311,7 @@ def phase1_loss(
         Scalar: mean over valid positions of ``−log π(<τ>)`` where ``call_mask`` else
         ``KL(p ‖ π_V) − log(1 − π(<τ>))``.  0 when no position is valid.
     """
-    _check_logits_pair(student_logits, teacher_logits)
-    vocab = teacher_logits.shape[-1]
-    if student_logits.shape[-1] != vocab + 1:
-        raise ValueError(
-            f"Phase 1 needs the <τ> logit: student logits must have V+1={vocab + 1} entries, "
-            f"got {student_logits.shape[-1]}"
-        )
+    vocab = _check_phase1_pair(student_logits, teacher_logits)
     shape = tuple(student_logits.shape[:-1])
     valid = _as_bool_mask("mask", mask, shape)
     calls = _as_bool_mask("call_mask", call_mask, shape)
