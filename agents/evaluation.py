@@ -210,6 +210,27 @@ def evaluate_budgets(
     return results
 
 
+def quantile_call_thresholds(call_probabilities: dict[float, torch.Tensor]) -> dict[float, float]:
+    """Per budget b, the threshold c at which "call iff π(<τ>) > c" calls at a fraction b of the given
+    states: the (1 − b) quantile of π(<τ>) over them (linear interpolation between order statistics).
+
+    ``call_probabilities``: {b: π(<τ>) at every decoding state of the episodes run under budget b}.
+    Each state counts once, so the fraction is token-weighted, as teacher use is. b = 0 gives the
+    largest π seen (no state is strictly above it). Why a quantile: the policy's π(<τ>) crowds
+    round ½ (on de→en a shift of 0.05 in c moves teacher use by 0.2), so a fixed c = ½ turns small
+    drifts of the policy into large swings of teacher use; the quantile follows the policy as it is.
+    """
+    thresholds = {}
+    for budget, probabilities in call_probabilities.items():
+        if not 0.0 <= budget <= 1.0:
+            raise ValueError(f"budgets lie in [0, 1], got {budget}")
+        values = probabilities.detach().float().flatten()
+        if values.numel() == 0:
+            raise ValueError(f"no decoding states were recorded under budget {budget}: cannot place its threshold")
+        thresholds[float(budget)] = float(torch.quantile(values, 1.0 - budget).clamp(0.0, 1.0))
+    return thresholds
+
+
 def calibrate_budgets(
     policy: StudentPolicy, task: Task, examples: Sequence[Example], budgets: Sequence[float], max_new_tokens: int,
     batch_size: int = 64, tolerance: float = 0.005,

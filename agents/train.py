@@ -49,13 +49,14 @@ from agents.evaluation import (
     calibrate_budgets,
     evaluate_budgets,
     is_better_selection,
+    quantile_call_thresholds,
     seeded_subset,
     selection_record,
     settle_point,
 )
 from agents.lagrangian import LAGRANGE_RULES, BudgetDual, PIDGains, make_dual
 from agents.objectives import pcl_loss, phase1_loss
-from agents.policy import StudentPolicy, ValueNetwork, write_call_rule
+from agents.policy import StudentPolicy, ValueNetwork, call_log_probability, write_call_rule
 from agents.run import (
     Run,
     Throughput,
@@ -148,6 +149,8 @@ class TrainConfig:
     settle_min_gain: float = 0.0  # the quality gain (mean over budgets) over the earlier evaluations' best that still counts as improving
     calibrate_calls: bool = True  # after phase 2, calibrate best/'s call threshold per budget on the selection rows (call_rule.json), the rule tw eval and the decoders use by default; False: ship the raw rule π(<τ>) > ½
     calibration_tolerance: float = 0.005  # the threshold search stops once a budget's teacher fraction is this close
+    track_call_rule: bool = False  # at every evaluation, set the policy's call threshold per budget from its π(<τ>) on fresh training-prompt rollouts (the quantile that calls at b) and evaluate, select and ship with it; calibrate_calls is then not run
+    call_rule_episodes: int = 384  # track_call_rule: rollouts per evaluation over all budgets (rounded up to whole batches of num_envs)
     check_replicas: bool = False  # data-parallel runs: verify after every update that all ranks hold identical weights, λ, μ_r, σ_r
 
     def validate(self) -> None:
@@ -185,6 +188,8 @@ class TrainConfig:
         if self.settle_evaluations < 0 or self.settle_min_gain < 0:
             raise ValueError(f"settle_evaluations and settle_min_gain must be >= 0, got {self.settle_evaluations} "
                              f"and {self.settle_min_gain}")
+        if self.track_call_rule and self.call_rule_episodes < 1:
+            raise ValueError(f"call_rule_episodes must be >= 1 with track_call_rule, got {self.call_rule_episodes}")
         if not 0 <= self.calibration_tolerance < 1:
             raise ValueError(f"calibration_tolerance must lie in [0, 1), got {self.calibration_tolerance}")
         if not 0 <= self.policy_lr_decay_start <= 1 or not 0 <= self.policy_lr_final <= 1:
@@ -248,7 +253,9 @@ def run(config: TrainConfig) -> dict:
         summary["phase1"] = train_phase1(setup)
     if config.phase in ("pcl", "both"):
         summary["phase2"] = train_phase2(setup)
-        if config.calibrate_calls:
+        if config.track_call_rule:
+            summary["call_rule"] = tracked_call_rule_report(summary["phase2"])
+        elif config.calibrate_calls:
             summary["call_rule"] = ship_call_rule(setup)
     setup.run.write_summary(summary)
     setup.writer.close()
@@ -300,12 +307,16 @@ def end_of_training(setup: Setup, summary: dict) -> str:
         rule = "every budget within" if best and best["meets_budgets"] else "no evaluation met every budget within"
         title += (f"\nselected policy: PCL batch {best['step']} ({rule} δ {config.delta:g}), on "
                   f"{len(setup.eval_examples)} {config.eval_split} examples" if best else "\nno policy was evaluated")
-        shipped = {e["budget"]: e for e in summary.get("call_rule", {}).get("budgets", [])}
-        table.append(["budget", "teacher fraction (π>½)", f"quality ({setup.task.metric})", "λ (last)"]
-                     + (["shipped c", "its fraction", "its quality"] if shipped else []))
+        tracked = "tracked" in summary.get("call_rule", {})  # evaluated with its own rule already: no second set
+        shipped = {} if tracked else {e["budget"]: e for e in summary.get("call_rule", {}).get("budgets", [])}
+        rule_thresholds = {float(b): c for b, c in (best or {}).get("call_rule", {}).get("thresholds", [])}
+        table.append(["budget", f"teacher fraction ({'tracked c' if tracked else 'π>½'})", f"quality ({setup.task.metric})",
+                      "λ (last)"] + (["tracked c"] if tracked else []) + (["shipped c", "its fraction", "its quality"] if shipped else []))
         for r in best["results"] if best else [{"budget": b} for b in lambdas]:
             cells = [format(r[k], f) if k in r else "-" for k, f in (("teacher_fraction", ".3f"), ("quality", ".2f"))]
             row = [f"{r['budget']:g}", *cells, f"{multiplier_for(lambdas, r['budget']):+.3f}"]
+            if tracked:
+                row.append(f"{rule_thresholds.get(float(r['budget']), 0.5):.3g}")
             if shipped:
                 e = shipped.get(float(r["budget"]))
                 row += [f"{e['threshold']:.3g}", f"{e['teacher_fraction']:.3f}", f"{e['quality']:.2f}"] if e else ["-"] * 3
@@ -787,12 +798,79 @@ def log_phase2_batch(
 
 
 def evaluate_and_select(setup: Setup, state: PCLState, step: int) -> dict:
+    """Evaluate the policy on the selection rows at every budget and keep it if it is the best so far;
+    with ``track_call_rule``, first set its call rule from training-prompt rollouts (:func:`track_call_rule`):
+    it is evaluated, selected and saved with that rule."""
+    rule = track_call_rule(setup, state, step) if setup.config.track_call_rule else None
     results = evaluate_budgets(state.policy, setup.task, setup.eval_examples, setup.config.budgets,
                                setup.task.max_new_tokens, dist=setup.dist)
-    return select_checkpoint(setup, state.policy, results, step, state.selection)
+    return select_checkpoint(setup, state.policy, results, step, state.selection,
+                             {"call_rule": rule} if rule is not None else None)
 
 
-def select_checkpoint(setup: Setup, policy: StudentPolicy, results: list[BudgetResult], step: int, selection: dict) -> dict:
+def track_call_rule(setup: Setup, state: PCLState, step: int) -> dict:
+    """Set the policy's call rule to the one it would keep its budgets with now: per budget, the
+    threshold c of "call iff π(<τ>) > c" that calls at a fraction b of the decoding states of fresh
+    rollouts on training prompts (:func:`~agents.evaluation.quantile_call_thresholds`).
+
+    Why: the dual steers the policy's π(<τ>) but cannot hold it still between batches; where π(<τ>)
+    crowds round ½ a fixed c = ½ turns each small drift into a large swing of teacher use
+    (docs/budget-control.md). The threshold is part of the controller: it reads training prompts
+    only, never the selection rows it is then judged on. The rollouts (``call_rule_episodes``, budgets
+    balanced, ``rollout_temperature``) draw from their own seeded streams, and the env's reward
+    normalisers and RNG are put back, so training itself goes on exactly as without them.
+    """
+    config, envs, dist, policy = setup.config, setup.envs, setup.dist, state.policy
+    started = time.time()
+    rows = envs.num_envs
+    batches = -(-config.call_rule_episodes // (rows * dist.world_size))
+    rng = np.random.default_rng([config.seed, step, 3, dist.rank])
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    budgets = [float(b) for b in config.budgets]
+    calls: dict[float, list[torch.Tensor]] = {b: [] for b in budgets}
+    saved_stats, saved_rng = envs.reward_stats.state_dict(), envs.np_random.bit_generator.state
+    try:
+        with torch.no_grad():
+            for _ in range(batches):
+                row_budgets = np.resize(np.array(budgets, dtype=np.float64), rows)
+                index = draw_examples(rng, len(setup.train_examples), rows, dist)
+                episodes, _ = collect_on_policy(envs, policy, row_budgets.tolist(), index.tolist(), generator,
+                                                config.rollout_temperature)
+                logits = policy(episodes.prompt_ids, episodes.prompt_mask, episodes.state_ids, episodes.mask.long(),
+                                positions=episodes.mask)
+                probability = call_log_probability(logits).exp().cpu()
+                state_budget = episodes.budget[episodes.mask.nonzero()[:, 0]].double().cpu()
+                for b in budgets:
+                    calls[b].append(probability[torch.isclose(state_budget, torch.tensor(b, dtype=torch.float64),
+                                                              atol=1e-6)])
+    finally:
+        envs.reward_stats.load_state_dict(saved_stats)
+        envs.np_random.bit_generator.state = saved_rng
+    gathered = all_gather_objects({b: torch.cat(v).numpy() for b, v in calls.items()}, dist)
+    pooled = {b: torch.as_tensor(np.concatenate([part[b] for part in gathered])) for b in budgets}
+    thresholds = quantile_call_thresholds(pooled)
+    policy.call_thresholds = thresholds
+    return {"thresholds": [[b, c] for b, c in sorted(thresholds.items())], "episodes": batches * rows * dist.world_size,
+            "states": {str(b): len(v) for b, v in pooled.items()},
+            "raw_rule_fraction": {str(b): float((v > 0.5).double().mean()) for b, v in pooled.items()},
+            "seconds": time.time() - started}
+
+
+def tracked_call_rule_report(phase2: dict) -> dict:
+    """``summary.json``'s ``call_rule`` under ``track_call_rule``: the selected policy's rule, set at its
+    evaluation from training-prompt rollouts (no calibration on the selection rows after training)."""
+    best = phase2["selection"]["best"]
+    if best is None or "call_rule" not in best:
+        return {"skipped": "no evaluated policy carries a tracked call rule"}
+    thresholds = dict((float(b), float(c)) for b, c in best["call_rule"]["thresholds"])
+    return {"tracked": f"set at PCL batch {best['step']} from π(<τ>) on {best['call_rule']['episodes']} "
+                       "training-prompt rollouts", "policy": "best/",
+            "budgets": [{"budget": r["budget"], "threshold": thresholds.get(float(r["budget"]), 0.5),
+                         "teacher_fraction": r["teacher_fraction"], "quality": r["quality"]} for r in best["results"]]}
+
+
+def select_checkpoint(setup: Setup, policy: StudentPolicy, results: list[BudgetResult], step: int, selection: dict,
+                      extra: dict | None = None) -> dict:
     """Keep the policy that meets every budget within δ with the best mean quality (§3.3).
 
     "Meets" follows the Lagrangian's semantics (:func:`~agents.evaluation.budget_violation`): with
@@ -803,7 +881,7 @@ def select_checkpoint(setup: Setup, policy: StudentPolicy, results: list[BudgetR
     """
     config = setup.config
     ceiling = budgets_are_ceilings(config.lagrange_floor)
-    record = {"step": step, **selection_record(results, config.delta, ceiling)}
+    record = {"step": step, **selection_record(results, config.delta, ceiling), **(extra or {})}
     for r in results:
         setup.writer.add_scalar(f"eval/teacher_fraction/b={r.budget:.1f}", r.teacher_fraction, step)
         setup.writer.add_scalar(f"eval/quality/b={r.budget:.1f}", r.quality, step)

@@ -16,6 +16,7 @@ from agents.evaluation import (
     given_forward_costs,
     meets_budgets,
     projected_latency_ms,
+    quantile_call_thresholds,
     seeded_subset,
     with_projected_latency,
     worst_violation,
@@ -118,6 +119,25 @@ def test_call_threshold_calibration_reaches_tiny_call_probabilities_and_stops_at
     assert never.teacher_fraction == 0.0 and never.threshold < 1e-5 and len(never.tried) == 2
     with pytest.raises(ValueError, match="target teacher fraction"):
         calibrate_call_threshold(call_staircase, -0.1)
+
+
+def test_quantile_thresholds_call_at_each_budget_by_hand():
+    import torch
+
+    # Ten states with π(<τ>) 0.1 … 1.0. b = 0.3: the 0.7 quantile lies 0.3 of the way from 0.7 to 0.8
+    # (position 0.7 · 9 = 6.3), so exactly 0.8, 0.9 and 1.0 are above it: 3 of 10 states call.
+    states = torch.tensor([0.5, 0.1, 0.9, 0.3, 1.0, 0.2, 0.7, 0.4, 0.8, 0.6])
+    thresholds = quantile_call_thresholds({0.0: states, 0.3: states, 0.5: states, 1.0: states})
+    assert thresholds[0.3] == pytest.approx(0.73) and thresholds[0.5] == pytest.approx(0.55)
+    assert thresholds[0.0] == pytest.approx(1.0) and thresholds[1.0] == pytest.approx(0.1)
+    for b, c in thresholds.items():  # "call iff π > c" calls at b, but at b = 1 (the smallest π is not above itself)
+        assert float((states > c).float().mean()) == pytest.approx(min(b, 0.9))
+    # Each budget reads its own states; none recorded, or a budget outside [0, 1], is refused by name.
+    assert quantile_call_thresholds({0.2: torch.tensor([0.9, 0.1, 0.3, 0.6, 0.4])})[0.2] == pytest.approx(0.66)
+    with pytest.raises(ValueError, match="no decoding states were recorded under budget 0.2"):
+        quantile_call_thresholds({0.2: torch.tensor([])})
+    with pytest.raises(ValueError, match="budgets lie in \\[0, 1\\], got 1.5"):
+        quantile_call_thresholds({1.5: states})
 
 
 def kl_staircase(threshold: float) -> float:

@@ -25,8 +25,10 @@ import torch
 from safetensors.torch import load_file
 
 from agents.config import config_to_json
+from agents.evaluation import evaluate_budgets, seeded_subset
 from agents.lagrangian import trailing_fractions
 from agents.policy import StudentPolicy
+from agents.run import load_tasks
 from agents.train import TrainConfig, episode_rewards, run
 from agents.trajectories import Trajectories, collect_on_policy, oracle_batch
 from tests.tiny_task import EOS, only_family, right_padded
@@ -214,6 +216,38 @@ def test_phase2_stops_once_settled_and_says_when_and_why(tiny, tmp_path, capsys)
     assert (tmp_path / "control.png").stat().st_size > 0
 
 
+@only_family("encoder-decoder")  # the rule reads π(<τ>) through the one forward both families share
+def test_a_tracked_call_rule_is_evaluated_and_shipped_and_leaves_training_unchanged(tiny, early_end_kwargs, tmp_path):
+    overrides = dict(bc_batches=2, pcl_batches=4, eval_every=2, env_kwargs=early_end_kwargs, max_new_tokens=12,
+                     oracle_rounding="stochastic", lagrange_floor=-1.0, lagrange_lr=0.5)
+    plain = run(tiny_config(tiny, tmp_path / "plain", calibrate_calls=False, **overrides))
+    tracked = run(tiny_config(tiny, tmp_path / "tracked", track_call_rule=True, call_rule_episodes=8, **overrides))
+    # Its rollouts draw from their own streams and put the env's normalisers and RNG back: training is the same.
+    for key in ("lambdas", "reward_normalisers"):
+        assert tracked["phase2"][key] == plain["phase2"][key]
+    a, b = weights(tmp_path / "plain" / "final"), weights(tmp_path / "tracked" / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Every evaluation set its rule first (8 episodes: two batches of 6 rows; thresholds in [0, 1] per budget).
+    evaluations = tracked["phase2"]["selection"]["evaluations"]
+    assert [e["step"] for e in evaluations] == [0, 2, 4]
+    for record in evaluations:
+        rule = record["call_rule"]
+        assert rule["episodes"] == 12 and [b for b, _ in rule["thresholds"]] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+        assert all(0.0 <= c <= 1.0 for _, c in rule["thresholds"]) and all(n > 0 for n in rule["states"].values())
+    # The selected policy ships with the rule it was evaluated with; no calibration on the selection rows after.
+    best = tracked["phase2"]["selection"]["best"]
+    shipped = StudentPolicy.load(tmp_path / "tracked" / "best").call_thresholds
+    assert shipped == {b: c for b, c in best["call_rule"]["thresholds"]}
+    assert tracked["call_rule"]["tracked"].startswith(f"set at PCL batch {best['step']} ")
+    assert [e["threshold"] for e in tracked["call_rule"]["budgets"]] == [c for _, c in best["call_rule"]["thresholds"]]
+    assert [e["teacher_fraction"] for e in tracked["call_rule"]["budgets"]] == [r["teacher_fraction"] for r in best["results"]]
+    # The recorded fractions are what the shipped policy decodes on the selection rows.
+    tasks = load_tasks(ENV_ID, early_end_kwargs, "validation", {}, torch.device("cpu"), max_new_tokens=12)
+    again = evaluate_budgets(StudentPolicy.load(tmp_path / "tracked" / "best"), tasks.train,
+                             seeded_subset(tasks.selection.examples, 8, 0), [0.0, 0.1, 0.2, 0.3, 0.4, 0.5], 12)
+    assert [r.teacher_fraction for r in again] == [r["teacher_fraction"] for r in best["results"]]
+
+
 @only_family("encoder-decoder")
 def test_kept_evaluated_policies_are_the_policies_each_evaluation_scored(tiny, tmp_path):
     summary = run(tiny_config(tiny, tmp_path, eval_every=2, keep_evaluated_policies=True))
@@ -334,6 +368,8 @@ def test_bad_config_is_refused():
         TrainConfig(lagrange_rule="pid", pid_kp=-1.0).validate()
     with pytest.raises(ValueError, match="set eval_every > 0"):
         TrainConfig(settle_evaluations=3, eval_every=0).validate()
+    with pytest.raises(ValueError, match="call_rule_episodes must be >= 1 with track_call_rule, got 0"):
+        TrainConfig(track_call_rule=True, call_rule_episodes=0).validate()
 
 
 def _launch(config: TrainConfig, config_path: Path) -> subprocess.Popen:
