@@ -116,6 +116,23 @@ class _StateModel(nn.Module):
         hidden = model.config.hidden_size
         self.prompt_summary = nn.Linear(hidden, hidden, bias=False)
         nn.init.zeros_(self.prompt_summary.weight)
+        # None: the prompt is read as the mean of its states. A vector: read by attention with this query
+        # (:meth:`read_prompt_by_attention`).
+        self.prompt_query: nn.Parameter | None
+        self.register_parameter("prompt_query", None)
+
+    def read_prompt_by_attention(self) -> None:
+        """Read the prompt by attention pooling with a learnt query (zeros at first) instead of the mean.
+
+        Why: the prompt reads (the stream-input summary and the <τ> logit's prompt part) see the
+        budget through the pooled prompt states. The mean of ~25 states dilutes the few that state a
+        numeric budget ("0.15"); attention can weight them. A zero query attends uniformly, i.e. reads
+        the mean, so switching a trained policy over starts from what it computed before.
+        """
+        if self.prompt_query is None:
+            hidden = self.model.config.hidden_size
+            self.prompt_query = nn.Parameter(torch.zeros(hidden, device=self.prompt_summary.weight.device,
+                                                         dtype=self.prompt_summary.weight.dtype))
 
     @property
     def family(self) -> ModelFamily:
@@ -133,10 +150,20 @@ class _StateModel(nn.Module):
         weights = encoder_mask.to(encoder_states.dtype).unsqueeze(-1)
         return (encoder_states * weights).sum(1) / weights.sum(1).clamp(min=1)
 
+    def prompt_pool(self, encoder_states: torch.Tensor, encoder_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, d]``: the prompt states pooled over the prompt's tokens: their mean, or with a
+        :attr:`prompt_query`, their attention-weighted sum (softmax of q·h / √d over the tokens)."""
+        if self.prompt_query is None:
+            return self.prompt_mean(encoder_states, encoder_mask)
+        query = self.prompt_query.to(encoder_states.dtype)
+        scores = (encoder_states @ query) / math.sqrt(encoder_states.shape[-1])
+        weights = torch.softmax(scores.float().masked_fill(encoder_mask == 0, -1e9), dim=1).to(encoder_states.dtype)
+        return (encoder_states * weights.unsqueeze(-1)).sum(1)
+
     def prompt_vector(self, encoder_states: torch.Tensor, encoder_mask: torch.Tensor) -> torch.Tensor:
-        """``[B, d]``: the projected mean of the prompt states over the prompt's tokens."""
-        mean = self.prompt_mean(encoder_states, encoder_mask)
-        return self.prompt_summary(mean.to(self.prompt_summary.weight.dtype)).to(encoder_states.dtype)
+        """``[B, d]``: the projected pooled prompt states (:meth:`prompt_pool`)."""
+        pooled = self.prompt_pool(encoder_states, encoder_mask)
+        return self.prompt_summary(pooled.to(self.prompt_summary.weight.dtype)).to(encoder_states.dtype)
 
     def encode(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         """The encoder states of the prompts (a family whose models have an encoder; others raise TypeError)."""
@@ -259,9 +286,9 @@ class StudentPolicy(_StateModel):
     def prompt_features(self, encoder_states: torch.Tensor, encoder_mask: torch.Tensor) -> PromptFeatures:
         """The per-episode prompt reads from the prompt states (T5: the encoder's; causal: the prefill's):
         the stream-input summary and the <τ> logit's prompt part."""
-        mean = self.prompt_mean(encoder_states, encoder_mask)
-        summary = self.prompt_summary(mean.to(self.prompt_summary.weight.dtype)).to(encoder_states.dtype)
-        return PromptFeatures(summary, self.call_prompt(mean.to(self.call_prompt.weight.dtype)))
+        pooled = self.prompt_pool(encoder_states, encoder_mask)
+        summary = self.prompt_summary(pooled.to(self.prompt_summary.weight.dtype)).to(encoder_states.dtype)
+        return PromptFeatures(summary, self.call_prompt(pooled.to(self.call_prompt.weight.dtype)))
 
     def head(self, decoder_states: torch.Tensor, prompt: PromptFeatures) -> torch.Tensor:
         """Logits over V + 1 actions from final states ``[B, (T,) d]`` and the prompt's features."""
@@ -334,9 +361,12 @@ class StudentPolicy(_StateModel):
             "call_confidence.weight": self.call_confidence.weight.detach().contiguous().cpu(),
             "call_prompt.weight": self.call_prompt.weight.detach().contiguous().cpu(),
         }
+        if self.prompt_query is not None:
+            extra["prompt_query"] = self.prompt_query.detach().contiguous().cpu()
         save_file(extra, str(directory / EXTRA_WEIGHTS))
         (directory / EXTRA_CONFIG).write_text(
-            json.dumps({"vocab_size": self.vocab_size, "format": 1, "family": self.family.name})
+            json.dumps({"vocab_size": self.vocab_size, "format": 1, "family": self.family.name,
+                        "prompt_read": "mean" if self.prompt_query is None else "attention"})
         )
         if self.call_thresholds:
             write_call_rule(directory, self.call_thresholds)
@@ -380,6 +410,10 @@ class StudentPolicy(_StateModel):
                 for name in ("prompt_summary.weight", "call_confidence.weight", "call_prompt.weight"):
                     if name in extra:  # absent from policies saved before these parts existed: keep zeros
                         policy.get_parameter(name).copy_(extra[name])
+                if "prompt_query" in extra:  # a policy that reads its prompt by attention
+                    policy.read_prompt_by_attention()
+                    assert policy.prompt_query is not None
+                    policy.prompt_query.copy_(extra["prompt_query"])
         policy.call_thresholds = read_call_rule(directory)
         return policy.to(policy.model.device)
 
@@ -433,6 +467,10 @@ class ValueNetwork(_StateModel):
         with torch.no_grad():
             value.state_embedding.beta.copy_(policy.state_embedding.beta)
             value.prompt_summary.weight.copy_(policy.prompt_summary.weight)
+            if policy.prompt_query is not None:  # its states start from the policy's prompt read
+                value.read_prompt_by_attention()
+                assert value.prompt_query is not None
+                value.prompt_query.copy_(policy.prompt_query)
         return value.to(policy.device)
 
     def forward(

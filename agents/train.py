@@ -149,6 +149,7 @@ class TrainConfig:
     settle_min_gain: float = 0.0  # the quality gain (mean over budgets) over the earlier evaluations' best that still counts as improving
     calibrate_calls: bool = True  # after phase 2, calibrate best/'s call threshold per budget on the selection rows (call_rule.json), the rule tw eval and the decoders use by default; False: ship the raw rule π(<τ>) > ½
     calibration_tolerance: float = 0.005  # the threshold search stops once a budget's teacher fraction is this close
+    prompt_read: str = "mean"  # how the policy pools its prompt states for the summary and the <τ> logit's prompt read: "mean" (the default) or "attention" (a learnt query, zeros at first: the mean)
     track_call_rule: bool = False  # at every evaluation, set the policy's call threshold per budget from its π(<τ>) on fresh training-prompt rollouts (the quantile that calls at b) and evaluate, select and ship with it; calibrate_calls is then not run
     call_rule_episodes: int = 384  # track_call_rule: rollouts per evaluation over all budgets (rounded up to whole batches of num_envs)
     check_replicas: bool = False  # data-parallel runs: verify after every update that all ranks hold identical weights, λ, μ_r, σ_r
@@ -188,6 +189,8 @@ class TrainConfig:
         if self.settle_evaluations < 0 or self.settle_min_gain < 0:
             raise ValueError(f"settle_evaluations and settle_min_gain must be >= 0, got {self.settle_evaluations} "
                              f"and {self.settle_min_gain}")
+        if self.prompt_read not in PROMPT_READS:
+            raise ValueError(f"prompt_read must be one of {list(PROMPT_READS)}, got {self.prompt_read!r}")
         if self.track_call_rule and self.call_rule_episodes < 1:
             raise ValueError(f"call_rule_episodes must be >= 1 with track_call_rule, got {self.call_rule_episodes}")
         if not 0 <= self.calibration_tolerance < 1:
@@ -393,6 +396,7 @@ class Phase1State:
         else:
             policy = StudentPolicy.load(source, device=setup.device)
         policy.eval()  # dropout off (§5.2); gradients still flow
+        set_prompt_read(policy, config.prompt_read)
         state = cls(policy, phase1_optimizer(config, policy), np.random.default_rng(rank_seed(config.seed, dist.rank)),
                     dist)
         torch.manual_seed(rank_seed(config.seed, dist.rank))
@@ -422,6 +426,17 @@ class Phase1State:
         if self.dist.is_main:
             ckpt.write_checkpoint(run_dir, step, write, keep=keep)
         barrier(self.dist)
+
+
+PROMPT_READS = ("mean", "attention")
+
+
+def set_prompt_read(policy: StudentPolicy, prompt_read: str) -> None:
+    """Give ``policy`` the prompt read a config asks for. "attention" on a mean-reading policy adds a zero
+    query, which reads the mean at first; a policy that already reads by attention keeps its query
+    (a config of "mean" does not take it away: the checkpoint says how it reads)."""
+    if prompt_read == "attention":
+        policy.read_prompt_by_attention()
 
 
 def phase1_optimizer(config: TrainConfig, policy: StudentPolicy) -> Optimizer:
@@ -581,6 +596,7 @@ class PCLState:
         seed = rank_seed(config.seed, dist.rank)
         torch.manual_seed(config.seed + 1)  # the value head's initialisation: the same on every rank
         policy = StudentPolicy.load(policy_dir, device=device).eval()
+        set_prompt_read(policy, config.prompt_read)
         value = ValueNetwork.from_policy(policy).eval()
         envs.np_random = np.random.default_rng(seed + 2)  # the env's own draws (teacher sampling)
         dual = make_dual(config.budgets, config.lagrange_rule, lr=config.lagrange_lr, cap=config.lagrange_cap,

@@ -237,6 +237,56 @@ def test_a_policy_saved_without_the_newer_call_reads_loads_with_them_at_zero(pol
     torch.testing.assert_close(loaded.call_head.weight, policy.call_head.weight)
 
 
+def test_the_prompt_pool_by_attention_by_hand():
+    model = StudentPolicy(tiny_lm("t5"))  # d = 32
+    states = torch.zeros(2, 3, 32)
+    states[..., :4] = torch.tensor([[[1.0, 0.0, 2.0, 0.0], [0.0, 1.0, 0.0, 0.0], [3.0, 1.0, 0.0, 1.0]],
+                                    [[2.0, 2.0, 0.0, 0.0], [0.0, 0.0, 4.0, 0.0], [9.0, 9.0, 9.0, 9.0]]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])  # row 1's last state is padding: never read
+    torch.testing.assert_close(model.prompt_pool(states, mask), model.prompt_mean(states, mask))  # no query: the mean
+    model.read_prompt_by_attention()
+    torch.testing.assert_close(model.prompt_pool(states, mask), model.prompt_mean(states, mask))  # zero query: the mean
+    with torch.no_grad():
+        model.prompt_query[0] = math.sqrt(32)  # q·h / √d is then h's first entry
+    # By hand: row 0's scores 1, 0, 3; row 1's 2, 0 (its padding left out).
+    def by_hand(rows, scores):
+        weights = [math.exp(x) for x in scores]
+        return [sum(w * r[k] for w, r in zip(weights, rows, strict=True)) / sum(weights) for k in range(4)]
+    with torch.no_grad():
+        pooled = model.prompt_pool(states, mask)
+    torch.testing.assert_close(pooled[0, :4], torch.tensor(by_hand(states[0, :, :4].tolist(), [1.0, 0.0, 3.0])))
+    torch.testing.assert_close(pooled[1, :4], torch.tensor(by_hand(states[1, :2, :4].tolist(), [2.0, 0.0])))
+    assert torch.count_nonzero(pooled[:, 4:]) == 0
+
+
+def test_a_policy_that_reads_its_prompt_by_attention(policy, tmp_path):
+    prompt, prompt_mask, state, state_mask = episode_batch()
+    with torch.no_grad():
+        before = policy(prompt, prompt_mask, state, state_mask)
+        policy.read_prompt_by_attention()
+        torch.testing.assert_close(policy(prompt, prompt_mask, state, state_mask), before, atol=1e-5, rtol=1e-5)
+        policy.prompt_query.normal_(std=3.0)
+        after = policy(prompt, prompt_mask, state, state_mask)
+    assert not torch.allclose(after, before, atol=1e-3)  # the query now weighs the prompt's states
+    # Acting incrementally reads the prompt as the teacher-forced forward does, restarts included.
+    test_incremental_rollout_equals_the_teacher_forced_forward_with_a_restart(policy)
+    # The query is saved, said and read back; the value network starts from the same read.
+    policy.save(tmp_path / "p")
+    assert json.loads((tmp_path / "p" / EXTRA_CONFIG).read_text())["prompt_read"] == "attention"
+    loaded = StudentPolicy.load(tmp_path / "p")
+    torch.testing.assert_close(loaded.prompt_query, policy.prompt_query)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(prompt, prompt_mask, state, state_mask), after)
+    value = ValueNetwork.from_policy(policy)
+    torch.testing.assert_close(value.prompt_query, policy.prompt_query)
+    assert value.prompt_query is not policy.prompt_query
+    # A policy saved without a query reads the mean, as before.
+    plain = StudentPolicy(tiny_lm("t5"))
+    plain.save(tmp_path / "plain")
+    assert StudentPolicy.load(tmp_path / "plain").prompt_query is None
+    assert json.loads((tmp_path / "plain" / EXTRA_CONFIG).read_text())["prompt_read"] == "mean"
+
+
 def test_load_refuses_a_policy_of_another_family(tmp_path):
     t5_policy = StudentPolicy(tiny_t5(V, 16, 1, seed=0))
     t5_policy.save(tmp_path / "t5")

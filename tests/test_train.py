@@ -249,6 +249,14 @@ def test_a_tracked_call_rule_is_evaluated_and_shipped_and_leaves_training_unchan
 
 
 @only_family("encoder-decoder")
+def test_a_policy_trained_to_read_its_prompt_by_attention_learns_its_query(tiny, tmp_path):
+    run(tiny_config(tiny, tmp_path, bc_batches=3, pcl_batches=2, calibrate_calls=False, prompt_read="attention"))
+    phase1, final = StudentPolicy.load(tmp_path / "phase1"), StudentPolicy.load(tmp_path / "final")
+    assert phase1.prompt_query is not None and torch.count_nonzero(phase1.prompt_query) > 0  # learnt from zeros
+    assert final.prompt_query is not None and not torch.equal(final.prompt_query, phase1.prompt_query)
+
+
+@only_family("encoder-decoder")
 def test_kept_evaluated_policies_are_the_policies_each_evaluation_scored(tiny, tmp_path):
     summary = run(tiny_config(tiny, tmp_path, eval_every=2, keep_evaluated_policies=True))
     evaluations = summary["phase2"]["selection"]["evaluations"]
@@ -368,6 +376,8 @@ def test_bad_config_is_refused():
         TrainConfig(lagrange_rule="pid", pid_kp=-1.0).validate()
     with pytest.raises(ValueError, match="set eval_every > 0"):
         TrainConfig(settle_evaluations=3, eval_every=0).validate()
+    with pytest.raises(ValueError, match="prompt_read must be one of \\['mean', 'attention'\\], got 'max'"):
+        TrainConfig(prompt_read="max").validate()
     with pytest.raises(ValueError, match="call_rule_episodes must be >= 1 with track_call_rule, got 0"):
         TrainConfig(track_call_rule=True, call_rule_episodes=0).validate()
 
