@@ -191,8 +191,9 @@ class TrainConfig:
                              f"and {self.settle_min_gain}")
         if self.prompt_read not in PROMPT_READS:
             raise ValueError(f"prompt_read must be one of {list(PROMPT_READS)}, got {self.prompt_read!r}")
-        if self.track_call_rule and self.call_rule_episodes < 1:
-            raise ValueError(f"call_rule_episodes must be >= 1 with track_call_rule, got {self.call_rule_episodes}")
+        if self.track_call_rule and self.call_rule_episodes < len(self.budgets):
+            raise ValueError(f"call_rule_episodes must be at least the number of budgets ({len(self.budgets)}) with "
+                             f"track_call_rule, so that each budget is rolled out, got {self.call_rule_episodes}")
         if not 0 <= self.calibration_tolerance < 1:
             raise ValueError(f"calibration_tolerance must lie in [0, 1), got {self.calibration_tolerance}")
         if not 0 <= self.policy_lr_decay_start <= 1 or not 0 <= self.policy_lr_final <= 1:
@@ -847,8 +848,11 @@ def track_call_rule(setup: Setup, state: PCLState, step: int) -> dict:
     saved_stats, saved_rng = envs.reward_stats.state_dict(), envs.np_random.bit_generator.state
     try:
         with torch.no_grad():
-            for _ in range(batches):
-                row_budgets = np.resize(np.array(budgets, dtype=np.float64), rows)
+            for batch in range(batches):
+                # Budgets in turn over every rank's rows and batch after batch, so that each budget gets its
+                # share whatever the rows per rank (a rank of 3 rows alone would never roll out b = 0.3 … 0.5).
+                first = (batch * dist.world_size + dist.rank) * rows
+                row_budgets = np.array([budgets[(first + j) % len(budgets)] for j in range(rows)], dtype=np.float64)
                 index = draw_examples(rng, len(setup.train_examples), rows, dist)
                 episodes, _ = collect_on_policy(envs, policy, row_budgets.tolist(), index.tolist(), generator,
                                                 config.rollout_temperature)
@@ -865,6 +869,11 @@ def track_call_rule(setup: Setup, state: PCLState, step: int) -> dict:
     gathered = all_gather_objects({b: torch.cat(v).numpy() for b, v in calls.items()}, dist)
     pooled = {b: torch.as_tensor(np.concatenate([part[b] for part in gathered])) for b in budgets}
     thresholds = quantile_call_thresholds(pooled)
+    if config.check_replicas and dist.world_size > 1:
+        differing = [r for r, other in enumerate(all_gather_objects(thresholds, dist)) if other != thresholds]
+        if differing:
+            raise RuntimeError(f"rank {dist.rank}'s tracked call thresholds {thresholds} differ from ranks {differing}' "
+                               f"after PCL batch {step}: expected every rank to pool the same states")
     policy.call_thresholds = thresholds
     return {"thresholds": [[b, c] for b, c in sorted(thresholds.items())], "episodes": batches * rows * dist.world_size,
             "states": {str(b): len(v) for b, v in pooled.items()},

@@ -293,11 +293,15 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_two_process_training_keeps_ranks_identical_and_writes_once(tiny, tmp_path):
-    """Phases 1 and 2 on 2 gloo ranks: every update is followed by a replica check (weights, λ, μ_r, σ_r)."""
-    _finish(_launch("train", _train_config(tiny, tmp_path / "run"), tmp_path / "train.json", 2))
+    """Phases 1 and 2 on 2 gloo ranks: every update is followed by a replica check (weights, λ, μ_r, σ_r), every
+    tracked call rule by a check that both ranks set the same thresholds from their pooled rollouts."""
+    _finish(_launch("train", _train_config(tiny, tmp_path / "run", track_call_rule=True, call_rule_episodes=24),
+                    tmp_path / "train.json", 2))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["phase1"]["processes"] == 2 and summary["phase2"]["processes"] == 2
     assert len(summary["phase2"]["selection"]["evaluations"]) == 3  # steps 0, 3, 6
+    for record in summary["phase2"]["selection"]["evaluations"]:  # four batches of 3 rows on each of the 2 ranks
+        assert record["call_rule"]["episodes"] == 24 and len(record["call_rule"]["thresholds"]) == 6
     checkpoint = tmp_path / "run" / "phase2-checkpoints" / "step-000004"
     assert (checkpoint / "rank-1" / "state.json").exists() and (checkpoint / "rank-1" / "replay.safetensors").exists()
     rank0 = json.loads((checkpoint / "state.json").read_text())

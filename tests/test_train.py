@@ -378,8 +378,8 @@ def test_bad_config_is_refused():
         TrainConfig(settle_evaluations=3, eval_every=0).validate()
     with pytest.raises(ValueError, match="prompt_read must be one of \\['mean', 'attention'\\], got 'max'"):
         TrainConfig(prompt_read="max").validate()
-    with pytest.raises(ValueError, match="call_rule_episodes must be >= 1 with track_call_rule, got 0"):
-        TrainConfig(track_call_rule=True, call_rule_episodes=0).validate()
+    with pytest.raises(ValueError, match="call_rule_episodes must be at least the number of budgets \\(6\\) .* got 5"):
+        TrainConfig(track_call_rule=True, call_rule_episodes=5).validate()
 
 
 def _launch(config: TrainConfig, config_path: Path) -> subprocess.Popen:
