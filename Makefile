@@ -22,8 +22,8 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 install: $(BIN)/.installed
 
-# The README's main job: about 47 minutes on this project's 2-core machine from a clean cache with the earlier 600 PCL batches
-# (docs/results-synthetic.md); not re-timed since phase 2 was halved and tw eval gained the routers (README).
+# The README's main job: 16.3 minutes on this project's 2-core machine with the embedded models cached (2026-12-07,
+# docs/benchmarks.md), about 9 more the first time, when the models train.
 demo: install
 	$(BIN)/tw train --config configs/synthetic.json
 	$(BIN)/tw gkd   --config configs/synthetic-gkd.json
