@@ -217,11 +217,17 @@ def test_phase2_stops_once_settled_and_says_when_and_why(tiny, tmp_path, capsys)
 
 
 @only_family("encoder-decoder")  # the rule reads π(<τ>) through the one forward both families share
-def test_a_tracked_call_rule_is_evaluated_and_shipped_and_leaves_training_unchanged(tiny, early_end_kwargs, tmp_path):
+def test_a_tracked_call_rule_is_evaluated_and_shipped_and_leaves_training_unchanged(tiny, early_end_kwargs, tmp_path,
+                                                                                     capsys):
     overrides = dict(bc_batches=2, pcl_batches=4, eval_every=2, env_kwargs=early_end_kwargs, max_new_tokens=12,
                      oracle_rounding="stochastic", lagrange_floor=-1.0, lagrange_lr=0.5)
     plain = run(tiny_config(tiny, tmp_path / "plain", calibrate_calls=False, **overrides))
+    capsys.readouterr()
     tracked = run(tiny_config(tiny, tmp_path / "tracked", track_call_rule=True, call_rule_episodes=8, **overrides))
+    # tw train's end table says which rule its fractions are under, and each budget's threshold.
+    table = capsys.readouterr().out.splitlines()
+    header = next(line for line in table if line.strip().startswith("budget"))
+    assert "teacher fraction (tracked c)" in header and header.rstrip().endswith("tracked c") and "shipped c" not in header
     # Its rollouts draw from their own streams and put the env's normalisers and RNG back: training is the same.
     for key in ("lambdas", "reward_normalisers"):
         assert tracked["phase2"][key] == plain["phase2"][key]
