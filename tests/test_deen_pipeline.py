@@ -34,9 +34,10 @@ def test_train_mt_then_the_deen_configs_run_end_to_end(tmp_path):
     assert main(["train", "--config", str(CONFIGS / "deen.json"), *common, "--output-dir", str(tw),
                  "--bc-batches", "2", "--bc-batch-size", "4", "--pcl-batches", "2", "--num-envs", "6",
                  "--replay-per-update", "4", "--eval-every", "1", "--eval-examples", "2",
-                 "--checkpoint-every", "1"]) == 0
+                 "--checkpoint-every", "1", "--call-rule-episodes", "12"]) == 0
     assert (tw / "best" / "training_wheels.safetensors").is_file() and (tw / "best" / "selection.json").is_file()
-    assert (tw / "best" / "call_rule.json").is_file()  # the shipped rule: calibrated inside tw train
+    assert (tw / "best" / "call_rule.json").is_file()  # the shipped rule: tracked during tw train
+    assert "tracked" in json.loads((tw / "summary.json").read_text())["call_rule"]
     assert main(["gkd", "--config", str(CONFIGS / "deen-gkd.json"), *common, "--output-dir", str(gkd),
                  "--batches", "2", "--batch-size", "4", "--eval-every", "1", "--eval-examples", "2"]) == 0
     router = tmp_path / "co-llm"
