@@ -121,8 +121,9 @@ class _StateModel(nn.Module):
         self.prompt_query: nn.Parameter | None
         self.register_parameter("prompt_query", None)
 
-    def read_prompt_by_attention(self) -> None:
-        """Read the prompt by attention pooling with a learnt query (zeros at first) instead of the mean.
+    def read_prompt_by_attention(self, query: torch.Tensor | None = None) -> None:
+        """Read the prompt by attention pooling with a learnt query (zeros at first, or ``query``'s values)
+        instead of the mean.
 
         Why: the prompt reads (the stream-input summary and the <τ> logit's prompt part) see the
         budget through the pooled prompt states. The mean of ~25 states dilutes the few that state a
@@ -133,6 +134,9 @@ class _StateModel(nn.Module):
             hidden = self.model.config.hidden_size
             self.prompt_query = nn.Parameter(torch.zeros(hidden, device=self.prompt_summary.weight.device,
                                                          dtype=self.prompt_summary.weight.dtype))
+        if query is not None:
+            with torch.no_grad():
+                self.prompt_query.copy_(query)
 
     @property
     def family(self) -> ModelFamily:
@@ -411,9 +415,7 @@ class StudentPolicy(_StateModel):
                     if name in extra:  # absent from policies saved before these parts existed: keep zeros
                         policy.get_parameter(name).copy_(extra[name])
                 if "prompt_query" in extra:  # a policy that reads its prompt by attention
-                    policy.read_prompt_by_attention()
-                    assert policy.prompt_query is not None
-                    policy.prompt_query.copy_(extra["prompt_query"])
+                    policy.read_prompt_by_attention(extra["prompt_query"])
         policy.call_thresholds = read_call_rule(directory)
         return policy.to(policy.model.device)
 
@@ -468,9 +470,7 @@ class ValueNetwork(_StateModel):
             value.state_embedding.beta.copy_(policy.state_embedding.beta)
             value.prompt_summary.weight.copy_(policy.prompt_summary.weight)
             if policy.prompt_query is not None:  # its states start from the policy's prompt read
-                value.read_prompt_by_attention()
-                assert value.prompt_query is not None
-                value.prompt_query.copy_(policy.prompt_query)
+                value.read_prompt_by_attention(policy.prompt_query)
         return value.to(policy.device)
 
     def forward(
