@@ -233,16 +233,17 @@ def quantile_call_thresholds(call_probabilities: dict[float, torch.Tensor]) -> d
 
 def calibrate_budgets(
     policy: StudentPolicy, task: Task, examples: Sequence[Example], budgets: Sequence[float], max_new_tokens: int,
-    batch_size: int = 64, tolerance: float = 0.005,
+    batch_size: int = 64, tolerance: float = 0.005, start_thresholds: dict[float, float] | None = None,
 ) -> tuple[dict[float, float], list[dict]]:
     """The call rule ``tw train`` ships: per budget b, the threshold c of "call iff π(<τ>) > c" whose
     teacher fraction on ``examples`` (the selection rows) is closest to b
-    (:func:`calibrate_call_threshold`, which keeps ½ where the policy's own rule already lands within
-    ``tolerance``), decoding through :class:`ThresholdDecodes`.
+    (:func:`calibrate_call_threshold`, which keeps its start, ½ or ``start_thresholds[b]``, where that
+    already lands within ``tolerance``), decoding through :class:`ThresholdDecodes`.
 
     Returns {b: c} and, per budget, {budget, threshold, teacher_fraction, quality, own_rule_teacher_fraction,
-    own_rule_quality, tried: [[c, fraction], …], batch_decodes, batches_reused}: the raw rule (c = ½)
-    beside the calibrated one.
+    own_rule_quality, tried: [[c, fraction], …], batch_decodes, batches_reused} (plus start_threshold,
+    start_teacher_fraction and start_quality when started elsewhere than ½): the raw rule (c = ½) beside
+    the calibrated one.
     """
     sources, references = [e.source for e in examples], [e.reference for e in examples]
     was_training = policy.training
@@ -260,14 +261,22 @@ def calibrate_budgets(
         def fraction_at(threshold: float, decodes: ThresholdDecodes = decodes) -> float:
             return decodes.decode(threshold).teacher_fraction
 
-        found = calibrate_call_threshold(fraction_at, budget, tolerance=tolerance)
-        chosen, own = decodes.decode(found.threshold), decodes.decode(0.5)  # both decoded already: reused
+        # A quantile rule can hold c = 0 or 1 (a budget of 1, or 0 with π(<τ>) = 1 somewhere); the search
+        # needs a start strictly inside, so such a start is moved in by a millionth.
+        start = min(max((start_thresholds or {}).get(budget, 0.5), 1e-6), 1.0 - 1e-6)
+        found = calibrate_call_threshold(fraction_at, budget, tolerance=tolerance, start=start)
+        chosen, own = decodes.decode(found.threshold), decodes.decode(0.5)  # ½ is a new decode only from another start
         thresholds[budget] = found.threshold
-        report.append({
+        entry = {
             "budget": budget, "threshold": found.threshold, "teacher_fraction": chosen.teacher_fraction,
             "quality": chosen.quality(task.metric, references), "own_rule_teacher_fraction": own.teacher_fraction,
             "own_rule_quality": own.quality(task.metric, references), "tried": [list(t) for t in found.tried],
-            "batch_decodes": decodes.decoded, "batches_reused": decodes.reused})
+            "batch_decodes": decodes.decoded, "batches_reused": decodes.reused}
+        if start != 0.5:
+            started = decodes.decode(start)  # the first probe: reused
+            entry |= {"start_threshold": start, "start_teacher_fraction": started.teacher_fraction,
+                      "start_quality": started.quality(task.metric, references)}
+        report.append(entry)
     policy.train(was_training)
     return thresholds, report
 
@@ -394,7 +403,7 @@ def calibrate_threshold(
 
 def calibrate_call_threshold(
     teacher_fraction_at: Callable[[float], float], target: float, tolerance: float = 0.005, iterations: int = 14,
-    widest_logit: float = 12.0,
+    widest_logit: float = 12.0, start: float = 0.5,
 ) -> Calibration:
     """The Training Wheels call threshold c (call iff π(<τ>) > c) whose teacher fraction is closest to ``target``.
 
@@ -402,12 +411,14 @@ def calibrate_call_threshold(
     oscillates), the same per-budget calibration on validation data that the confidence fallback
     gets moves teacher use onto the budget while keeping the policy's own ranking of which tokens
     to ask for. The fraction falls as c rises; π(<τ>) is spread in log-odds, so the search bisects
-    −logit(c) over [−``widest_logit``, ``widest_logit``], starting from the policy's own c = ½
-    (kept if it is already within ``tolerance``).
+    −logit(c) over [−``widest_logit``, ``widest_logit``], starting from ``start`` (the policy's own
+    c = ½, or a threshold the checkpoint already holds), which is kept if it is already within ``tolerance``.
     """
     _check_search(target, tolerance, iterations)
     if widest_logit <= 0:
         raise ValueError(f"widest_logit must be > 0, got {widest_logit}")
+    if not 0.0 < start < 1.0:
+        raise ValueError(f"the starting call threshold must lie strictly between 0 and 1, got {start}")
 
     def threshold(x: float) -> float:  # x = −logit(c): the fraction grows with x
         return 1.0 / (1.0 + math.exp(x))
@@ -415,7 +426,8 @@ def calibrate_call_threshold(
     def measure(x: float) -> tuple[float, float]:
         return threshold(x), teacher_fraction_at(threshold(x))
 
-    first = measure(0.0)
+    # The start as given (not through the logit and back, which can move it by a rounding), then the search.
+    first = (start, teacher_fraction_at(start))
     tried = [(first[0], float(first[1]))]
     if abs(tried[0][1] - target) > tolerance:
         tried += _bisect_to_target(measure, target, -widest_logit, widest_logit, tolerance, iterations)

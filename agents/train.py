@@ -151,6 +151,7 @@ class TrainConfig:
     calibration_tolerance: float = 0.005  # the threshold search stops once a budget's teacher fraction is this close
     prompt_read: str = "mean"  # how the policy pools its prompt states for the summary and the <τ> logit's prompt read: "mean" (the default) or "attention" (a learnt query, zeros at first: the mean)
     track_call_rule: bool = False  # at every evaluation, set the policy's call threshold per budget from its π(<τ>) on fresh training-prompt rollouts (the quantile that calls at b) and evaluate, select and ship with it; calibrate_calls is then not run
+    refine_call_rule: bool = False  # with track_call_rule: after phase 2, re-fit best/'s tracked thresholds on the selection rows (a search per budget from its tracked c, kept where it lands within calibration_tolerance) and ship those; the tracked figures stay beside them in summary.json
     call_rule_episodes: int = 1536  # track_call_rule: rollouts per evaluation over all budgets (rounded up to whole batches of num_envs); 384 left an sd of 0.018 in the evaluated teacher use on the embedded task, 1536 0.008 (docs/budget-control.md)
     check_replicas: bool = False  # data-parallel runs: verify after every update that all ranks hold identical weights, λ, μ_r, σ_r
 
@@ -194,6 +195,9 @@ class TrainConfig:
         if self.track_call_rule and self.call_rule_episodes < len(self.budgets):
             raise ValueError(f"call_rule_episodes must be at least the number of budgets ({len(self.budgets)}) with "
                              f"track_call_rule, so that each budget is rolled out, got {self.call_rule_episodes}")
+        if self.refine_call_rule and not self.track_call_rule:
+            raise ValueError("refine_call_rule re-fits the tracked call rule: set track_call_rule true too "
+                             "(without tracking, calibrate_calls calibrates from c = ½)")
         if not 0 <= self.calibration_tolerance < 1:
             raise ValueError(f"calibration_tolerance must lie in [0, 1), got {self.calibration_tolerance}")
         if not 0 <= self.policy_lr_decay_start <= 1 or not 0 <= self.policy_lr_final <= 1:
@@ -259,6 +263,9 @@ def run(config: TrainConfig) -> dict:
         summary["phase2"] = train_phase2(setup)
         if config.track_call_rule:
             summary["call_rule"] = tracked_call_rule_report(summary["phase2"])
+            if config.refine_call_rule and "skipped" not in summary["call_rule"]:
+                tracked = {e["budget"]: e["threshold"] for e in summary["call_rule"]["budgets"]}
+                summary["call_rule"]["refined"] = ship_call_rule(setup, start_thresholds=tracked)
         elif config.calibrate_calls:
             summary["call_rule"] = ship_call_rule(setup)
     setup.run.write_summary(summary)
@@ -268,7 +275,7 @@ def run(config: TrainConfig) -> dict:
     return summary
 
 
-def ship_call_rule(setup: Setup) -> dict:
+def ship_call_rule(setup: Setup, start_thresholds: dict[float, float] | None = None) -> dict:
     """Calibrate the selected policy's call threshold per budget on the selection rows and write it
     into ``best/`` (``call_rule.json``), the rule that `tw eval` and the decoders then use by default.
 
@@ -276,6 +283,10 @@ def ship_call_rule(setup: Setup) -> dict:
     decodes with (π(<τ>) > ½) still lands off b on some budgets (docs/budget-control.md). The
     threshold keeps the policy's own ranking of which tokens to ask for and moves only how many.
     Selection rows only, as for selection itself; the raw rule's figures are reported beside.
+    ``start_thresholds`` (``refine_call_rule``): each budget's search starts from the tracked threshold
+    and keeps it where it already lands within ``calibration_tolerance``. Why a tracked rule may need
+    this: on de→en the training-prompt quantile misses the selection rows' teacher use by a shift
+    common to all budgets that changes from one evaluation to the next (docs/budget-control.md).
     """
     config, dist = setup.config, setup.dist
     started = time.time()
@@ -287,7 +298,7 @@ def ship_call_rule(setup: Setup) -> dict:
         policy = StudentPolicy.load(best_dir, device=setup.device)
         thresholds, budgets = calibrate_budgets(policy, setup.task,
                                                 setup.eval_examples, config.budgets, setup.task.max_new_tokens,
-                                                tolerance=config.calibration_tolerance)
+                                                tolerance=config.calibration_tolerance, start_thresholds=start_thresholds)
         report = {"policy": str(best_dir), "split": config.eval_split, "examples": len(setup.eval_examples),
                   "tolerance": config.calibration_tolerance, "budgets": budgets, "seconds": time.time() - started}
         write_call_rule(best_dir, thresholds, report)
@@ -311,8 +322,9 @@ def end_of_training(setup: Setup, summary: dict) -> str:
         rule = "every budget within" if best and best["meets_budgets"] else "no evaluation met every budget within"
         title += (f"\nselected policy: PCL batch {best['step']} ({rule} δ {config.delta:g}), on "
                   f"{len(setup.eval_examples)} {config.eval_split} examples" if best else "\nno policy was evaluated")
-        tracked = "tracked" in summary.get("call_rule", {})  # evaluated with its own rule already: no second set
-        shipped = {} if tracked else {e["budget"]: e for e in summary.get("call_rule", {}).get("budgets", [])}
+        call_rule = summary.get("call_rule", {})
+        tracked = "tracked" in call_rule  # evaluated with its own rule already: a second set only if refined
+        shipped = {e["budget"]: e for e in (call_rule.get("refined", {}) if tracked else call_rule).get("budgets", [])}
         rule_thresholds = {float(b): c for b, c in (best or {}).get("call_rule", {}).get("thresholds", [])}
         table.append(["budget", f"teacher fraction ({'tracked c' if tracked else 'π>½'})", f"quality ({setup.task.metric})",
                       "λ (last)"] + (["tracked c"] if tracked else []) + (["shipped c", "its fraction", "its quality"] if shipped else []))

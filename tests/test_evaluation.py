@@ -112,6 +112,20 @@ def test_call_threshold_calibration_keeps_one_half_when_it_already_lands():
     assert found.threshold == 0.5 and calls == [0.5] and found.teacher_fraction == pytest.approx(0.4)
 
 
+def test_call_threshold_calibration_starts_from_a_given_threshold_and_keeps_it_when_it_lands():
+    calls = []
+    # From c = 0.2 the staircase calls 6 of 10 (0.3, 0.45, 0.55, 0.7, 0.9, 0.999): within 0.05 of 0.62, kept.
+    kept = calibrate_call_threshold(lambda c: calls.append(c) or call_staircase(c), 0.62, tolerance=0.05, start=0.2)
+    assert kept.threshold == 0.2 and calls == [0.2] and kept.teacher_fraction == pytest.approx(0.6)
+    # From a start that misses, the search goes on as from ½ and still hits the target exactly.
+    moved = calibrate_call_threshold(call_staircase, 0.3, tolerance=0.0, start=0.2)
+    assert moved.tried[0] == (0.2, pytest.approx(0.6)) and moved.teacher_fraction == pytest.approx(0.3)
+    assert 0.55 <= moved.threshold < 0.7
+    for start in (0.0, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="starting call threshold must lie strictly between 0 and 1"):
+            calibrate_call_threshold(call_staircase, 0.3, start=start)
+
+
 def test_call_threshold_calibration_reaches_tiny_call_probabilities_and_stops_at_the_ends():
     # 90% needs a threshold under 1e-4 … 0.003: far below ½, reached by bisecting in log-odds.
     assert 1e-4 <= calibrate_call_threshold(call_staircase, 0.9, tolerance=0.0).threshold < 0.003

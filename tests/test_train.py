@@ -255,6 +255,40 @@ def test_a_tracked_call_rule_is_evaluated_and_shipped_and_leaves_training_unchan
 
 
 @only_family("encoder-decoder")
+def test_a_refined_call_rule_starts_from_the_tracked_one_and_ships_what_lands_on_the_selection_rows(
+        tiny, early_end_kwargs, tmp_path, capsys):
+    overrides = dict(bc_batches=2, pcl_batches=2, eval_every=2, env_kwargs=early_end_kwargs, max_new_tokens=12,
+                     oracle_rounding="stochastic", lagrange_floor=-1.0, lagrange_lr=0.5, eval_examples=8)
+    summary = run(tiny_config(tiny, tmp_path, track_call_rule=True, call_rule_episodes=8, refine_call_rule=True,
+                              calibration_tolerance=0.0, **overrides))
+    table = capsys.readouterr().out.splitlines()
+    header = next(line for line in table if line.strip().startswith("budget"))
+    assert "tracked c" in header and "shipped c" in header
+    best = summary["phase2"]["selection"]["best"]
+    tracked = {b: c for b, c in best["call_rule"]["thresholds"]}
+    refined = summary["call_rule"]["refined"]
+    assert refined["examples"] == 8 and refined["split"] == "validation"
+    for entry in refined["budgets"]:
+        start = min(max(tracked[entry["budget"]], 1e-6), 1 - 1e-6)
+        # Each search starts from the tracked threshold (its figures are the evaluation's) ...
+        assert entry["tried"][0][0] == start
+        if start != 0.5:
+            assert entry["start_threshold"] == start
+            assert entry["start_teacher_fraction"] == next(r["teacher_fraction"] for r in best["results"]
+                                                           if r["budget"] == entry["budget"])
+        # ... and ships the threshold closest to its budget of all it tried.
+        assert abs(entry["teacher_fraction"] - entry["budget"]) == min(abs(f - entry["budget"]) for _, f in entry["tried"])
+    shipped = StudentPolicy.load(tmp_path / "best").call_thresholds
+    assert shipped == {e["budget"]: e["threshold"] for e in refined["budgets"]}
+    tasks = load_tasks(ENV_ID, early_end_kwargs, "validation", {}, torch.device("cpu"), max_new_tokens=12)
+    again = evaluate_budgets(StudentPolicy.load(tmp_path / "best"), tasks.train, seeded_subset(tasks.selection.examples, 8, 0),
+                             [e["budget"] for e in refined["budgets"]], 12)
+    assert [r.teacher_fraction for r in again] == [e["teacher_fraction"] for e in refined["budgets"]]
+    with pytest.raises(ValueError, match="refine_call_rule re-fits the tracked call rule: set track_call_rule true"):
+        TrainConfig(refine_call_rule=True).validate()
+
+
+@only_family("encoder-decoder")
 def test_a_policy_trained_to_read_its_prompt_by_attention_learns_its_query(tiny, tmp_path):
     run(tiny_config(tiny, tmp_path, bc_batches=3, pcl_batches=2, calibrate_calls=False, prompt_read="attention"))
     phase1, final = StudentPolicy.load(tmp_path / "phase1"), StudentPolicy.load(tmp_path / "final")
