@@ -22,7 +22,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 install: $(BIN)/.installed
 
-# The README's main job: 16.3 minutes on this project's 2-core machine with the embedded models cached (2026-12-07,
+# The README's main job: 13.8 minutes on this project's 2-core machine with the embedded models cached (2026-12-07,
 # docs/benchmarks.md), about 9 more the first time, when the models train.
 demo: install
 	$(BIN)/tw train --config configs/synthetic.json
