@@ -75,7 +75,7 @@ from agents.trajectories import (
 )
 from tw_env.atomic import publish_dir, write_json
 from tw_env.models import load_model as load_lm
-from tw_env.prompts import BUDGETS
+from tw_env.prompts import BUDGETS, is_numeric_style
 from tw_env.registration import budget_style_of
 from tw_env.rewards import eq17_reward, interpolate_multiplier
 from tw_env.task import Task
@@ -179,7 +179,7 @@ class TrainConfig:
                                  f"{self.budget_range} into whole steps, got {self.budget_step}")
             if not set(budget_grid(self)) - {round(float(b), 3) for b in self.budget_holdout}:
                 raise ValueError(f"budget_holdout {self.budget_holdout} leaves no budget of budget_range to draw")
-            if budget_style_of(self.env_id, self.env_kwargs) != "numeric":
+            if not is_numeric_style(budget_style_of(self.env_id, self.env_kwargs)):
                 raise ValueError("budget_range draws budgets the Table 1 keywords cannot state: set "
                                  "env_kwargs budget_style 'numeric' (and a tokenizer that reads digits)")
         elif self.budget_holdout:

@@ -38,6 +38,19 @@ def test_numeric_prompts_write_and_read_any_budget():
     assert check_budgets_for_style([0.05, 0.15], "numeric") == (0.05, 0.15)
 
 
+def test_fixed_width_numeric_prompts_write_every_budget_to_three_places_and_read_back():
+    assert [format_budget(b, fixed=True) for b in (0, 0.1, 0.15, 0.025, 0.5, 1)] == [
+        "0.000", "0.100", "0.150", "0.025", "0.500", "1.000"]
+    assert make_prompt("summarize", "A text.", 0.15, "numeric-fixed") == "With teacher use 0.150, summarize: A text."
+    for b in (0.0, 0.05, 0.15, 0.333, 0.5, 1.0):
+        assert budget_of_prompt(make_prompt("translate", "x, y", b, "numeric-fixed")) == b
+    assert check_budgets_for_style([0.05, 0.15], "numeric-fixed") == (0.05, 0.15)
+    with pytest.raises(ValueError, match="more than 3 decimal places"):
+        format_budget(0.1234, fixed=True)
+    with pytest.raises(ValueError, match=r"budget_style must be one of \['keyword', 'numeric', 'numeric-fixed'\]"):
+        make_prompt("i", "s", 0.1, "fixed")
+
+
 @pytest.mark.parametrize("bad, message", [
     (float("nan"), r"in \[0, 1\], got nan"), (1.5, r"in \[0, 1\], got 1.5"), (-0.1, r"in \[0, 1\], got -0.1"),
     ("abc", r"a number in \[0, 1\], got 'abc'"), (None, r"a number in \[0, 1\], got None"), (True, "got True"),

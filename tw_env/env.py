@@ -17,7 +17,7 @@ from gymnasium import spaces
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tw_env.episodes import EpisodeBatch, StepOutcome
-from tw_env.prompts import BUDGET_DECIMALS, check_budget, format_budget
+from tw_env.prompts import BUDGET_DECIMALS, check_budget, format_budget, is_numeric_style
 from tw_env.rewards import RunningRewardStats, interpolate_multiplier
 from tw_env.task import FromTask, Task
 from tw_env.tasks import Example
@@ -101,7 +101,7 @@ class TaskEpisodes:
         for known in self.task.budgets:
             if abs(known - budget) < 1e-6:
                 return known
-        if self.task.budget_style == "numeric":
+        if is_numeric_style(self.task.budget_style):
             rounded = round(budget, BUDGET_DECIMALS)
             format_budget(rounded if abs(rounded - budget) < 1e-6 else budget)  # raises for a finer budget
             return rounded

@@ -30,7 +30,10 @@ BUDGETS: tuple[float, ...] = tuple(BUDGET_KEYWORDS)
 BUDGET_TEMPLATE = "With {keyword} teacher use, {instruction}: {source}"
 # Beyond the paper: any budget in [0, 1] as a number (issue 31), selected by a task's ``budget_style``.
 NUMERIC_BUDGET_TEMPLATE = "With teacher use {value}, {instruction}: {source}"
-BUDGET_STYLES = ("keyword", "numeric")
+# "numeric" writes the shortest decimal (0.1, 0.15, 0.125); "numeric-fixed" always three places (0.100,
+# 0.150, 0.125), so that every budget is the same string shape and each digit keeps its place value.
+BUDGET_STYLES = ("keyword", "numeric", "numeric-fixed")
+NUMERIC_STYLES = ("numeric", "numeric-fixed")
 BUDGET_DECIMALS = 3  # the numeric prompt writes budgets to 0.001
 # The task without the budget clause: the hub tasks' teacher prompt, GKD's and the baselines' prompt.
 PLAIN_TEMPLATE = "{instruction}: {source}"
@@ -61,9 +64,19 @@ def check_budget_style(style: str) -> str:
     return style
 
 
-def format_budget(budget: float) -> str:
+def is_numeric_style(style: str) -> bool:
+    """Whether prompts of ``style`` state the budget as a number (any b in [0, 1] to 0.001)."""
+    return check_budget_style(style) in NUMERIC_STYLES
+
+
+def format_budget(budget: float, fixed: bool = False) -> str:
     """A budget as the numeric prompt writes it: a decimal fraction with at most three places, no
-    trailing zeros (0 → "0", 0.1 → "0.1", 0.15 → "0.15", 0.025 → "0.025", 1 → "1").
+    trailing zeros (0 → "0", 0.1 → "0.1", 0.15 → "0.15", 0.025 → "0.025", 1 → "1"); ``fixed`` (style
+    ``"numeric-fixed"``): always three places (0 → "0.000", 0.1 → "0.100", 0.15 → "0.150").
+
+    Why fixed as well: a student trained on budgets drawn to 0.001 reads "0.1" (three characters) unlike
+    the "0.125" and "0.075" around it, and a held-out "0.15" unlike either (docs/any-budget.md); with three
+    places every budget has one shape and each digit one place value.
 
     Why this form: it is the number a user gives (`tw eval --budgets`, the env's ``budget`` option), with no
     unit to get wrong; a byte-level or BPE tokenizer reads it digit by digit (the de→en tokenizer: "0", ".",
@@ -75,7 +88,8 @@ def format_budget(budget: float) -> str:
     if abs(rounded - value) > 1e-9:
         raise ValueError(f"budget {budget!r} has more than {BUDGET_DECIMALS} decimal places; the numeric prompt "
                          "writes budgets to 0.001 (e.g. 0.15, 0.025)")
-    return f"{rounded:.{BUDGET_DECIMALS}f}".rstrip("0").rstrip(".")
+    written = f"{rounded:.{BUDGET_DECIMALS}f}"
+    return written if fixed else written.rstrip("0").rstrip(".")
 
 
 def keyword_for(budget: float) -> str:
@@ -93,9 +107,10 @@ def keyword_for(budget: float) -> str:
 def make_prompt(instruction: str, source: str, budget: float, style: str = "keyword") -> str:
     """The student's prompt Y: ``"With {keyword} teacher use, {instruction}: {source}"`` (the paper's Table 1
     keywords, style ``"keyword"``), or ``"With teacher use {value}, {instruction}: {source}"`` for any
-    budget in [0, 1] (style ``"numeric"``, :func:`format_budget`)."""
-    if check_budget_style(style) == "numeric":
-        return NUMERIC_BUDGET_TEMPLATE.format(value=format_budget(budget), instruction=instruction, source=source)
+    budget in [0, 1] (styles ``"numeric"`` and ``"numeric-fixed"``, :func:`format_budget`)."""
+    if is_numeric_style(style):
+        value = format_budget(budget, fixed=style == "numeric-fixed")
+        return NUMERIC_BUDGET_TEMPLATE.format(value=value, instruction=instruction, source=source)
     return BUDGET_TEMPLATE.format(keyword=keyword_for(budget), instruction=instruction, source=source)
 
 
@@ -119,7 +134,7 @@ def check_budgets_for_style(budgets: Sequence[float], style: str) -> tuple[float
     """``budgets`` as floats, each one the style can write (a Table 1 keyword; or a number in [0, 1] to 0.001)."""
     checked = tuple(check_budget(b) for b in budgets)
     for b in checked:
-        if check_budget_style(style) == "numeric":
+        if is_numeric_style(style):
             format_budget(b)
         else:
             keyword_for(b)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tw_env.prompts import BUDGET_KEYWORDS, make_prompt
+from tw_env.prompts import BUDGET_KEYWORDS, is_numeric_style, make_prompt
 
 if TYPE_CHECKING:  # heavy imports stay lazy: building the language needs neither torch nor transformers
     import torch
@@ -734,7 +734,7 @@ def _build_assets(tmp: Path, pair: EmbeddedPair, seed: int, verbose: bool, progr
     assets.data_dir.mkdir()
     for name in _SPLIT_NAMES:
         _write_split(assets.data_dir / f"{name}.jsonl", splits[name])
-    tokenizer = build_tokenizer(language, digits=pair.budget_style == "numeric")
+    tokenizer = build_tokenizer(language, digits=is_numeric_style(pair.budget_style))
     tokenizer.save_pretrained(str(assets.tokenizer_dir))
     vocab_size = padded_vocab_size(tokenizer)
     seconds = _train_pair(pair, assets, vocab_size, tokenizer, splits["train"], seed, verbose, progress)

@@ -27,6 +27,7 @@ from tw_env.prompts import (
     encode_text,
     encode_texts,
     fill_template,
+    is_numeric_style,
     make_prompt,
     resolve_prompt_format,
 )
@@ -192,7 +193,7 @@ class Task:
             )
         chosen_format = resolve_prompt_format(prompt_format, family, loaded_tokenizer,
                                               chat_template)
-        if budget_style == "numeric":
+        if is_numeric_style(budget_style):
             check_reads_digits(loaded_tokenizer)
         return cls(
             prompt_format=chosen_format, teacher=loaded_teacher, tokenizer=loaded_tokenizer, examples=checked_examples, instruction=instruction,
