@@ -87,19 +87,20 @@ def test_lambda_between_trained_budgets_by_hand():
 
 
 @pytest.mark.shared
-def test_env_with_numeric_prompts_takes_a_budget_it_never_trained(t5_tokenizer_dir, tiny_t5_dir):
+@pytest.mark.parametrize("style, written", [("numeric", "0.15"), ("numeric-fixed", "0.150")])
+def test_env_with_numeric_prompts_takes_a_budget_it_never_trained(t5_tokenizer_dir, tiny_t5_dir, style, written):
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
     tok = AutoTokenizer.from_pretrained(t5_tokenizer_dir)
     env = TeacherAssistedDecodingEnv(
         teacher=str(tiny_t5_dir), tokenizer=str(t5_tokenizer_dir), student=str(tiny_t5_dir),
         examples=[("Ein Hund läuft im Park.", "A dog runs in the park.")], instruction="translate German to English",
-        max_new_tokens=4, max_prompt_length=48, budgets=[0.1, 0.2], budget_style="numeric",
+        max_new_tokens=4, max_prompt_length=48, budgets=[0.1, 0.2], budget_style=style,
     )
     env.set_lagrange_multipliers({0.1: 1.0, 0.2: 3.0})
     obs, _ = env.reset(seed=0, options={"budget": 0.15, "index": 0})
     assert tok.decode(prompt_of(obs), skip_special_tokens=True) == (
-        "With teacher use 0.15, translate German to English: Ein Hund läuft im Park.")
+        f"With teacher use {written}, translate German to English: Ein Hund läuft im Park.")
     assert obs["budget"][0] == np.float32(0.15)
     V = env.vocab_size
     steps = play(env, [V, 5, V, 6])
