@@ -99,7 +99,7 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads (0: torch's default)
     max_new_tokens: int | None = None  # episode length (default: the task's)
     budgets: list = field(default_factory=lambda: list(BUDGETS))  # the teacher-use budgets one model learns (with budget_range: the dual's knots and the evaluated budgets)
-    budget_range: list | None = None  # [lo, hi]: draw each episode's budget uniformly from it (to 0.001; needs env_kwargs budget_style "numeric"); the dual's λ lives on `budgets` and is interpolated between them
+    budget_range: list | None = None  # [lo, hi]: draw each episode's budget uniformly from it (to 0.001; needs env_kwargs budget_style "numeric" or "numeric-fixed"); the dual's λ lives on `budgets` and is interpolated between them
     budget_step: float = 0.001  # the grid budget_range draws on (lo, lo + step, ..., hi)
     budget_holdout: list = field(default_factory=list)  # budgets of that grid never drawn (an evaluation of budgets unseen in training)
     # Phase 1 (§2.4.1)

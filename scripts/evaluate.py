@@ -129,7 +129,7 @@ class EvalConfig:
     output_dir: str = "runs/eval"  # results.json, results.csv and outputs.jsonl go here
     methods: list | None = None  # among student, teacher, training_wheels, distillspec, speculative, fallback, co_llm, bild, kl_oracle (None: all available but kl_oracle)
     tw_policy: str | None = None  # a trained Training Wheels policy directory (e.g. runs/tw/best)
-    budgets: list = field(default_factory=lambda: list(BUDGETS))  # Training Wheels budgets (Table 1 keywords; any b in [0, 1] with env_kwargs budget_style "numeric")
+    budgets: list = field(default_factory=lambda: list(BUDGETS))  # Training Wheels budgets (Table 1 keywords; any b in [0, 1] with env_kwargs budget_style "numeric" or "numeric-fixed")
     budget_cap: str = "off"  # Training Wheels hard cap at b: "off"; "rounded_up" (<= ceil(b*n) calls in every prefix, a short output may exceed b by under one call); "guaranteed" (<= floor(b*n): every output's teacher fraction <= b). true/false mean rounded_up/off
     student: str | None = None  # plain student for the student-alone and speculative rows (None: the task's student)
     draft: str | None = None  # DistillSpec's GKD draft model directory (tw gkd's OUTPUT_DIR/best)
