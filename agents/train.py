@@ -181,7 +181,7 @@ class TrainConfig:
                 raise ValueError(f"budget_holdout {self.budget_holdout} leaves no budget of budget_range to draw")
             if not is_numeric_style(budget_style_of(self.env_id, self.env_kwargs)):
                 raise ValueError("budget_range draws budgets the Table 1 keywords cannot state: set "
-                                 "env_kwargs budget_style 'numeric' (and a tokenizer that reads digits)")
+                                 "env_kwargs budget_style 'numeric' or 'numeric-fixed' (and a tokenizer that reads digits)")
         elif self.budget_holdout:
             raise ValueError("budget_holdout removes budgets from budget_range's draws: set budget_range too")
         if self.lagrange_rule not in LAGRANGE_RULES:
