@@ -488,7 +488,7 @@ def call_log_probability(logits: torch.Tensor) -> torch.Tensor:
 
 
 def choose_actions(logits: torch.Tensor, temperature: float = 0.0, generator: torch.Generator | None = None,
-                   call_threshold: float = 0.5, call_logprob: torch.Tensor | None = None) -> torch.Tensor:
+                   call_threshold: float | torch.Tensor = 0.5, call_logprob: torch.Tensor | None = None) -> torch.Tensor:
     """Actions ``[N]`` from π's logits ``[N, V+1]``: first whether to call, then which token.
 
     The call is drawn with probability π(<τ>) sharpened by the temperature T,
@@ -503,19 +503,27 @@ def choose_actions(logits: torch.Tensor, temperature: float = 0.0, generator: to
     "no teacher use" would call at one token in eight. Deciding the call first keeps greedy teacher
     use equal to the policy's calibrated call probability.
 
+    ``call_threshold`` may be a tensor ``[N]``, one threshold per row (rows of different budgets).
     ``call_logprob``: :func:`call_log_probability` of ``logits`` when the caller has it already (greedy only).
     """
     if logits.dim() != 2 or logits.shape[-1] < 2:
         raise ValueError(f"logits must be [N, V+1] with the <τ> logit last, got shape {tuple(logits.shape)}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0.0 <= call_threshold <= 1.0:
+    per_row = isinstance(call_threshold, torch.Tensor)
+    if per_row and tuple(call_threshold.shape) != (logits.shape[0],):
+        raise ValueError(f"call_threshold as a tensor must hold one threshold per row, shape ({logits.shape[0]},), "
+                         f"got {tuple(call_threshold.shape)}")
+    if not bool(((call_threshold >= 0) & (call_threshold <= 1)).all() if per_row else 0.0 <= call_threshold <= 1.0):
         raise ValueError(f"call_threshold must be a probability in [0, 1], got {call_threshold}")
     logits = logits.float()
     token_logits = logits[:, :-1]
     if temperature == 0:
         # π(<τ>) > threshold, compared in log space (threshold 0: log 0 = −inf, calls wherever π(<τ>) > 0).
-        log_threshold = math.log(call_threshold) if call_threshold > 0 else -math.inf
+        if per_row:
+            log_threshold = torch.log(call_threshold.to(logits.device, torch.float32))  # log 0 = −inf
+        else:
+            log_threshold = math.log(call_threshold) if call_threshold > 0 else -math.inf
         call = (call_log_probability(logits) if call_logprob is None else call_logprob) > log_threshold
         token = token_logits.argmax(dim=-1)
     else:

@@ -152,6 +152,7 @@ class TrainConfig:
     prompt_read: str = "mean"  # how the policy pools its prompt states for the summary and the <τ> logit's prompt read: "mean" (the default) or "attention" (a learnt query, zeros at first: the mean)
     track_call_rule: bool = False  # at every evaluation, set the policy's call threshold per budget from its π(<τ>) on fresh training-prompt rollouts (the quantile that calls at b) and evaluate, select and ship with it; calibrate_calls is then not run
     refine_call_rule: bool = False  # with track_call_rule: after phase 2, re-fit best/'s tracked thresholds on the selection rows (a search per budget from its tracked c, kept where it lands within calibration_tolerance) and ship those; the tracked figures stay beside them in summary.json
+    call_rule_greedy_passes: int = 0  # track_call_rule: after the sampled rollouts' quantile, this many fixed-point passes that roll out greedily under the thresholds (as the shipped decoder acts) and re-take the quantile over those states (docs/budget-control.md)
     call_rule_episodes: int = 1536  # track_call_rule: rollouts per evaluation over all budgets (rounded up to whole batches of num_envs); 384 left an sd of 0.018 in the evaluated teacher use on the embedded task, 1536 0.008 (docs/budget-control.md)
     check_replicas: bool = False  # data-parallel runs: verify after every update that all ranks hold identical weights, λ, μ_r, σ_r
 
@@ -195,6 +196,10 @@ class TrainConfig:
         if self.track_call_rule and self.call_rule_episodes < len(self.budgets):
             raise ValueError(f"call_rule_episodes must be at least the number of budgets ({len(self.budgets)}) with "
                              f"track_call_rule, so that each budget is rolled out, got {self.call_rule_episodes}")
+        if self.call_rule_greedy_passes < 0 or (self.call_rule_greedy_passes and not self.track_call_rule):
+            raise ValueError(f"call_rule_greedy_passes re-fits the tracked call rule: a count >= 0, and above 0 only "
+                             f"with track_call_rule true, got {self.call_rule_greedy_passes} (track_call_rule "
+                             f"{self.track_call_rule})")
         if self.refine_call_rule and not self.track_call_rule:
             raise ValueError("refine_call_rule re-fits the tracked call rule: set track_call_rule true too "
                              "(without tracking, calibrate_calls calibrates from c = ½)")
@@ -856,18 +861,22 @@ def track_call_rule(setup: Setup, state: PCLState, step: int) -> dict:
     rng = np.random.default_rng([config.seed, step, 3, dist.rank])
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
     budgets = [float(b) for b in config.budgets]
-    calls: dict[float, list[torch.Tensor]] = {b: [] for b in budgets}
-    saved_stats, saved_rng = envs.reward_stats.state_dict(), envs.np_random.bit_generator.state
-    try:
+
+    def call_probabilities(thresholds: dict[float, float] | None) -> dict[float, torch.Tensor]:
+        """π(<τ>) at every decoding state of ``call_rule_episodes`` fresh rollouts on training prompts,
+        pooled over ranks, per budget: sampled at the rollout temperature (``thresholds`` None) or
+        greedy under ``thresholds``, as the shipped decoder acts."""
+        calls: dict[float, list[torch.Tensor]] = {b: [] for b in budgets}
         with torch.no_grad():
             for batch in range(batches):
                 # Budgets in turn over every rank's rows and batch after batch, so that each budget gets its
                 # share whatever the rows per rank (a rank of 3 rows alone would never roll out b = 0.3 … 0.5).
                 first = (batch * dist.world_size + dist.rank) * rows
-                row_budgets = np.array([budgets[(first + j) % len(budgets)] for j in range(rows)], dtype=np.float64)
+                row_budgets = [budgets[(first + j) % len(budgets)] for j in range(rows)]
                 index = draw_examples(rng, len(setup.train_examples), rows, dist)
-                episodes, _ = collect_on_policy(envs, policy, row_budgets.tolist(), index.tolist(), generator,
-                                                config.rollout_temperature)
+                greedy = None if thresholds is None else [thresholds[b] for b in row_budgets]
+                episodes, _ = collect_on_policy(envs, policy, row_budgets, index.tolist(), generator,
+                                                config.rollout_temperature, call_thresholds=greedy)
                 logits = policy(episodes.prompt_ids, episodes.prompt_mask, episodes.state_ids, episodes.mask.long(),
                                 positions=episodes.mask)
                 probability = call_log_probability(logits).exp().cpu()
@@ -875,22 +884,41 @@ def track_call_rule(setup: Setup, state: PCLState, step: int) -> dict:
                 for b in budgets:
                     calls[b].append(probability[torch.isclose(state_budget, torch.tensor(b, dtype=torch.float64),
                                                               atol=1e-6)])
+        gathered = all_gather_objects({b: torch.cat(v).numpy() for b, v in calls.items()}, dist)
+        return {b: torch.as_tensor(np.concatenate([part[b] for part in gathered])) for b in budgets}
+
+    saved_stats, saved_rng = envs.reward_stats.state_dict(), envs.np_random.bit_generator.state
+    passes = []
+    try:
+        pooled = call_probabilities(None)
+        thresholds = quantile_call_thresholds(pooled)
+        for _ in range(config.call_rule_greedy_passes):
+            # Why: the sampled rollouts visit the states of π's own calls, the shipped decoder those of its
+            # thresholds; where the two call at different rates the states differ, and so does the quantile
+            # (on de→en the evaluated misses shared one sign per evaluation). A greedy pass under the
+            # thresholds reads the states the shipped rule visits: a fixed-point step c ← quantile(states(c)).
+            pooled = call_probabilities(thresholds)
+            # The greedy decode's teacher use on these training prompts at the thresholds it started from.
+            passes.append({"start": [[b, c] for b, c in sorted(thresholds.items())],
+                           "fraction_at_start": {str(b): float((v > thresholds[b]).double().mean())
+                                                 for b, v in pooled.items()}})
+            thresholds = quantile_call_thresholds(pooled)
     finally:
         envs.reward_stats.load_state_dict(saved_stats)
         envs.np_random.bit_generator.state = saved_rng
-    gathered = all_gather_objects({b: torch.cat(v).numpy() for b, v in calls.items()}, dist)
-    pooled = {b: torch.as_tensor(np.concatenate([part[b] for part in gathered])) for b in budgets}
-    thresholds = quantile_call_thresholds(pooled)
     if config.check_replicas and dist.world_size > 1:
         differing = [r for r, other in enumerate(all_gather_objects(thresholds, dist)) if other != thresholds]
         if differing:
             raise RuntimeError(f"rank {dist.rank}'s tracked call thresholds {thresholds} differ from ranks {differing}' "
                                f"after PCL batch {step}: expected every rank to pool the same states")
     policy.call_thresholds = thresholds
-    return {"thresholds": [[b, c] for b, c in sorted(thresholds.items())], "episodes": batches * rows * dist.world_size,
-            "states": {str(b): len(v) for b, v in pooled.items()},
-            "raw_rule_fraction": {str(b): float((v > 0.5).double().mean()) for b, v in pooled.items()},
-            "seconds": time.time() - started}
+    report = {"thresholds": [[b, c] for b, c in sorted(thresholds.items())], "episodes": batches * rows * dist.world_size,
+              "states": {str(b): len(v) for b, v in pooled.items()},
+              "raw_rule_fraction": {str(b): float((v > 0.5).double().mean()) for b, v in pooled.items()},
+              "seconds": time.time() - started}
+    if passes:
+        report["greedy_passes"] = passes
+    return report
 
 
 def tracked_call_rule_report(phase2: dict) -> dict:

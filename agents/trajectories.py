@@ -7,6 +7,7 @@ during training, so rewards are recomputed from the raw parts whenever an episod
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -150,9 +151,12 @@ def oracle_batch(
 @torch.no_grad()
 def collect_on_policy(
     envs: TeacherAssistedDecodingVectorEnv, policy: StudentPolicy, budgets: list[float], indices: list[int],
-    generator: torch.Generator, temperature: float = 1.0,
+    generator: torch.Generator, temperature: float = 1.0, call_thresholds: Sequence[float] | None = None,
 ) -> tuple[Trajectories, list[dict[str, Any]]]:
     """One episode per row of the vector env, sampled from π; returns the batch and the end infos.
+
+    ``call_thresholds`` (one per row): act greedily instead, as the shipped decoder does (call iff
+    π(<τ>) > the row's threshold, else the top token; ``temperature`` and ``generator`` unused).
 
     The env runs without autoreset for this batch (one episode per row): a row that finishes early
     waits, its actions ignored, until the slowest row ends. No episode is started that would be
@@ -164,12 +168,18 @@ def collect_on_policy(
     prompt_length = obs["prompt_length"][:, 0].copy()
     prompt_ids = obs["prompt_ids"][:, : max(int(prompt_length.max()), 1)].copy()
     rollout = policy.rollout(n, envs.max_new_tokens)
+    if call_thresholds is not None and len(call_thresholds) != n:
+        raise ValueError(f"call_thresholds needs one threshold per row of the vector env ({n}), got {len(call_thresholds)}")
+    greedy_thresholds = None if call_thresholds is None else torch.tensor(list(call_thresholds), dtype=torch.float32)
     done = np.zeros(n, dtype=bool)
     steps: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     finals: list[dict[str, Any] | None] = [None] * n
     was_truncated = np.zeros(n, dtype=bool)
     while not done.all():
-        actions = choose_actions(rollout.logits(obs), temperature, generator).cpu().numpy()
+        if greedy_thresholds is None:
+            actions = choose_actions(rollout.logits(obs), temperature, generator).cpu().numpy()
+        else:
+            actions = choose_actions(rollout.logits(obs), 0.0, call_threshold=greedy_thresholds).cpu().numpy()
         obs, _, terminated, truncated, info = envs.step(actions)
         steps.append((actions, info["teacher_logprob"].copy(), done.copy()))
         for row in np.flatnonzero((terminated | truncated) & ~done):

@@ -341,6 +341,23 @@ def test_greedy_call_threshold_moves_the_decision_and_is_checked():
         choose_actions(logits, call_threshold=1.5)
 
 
+def test_greedy_call_thresholds_per_row_act_as_each_rows_own_threshold():
+    # π(<τ>) of the rows: 0.2, 0.5, ≈ 0.787; row thresholds 0.1, 0.6, 0.0 → call, no call, call.
+    logits = torch.tensor([
+        [math.log(4.0), -1e9, 0.0],
+        [0.0, -1e9, 0.0],
+        [0.0, 0.0, 2.0],
+    ])
+    assert choose_actions(logits, call_threshold=torch.tensor([0.1, 0.6, 0.0])).tolist() == [2, 0, 2]
+    for scalar in (0.1, 0.3, 0.5, 0.8):  # a constant tensor decides as the scalar does
+        assert choose_actions(logits, call_threshold=torch.full((3,), scalar)).tolist() == \
+            choose_actions(logits, call_threshold=scalar).tolist()
+    with pytest.raises(ValueError, match=r"one threshold per row, shape \(3,\), got \(2,\)"):
+        choose_actions(logits, call_threshold=torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match="call_threshold must be a probability"):
+        choose_actions(logits, call_threshold=torch.tensor([0.1, 1.2, 0.3]))
+
+
 def test_sampling_at_temperature_one_is_the_softmax_over_all_actions():
     logits = torch.tensor([[0.2, -0.5, 1.0, 0.3]]).repeat(40000, 1)
     g = torch.Generator().manual_seed(0)

@@ -25,7 +25,8 @@ import torch
 from safetensors.torch import load_file
 
 from agents.config import config_to_json
-from agents.evaluation import evaluate_budgets, seeded_subset
+from agents.decoding import teacher_help_decode
+from agents.evaluation import encode_budget, evaluate_budgets, seeded_subset
 from agents.lagrangian import trailing_fractions
 from agents.policy import StudentPolicy
 from agents.run import load_tasks
@@ -141,6 +142,42 @@ def test_the_early_end_student_ends_rows_at_different_times(early_end_kwargs):
     assert len(envs.reward_stats.state_dict()["teacher"]) == tokens
 
 
+def test_a_greedy_rollout_under_call_thresholds_is_the_shipped_decoders_output(early_end_kwargs):
+    # track_call_rule's greedy passes read the states of this rollout as those the shipped decoder visits.
+    import gymnasium as gym
+
+    envs = gym.make_vec(ENV_ID, num_envs=6, vectorization_mode="vector_entry_point", max_new_tokens=12,
+                        **early_end_kwargs)
+    policy = StudentPolicy.load(early_end_kwargs["student"])
+    policy.eval()
+    budgets, index = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5], [3, 1, 4, 1, 5, 9]
+    with torch.no_grad():
+        sampled, _ = collect_on_policy(envs, policy, budgets, index, torch.Generator().manual_seed(0))
+        states = policy(sampled.prompt_ids, sampled.prompt_mask, sampled.state_ids, sampled.mask.long(),
+                        positions=sampled.mask)
+    probability = torch.log_softmax(states.float(), dim=-1)[:, -1].exp()
+    # Thresholds that call at some states and not at others: quantiles of π(<τ>) at the sampled states.
+    thresholds = [float(torch.quantile(probability, q)) for q in (0.9, 0.7, 0.5, 0.3, 0.1, 0.6)]
+    with torch.no_grad():
+        greedy, ends = collect_on_policy(envs, policy, budgets, index, torch.Generator().manual_seed(1),
+                                         call_thresholds=thresholds)
+    tasks = load_tasks(ENV_ID, early_end_kwargs, "validation", {}, torch.device("cpu"), max_new_tokens=12)
+    called = 0
+    for row, (budget, i, c) in enumerate(zip(budgets, index, thresholds, strict=True)):
+        prompts = encode_budget(tasks.train, [tasks.train.examples[i].source], budget, torch.device("cpu"))
+        with torch.no_grad():
+            shipped = teacher_help_decode(policy, tasks.train.teacher, prompts[0], prompts[1], 12,
+                                          teacher_input_ids=prompts[2], teacher_attention_mask=prompts[3],
+                                          call_threshold=c)
+        n = int(greedy.mask[row].sum())
+        assert list(ends[row]["output_ids"]) == shipped.output_ids[0]
+        assert greedy.is_call[row, :n].tolist() == shipped.from_teacher[0]
+        called += sum(shipped.from_teacher[0])
+    assert 0 < called < int(greedy.mask.sum())  # the thresholds called at some tokens, not all
+    with pytest.raises(ValueError, match=r"one threshold per row of the vector env \(6\), got 2"):
+        collect_on_policy(envs, policy, budgets, index, torch.Generator(), call_thresholds=[0.5, 0.5])
+
+
 def tiny_config(tiny, out: Path, **overrides) -> TrainConfig:
     base = dict(
         env_id=ENV_ID, env_kwargs=tiny.env_kwargs(), output_dir=str(out),
@@ -252,6 +289,21 @@ def test_a_tracked_call_rule_is_evaluated_and_shipped_and_leaves_training_unchan
     again = evaluate_budgets(StudentPolicy.load(tmp_path / "tracked" / "best"), tasks.train,
                              seeded_subset(tasks.selection.examples, 8, 0), [0.0, 0.1, 0.2, 0.3, 0.4, 0.5], 12)
     assert [r.teacher_fraction for r in again] == [r["teacher_fraction"] for r in best["results"]]
+    # A greedy pass starts from the sampled rollouts' thresholds (the same streams: the same values) and
+    # re-takes the quantile over greedy states; training is still untouched.
+    greedy = run(tiny_config(tiny, tmp_path / "greedy", track_call_rule=True, call_rule_episodes=8,
+                             call_rule_greedy_passes=1, **overrides))
+    for key in ("lambdas", "reward_normalisers"):
+        assert greedy["phase2"][key] == plain["phase2"][key]
+    for record, sampled in zip(greedy["phase2"]["selection"]["evaluations"], evaluations, strict=True):
+        (one_pass,) = record["call_rule"]["greedy_passes"]
+        assert one_pass["start"] == sampled["call_rule"]["thresholds"]
+        assert all(0.0 <= f <= 1.0 for f in one_pass["fraction_at_start"].values())
+        assert all(0.0 <= c <= 1.0 for _, c in record["call_rule"]["thresholds"])
+    with pytest.raises(ValueError, match="call_rule_greedy_passes re-fits the tracked call rule"):
+        TrainConfig(call_rule_greedy_passes=1).validate()
+    with pytest.raises(ValueError, match="call_rule_greedy_passes"):
+        TrainConfig(track_call_rule=True, call_rule_greedy_passes=-1).validate()
 
 
 @only_family("encoder-decoder")
