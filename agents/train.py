@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -153,6 +154,7 @@ class TrainConfig:
     track_call_rule: bool = False  # at every evaluation, set the policy's call threshold per budget from its π(<τ>) on fresh training-prompt rollouts (the quantile that calls at b) and evaluate, select and ship with it; calibrate_calls is then not run
     refine_call_rule: bool = False  # with track_call_rule: after phase 2, re-fit best/'s tracked thresholds on the selection rows (a search per budget from its tracked c, kept where it lands within calibration_tolerance) and ship those; the tracked figures stay beside them in summary.json
     call_rule_greedy_passes: int = 0  # track_call_rule: after the sampled rollouts' quantile, this many fixed-point passes that roll out greedily under the thresholds (as the shipped decoder acts) and re-take the quantile over those states (docs/budget-control.md)
+    call_rule_corpora: list[str] = field(default_factory=list)  # track_call_rule: draw its prompts from the training rows whose "corpus" field is one of these (empty: every training row); set it to the corpora the budgets are judged on, since teacher use is token-weighted and differs between corpora (de→en: its selection and test rows are Multi30k, its training rows Multi30k and Tatoeba; docs/budget-control.md)
     call_rule_episodes: int = 1536  # track_call_rule: rollouts per evaluation over all budgets (rounded up to whole batches of num_envs); 384 left an sd of 0.018 in the evaluated teacher use on the embedded task, 1536 0.008 (docs/budget-control.md)
     check_replicas: bool = False  # data-parallel runs: verify after every update that all ranks hold identical weights, λ, μ_r, σ_r
 
@@ -200,6 +202,12 @@ class TrainConfig:
             raise ValueError(f"call_rule_greedy_passes re-fits the tracked call rule: a count >= 0, and above 0 only "
                              f"with track_call_rule true, got {self.call_rule_greedy_passes} (track_call_rule "
                              f"{self.track_call_rule})")
+        if self.call_rule_corpora and not self.track_call_rule:
+            raise ValueError(f"call_rule_corpora narrows the prompts of the tracked call rule: set track_call_rule "
+                             f"true too, got call_rule_corpora {self.call_rule_corpora}")
+        if not all(isinstance(c, str) and c for c in self.call_rule_corpora):
+            raise ValueError(f"call_rule_corpora must be a list of corpus names (non-empty strings), got "
+                             f"{self.call_rule_corpora!r}")
         if self.refine_call_rule and not self.track_call_rule:
             raise ValueError("refine_call_rule re-fits the tracked call rule: set track_call_rule true too "
                              "(without tracking, calibrate_calls calibrates from c = ½)")
@@ -235,11 +243,26 @@ class Setup:
     dist: Distributed = field(init=False)  # the run's
     out: Path = field(init=False)  # the run's output folder
     train_examples: list[Example] = field(init=False)  # the task's
+    call_rule_pool: np.ndarray = field(init=False)  # indices of the training rows track_call_rule draws from
 
     def __post_init__(self) -> None:
         assert self.run.out is not None  # start_run made it: TrainConfig.output_dir is a folder
         self.device, self.dist, self.out = self.run.device, self.run.dist, self.run.out
         self.train_examples = self.task.examples
+        self.call_rule_pool = call_rule_pool(self.train_examples, self.config.call_rule_corpora)
+
+
+def call_rule_pool(examples: Sequence[Example], corpora: Sequence[str]) -> np.ndarray:
+    """The indices of the training rows whose corpus is one of ``corpora`` (every row where it is empty)."""
+    if not corpora:
+        return np.arange(len(examples))
+    wanted = set(corpora)
+    pool = np.array([i for i, e in enumerate(examples) if e.corpus in wanted], dtype=np.int64)
+    if len(pool) == 0:
+        found = sorted({e.corpus for e in examples})
+        raise ValueError(f"call_rule_corpora {sorted(wanted)} match no training row: expected names from the "
+                         f"data's 'corpus' field, which holds {found if found != [''] else 'nothing (no such field)'}")
+    return pool
 
 
 def make_setup(config: TrainConfig) -> Setup:
@@ -873,7 +896,8 @@ def track_call_rule(setup: Setup, state: PCLState, step: int) -> dict:
                 # share whatever the rows per rank (a rank of 3 rows alone would never roll out b = 0.3 … 0.5).
                 first = (batch * dist.world_size + dist.rank) * rows
                 row_budgets = [budgets[(first + j) % len(budgets)] for j in range(rows)]
-                index = draw_examples(rng, len(setup.train_examples), rows, dist)
+                pool = setup.call_rule_pool  # every training row unless call_rule_corpora narrows it
+                index = pool[draw_examples(rng, len(pool), rows, dist)]
                 greedy = None if thresholds is None else [thresholds[b] for b in row_budgets]
                 episodes, _ = collect_on_policy(envs, policy, row_budgets, index.tolist(), generator,
                                                 config.rollout_temperature, call_thresholds=greedy)

@@ -64,6 +64,24 @@ def test_a_folder_with_two_files_for_one_split_is_refused(split_folder):
     assert load_examples(str(split_folder), "de", "en", split="validation") == EXPECTED[3:]
 
 
+def test_a_rows_corpus_field_is_kept_and_narrows_the_tracked_rules_prompts(tmp_path):
+    from agents.train import call_rule_pool
+
+    corpora = ["multi30k", "tatoeba", "multi30k", "tatoeba", "multi30k"]
+    rows = [{**row, "corpus": c} for row, c in zip(ROWS, corpora, strict=True)]
+    examples = load_examples(str(write_jsonl(tmp_path / "mixed.jsonl", rows)), "de", "en")
+    assert [e.corpus for e in examples] == corpora
+    assert [(e.source, e.reference) for e in examples] == [(e.source, e.reference) for e in EXPECTED]
+    assert call_rule_pool(examples, ["multi30k"]).tolist() == [0, 2, 4]
+    assert call_rule_pool(examples, ["tatoeba", "multi30k"]).tolist() == [0, 1, 2, 3, 4]
+    assert call_rule_pool(examples, []).tolist() == [0, 1, 2, 3, 4]  # empty: every row
+    with pytest.raises(ValueError, match=r"call_rule_corpora \['wmt'\] match no training row: expected names from "
+                                         r"the data's 'corpus' field, which holds \['multi30k', 'tatoeba'\]"):
+        call_rule_pool(examples, ["wmt"])
+    with pytest.raises(ValueError, match="which holds nothing"):
+        call_rule_pool(EXPECTED, ["multi30k"])  # rows without the field
+
+
 def test_a_file_is_read_whole_whatever_the_split(tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
     assert load_examples(str(path), "de", "en", split="train") == EXPECTED

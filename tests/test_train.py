@@ -304,6 +304,10 @@ def test_a_tracked_call_rule_is_evaluated_and_shipped_and_leaves_training_unchan
         TrainConfig(call_rule_greedy_passes=1).validate()
     with pytest.raises(ValueError, match="call_rule_greedy_passes"):
         TrainConfig(track_call_rule=True, call_rule_greedy_passes=-1).validate()
+    with pytest.raises(ValueError, match="call_rule_corpora narrows the prompts of the tracked call rule"):
+        TrainConfig(call_rule_corpora=["multi30k"]).validate()
+    with pytest.raises(ValueError, match="call_rule_corpora must be a list of corpus names"):
+        TrainConfig(track_call_rule=True, call_rule_corpora=[""]).validate()
 
 
 @only_family("encoder-decoder")

@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # datasets ships no type information: Dataset is Any to the t
 class Example:
     source: str
     reference: str
+    corpus: str = ""  # the row's "corpus" field where the data has one (de→en mixes Multi30k and Tatoeba)
 
 
 @dataclass(frozen=True)
@@ -210,7 +211,8 @@ def load_examples(
     examples = []
     for i, row in enumerate(dataset):
         try:
-            examples.append(Example(_field(row, source_field), _field(row, reference_field)))
+            examples.append(Example(_field(row, source_field), _field(row, reference_field),
+                                    str(row.get("corpus") or "")))
         except KeyError as missing:
             raise KeyError(
                 f"row {i} of '{data}' has no field {missing}; expected fields '{source_field}' and "
