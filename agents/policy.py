@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tw_env.atomic import write_json
 from tw_env.families import FAMILIES, IncrementalDecoding, ModelFamily, PromptPass, family_of
@@ -50,6 +51,9 @@ from tw_env.models import load_model, output_vocab_size
 
 EXTRA_WEIGHTS = "training_wheels.safetensors"
 EXTRA_CONFIG = "training_wheels.json"
+BUDGET_TOKENIZER = "budget_tokenizer"  # read_budget_value: the tokenizer that turns prompt ids back into text
+# The knots of the budget basis (read_budget_value): hat functions 0.1 apart over [0, 1].
+BUDGET_BASIS_KNOTS = tuple(k / 10 for k in range(11))
 CALL_RULE = "call_rule.json"  # the calibrated call thresholds per budget (tw train), beside the weights
 
 
@@ -202,9 +206,11 @@ class _StateModel(nn.Module):
             summary = self.prompt_vector(prompt.states, prompt.mask)
         return self.stream_states(prompt, summary, state_ids, state_mask)
 
-    def prompt_features(self, encoder_states: torch.Tensor, encoder_mask: torch.Tensor) -> PromptFeatures:
+    def prompt_features(self, encoder_states: torch.Tensor, encoder_mask: torch.Tensor,
+                        prompt_ids: torch.Tensor | None = None) -> PromptFeatures:
         """The per-episode prompt reads from the prompt states: the stream-input summary (and no <τ>
-        bias: only :class:`StudentPolicy` has a <τ> logit)."""
+        bias: only :class:`StudentPolicy` has a <τ> logit). ``prompt_ids``: the prompts' ids, which only a
+        policy that reads the budget's value needs (:meth:`StudentPolicy.read_budget_value`)."""
         summary = self.prompt_vector(encoder_states, encoder_mask)
         return PromptFeatures(summary, summary.new_zeros(summary.shape[0], 1))
 
@@ -214,7 +220,7 @@ class _StateModel(nn.Module):
         """Begin episodes in ``rows`` of ``decoder`` (an incremental decoder of this model's LM) with
         right-padded prompts: their :class:`PromptFeatures` and the token each row's first step reads."""
         states, mask, first = self.family.restart_rows(self.model, decoder, rows, prompt_ids, prompt_mask)
-        return self.prompt_features(states, mask), first
+        return self.prompt_features(states, mask, prompt_ids), first
 
     def step_states(self, decoder: IncrementalDecoding, ids: torch.Tensor, prompt: PromptFeatures) -> torch.Tensor:
         """Final states of one incremental step that feeds X^(in) tokens ``ids`` ``[B]`` to ``decoder``: ``[B, d]``.
@@ -229,6 +235,29 @@ class _StateModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+
+def budget_basis(budgets: torch.Tensor) -> torch.Tensor:
+    """``[B, K]``: the piecewise-linear (hat) basis of budgets ``[B]`` on :data:`BUDGET_BASIS_KNOTS`:
+    feature k is max(0, 1 − |b − knot_k| / 0.1), so a budget between two knots is their linear blend
+    (0.15 → ½ at 0.1 and ½ at 0.2) and a linear read of it is piecewise linear in b."""
+    knots = torch.tensor(BUDGET_BASIS_KNOTS, dtype=torch.float64)
+    spacing = knots[1] - knots[0]
+    return (1 - (budgets.to(torch.float64)[:, None] - knots[None]).abs() / spacing).clamp(min=0)
+
+
+_BUDGET_VALUE = re.compile(r"With teacher use\s*([0-9]+(?:\s*\.\s*[0-9]+)?)\s*,")
+
+
+def budget_value_in(text: str) -> float | None:
+    """The budget a numeric prompt states anywhere in ``text`` (a chat template may come before it), None
+    if none: "... With teacher use 0.150, translate ..." → 0.15. Spaces a tokenizer's decode put inside
+    the number are ignored."""
+    found = _BUDGET_VALUE.search(text)
+    if found is None:
+        return None
+    value = float(re.sub(r"\s", "", found.group(1)))
+    return value if 0.0 <= value <= 1.0 else None
 
 
 def _log_odds(probability: float) -> float:
@@ -263,6 +292,9 @@ class StudentPolicy(_StateModel):
         # The checkpoint's call rule: per budget, the threshold c of "call iff π(<τ>) > c" that `tw train`
         # calibrated on its selection rows (empty: the raw rule c = ½ at every budget).
         self.call_thresholds: dict[float, float] = {}
+        # read_budget_value: the tokenizer that turns prompt ids back into text, and the read of b's basis.
+        self.budget_tokenizer: PreTrainedTokenizerBase | None = None
+        self.call_budget: nn.Linear | None = None
 
     def call_threshold_for(self, budget: float | None) -> float:
         """The checkpoint's call threshold at ``budget``: the calibrated one where ``tw train`` learnt it;
@@ -287,12 +319,50 @@ class StudentPolicy(_StateModel):
     def teacher_action(self) -> int:
         return self.vocab_size
 
-    def prompt_features(self, encoder_states: torch.Tensor, encoder_mask: torch.Tensor) -> PromptFeatures:
+    def prompt_features(self, encoder_states: torch.Tensor, encoder_mask: torch.Tensor,
+                        prompt_ids: torch.Tensor | None = None) -> PromptFeatures:
         """The per-episode prompt reads from the prompt states (T5: the encoder's; causal: the prefill's):
-        the stream-input summary and the <τ> logit's prompt part."""
+        the stream-input summary and the <τ> logit's prompt part (with :meth:`read_budget_value`, plus
+        the read of the budget's value, which needs ``prompt_ids``)."""
         pooled = self.prompt_pool(encoder_states, encoder_mask)
         summary = self.prompt_summary(pooled.to(self.prompt_summary.weight.dtype)).to(encoder_states.dtype)
-        return PromptFeatures(summary, self.call_prompt(pooled.to(self.call_prompt.weight.dtype)))
+        call_bias = self.call_prompt(pooled.to(self.call_prompt.weight.dtype))
+        if self.budget_tokenizer is not None:
+            if prompt_ids is None:
+                raise ValueError("this policy reads the budget's value from its prompts (read_budget_value): "
+                                 "expected the prompt ids beside the prompt states, got none")
+            features = budget_basis(self.budget_values(prompt_ids)).to(call_bias.device, self.call_budget.weight.dtype)
+            call_bias = call_bias + self.call_budget(features)
+        return PromptFeatures(summary, call_bias)
+
+    def read_budget_value(self, tokenizer: PreTrainedTokenizerBase, weights: torch.Tensor | None = None) -> None:
+        """Let the <τ> logit read the budget's *value* b from the prompt ("With teacher use 0.150, ..."):
+        a linear read of a piecewise-linear basis of b (:func:`budget_basis`), zero at first (or ``weights``).
+
+        Why: the prompt reads see the budget only as tokens, and a small student learns the strings it was
+        trained on one by one, not the number they write (de→en: 0.149, 0.150 and 0.151 called at 0.31, 0.03
+        and 0.04; docs/any-budget.md). Through the basis an unseen b is read between its neighbours by
+        construction. ``tokenizer``: the task's, to turn prompt ids back into text (saved with the policy).
+        """
+        self.budget_tokenizer = tokenizer
+        if self.call_budget is None:
+            self.call_budget = nn.Linear(len(BUDGET_BASIS_KNOTS), 1, bias=False).to(
+                device=self.call_prompt.weight.device, dtype=self.call_prompt.weight.dtype)
+            nn.init.zeros_(self.call_budget.weight)
+        if weights is not None:
+            with torch.no_grad():
+                self.call_budget.weight.copy_(weights)
+
+    def budget_values(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """``[B]`` float64: the budget each prompt states, parsed from its text (:meth:`read_budget_value`)."""
+        assert self.budget_tokenizer is not None
+        texts = self.budget_tokenizer.batch_decode(prompt_ids.tolist(), skip_special_tokens=True)
+        values = [budget_value_in(text) for text in texts]
+        missing = [i for i, v in enumerate(values) if v is None]
+        if missing:
+            raise ValueError(f"prompt {missing[0]} of the batch states no numeric budget ('With teacher use 0.150, ...'), "
+                             f"which this policy reads: got {texts[missing[0]][:80]!r}")
+        return torch.tensor(values, dtype=torch.float64)
 
     def head(self, decoder_states: torch.Tensor, prompt: PromptFeatures) -> torch.Tensor:
         """Logits over V + 1 actions from final states ``[B, (T,) d]`` and the prompt's features."""
@@ -310,7 +380,7 @@ class StudentPolicy(_StateModel):
     ) -> tuple[torch.Tensor, PromptFeatures]:
         """One teacher-forced pass: the final states ``[B, T+1, d]`` of s_0..s_T and the prompt's features."""
         read = self.read_prompt(prompt_ids, prompt_mask, state_ids.shape[1] + 1)
-        prompt = self.prompt_features(read.states, read.mask)
+        prompt = self.prompt_features(read.states, read.mask, prompt_ids)
         return self.stream_states(read, prompt.summary, state_ids, state_mask), prompt
 
     def forward(
@@ -367,10 +437,14 @@ class StudentPolicy(_StateModel):
         }
         if self.prompt_query is not None:
             extra["prompt_query"] = self.prompt_query.detach().contiguous().cpu()
+        if self.call_budget is not None and self.budget_tokenizer is not None:
+            extra["call_budget.weight"] = self.call_budget.weight.detach().contiguous().cpu()
+            self.budget_tokenizer.save_pretrained(str(directory / BUDGET_TOKENIZER))
         save_file(extra, str(directory / EXTRA_WEIGHTS))
         (directory / EXTRA_CONFIG).write_text(
             json.dumps({"vocab_size": self.vocab_size, "format": 1, "family": self.family.name,
-                        "prompt_read": "mean" if self.prompt_query is None else "attention"})
+                        "prompt_read": "mean" if self.prompt_query is None else "attention",
+                        "budget_value_read": self.budget_tokenizer is not None})
         )
         if self.call_thresholds:
             write_call_rule(directory, self.call_thresholds)
@@ -416,6 +490,11 @@ class StudentPolicy(_StateModel):
                         policy.get_parameter(name).copy_(extra[name])
                 if "prompt_query" in extra:  # a policy that reads its prompt by attention
                     policy.read_prompt_by_attention(extra["prompt_query"])
+            if "call_budget.weight" in extra:  # a policy that reads the budget's value
+                from transformers import AutoTokenizer  # the tokenizer the policy saved beside its weights
+
+                policy.read_budget_value(AutoTokenizer.from_pretrained(str(directory / BUDGET_TOKENIZER)),
+                                         extra["call_budget.weight"])
         policy.call_thresholds = read_call_rule(directory)
         return policy.to(policy.model.device)
 

@@ -423,7 +423,7 @@ def teacher_forced_states(model: _StateModel, t: Mapping[str, torch.Tensor]) -> 
     lengths = t["state_length"]
     width = max(int(lengths[representatives].max()), 1)
     read = model.read_prompt(t["prompt_ids"][representatives], t["prompt_mask"][representatives], width + 1)
-    prompt = model.prompt_features(read.states, read.mask)
+    prompt = model.prompt_features(read.states, read.mask, t["prompt_ids"][representatives])
     states = model.stream_states(read, prompt.summary, t["state_ids"][representatives, :width],
                                  t["state_mask"][representatives, :width])
     return states[group, lengths], PromptFeatures(prompt.summary[group], prompt.call_bias[group])

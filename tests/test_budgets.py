@@ -137,7 +137,8 @@ def test_tw_eval_takes_any_budget_with_numeric_prompts():
 
 
 @pytest.mark.shared
-def test_train_on_numeric_budgets_then_decode_an_unseen_one(t5_tokenizer_dir, tiny_t5_dir, tmp_path):
+@pytest.mark.parametrize("read_value", [False, True])
+def test_train_on_numeric_budgets_then_decode_an_unseen_one(t5_tokenizer_dir, tiny_t5_dir, tmp_path, read_value):
     """`tw train` with numeric prompts, each episode's budget drawn from a range, λ on knots; then the
     checkpoint decoded at a budget it never saw, from a prompt that states it."""
     import json
@@ -159,7 +160,7 @@ def test_train_on_numeric_budgets_then_decode_an_unseen_one(t5_tokenizer_dir, ti
         env_id="TrainingWheels-WMT19-v0", env_kwargs=env_kwargs, budgets=budgets, output_dir=str(tmp_path / "run"),
         budget_range=[0.0, 0.3],  # every episode its own budget; λ on the four knots, interpolated between them
         bc_batches=2, bc_batch_size=4, pcl_batches=2, num_envs=4, eval_every=1, eval_examples=8, threads=1,
-        device="cpu", lagrange_floor=-1.0, oracle_rounding="stochastic"))
+        device="cpu", lagrange_floor=-1.0, oracle_rounding="stochastic", read_budget_value=read_value))
     assert [r["budget"] for r in summary["phase2"]["selection"]["evaluations"][-1]["results"]] == budgets
     assert [b["budget"] for b in summary["call_rule"]["budgets"]] == budgets
     assert sorted(float(b) for b in summary["phase2"]["lambdas"]) == budgets
@@ -167,6 +168,10 @@ def test_train_on_numeric_budgets_then_decode_an_unseen_one(t5_tokenizer_dir, ti
     ids, mask = task.prompts([task.examples[0].source], [0.1])
     assert task.tokenizer.decode(ids[0], skip_special_tokens=True).startswith("With teacher use 0.1, translate")
     policy = StudentPolicy.load(tmp_path / "run" / "best")
+    # The value read was trained (its weights moved from zero) and travels with the checkpoint.
+    assert (policy.budget_tokenizer is not None) == read_value
+    if read_value:
+        assert policy.call_budget is not None and bool(policy.call_budget.weight.abs().sum() > 0)
     shipped = {b["budget"]: b["threshold"] for b in summary["call_rule"]["budgets"]}
     # Not calibrated at 0.1: between the rule's thresholds at 0.05 and 0.15, in log-odds.
     assert min(shipped[0.05], shipped[0.15]) <= policy.call_threshold_for(0.1) <= max(shipped[0.05], shipped[0.15])
@@ -263,3 +268,70 @@ def test_held_out_budgets_are_never_drawn_and_a_holdout_needs_a_range():
         TrainConfig(budget_holdout=[0.05], env_kwargs=numeric).validate()
     with pytest.raises(ValueError, match="leaves no budget"):
         TrainConfig(budget_range=[0.1, 0.12], budget_step=0.02, budget_holdout=[0.1, 0.12], env_kwargs=numeric).validate()
+
+
+# ---------------------------------------------------------------------------------------------- the value read
+
+def test_the_budget_basis_and_the_value_in_a_prompt_by_hand():
+    import torch
+
+    from agents.policy import BUDGET_BASIS_KNOTS, budget_basis, budget_value_in
+
+    basis = budget_basis(torch.tensor([0.0, 0.15, 0.175, 0.5, 1.0]))
+    assert basis.shape == (5, len(BUDGET_BASIS_KNOTS)) == (5, 11)
+    expected = torch.zeros(5, 11, dtype=torch.float64)
+    expected[0, 0] = 1.0
+    expected[1, 1], expected[1, 2] = 0.5, 0.5  # 0.15: halfway between the knots 0.1 and 0.2
+    expected[2, 1], expected[2, 2] = 0.25, 0.75
+    expected[3, 5] = 1.0
+    expected[4, 10] = 1.0
+    torch.testing.assert_close(basis, expected)
+    assert budget_value_in("With teacher use 0.150, translate German to English: Ein Hund.") == 0.15
+    assert budget_value_in("<|user|>\nWith teacher use 0.05, summarize: x") == 0.05  # after a chat template
+    assert budget_value_in("With teacher use 0 . 125 , translate") == 0.125  # spaces a decode put in
+    assert budget_value_in("With teacher use 0, x") == 0.0
+    assert budget_value_in("With light teacher use, translate: x") is None  # a keyword prompt
+    assert budget_value_in("With teacher use 1.5, x") is None
+
+
+@pytest.mark.shared
+def test_a_policy_reads_the_budget_value_between_its_knots_and_keeps_the_read(t5_tokenizer_dir, tiny_t5_dir, tmp_path):
+    import torch
+    from transformers import AutoTokenizer
+
+    from agents.policy import StudentPolicy, budget_basis, call_log_probability
+    from agents.train import TrainConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(t5_tokenizer_dir)
+    policy = StudentPolicy.load(tiny_t5_dir).eval()
+    weights = torch.linspace(-2.0, 3.0, 11)[None]
+    policy.read_budget_value(tokenizer, weights)
+    budgets = [0.1, 0.15, 0.2, 0.45]
+    texts = [make_prompt("translate German to English", "Ein Hund läuft.", b, "numeric-fixed") for b in budgets]
+    encoded = tokenizer(texts, return_tensors="pt", padding=True)
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    states = torch.full((len(budgets), 3), 5)
+    with torch.no_grad():
+        logits = policy(ids, mask, states, torch.ones_like(states))
+    # A fresh policy's other <τ> reads are zero: its <τ> logit is the value read alone, w · basis(b) ...
+    torch.testing.assert_close(logits[:, :, -1], (budget_basis(torch.tensor(budgets)).float() @ weights.T).expand(-1, 3))
+    # ... so 0.15 is read halfway between 0.1 and 0.2.
+    torch.testing.assert_close(logits[1, :, -1], (logits[0, :, -1] + logits[2, :, -1]) / 2)
+    # The acting path (the prompt read once per episode) reads it too.
+    rollout = policy.rollout(len(budgets), 4)
+    obs = {"prompt_ids": ids.numpy(), "prompt_length": mask.sum(1).numpy(),
+           "state_ids": np.zeros((len(budgets), 4), dtype=np.int64), "state_length": np.zeros(len(budgets), dtype=np.int64)}
+    with torch.no_grad():
+        first = rollout.logits(obs)
+    torch.testing.assert_close(call_log_probability(first), call_log_probability(logits[:, 0]), atol=1e-5, rtol=0)
+    # Saved with its tokenizer and weights; loaded, it reads the same.
+    policy.save(tmp_path / "policy")
+    again = StudentPolicy.load(tmp_path / "policy").eval()
+    assert again.budget_tokenizer is not None and (tmp_path / "policy" / "budget_tokenizer").is_dir()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids, mask, states, torch.ones_like(states)), logits)
+    keyword = tokenizer([make_prompt("translate German to English", "Ein Hund.", 0.1, "keyword")], return_tensors="pt")
+    with pytest.raises(ValueError, match="states no numeric budget"):
+        again(keyword["input_ids"], keyword["attention_mask"], states[:1], torch.ones_like(states[:1]))
+    with pytest.raises(ValueError, match="read_budget_value reads the number a numeric prompt states"):
+        TrainConfig(env_id="TrainingWheels-WMT19-v0", read_budget_value=True).validate()
