@@ -327,7 +327,7 @@ class StudentPolicy(_StateModel):
         pooled = self.prompt_pool(encoder_states, encoder_mask)
         summary = self.prompt_summary(pooled.to(self.prompt_summary.weight.dtype)).to(encoder_states.dtype)
         call_bias = self.call_prompt(pooled.to(self.call_prompt.weight.dtype))
-        if self.budget_tokenizer is not None:
+        if self.budget_tokenizer is not None and self.call_budget is not None:
             if prompt_ids is None:
                 raise ValueError("this policy reads the budget's value from its prompts (read_budget_value): "
                                  "expected the prompt ids beside the prompt states, got none")
@@ -589,20 +589,22 @@ def choose_actions(logits: torch.Tensor, temperature: float = 0.0, generator: to
         raise ValueError(f"logits must be [N, V+1] with the <τ> logit last, got shape {tuple(logits.shape)}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    per_row = isinstance(call_threshold, torch.Tensor)
-    if per_row and tuple(call_threshold.shape) != (logits.shape[0],):
-        raise ValueError(f"call_threshold as a tensor must hold one threshold per row, shape ({logits.shape[0]},), "
-                         f"got {tuple(call_threshold.shape)}")
-    if not bool(((call_threshold >= 0) & (call_threshold <= 1)).all() if per_row else 0.0 <= call_threshold <= 1.0):
-        raise ValueError(f"call_threshold must be a probability in [0, 1], got {call_threshold}")
+    log_threshold: torch.Tensor | float
+    if isinstance(call_threshold, torch.Tensor):
+        if tuple(call_threshold.shape) != (logits.shape[0],):
+            raise ValueError(f"call_threshold as a tensor must hold one threshold per row, shape ({logits.shape[0]},), "
+                             f"got {tuple(call_threshold.shape)}")
+        if not bool(((call_threshold >= 0) & (call_threshold <= 1)).all()):
+            raise ValueError(f"call_threshold must be a probability in [0, 1], got {call_threshold}")
+        log_threshold = torch.log(call_threshold.to(logits.device, torch.float32))  # log 0 = −inf
+    else:
+        if not 0.0 <= call_threshold <= 1.0:
+            raise ValueError(f"call_threshold must be a probability in [0, 1], got {call_threshold}")
+        log_threshold = math.log(call_threshold) if call_threshold > 0 else -math.inf
     logits = logits.float()
     token_logits = logits[:, :-1]
     if temperature == 0:
         # π(<τ>) > threshold, compared in log space (threshold 0: log 0 = −inf, calls wherever π(<τ>) > 0).
-        if per_row:
-            log_threshold = torch.log(call_threshold.to(logits.device, torch.float32))  # log 0 = −inf
-        else:
-            log_threshold = math.log(call_threshold) if call_threshold > 0 else -math.inf
         call = (call_log_probability(logits) if call_logprob is None else call_logprob) > log_threshold
         token = token_logits.argmax(dim=-1)
     else:
