@@ -55,6 +55,7 @@ from agents.policy import (
     _StateModel,
     choose_actions,
 )
+from tw_env.prompts import budget_label
 from tw_env.rewards import RunningRewardStats
 from tw_env.vector_env import TeacherAssistedDecodingVectorEnv
 
@@ -575,9 +576,9 @@ class LagrangeCallback(BaseCallback):
         self._env().set_lagrange_multipliers(self.lambdas)
         fractions = self.fractions
         for b in self.dual.budgets:
-            self.logger.record(f"lagrange/lambda_b={b:.1f}", self.lambdas[b])
+            self.logger.record(f"lagrange/lambda_b={budget_label(b)}", self.lambdas[b])
             if b in fractions:
-                self.logger.record(f"lagrange/teacher_fraction_b={b:.1f}", fractions[b])
+                self.logger.record(f"lagrange/teacher_fraction_b={budget_label(b)}", fractions[b])
 
     def state_dict(self) -> dict[str, Any]:
         return self.dual.state_dict()

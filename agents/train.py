@@ -76,7 +76,7 @@ from agents.trajectories import (
 )
 from tw_env.atomic import publish_dir, write_json
 from tw_env.models import load_model as load_lm
-from tw_env.prompts import BUDGETS, is_numeric_style
+from tw_env.prompts import BUDGETS, budget_label, is_numeric_style
 from tw_env.registration import budget_style_of
 from tw_env.rewards import eq17_reward, interpolate_multiplier
 from tw_env.task import Task
@@ -858,8 +858,8 @@ def log_phase2_batch(
     writer.add_scalar("pcl/student_token_teacher_logprob",
                       float(on_policy.teacher_logprob[student_tokens].mean()) if student_tokens.any() else 0.0, step)
     for b, f in dual.fractions.items():
-        writer.add_scalar(f"teacher_fraction/b={b:.1f}", f, step)
-        writer.add_scalar(f"lambda/b={b:.1f}", dual.lambdas[dual.key(b)], step)
+        writer.add_scalar(f"teacher_fraction/b={budget_label(b)}", f, step)
+        writer.add_scalar(f"lambda/b={budget_label(b)}", dual.lambdas[dual.key(b)], step)
 
 
 def evaluate_and_select(setup: Setup, state: PCLState, step: int) -> dict:
@@ -980,8 +980,8 @@ def select_checkpoint(setup: Setup, policy: StudentPolicy, results: list[BudgetR
     ceiling = budgets_are_ceilings(config.lagrange_floor)
     record = {"step": step, **selection_record(results, config.delta, ceiling), **(extra or {})}
     for r in results:
-        setup.writer.add_scalar(f"eval/teacher_fraction/b={r.budget:.1f}", r.teacher_fraction, step)
-        setup.writer.add_scalar(f"eval/quality/b={r.budget:.1f}", r.quality, step)
+        setup.writer.add_scalar(f"eval/teacher_fraction/b={budget_label(r.budget)}", r.teacher_fraction, step)
+        setup.writer.add_scalar(f"eval/quality/b={budget_label(r.budget)}", r.quality, step)
     best = selection["best"]
     better = is_better_selection(record, best)
     selection = {"best": record if better else best, "evaluations": selection["evaluations"] + [record]}

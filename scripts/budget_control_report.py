@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tw_env.prompts import budget_label
+
 
 def evaluations(run: Path) -> list[dict]:
     """The periodic evaluations of phase 2, in order: ``{"step", "fractions": {b: f}}``."""
@@ -64,10 +66,10 @@ def draw(runs: list[Path], path: Path) -> None:
         evals = evaluations(run)
         for b in sorted(evals[0]["fractions"]):
             line, = axes[0][column].plot([e["step"] for e in evals], [e["fractions"][b] for e in evals], "o-", ms=3,
-                                         label=f"b={b:.1f}")
+                                         label=f"b={budget_label(b)}")
             axes[0][column].axhline(b, color=line.get_color(), lw=0.6, ls=":")
         for b, (steps, values) in sorted(lambdas(run).items()):
-            axes[1][column].plot(steps, values, lw=0.8, label=f"b={b:.1f}")
+            axes[1][column].plot(steps, values, lw=0.8, label=f"b={budget_label(b)}")
         axes[0][column].set(title=run.name, ylabel="teacher fraction (greedy, validation)")
         axes[1][column].set(xlabel="PCL batch", ylabel="λ_b")
     axes[0][0].legend(fontsize=7)

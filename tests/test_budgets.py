@@ -272,6 +272,15 @@ def test_held_out_budgets_are_never_drawn_and_a_holdout_needs_a_range():
 
 # ---------------------------------------------------------------------------------------------- the value read
 
+def test_budget_labels_keep_the_tenths_and_never_merge_two_budgets():
+    from tw_env.prompts import budget_label
+
+    assert [budget_label(b) for b in (0.0, 0.1, 0.2, 0.5, 1.0)] == ["0.0", "0.1", "0.2", "0.5", "1.0"]
+    assert [budget_label(b) for b in (0.025, 0.075, 0.15, 0.125)] == ["0.025", "0.075", "0.15", "0.125"]
+    grid = [round(k * 0.001, 3) for k in range(501)]
+    assert len({budget_label(b) for b in grid}) == len(grid)
+
+
 def test_the_budget_basis_and_the_value_in_a_prompt_by_hand():
     import torch
 

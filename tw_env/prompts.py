@@ -92,6 +92,14 @@ def format_budget(budget: float, fixed: bool = False) -> str:
     return written if fixed else written.rstrip("0").rstrip(".")
 
 
+def budget_label(budget: float) -> str:
+    """A budget as logs and plots name it: one decimal for the tenths (0 → "0.0", 0.1 → "0.1": the Table 1
+    budgets' names in every TensorBoard log so far), else as the numeric prompt writes it (0.025 →
+    "0.025"), so that two budgets never share a name."""
+    tenths = round(budget * 10)
+    return f"{budget:.1f}" if abs(budget * 10 - tenths) < 1e-9 else format_budget(budget)
+
+
 def keyword_for(budget: float) -> str:
     """The Table 1 keyword for ``budget``; raises ValueError for a budget without one."""
     key = round(float(budget), 6)
