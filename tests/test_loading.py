@@ -348,7 +348,7 @@ def test_real_deen_validation(shared):
     assert len(examples) == 5
     with path.open() as f:
         first = json.loads(f.readline())
-    assert examples[0] == Example(first["de"], first["en"])
+    assert examples[0] == Example(first["de"], first["en"], first.get("corpus", ""))  # the corpus field is kept
     assert all(e.source and e.reference for e in examples)
 
 
