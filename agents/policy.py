@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tw_env.atomic import write_json
 from tw_env.families import FAMILIES, IncrementalDecoding, ModelFamily, PromptPass, family_of
 from tw_env.models import load_model, output_vocab_size
+from tw_env.prompts import numeric_budget_in
 
 EXTRA_WEIGHTS = "training_wheels.safetensors"
 EXTRA_CONFIG = "training_wheels.json"
@@ -246,20 +246,6 @@ def budget_basis(budgets: torch.Tensor) -> torch.Tensor:
     return (1 - (budgets.to(torch.float64)[:, None] - knots[None]).abs() / spacing).clamp(min=0)
 
 
-_BUDGET_VALUE = re.compile(r"With teacher use\s*([0-9]+(?:\s*\.\s*[0-9]+)?)\s*,")
-
-
-def budget_value_in(text: str) -> float | None:
-    """The budget a numeric prompt states anywhere in ``text`` (a chat template may come before it), None
-    if none: "... With teacher use 0.150, translate ..." → 0.15. Spaces a tokenizer's decode put inside
-    the number are ignored."""
-    found = _BUDGET_VALUE.search(text)
-    if found is None:
-        return None
-    value = float(re.sub(r"\s", "", found.group(1)))
-    return value if 0.0 <= value <= 1.0 else None
-
-
 def _log_odds(probability: float) -> float:
     return math.log(probability) - math.log1p(-probability)
 
@@ -357,7 +343,7 @@ class StudentPolicy(_StateModel):
         """``[B]`` float64: the budget each prompt states, parsed from its text (:meth:`read_budget_value`)."""
         assert self.budget_tokenizer is not None
         texts = self.budget_tokenizer.batch_decode(prompt_ids.tolist(), skip_special_tokens=True)
-        values = [budget_value_in(text) for text in texts]
+        values = [numeric_budget_in(text) for text in texts]
         missing = [i for i, v in enumerate(values) if v is None]
         if missing:
             raise ValueError(f"prompt {missing[0]} of the batch states no numeric budget ('With teacher use 0.150, ...'), "

@@ -284,7 +284,8 @@ def test_budget_labels_keep_the_tenths_and_never_merge_two_budgets():
 def test_the_budget_basis_and_the_value_in_a_prompt_by_hand():
     import torch
 
-    from agents.policy import BUDGET_BASIS_KNOTS, budget_basis, budget_value_in
+    from agents.policy import BUDGET_BASIS_KNOTS, budget_basis
+    from tw_env.prompts import numeric_budget_in as budget_value_in
 
     basis = budget_basis(torch.tensor([0.0, 0.15, 0.175, 0.5, 1.0]))
     assert basis.shape == (5, len(BUDGET_BASIS_KNOTS)) == (5, 11)

@@ -9,6 +9,7 @@ through :func:`encode_texts`, so every component pads and truncates the same way
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -136,6 +137,25 @@ def budget_of_prompt(prompt: str) -> float | None:
         if prompt.startswith(f"With {keyword} teacher use, "):
             return budget
     return None
+
+
+# The numeric budget clause of NUMERIC_BUDGET_TEMPLATE, wherever it stands in a text (a chat template may
+# come first) and with any spaces a tokenizer's decode put inside the number.
+_NUMERIC_CLAUSE = re.compile(re.escape(NUMERIC_BUDGET_TEMPLATE.split("{value}")[0].strip()) +
+                             r"\s*([0-9]+(?:\s*\.\s*[0-9]+)?)\s*,")
+
+
+def numeric_budget_in(text: str) -> float | None:
+    """The budget a numeric prompt states anywhere in ``text``, None if none (or outside [0, 1]):
+    "... With teacher use 0.150, translate ..." → 0.15. What a policy reading the budget's value parses
+    from its decoded prompt ids (:meth:`agents.policy.StudentPolicy.read_budget_value`)."""
+    found = _NUMERIC_CLAUSE.search(text)
+    if found is None:
+        return None
+    try:
+        return check_budget(float(re.sub(r"\s", "", found.group(1))))
+    except ValueError:
+        return None
 
 
 def check_budgets_for_style(budgets: Sequence[float], style: str) -> tuple[float, ...]:
