@@ -11,7 +11,7 @@ import math
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar, cast
 
@@ -572,6 +572,11 @@ class Setting:
     budget_cap: str | None = None  # Training Wheels: "off", "rounded_up" or "guaranteed"; None for the other methods
     calibrated_for: float | None = None  # the target teacher fraction its threshold was calibrated to
     rollback_threshold: float | None = None  # BiLD's α_RB (its α_FB is ``threshold``)
+    # Settings with the same key decode identically (one method's decoder at the same parameters, plain
+    # prompt): `tw eval` decodes the first and copies its row for the others (:func:`evaluate_settings`).
+    # A calibrated threshold often lands on a swept one (a target of 0, or a floor such as BiLD's
+    # large-model first token that several targets hit). None: always decoded.
+    decodes_like: tuple | None = None
 
 
 def token_pieces(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[str]:
@@ -647,6 +652,27 @@ def evaluate_setting(
         "rollback_threshold": setting.rollback_threshold,
     }
     return row, _output_records(setting, task, examples, decoded)
+
+
+def evaluate_settings(
+    settings: Iterable[Setting], evaluate_one: Callable[[Setting], tuple[dict, list[dict]]],
+) -> Iterator[tuple[dict, list[dict]]]:
+    """Each setting's (row, output records) from ``evaluate_one`` (:func:`evaluate_setting`), in order, except
+    that a setting whose ``decodes_like`` key an earlier one had gets that one's row and records under its
+    own label (``setting``, ``calibrated_for``): the same decoder at the same parameters gives the same
+    outputs, so decoding it again would only re-measure latency."""
+    first: dict[tuple, tuple[dict, list[dict]]] = {}
+    for setting in settings:
+        key = setting.decodes_like
+        if key is not None and key in first:
+            row, records = first[key]
+            label = {"setting": setting.setting}
+            yield {**row, **label, "calibrated_for": setting.calibrated_for}, [{**r, **label} for r in records]
+            continue
+        row, records = evaluate_one(setting)
+        if key is not None:
+            first[key] = (row, records)
+        yield row, records
 
 
 def _output_records(setting: Setting, task: Task, examples: Sequence[Example], decoded: Decoded) -> list[dict]:

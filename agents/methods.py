@@ -448,7 +448,7 @@ class _LossySpeculative(EvalMethod):
 
     def settings(self) -> list[Setting]:
         return [Setting(self.name, f"K={int(k)} l={float(lenience):g}", self.decoder(int(k), float(lenience)),
-                        lenience=float(lenience), draft_length=int(k))
+                        lenience=float(lenience), draft_length=int(k), decodes_like=(self.name, int(k), float(lenience)))
                 for k in self.options.draft_lengths for lenience in self.options.lenience]
 
     def calibrate(self) -> list[Setting]:
@@ -466,7 +466,8 @@ class _LossySpeculative(EvalMethod):
             report += [calibration_report(f, measured, draft_length=k) for f in found_list]
             settings += [Setting(self.name, f"K={k} l={found.threshold:.3g} (for {found.target:g})",
                                  self.decoder(k, found.threshold), lenience=found.threshold, draft_length=k,
-                                 calibrated_for=found.target) for found in found_list]
+                                 calibrated_for=found.target, decodes_like=(self.name, k, found.threshold))
+                         for found in found_list]
         self.context.reports[f"{self.name}_calibration"] = report
         return settings
 
@@ -516,8 +517,8 @@ class ConfidenceFallback(EvalMethod):
         return lambda i, m: confidence_fallback_decode(model, teacher, i, m, max_new, threshold=threshold)
 
     def settings(self) -> list[Setting]:
-        return [Setting(self.name, f"t={float(t):g}", self.decoder(float(t)), threshold=float(t))
-                for t in self.options.thresholds]
+        return [Setting(self.name, f"t={float(t):g}", self.decoder(float(t)), threshold=float(t),
+                        decodes_like=(self.name, float(t))) for t in self.options.thresholds]
 
     def calibrate(self) -> list[Setting]:
         """One threshold per ``fallback_targets`` (:func:`~agents.evaluation.calibrate_threshold`), on
@@ -529,7 +530,8 @@ class ConfidenceFallback(EvalMethod):
         found_list += calibrated_per_target(self.context.calibration(), self.decoder, self.options.fallback_targets,
                                             calibrate_threshold, "calibrating the fallback")[0]
         return [Setting(self.name, f"t={found.threshold:.3g} (for {found.target:g})", self.decoder(found.threshold),
-                        threshold=found.threshold, calibrated_for=found.target) for found in found_list]
+                        threshold=found.threshold, calibrated_for=found.target, decodes_like=(self.name, found.threshold))
+                for found in found_list]
 
 
 @register
@@ -556,8 +558,8 @@ class CoLLM(EvalMethod):
         return lambda i, m: co_llm_decode(router, teacher, i, m, max_new, threshold=threshold)
 
     def settings(self) -> list[Setting]:
-        return [Setting(self.name, f"η={float(t):g}", self.decoder(float(t)), threshold=float(t))
-                for t in self.options.co_llm_thresholds]
+        return [Setting(self.name, f"η={float(t):g}", self.decoder(float(t)), threshold=float(t),
+                        decodes_like=(self.name, float(t))) for t in self.options.co_llm_thresholds]
 
     def calibrate(self) -> list[Setting]:
         self.context.reports["co_llm_calibration"] = []
@@ -567,7 +569,8 @@ class CoLLM(EvalMethod):
                                                      calibrate_call_threshold, "calibrating Co-LLM's η")
         self.context.reports["co_llm_calibration"] = [calibration_report(f, measured) for f in found_list]
         return [Setting(self.name, f"η={found.threshold:.3g} (for {found.target:g})", self.decoder(found.threshold),
-                        threshold=found.threshold, calibrated_for=found.target) for found in found_list]
+                        threshold=found.threshold, calibrated_for=found.target, decodes_like=(self.name, found.threshold))
+                for found in found_list]
 
 
 @register
@@ -595,7 +598,7 @@ class BiLD(EvalMethod):
 
     def settings(self) -> list[Setting]:
         return [Setting(self.name, f"FB={float(fb):g} RB={float(rb):g}", self.decoder(float(fb), float(rb)),
-                        threshold=float(fb), rollback_threshold=float(rb))
+                        threshold=float(fb), rollback_threshold=float(rb), decodes_like=(self.name, float(fb), float(rb)))
                 for rb in self.options.bild_rollback for fb in self.options.bild_fallback]
 
     def calibrate(self) -> list[Setting]:
@@ -618,7 +621,8 @@ class BiLD(EvalMethod):
                            "candidates": [calibration_report(f, m, rollback_threshold=r) for r, f, m in candidates]})
             settings.append(Setting(self.name, f"FB={found.threshold:.3g} RB={rb:g} (for {target:g})",
                                     self.decoder(found.threshold, rb), threshold=found.threshold,
-                                    rollback_threshold=rb, calibrated_for=target))
+                                    rollback_threshold=rb, calibrated_for=target,
+                                    decodes_like=(self.name, found.threshold, rb)))
         self.context.reports["bild_calibration"] = report
         return settings
 

@@ -91,6 +91,7 @@ from agents.evaluation import (
     costs_measured_here,
     describe_device,
     evaluate_setting,
+    evaluate_settings,
     given_forward_costs,
     with_projected_latency,
 )
@@ -231,10 +232,12 @@ def run(config: EvalConfig) -> dict:
     out = Path(config.output_dir)
     rows = []
     with open(out / "outputs.jsonl", "w") as outputs_file:
-        for setting in tqdm(settings, desc="methods x settings"):
-            row, records = evaluate_setting(
+        def evaluate_one(setting):
+            return evaluate_setting(
                 setting, task, examples, plain_prompt=config.plain_prompt, batch_size=config.batch_size,
                 latency_examples=config.latency_examples, warmup=config.warmup, device=device, device_name=device_name)
+
+        for row, records in evaluate_settings(tqdm(settings, desc="methods x settings"), evaluate_one):
             rows.append(row)
             outputs_file.writelines(json.dumps(r) + "\n" for r in records)
     costs = add_projection(rows, config)

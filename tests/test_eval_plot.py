@@ -108,6 +108,11 @@ def test_eval_writes_one_row_per_method_and_setting(evaluated):
         ("fallback", "t=0 (for 0)"), settings[9], ("bild", "FB=0 RB=100"), ("bild", "FB=1.5 RB=100"),
     ]
     assert settings[9][1].endswith("(for 0.5)")
+    # "t=0 (for 0)" is "t=0" again (the same decoder at the same threshold): its row is copied, not decoded.
+    by_setting = {(r["method"], r["setting"]): r for r in results["rows"]}
+    same, calibrated = by_setting["fallback", "t=0"], by_setting["fallback", "t=0 (for 0)"]
+    assert {k: v for k, v in same.items() if k not in ("setting", "calibrated_for")} == {
+        k: v for k, v in calibrated.items() if k not in ("setting", "calibrated_for")}
     assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
     for r in rows:
         assert int(r["examples"]) == EXAMPLES and r["metric"] == "bleu" and r["device"].startswith("cpu")

@@ -296,3 +296,38 @@ def test_settle_point_needs_budgets_met_and_quality_flat():
     assert settle_point(history, consecutive=4, min_gain=100.0) is None  # nothing before to compare with
     assert settle_point(history[:3] + [_record(75, False, 20.0)], consecutive=2, min_gain=100.0) is None  # a miss
     assert settle_point(history, consecutive=0) is None  # the rule is off
+
+
+def test_settings_that_decode_alike_are_decoded_once_and_keep_their_own_labels():
+    """A setting whose decoder and parameters an earlier one had (``decodes_like``) gets that one's row and
+    outputs under its own label; settings without a key, or with a new one, are each evaluated."""
+    from agents.evaluation import Setting, evaluate_settings
+
+    def decode(*inputs):  # never called: evaluate_one below stands in for the decode loop
+        raise AssertionError
+
+    settings = [
+        Setting("fallback", "t=0", decode, threshold=0.0, decodes_like=("fallback", 0.0)),
+        Setting("fallback", "t=0.5", decode, threshold=0.5, decodes_like=("fallback", 0.5)),
+        Setting("fallback", "t=0 (for 0)", decode, threshold=0.0, calibrated_for=0.0, decodes_like=("fallback", 0.0)),
+        Setting("training_wheels", "b=0.1", decode, budget=0.1),
+        Setting("training_wheels", "b=0.1", decode, budget=0.1),  # no key: decoded again
+    ]
+    evaluated = []
+
+    def evaluate_one(setting):
+        evaluated.append(setting.setting)
+        row = {"method": setting.method, "setting": setting.setting, "threshold": setting.threshold,
+               "calibrated_for": setting.calibrated_for, "quality": 10.0 * len(evaluated), "latency_ms_median": 3.0}
+        return row, [{"method": setting.method, "setting": setting.setting, "index": 0, "output": f"x{len(evaluated)}"}]
+
+    out = list(evaluate_settings(settings, evaluate_one))
+    assert evaluated == ["t=0", "t=0.5", "b=0.1", "b=0.1"]
+    rows = [row for row, _ in out]
+    assert [r["setting"] for r in rows] == [s.setting for s in settings]
+    copied, first = rows[2], rows[0]
+    assert copied["calibrated_for"] == 0.0 and first["calibrated_for"] is None
+    assert {k: v for k, v in copied.items() if k not in ("setting", "calibrated_for")} == {
+        k: v for k, v in first.items() if k not in ("setting", "calibrated_for")}
+    assert out[2][1] == [{"method": "fallback", "setting": "t=0 (for 0)", "index": 0, "output": "x1"}]
+    assert rows[3]["quality"] != rows[4]["quality"]
