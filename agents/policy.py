@@ -281,6 +281,12 @@ class StudentPolicy(_StateModel):
         # read_budget_value: the tokenizer that turns prompt ids back into text, and the read of b's basis.
         self.budget_tokenizer: PreTrainedTokenizerBase | None = None
         self.call_budget: nn.Linear | None = None
+        # hide_budget_from_lm: the LM reads the prompt with the budget's number replaced by one placeholder
+        # token (the value still reaches the <τ> logit through the basis); per-vocabulary lookups of which
+        # pieces write a number.
+        self.hide_budget_from_lm = False
+        self._number_pieces: torch.Tensor | None = None  # [V] bool: the piece is digits, "." or a bare word start
+        self._digit_pieces: torch.Tensor | None = None  # [V] bool: the piece holds a digit
 
     def call_threshold_for(self, budget: float | None) -> float:
         """The checkpoint's call threshold at ``budget``: the calibrated one where ``tw train`` learnt it;
@@ -349,6 +355,67 @@ class StudentPolicy(_StateModel):
             raise ValueError(f"prompt {missing[0]} of the batch states no numeric budget ('With teacher use 0.150, ...'), "
                              f"which this policy reads: got {texts[missing[0]][:80]!r}")
         return torch.tensor(values, dtype=torch.float64)
+
+    def hide_budget(self) -> None:
+        """Let the LM read every prompt with its budget's number replaced by one placeholder token (the
+        tokenizer's unknown token), so that the LM sees the same prompt at every budget and the budget
+        reaches π only through the value read (:meth:`read_budget_value`, which this needs).
+
+        Why: a small student learns the number strings it was trained on one by one, and an unseen string
+        ("0.150") pulls π(<τ>) through the LM's reads of the prompt in ways the basis cannot undo (de→en:
+        unseen budgets called at under half their rate with the value read; docs/any-budget.md). Hidden,
+        the budget's only path is ordinal by construction."""
+        if self.budget_tokenizer is None:
+            raise ValueError("hide_budget_from_lm hides the number the value read takes over: call "
+                             "read_budget_value (TrainConfig read_budget_value: true) first")
+        tokenizer = self.budget_tokenizer
+        if tokenizer.unk_token_id is None:
+            raise ValueError(f"hide_budget_from_lm replaces the number with the tokenizer's unknown token, and "
+                             f"{type(tokenizer).__name__} has none")
+        pieces = [tokenizer.convert_tokens_to_string([p]).strip() if p is not None else "?"
+                  for p in tokenizer.convert_ids_to_tokens(list(range(self.vocab_size)))]
+        self._number_pieces = torch.tensor([all(c.isdigit() or c == "." for c in p) for p in pieces])
+        self._digit_pieces = torch.tensor([any(c.isdigit() for c in p) for p in pieces])
+        self.hide_budget_from_lm = True
+
+    def lm_prompt_ids(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """The prompt ids the LM reads: as given, or (:meth:`hide_budget`) with the budget's number, the first
+        run of number pieces that holds a digit (the budget clause opens the prompt), replaced token for token
+        by the unknown token: the run keeps its length, so nothing after it moves. (Its length, 4 to 6 pieces
+        with the de→en tokenizer, is all the LM can still tell budgets apart by.)"""
+        if not self.hide_budget_from_lm:
+            return prompt_ids
+        assert self._number_pieces is not None and self._digit_pieces is not None and self.budget_tokenizer is not None
+        ids = prompt_ids.clone()
+        cpu = prompt_ids.cpu().clamp(0, self.vocab_size - 1)
+        number, digit = self._number_pieces[cpu], self._digit_pieces[cpu]
+        for row in range(ids.shape[0]):
+            digits = digit[row].nonzero()
+            if not len(digits):
+                raise ValueError(f"prompt {row} of the batch states no number for hide_budget_from_lm to hide: "
+                                 f"{self.budget_tokenizer.decode(prompt_ids[row].tolist())[:80]!r}")
+            start = end = int(digits[0])
+            while start > 0 and number[row, start - 1]:
+                start -= 1
+            while end + 1 < ids.shape[1] and number[row, end + 1]:
+                end += 1
+            ids[row, start : end + 1] = self.budget_tokenizer.unk_token_id
+        return ids
+
+    def encode(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        return super().encode(self.lm_prompt_ids(prompt_ids), prompt_mask)
+
+    def read_prompt(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, steps: int, encoded: torch.Tensor | None = None
+    ) -> PromptPass:
+        return super().read_prompt(self.lm_prompt_ids(prompt_ids), prompt_mask, steps, encoded)
+
+    def begin(
+        self, decoder: IncrementalDecoding, rows: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+    ) -> tuple[PromptFeatures, torch.Tensor]:
+        # The LM reads the hidden prompt; the value read parses the budget from the prompt as given.
+        states, mask, first = self.family.restart_rows(self.model, decoder, rows, self.lm_prompt_ids(prompt_ids), prompt_mask)
+        return self.prompt_features(states, mask, prompt_ids), first
 
     def head(self, decoder_states: torch.Tensor, prompt: PromptFeatures) -> torch.Tensor:
         """Logits over V + 1 actions from final states ``[B, (T,) d]`` and the prompt's features."""
@@ -430,7 +497,8 @@ class StudentPolicy(_StateModel):
         (directory / EXTRA_CONFIG).write_text(
             json.dumps({"vocab_size": self.vocab_size, "format": 1, "family": self.family.name,
                         "prompt_read": "mean" if self.prompt_query is None else "attention",
-                        "budget_value_read": self.budget_tokenizer is not None})
+                        "budget_value_read": self.budget_tokenizer is not None,
+                        "budget_hidden_from_lm": self.hide_budget_from_lm})
         )
         if self.call_thresholds:
             write_call_rule(directory, self.call_thresholds)
@@ -481,6 +549,8 @@ class StudentPolicy(_StateModel):
 
                 policy.read_budget_value(AutoTokenizer.from_pretrained(str(directory / BUDGET_TOKENIZER)),
                                          extra["call_budget.weight"])
+                if recorded.get("budget_hidden_from_lm"):
+                    policy.hide_budget()
         policy.call_thresholds = read_call_rule(directory)
         return policy.to(policy.model.device)
 

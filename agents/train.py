@@ -151,6 +151,7 @@ class TrainConfig:
     calibrate_calls: bool = True  # after phase 2, calibrate best/'s call threshold per budget on the selection rows (call_rule.json), the rule tw eval and the decoders use by default; False: ship the raw rule π(<τ>) > ½
     calibration_tolerance: float = 0.005  # the threshold search stops once a budget's teacher fraction is this close
     read_budget_value: bool = False  # numeric budget styles only: the <τ> logit also reads the budget's value parsed from the prompt, through a piecewise-linear basis of b (ordinal by construction: an unseen budget is read between its neighbours; docs/any-budget.md)
+    hide_budget_from_lm: bool = False  # with read_budget_value: the LM reads every prompt with the budget's number replaced by a placeholder token, so the budget reaches π only through the value read (docs/any-budget.md)
     prompt_read: str = "mean"  # how the policy pools its prompt states for the summary and the <τ> logit's prompt read: "mean" (the default) or "attention" (a learnt query, zeros at first: the mean)
     track_call_rule: bool = False  # at every evaluation, set the policy's call threshold per budget from its π(<τ>) on fresh training-prompt rollouts (the quantile that calls at b) and evaluate, select and ship with it; calibrate_calls is then not run
     refine_call_rule: bool = False  # with track_call_rule: after phase 2, re-fit best/'s tracked thresholds on the selection rows (a search per budget from its tracked c, kept where it lands within calibration_tolerance) and ship those; the tracked figures stay beside them in summary.json
@@ -197,6 +198,9 @@ class TrainConfig:
         if self.read_budget_value and not is_numeric_style(budget_style_of(self.env_id, self.env_kwargs)):
             raise ValueError("read_budget_value reads the number a numeric prompt states: set env_kwargs budget_style "
                              f"'numeric' or 'numeric-fixed', got {budget_style_of(self.env_id, self.env_kwargs)!r}")
+        if self.hide_budget_from_lm and not self.read_budget_value:
+            raise ValueError("hide_budget_from_lm hides the budget's number from the LM, so the budget needs another "
+                             "path to π: set read_budget_value true as well")
         if self.prompt_read not in PROMPT_READS:
             raise ValueError(f"prompt_read must be one of {list(PROMPT_READS)}, got {self.prompt_read!r}")
         if self.track_call_rule and self.call_rule_episodes < len(self.budgets):
@@ -444,6 +448,8 @@ class Phase1State:
         set_prompt_read(policy, config.prompt_read)
         if config.read_budget_value:
             policy.read_budget_value(setup.task.tokenizer)
+        if config.hide_budget_from_lm:
+            policy.hide_budget()
         state = cls(policy, phase1_optimizer(config, policy), np.random.default_rng(rank_seed(config.seed, dist.rank)),
                     dist)
         torch.manual_seed(rank_seed(config.seed, dist.rank))
@@ -646,6 +652,8 @@ class PCLState:
         set_prompt_read(policy, config.prompt_read)
         if config.read_budget_value and policy.budget_tokenizer is None:  # a policy that does not read it yet
             policy.read_budget_value(envs.task.tokenizer)
+        if config.hide_budget_from_lm and not policy.hide_budget_from_lm:
+            policy.hide_budget()
         value = ValueNetwork.from_policy(policy).eval()
         envs.np_random = np.random.default_rng(seed + 2)  # the env's own draws (teacher sampling)
         dual = make_dual(config.budgets, config.lagrange_rule, lr=config.lagrange_lr, cap=config.lagrange_cap,

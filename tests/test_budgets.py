@@ -137,8 +137,8 @@ def test_tw_eval_takes_any_budget_with_numeric_prompts():
 
 
 @pytest.mark.shared
-@pytest.mark.parametrize("read_value", [False, True])
-def test_train_on_numeric_budgets_then_decode_an_unseen_one(t5_tokenizer_dir, tiny_t5_dir, tmp_path, read_value):
+@pytest.mark.parametrize("read_value, hidden", [(False, False), (True, False), (True, True)])
+def test_train_on_numeric_budgets_then_decode_an_unseen_one(t5_tokenizer_dir, tiny_t5_dir, tmp_path, read_value, hidden):
     """`tw train` with numeric prompts, each episode's budget drawn from a range, λ on knots; then the
     checkpoint decoded at a budget it never saw, from a prompt that states it."""
     import json
@@ -160,7 +160,8 @@ def test_train_on_numeric_budgets_then_decode_an_unseen_one(t5_tokenizer_dir, ti
         env_id="TrainingWheels-WMT19-v0", env_kwargs=env_kwargs, budgets=budgets, output_dir=str(tmp_path / "run"),
         budget_range=[0.0, 0.3],  # every episode its own budget; λ on the four knots, interpolated between them
         bc_batches=2, bc_batch_size=4, pcl_batches=2, num_envs=4, eval_every=1, eval_examples=8, threads=1,
-        device="cpu", lagrange_floor=-1.0, oracle_rounding="stochastic", read_budget_value=read_value))
+        device="cpu", lagrange_floor=-1.0, oracle_rounding="stochastic", read_budget_value=read_value,
+        hide_budget_from_lm=hidden))
     assert [r["budget"] for r in summary["phase2"]["selection"]["evaluations"][-1]["results"]] == budgets
     assert [b["budget"] for b in summary["call_rule"]["budgets"]] == budgets
     assert sorted(float(b) for b in summary["phase2"]["lambdas"]) == budgets
@@ -169,7 +170,7 @@ def test_train_on_numeric_budgets_then_decode_an_unseen_one(t5_tokenizer_dir, ti
     assert task.tokenizer.decode(ids[0], skip_special_tokens=True).startswith("With teacher use 0.1, translate")
     policy = StudentPolicy.load(tmp_path / "run" / "best")
     # The value read was trained (its weights moved from zero) and travels with the checkpoint.
-    assert (policy.budget_tokenizer is not None) == read_value
+    assert (policy.budget_tokenizer is not None) == read_value and policy.hide_budget_from_lm == hidden
     if read_value:
         assert policy.call_budget is not None and bool(policy.call_budget.weight.abs().sum() > 0)
     shipped = {b["budget"]: b["threshold"] for b in summary["call_rule"]["budgets"]}
@@ -345,3 +346,62 @@ def test_a_policy_reads_the_budget_value_between_its_knots_and_keeps_the_read(t5
         again(keyword["input_ids"], keyword["attention_mask"], states[:1], torch.ones_like(states[:1]))
     with pytest.raises(ValueError, match="read_budget_value reads the number a numeric prompt states"):
         TrainConfig(env_id="TrainingWheels-WMT19-v0", read_budget_value=True).validate()
+
+
+@pytest.mark.shared
+def test_a_policy_can_hide_the_budget_number_from_its_lm(t5_tokenizer_dir, tiny_t5_dir, tmp_path):
+    """hide_budget_from_lm: the LM reads the number's pieces as the unknown token (nothing else changes, a number
+    in the source stays), so its token logits are the same at every budget whose number has as many pieces;
+    the budget then reaches π only through the value read, on the training and the acting path; the setting is
+    saved with the policy; without the value read it is refused."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from agents.policy import StudentPolicy, budget_basis, call_log_probability
+    from agents.train import TrainConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(t5_tokenizer_dir)
+    policy = StudentPolicy.load(tiny_t5_dir).eval()
+    with pytest.raises(ValueError, match="call read_budget_value"):
+        policy.hide_budget()
+    weights = torch.linspace(-2.0, 3.0, 11)[None]
+    policy.read_budget_value(tokenizer, weights)
+    budgets = [0.125, 0.15, 0.375, 0.45]
+    texts = [make_prompt("translate German to English", "3 Hunde laufen.", b, "numeric-fixed") for b in budgets]
+    encoded = tokenizer(texts, return_tensors="pt", padding=True)
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    states = torch.full((len(budgets), 3), 5)
+    with torch.no_grad():
+        shown = policy(ids, mask, states, torch.ones_like(states))
+    policy.hide_budget()
+    hidden_ids = policy.lm_prompt_ids(ids)
+    changed = hidden_ids != ids
+    for row, b in enumerate(budgets):
+        pieces = tokenizer.convert_ids_to_tokens(ids[row][changed[row]].tolist())
+        assert tokenizer.convert_tokens_to_string(pieces).strip() == f"{b:.3f}"  # exactly the number's pieces
+        assert (hidden_ids[row][changed[row]] == tokenizer.unk_token_id).all()
+        assert "3 Hunde" in tokenizer.decode(hidden_ids[row].tolist())  # the source's own number is read
+    assert changed.sum(1).unique().numel() == 1, "the test needs budgets whose numbers have as many pieces"
+    assert torch.equal(policy.lm_prompt_ids(ids), hidden_ids) and torch.equal(ids, encoded["input_ids"])  # input kept
+    with torch.no_grad():
+        logits = policy(ids, mask, states, torch.ones_like(states))
+    # The LM reads one prompt at every budget: the same token logits; a fresh policy's <τ> logit is w · basis(b).
+    for row in range(1, len(budgets)):
+        torch.testing.assert_close(logits[row, :, :-1], logits[0, :, :-1])
+    assert not torch.allclose(shown[1, :, :-1], shown[0, :, :-1])  # shown, the LM reads the numbers
+    torch.testing.assert_close(logits[:, :, -1], (budget_basis(torch.tensor(budgets)).float() @ weights.T).expand(-1, 3))
+    rollout = policy.rollout(len(budgets), 4)
+    obs = {"prompt_ids": ids.numpy(), "prompt_length": mask.sum(1).numpy(),
+           "state_ids": np.zeros((len(budgets), 4), dtype=np.int64), "state_length": np.zeros(len(budgets), dtype=np.int64)}
+    with torch.no_grad():
+        first = rollout.logits(obs)
+    torch.testing.assert_close(call_log_probability(first), call_log_probability(logits[:, 0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(first[:, :-1].log_softmax(-1), logits[:, 0, :-1].log_softmax(-1), atol=1e-5, rtol=0)
+    policy.save(tmp_path / "policy")
+    again = StudentPolicy.load(tmp_path / "policy").eval()
+    assert again.hide_budget_from_lm
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids, mask, states, torch.ones_like(states)), logits)
+    with pytest.raises(ValueError, match="set read_budget_value true as well"):
+        TrainConfig(env_id="TrainingWheels-WMT19-v0", env_kwargs={"budget_style": "numeric-fixed"},
+                    hide_budget_from_lm=True).validate()
