@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,6 +247,14 @@ def budget_basis(budgets: torch.Tensor) -> torch.Tensor:
     return (1 - (budgets.to(torch.float64)[:, None] - knots[None]).abs() / spacing).clamp(min=0)
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _log_odds(probability: float) -> float:
     return math.log(probability) - math.log1p(-probability)
 
@@ -287,6 +296,7 @@ class StudentPolicy(_StateModel):
         self.hide_budget_from_lm = False
         self._number_pieces: torch.Tensor | None = None  # [V] bool: the piece is digits, "." or a bare word start
         self._digit_pieces: torch.Tensor | None = None  # [V] bool: the piece holds a digit
+        self._number_tails: torch.Tensor | None = None  # [V] bool: the piece starts with a digit or "."
 
     def call_threshold_for(self, budget: float | None) -> float:
         """The checkpoint's call threshold at ``budget``: the calibrated one where ``tw train`` learnt it;
@@ -376,6 +386,8 @@ class StudentPolicy(_StateModel):
                   for p in tokenizer.convert_ids_to_tokens(list(range(self.vocab_size)))]
         self._number_pieces = torch.tensor([all(c.isdigit() or c == "." for c in p) for p in pieces])
         self._digit_pieces = torch.tensor([any(c.isdigit() for c in p) for p in pieces])
+        # A piece that goes on from a number: a tokenizer may merge its last digits with what follows ("4,").
+        self._number_tails = torch.tensor([bool(p) and (p[0].isdigit() or p[0] == ".") for p in pieces])
         self.hide_budget_from_lm = True
 
     def lm_prompt_ids(self, prompt_ids: torch.Tensor) -> torch.Tensor:
@@ -385,10 +397,11 @@ class StudentPolicy(_StateModel):
         with the de→en tokenizer, is all the LM can still tell budgets apart by.)"""
         if not self.hide_budget_from_lm:
             return prompt_ids
-        assert self._number_pieces is not None and self._digit_pieces is not None and self.budget_tokenizer is not None
+        assert self._number_pieces is not None and self._digit_pieces is not None and self._number_tails is not None
+        assert self.budget_tokenizer is not None
         ids = prompt_ids.clone()
         cpu = prompt_ids.cpu().clamp(0, self.vocab_size - 1)
-        number, digit = self._number_pieces[cpu], self._digit_pieces[cpu]
+        number, digit, tail = self._number_pieces[cpu], self._digit_pieces[cpu], self._number_tails[cpu]
         for row in range(ids.shape[0]):
             digits = digit[row].nonzero()
             if not len(digits):
@@ -399,6 +412,14 @@ class StudentPolicy(_StateModel):
                 start -= 1
             while end + 1 < ids.shape[1] and number[row, end + 1]:
                 end += 1
+            if number[row, end] and end + 1 < ids.shape[1] and tail[row, end + 1]:
+                end += 1  # the number's last digits merged with what follows ("0.00" "4,"): hidden with it
+            hidden = self.budget_tokenizer.decode(prompt_ids[row, start : end + 1].tolist()).replace(" ", "")
+            written = re.match(r"[0-9.]+", hidden)
+            stated = numeric_budget_in(self.budget_tokenizer.decode(prompt_ids[row].tolist(), skip_special_tokens=True))
+            if stated is None or written is None or not _is_number(written[0]) or abs(float(written[0]) - stated) > 1e-9:
+                raise ValueError(f"prompt {row} of the batch: the first number in it ({hidden!r}) is not the budget it "
+                                 f"states ({stated}); hide_budget_from_lm expects the budget clause to open the prompt")
             ids[row, start : end + 1] = self.budget_tokenizer.unk_token_id
         return ids
 

@@ -402,6 +402,12 @@ def test_a_policy_can_hide_the_budget_number_from_its_lm(t5_tokenizer_dir, tiny_
     assert again.hide_budget_from_lm
     with torch.no_grad():
         torch.testing.assert_close(again(ids, mask, states, torch.ones_like(states)), logits)
+    # A number before the budget clause is not taken for the budget: refused, the ids left as they were.
+    late = tokenizer(["3 Hunde. With teacher use 0.150, translate German to English: x"], return_tensors="pt")["input_ids"]
+    kept = late.clone()
+    with pytest.raises(ValueError, match=r"the first number in it \('3'\) is not the budget it states \(0.15\)"):
+        again.lm_prompt_ids(late)
+    assert torch.equal(late, kept)
     with pytest.raises(ValueError, match="set read_budget_value true as well"):
         TrainConfig(env_id="TrainingWheels-WMT19-v0", env_kwargs={"budget_style": "numeric-fixed"},
                     hide_budget_from_lm=True).validate()
