@@ -414,9 +414,9 @@ class StudentPolicy(_StateModel):
                 end += 1
             if number[row, end] and end + 1 < ids.shape[1] and tail[row, end + 1]:
                 end += 1  # the number's last digits merged with what follows ("0.00" "4,"): hidden with it
-            hidden = self.budget_tokenizer.decode(prompt_ids[row, start : end + 1].tolist()).replace(" ", "")
+            hidden = str(self.budget_tokenizer.decode(prompt_ids[row, start : end + 1].tolist())).replace(" ", "")
             written = re.match(r"[0-9.]+", hidden)
-            stated = numeric_budget_in(self.budget_tokenizer.decode(prompt_ids[row].tolist(), skip_special_tokens=True))
+            stated = numeric_budget_in(str(self.budget_tokenizer.decode(prompt_ids[row].tolist(), skip_special_tokens=True)))
             if stated is None or written is None or not _is_number(written[0]) or abs(float(written[0]) - stated) > 1e-9:
                 raise ValueError(f"prompt {row} of the batch: the first number in it ({hidden!r}) is not the budget it "
                                  f"states ({stated}); hide_budget_from_lm expects the budget clause to open the prompt")
