@@ -247,14 +247,6 @@ def budget_basis(budgets: torch.Tensor) -> torch.Tensor:
     return (1 - (budgets.to(torch.float64)[:, None] - knots[None]).abs() / spacing).clamp(min=0)
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def _log_odds(probability: float) -> float:
     return math.log(probability) - math.log1p(-probability)
 
@@ -399,15 +391,12 @@ class StudentPolicy(_StateModel):
             return prompt_ids
         assert self._number_pieces is not None and self._digit_pieces is not None and self._number_tails is not None
         assert self.budget_tokenizer is not None
+        stated = self.budget_values(prompt_ids)  # every prompt states one (else a clear error), so holds a digit
         ids = prompt_ids.clone()
         cpu = prompt_ids.cpu().clamp(0, self.vocab_size - 1)
         number, digit, tail = self._number_pieces[cpu], self._digit_pieces[cpu], self._number_tails[cpu]
         for row in range(ids.shape[0]):
-            digits = digit[row].nonzero()
-            if not len(digits):
-                raise ValueError(f"prompt {row} of the batch states no number for hide_budget_from_lm to hide: "
-                                 f"{self.budget_tokenizer.decode(prompt_ids[row].tolist())[:80]!r}")
-            start = end = int(digits[0])
+            start = end = int(digit[row].nonzero()[0])
             while start > 0 and number[row, start - 1]:
                 start -= 1
             while end + 1 < ids.shape[1] and number[row, end + 1]:
@@ -415,11 +404,11 @@ class StudentPolicy(_StateModel):
             if number[row, end] and end + 1 < ids.shape[1] and tail[row, end + 1]:
                 end += 1  # the number's last digits merged with what follows ("0.00" "4,"): hidden with it
             hidden = str(self.budget_tokenizer.decode(prompt_ids[row, start : end + 1].tolist())).replace(" ", "")
-            written = re.match(r"[0-9.]+", hidden)
-            stated = numeric_budget_in(str(self.budget_tokenizer.decode(prompt_ids[row].tolist(), skip_special_tokens=True)))
-            if stated is None or written is None or not _is_number(written[0]) or abs(float(written[0]) - stated) > 1e-9:
+            written = re.match(r"[0-9]+(?:\.[0-9]+)?", hidden)
+            if written is None or abs(float(written[0]) - float(stated[row])) > 1e-9:
                 raise ValueError(f"prompt {row} of the batch: the first number in it ({hidden!r}) is not the budget it "
-                                 f"states ({stated}); hide_budget_from_lm expects the budget clause to open the prompt")
+                                 f"states ({float(stated[row]):g}); hide_budget_from_lm expects the budget clause to open "
+                                 "the prompt")
             ids[row, start : end + 1] = self.budget_tokenizer.unk_token_id
         return ids
 

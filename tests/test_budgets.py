@@ -305,23 +305,44 @@ def test_the_budget_basis_and_the_value_in_a_prompt_by_hand():
     assert budget_value_in("With teacher use 1.5, x") is None
 
 
-@pytest.mark.shared
-def test_a_policy_reads_the_budget_value_between_its_knots_and_keeps_the_read(t5_tokenizer_dir, tiny_t5_dir, tmp_path):
+def _value_reading_policy(t5_tokenizer_dir, tiny_t5_dir, budgets, source):
+    """A fresh tiny policy that reads the budget's value with weights w (its other <τ> reads are zero), and
+    numeric-fixed prompts at ``budgets``: (tokenizer, policy, w, ids, mask, states)."""
     import torch
     from transformers import AutoTokenizer
 
-    from agents.policy import StudentPolicy, budget_basis, call_log_probability
-    from agents.train import TrainConfig
+    from agents.policy import StudentPolicy
 
     tokenizer = AutoTokenizer.from_pretrained(t5_tokenizer_dir)
     policy = StudentPolicy.load(tiny_t5_dir).eval()
     weights = torch.linspace(-2.0, 3.0, 11)[None]
     policy.read_budget_value(tokenizer, weights)
-    budgets = [0.1, 0.15, 0.2, 0.45]
-    texts = [make_prompt("translate German to English", "Ein Hund läuft.", b, "numeric-fixed") for b in budgets]
+    texts = [make_prompt("translate German to English", source, b, "numeric-fixed") for b in budgets]
     encoded = tokenizer(texts, return_tensors="pt", padding=True)
-    ids, mask = encoded["input_ids"], encoded["attention_mask"]
-    states = torch.full((len(budgets), 3), 5)
+    return tokenizer, policy, weights, encoded["input_ids"], encoded["attention_mask"], torch.full((len(budgets), 3), 5)
+
+
+def _first_step_logits(policy, ids, mask):
+    """The acting path's logits for the first action (the prompt read once per episode, no stream yet)."""
+    import torch
+
+    rows = ids.shape[0]
+    obs = {"prompt_ids": ids.numpy(), "prompt_length": mask.sum(1).numpy(),
+           "state_ids": np.zeros((rows, 4), dtype=np.int64), "state_length": np.zeros(rows, dtype=np.int64)}
+    with torch.no_grad():
+        return policy.rollout(rows, 4).logits(obs)
+
+
+@pytest.mark.shared
+def test_a_policy_reads_the_budget_value_between_its_knots_and_keeps_the_read(t5_tokenizer_dir, tiny_t5_dir, tmp_path):
+    import torch
+
+    from agents.policy import StudentPolicy, budget_basis, call_log_probability
+    from agents.train import TrainConfig
+
+    budgets = [0.1, 0.15, 0.2, 0.45]
+    tokenizer, policy, weights, ids, mask, states = _value_reading_policy(
+        t5_tokenizer_dir, tiny_t5_dir, budgets, "Ein Hund läuft.")
     with torch.no_grad():
         logits = policy(ids, mask, states, torch.ones_like(states))
     # A fresh policy's other <τ> reads are zero: its <τ> logit is the value read alone, w · basis(b) ...
@@ -329,11 +350,7 @@ def test_a_policy_reads_the_budget_value_between_its_knots_and_keeps_the_read(t5
     # ... so 0.15 is read halfway between 0.1 and 0.2.
     torch.testing.assert_close(logits[1, :, -1], (logits[0, :, -1] + logits[2, :, -1]) / 2)
     # The acting path (the prompt read once per episode) reads it too.
-    rollout = policy.rollout(len(budgets), 4)
-    obs = {"prompt_ids": ids.numpy(), "prompt_length": mask.sum(1).numpy(),
-           "state_ids": np.zeros((len(budgets), 4), dtype=np.int64), "state_length": np.zeros(len(budgets), dtype=np.int64)}
-    with torch.no_grad():
-        first = rollout.logits(obs)
+    first = _first_step_logits(policy, ids, mask)
     torch.testing.assert_close(call_log_probability(first), call_log_probability(logits[:, 0]), atol=1e-5, rtol=0)
     # Saved with its tokenizer and weights; loaded, it reads the same.
     policy.save(tmp_path / "policy")
@@ -355,22 +372,16 @@ def test_a_policy_can_hide_the_budget_number_from_its_lm(t5_tokenizer_dir, tiny_
     the budget then reaches π only through the value read, on the training and the acting path; the setting is
     saved with the policy; without the value read it is refused."""
     import torch
-    from transformers import AutoTokenizer
 
     from agents.policy import StudentPolicy, budget_basis, call_log_probability
     from agents.train import TrainConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(t5_tokenizer_dir)
-    policy = StudentPolicy.load(tiny_t5_dir).eval()
     with pytest.raises(ValueError, match="call read_budget_value"):
-        policy.hide_budget()
-    weights = torch.linspace(-2.0, 3.0, 11)[None]
-    policy.read_budget_value(tokenizer, weights)
+        StudentPolicy.load(tiny_t5_dir).hide_budget()
     budgets = [0.125, 0.15, 0.375, 0.45]
-    texts = [make_prompt("translate German to English", "3 Hunde laufen.", b, "numeric-fixed") for b in budgets]
-    encoded = tokenizer(texts, return_tensors="pt", padding=True)
-    ids, mask = encoded["input_ids"], encoded["attention_mask"]
-    states = torch.full((len(budgets), 3), 5)
+    tokenizer, policy, weights, ids, mask, states = _value_reading_policy(
+        t5_tokenizer_dir, tiny_t5_dir, budgets, "3 Hunde laufen.")
+    given = ids.clone()
     with torch.no_grad():
         shown = policy(ids, mask, states, torch.ones_like(states))
     policy.hide_budget()
@@ -382,7 +393,7 @@ def test_a_policy_can_hide_the_budget_number_from_its_lm(t5_tokenizer_dir, tiny_
         assert (hidden_ids[row][changed[row]] == tokenizer.unk_token_id).all()
         assert "3 Hunde" in tokenizer.decode(hidden_ids[row].tolist())  # the source's own number is read
     assert changed.sum(1).unique().numel() == 1, "the test needs budgets whose numbers have as many pieces"
-    assert torch.equal(policy.lm_prompt_ids(ids), hidden_ids) and torch.equal(ids, encoded["input_ids"])  # input kept
+    assert torch.equal(policy.lm_prompt_ids(ids), hidden_ids) and torch.equal(ids, given)  # input kept
     with torch.no_grad():
         logits = policy(ids, mask, states, torch.ones_like(states))
     # The LM reads one prompt at every budget: the same token logits; a fresh policy's <τ> logit is w · basis(b).
@@ -390,11 +401,7 @@ def test_a_policy_can_hide_the_budget_number_from_its_lm(t5_tokenizer_dir, tiny_
         torch.testing.assert_close(logits[row, :, :-1], logits[0, :, :-1])
     assert not torch.allclose(shown[1, :, :-1], shown[0, :, :-1])  # shown, the LM reads the numbers
     torch.testing.assert_close(logits[:, :, -1], (budget_basis(torch.tensor(budgets)).float() @ weights.T).expand(-1, 3))
-    rollout = policy.rollout(len(budgets), 4)
-    obs = {"prompt_ids": ids.numpy(), "prompt_length": mask.sum(1).numpy(),
-           "state_ids": np.zeros((len(budgets), 4), dtype=np.int64), "state_length": np.zeros(len(budgets), dtype=np.int64)}
-    with torch.no_grad():
-        first = rollout.logits(obs)
+    first = _first_step_logits(policy, ids, mask)
     torch.testing.assert_close(call_log_probability(first), call_log_probability(logits[:, 0]), atol=1e-5, rtol=0)
     torch.testing.assert_close(first[:, :-1].log_softmax(-1), logits[:, 0, :-1].log_softmax(-1), atol=1e-5, rtol=0)
     policy.save(tmp_path / "policy")
