@@ -157,6 +157,7 @@ class TrainConfig:
     refine_call_rule: bool = False  # with track_call_rule: after phase 2, re-fit best/'s tracked thresholds on the selection rows (a search per budget from its tracked c, kept where it lands within calibration_tolerance) and ship those; the tracked figures stay beside them in summary.json
     call_rule_greedy_passes: int = 0  # track_call_rule: after the sampled rollouts' quantile, this many fixed-point passes that roll out greedily under the thresholds (as the shipped decoder acts) and re-take the quantile over those states (docs/budget-control.md)
     call_rule_corpora: list[str] = field(default_factory=list)  # track_call_rule: draw its prompts from the training rows whose "corpus" field is one of these (empty: every training row); set it to the corpora the budgets are judged on, since teacher use is token-weighted and differs between corpora (de→en: its selection and test rows are Multi30k, its training rows Multi30k and Tatoeba; docs/budget-control.md)
+    call_rule_fixed_prompts: bool = False  # track_call_rule: draw the same training prompts (and sampling seeds) at every evaluation instead of fresh ones, so that the tracked thresholds move between evaluations only as the policy does (common random numbers; docs/budget-control.md)
     call_rule_episodes: int = 1536  # track_call_rule: rollouts per evaluation over all budgets (rounded up to whole batches of num_envs); 384 left an sd of 0.018 in the evaluated teacher use on the embedded task, 1536 0.008 (docs/budget-control.md)
     check_replicas: bool = False  # data-parallel runs: verify after every update that all ranks hold identical weights, λ, μ_r, σ_r
 
@@ -210,6 +211,9 @@ class TrainConfig:
             raise ValueError(f"call_rule_greedy_passes re-fits the tracked call rule: a count >= 0, and above 0 only "
                              f"with track_call_rule true, got {self.call_rule_greedy_passes} (track_call_rule "
                              f"{self.track_call_rule})")
+        if self.call_rule_fixed_prompts and not self.track_call_rule:
+            raise ValueError("call_rule_fixed_prompts fixes the prompts of the tracked call rule: set track_call_rule "
+                             "true too, got call_rule_fixed_prompts true and track_call_rule false")
         if self.call_rule_corpora and not self.track_call_rule:
             raise ValueError(f"call_rule_corpora narrows the prompts of the tracked call rule: set track_call_rule "
                              f"true too, got call_rule_corpora {self.call_rule_corpora}")
@@ -881,6 +885,19 @@ def evaluate_and_select(setup: Setup, state: PCLState, step: int) -> dict:
                              {"call_rule": rule} if rule is not None else None)
 
 
+def call_rule_rng(config: TrainConfig, step: int, rank: int) -> np.random.Generator:
+    """The stream that draws the tracked call rule's prompts and sampling seeds at PCL batch ``step``.
+
+    Fresh prompts at every evaluation (the default), or with ``call_rule_fixed_prompts`` the same ones
+    at every evaluation. Why fixed: a tracked threshold is a quantile over a few thousand states, and on
+    de→en which prompts were drawn moved the evaluated teacher use by about 0.01 from one evaluation
+    to the next (docs/budget-control.md); with the same prompts that part of the noise is common to
+    every evaluation, and the thresholds move only as the policy does.
+    """
+    return np.random.default_rng([config.seed, 3, rank] if config.call_rule_fixed_prompts
+                                 else [config.seed, step, 3, rank])
+
+
 def track_call_rule(setup: Setup, state: PCLState, step: int) -> dict:
     """Set the policy's call rule to the one it would keep its budgets with now: per budget, the
     threshold c of "call iff π(<τ>) > c" that calls at a fraction b of the decoding states of fresh
@@ -897,7 +914,7 @@ def track_call_rule(setup: Setup, state: PCLState, step: int) -> dict:
     started = time.time()
     rows = envs.num_envs
     batches = -(-config.call_rule_episodes // (rows * dist.world_size))
-    rng = np.random.default_rng([config.seed, step, 3, dist.rank])
+    rng = call_rule_rng(config, step, dist.rank)
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
     budgets = [float(b) for b in config.budgets]
 

@@ -30,7 +30,7 @@ from agents.evaluation import encode_budget, evaluate_budgets, seeded_subset
 from agents.lagrangian import trailing_fractions
 from agents.policy import StudentPolicy
 from agents.run import load_tasks
-from agents.train import TrainConfig, episode_rewards, run
+from agents.train import TrainConfig, call_rule_rng, episode_rewards, run
 from agents.trajectories import Trajectories, collect_on_policy, oracle_batch
 from tests.tiny_task import EOS, only_family, right_padded
 
@@ -308,6 +308,21 @@ def test_a_tracked_call_rule_is_evaluated_and_shipped_and_leaves_training_unchan
         TrainConfig(call_rule_corpora=["multi30k"]).validate()
     with pytest.raises(ValueError, match="call_rule_corpora must be a list of corpus names"):
         TrainConfig(track_call_rule=True, call_rule_corpora=[""]).validate()
+
+
+def test_fixed_call_rule_prompts_are_the_same_draws_at_every_evaluation_and_fresh_ones_are_not():
+    def draws(config: TrainConfig, step: int, rank: int = 0) -> list[int]:
+        return call_rule_rng(config, step, rank).integers(1_000_000, size=8).tolist()
+
+    fresh = TrainConfig(track_call_rule=True)
+    fixed = TrainConfig(track_call_rule=True, call_rule_fixed_prompts=True)
+    fixed.validate()
+    assert draws(fixed, 30) == draws(fixed, 0) == draws(fixed, 150)
+    assert draws(fixed, 30, rank=1) != draws(fixed, 30, rank=0)  # each rank still draws its own rows
+    assert draws(fresh, 30) != draws(fresh, 0)
+    assert draws(TrainConfig(track_call_rule=True, call_rule_fixed_prompts=True, seed=1), 0) != draws(fixed, 0)
+    with pytest.raises(ValueError, match="call_rule_fixed_prompts fixes the prompts of the tracked call rule"):
+        TrainConfig(call_rule_fixed_prompts=True).validate()
 
 
 @only_family("encoder-decoder")
