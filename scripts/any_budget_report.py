@@ -41,6 +41,11 @@ def training_wheels_rows(results: Path) -> tuple[dict[float, dict], dict[float, 
     return own, raw, alone
 
 
+def alone_quality(alone: dict[str, float], method: str) -> str:
+    """A model's own quality, or a note where that `tw eval` did not score it (``--methods`` without it)."""
+    return f"{alone[method]:.2f}" if method in alone else "(not scored in this folder)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path)
@@ -49,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     seen = seen_budgets(json.loads((args.run / "config.json").read_text()))
     own, raw, alone = training_wheels_rows((args.results or args.run / "eval") / "results.json")
-    print(f"student alone {alone['student']:.2f}, teacher alone {alone['teacher']:.2f}\n")
+    print(f"student alone {alone_quality(alone, 'student')}, teacher alone {alone_quality(alone, 'teacher')}\n")
     print("| b | drawn in training | f, checkpoint rule (c) | abs(f − b) | quality | f, raw rule π > ½ |")
     print("| --- | --- | --- | --- | --- | --- |")
     for b, r in sorted(own.items()):
@@ -65,8 +70,8 @@ def main() -> None:
               f"quality {' '.join(f'{q:.2f}' for q in quality)} ({'rising' if rising else 'not strictly rising'})")
     if args.keyword is not None:
         key_own, _, key_alone = training_wheels_rows(args.keyword / "results.json")
-        print(f"\nkeyword-prompt student ({args.keyword}): student alone {key_alone['student']:.2f}, "
-              f"teacher alone {key_alone['teacher']:.2f}\n")
+        print(f"\nkeyword-prompt student ({args.keyword}): student alone {alone_quality(key_alone, 'student')}, "
+              f"teacher alone {alone_quality(key_alone, 'teacher')}\n")
         print("| b | keyword prompts: f | quality | numeric prompts: f | quality |")
         print("| --- | --- | --- | --- | --- |")
         for b, r in sorted(key_own.items()):
