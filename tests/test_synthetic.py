@@ -257,7 +257,7 @@ def test_first_use_says_what_it_trains_and_shows_progress(tiny_specs, tmp_path, 
     captured = capsys.readouterr()
     # One line on stderr before anything else: what is trained, about how long, where it is cached.
     first = captured.err.splitlines()[0]
-    assert first == ("Training the embedded Synthetic teacher and student (first use, about 2 minutes "
+    assert first == ("Training the embedded Synthetic teacher and student (first use, about 5 minutes "
                      f"on 2 CPU cores); cached in {assets.root}")
     # Then a tqdm bar over each model's training steps, run to the end (3 steps in tiny_specs).
     for name in ("teacher", "student"):

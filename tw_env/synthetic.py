@@ -447,15 +447,19 @@ class _BatchEncoder:
             self.prefixes[budget] = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         return self.prefixes[budget]
 
-    def _ids(self, i: int) -> tuple[list[int], list[int]]:
-        if i not in self.cache:
-            row = self.rows[i]
-            self.cache[i] = (self.tokenizer(row["source"])["input_ids"], self.tokenizer(row["target"])["input_ids"])
-        return self.cache[i]
+    def _pairs(self, idx: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+        """The (source ids, target ids) of rows ``idx``; the rows not seen before are tokenized in one call
+        for their sources and one for their targets (one call per sentence was 18% of the first epoch)."""
+        new = list(dict.fromkeys(i for i in idx if i not in self.cache))
+        if new:
+            sources = self.tokenizer([self.rows[i]["source"] for i in new])["input_ids"]
+            targets = self.tokenizer([self.rows[i]["target"] for i in new])["input_ids"]
+            self.cache.update(zip(new, zip(sources, targets, strict=True), strict=True))
+        return [self.cache[i] for i in idx]
 
     def batch(self, idx: Sequence[int], budgets: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask, labels)`` tensors; labels are -100 on padding (no loss)."""
-        pairs = [self._ids(i) for i in idx]
+        pairs = self._pairs(idx)
         input_ids = _pad([self.prefix(b) + src for (src, _), b in zip(pairs, budgets, strict=True)], 0)
         labels = _pad([tgt for _, tgt in pairs], -100)
         return input_ids, (input_ids != 0).long(), labels
@@ -464,7 +468,7 @@ class _BatchEncoder:
         """The same pairs for a decoder-only model: one sequence, the prompt (ending in EOS, as the env
         encodes it) then the target, right-padded; the loss is on the target only (labels -100 on the
         prompt and the padding; the model shifts them by one itself)."""
-        pairs = [self._ids(i) for i in idx]
+        pairs = self._pairs(idx)
         prompts = [self.prefix(b) + src for (src, _), b in zip(pairs, budgets, strict=True)]
         sequences = [p + tgt for p, (_, tgt) in zip(prompts, pairs, strict=True)]
         input_ids = _pad(sequences, 0)
@@ -610,12 +614,13 @@ def embedded_pairs() -> dict[str, EmbeddedPair]:
 
     Built from this module's spec and version constants when asked, so that a replaced constant
     (a test's few-step ``TEACHER_SPEC``) takes effect. Training times are what the first-use message
-    promises: teacher + student training measured 122 s and 146 s on two CPU cores for the T5 pair,
-    224 s for the causal pair (docs/synthetic-task.md).
+    promises: teacher + student training measured 122 s and 146 s on two CPU cores for the T5 pair on
+    an earlier machine, 251 s alone on this project's (2026-12-07, docs/benchmarks.md), 224 s for the
+    causal pair (docs/synthetic-task.md).
     """
     pairs = (
         EmbeddedPair("synthetic", FORMAT_VERSION, TEACHER_SPEC, STUDENT_SPEC, label="Synthetic",
-                     training_time="about 2 minutes on 2 CPU cores"),
+                     training_time="about 5 minutes on 2 CPU cores"),
         # The causal models were trained on the prompt text as the tokenizer encodes it (ending in
         # EOS), not on a chat template or a newline.
         EmbeddedPair("synthetic-causal", CAUSAL_FORMAT_VERSION, CAUSAL_TEACHER_SPEC, CAUSAL_STUDENT_SPEC,
