@@ -168,6 +168,17 @@ def test_batch_encoder_matches_full_prompts(language, tokenizer) -> None:
     targets = tokenizer([r["target"] for r in rows], padding=True, return_tensors="pt")["input_ids"]
     assert labels.masked_fill(labels == -100, 0).tolist() == targets.tolist()
     assert (labels == -100).sum() == (targets == 0).sum() > 0
+    # Rows are tokenized a batch at a time on first sight and cached: a later batch that mixes seen rows,
+    # unseen ones and a row twice gives the same tensors as tokenizing its prompts afresh.
+    encoder = syn._BatchEncoder(tokenizer, rows)
+    encoder.batch(range(20), budgets[:20])
+    mixed = [5, 40, 5, 19, 59, 40]
+    again, _, again_labels = encoder.batch(mixed, [budgets[i] for i in mixed])
+    assert again.tolist() == syn._BatchEncoder(tokenizer, rows).batch(mixed, [budgets[i] for i in mixed])[0].tolist()
+    assert again.tolist() == tokenizer([make_prompt(SYNTHETIC_INSTRUCTION, rows[i]["source"], budgets[i]) for i in mixed],
+                                       padding=True, return_tensors="pt")["input_ids"].tolist()
+    assert again_labels.masked_fill(again_labels == -100, 0).tolist() == tokenizer(
+        [rows[i]["target"] for i in mixed], padding=True, return_tensors="pt")["input_ids"].tolist()
 
 
 def test_tokenizer_save_load(tokenizer, tmp_path) -> None:
