@@ -29,6 +29,7 @@ import tw_env  # noqa: F401  (registers the tasks)
 from agents import checkpoint as ckpt
 from agents.evaluation import (
     budgets_are_ceilings,
+    calibrate_budgets,
     evaluate_budgets,
     mean_quality,
     meets_budgets,
@@ -36,7 +37,7 @@ from agents.evaluation import (
     worst_violation,
 )
 from agents.lagrangian import LAGRANGE_RULES, PIDGains
-from agents.policy import StudentPolicy
+from agents.policy import StudentPolicy, write_call_rule
 from agents.run import Tasks, end_report, load_tasks, phase1_policy_dir, start_run
 from agents.sb3_adapter import (
     LagrangeCallback,
@@ -104,6 +105,8 @@ class PPOConfig:
     eval_env_kwargs: dict = field(default_factory=dict)  # further overrides for the eval split (e.g. its data file)
     eval_batch_size: int = 64  # prompts per evaluation batch
     delta: float = 0.02  # tolerance δ of the budget check in summary.json: f ≤ b + δ (ceiling, floor ≥ 0) or |f − b| ≤ δ (target)
+    calibrate_calls: bool = True  # as tw train's: after training, calibrate final/'s call threshold per budget on the eval_examples selection rows (call_rule.json), the rule tw eval and the decoders use by default; the summary's "eval" stays the raw rule π(<τ>) > ½
+    calibration_tolerance: float = 0.005  # the threshold search stops once a budget's teacher fraction is this close
 
     def validate(self) -> None:
         for name in ("num_envs", "n_steps", "batch_size", "n_epochs", "lagrange_window", "keep_checkpoints"):
@@ -124,6 +127,8 @@ class PPOConfig:
             raise ValueError(f"wall_time_seconds must be positive or None, got {self.wall_time_seconds}")
         if not self.budgets or any(not 0 <= b <= 1 for b in self.budgets):
             raise ValueError(f"budgets must be fractions in [0, 1], got {self.budgets}")
+        if not 0 <= self.calibration_tolerance < 1:
+            raise ValueError(f"calibration_tolerance must lie in [0, 1), got {self.calibration_tolerance}")
 
     @property
     def resolved_value_lr(self) -> float:
@@ -199,6 +204,7 @@ def run(config: PPOConfig) -> dict[str, Any]:
     student = policy.student
     evaluation = final_evaluation(config, student, tasks)
     publish_dir(out / "final", student.save)
+    call_rule = ship_call_rule(config, student, tasks, out / "final") if config.calibrate_calls else None
     summary = {
         "algo": "ppo",
         "timesteps": int(model.num_timesteps),
@@ -207,7 +213,7 @@ def run(config: PPOConfig) -> dict[str, Any]:
         "lambdas": {str(b): v for b, v in lagrange.lambdas.items()},
         "train_teacher_fractions": {str(b): f for b, f in lagrange.fractions.items()},
         "eval": evaluation,
-    }
+    } | ({"call_rule": call_rule} if call_rule is not None else {})
     run_.write_summary(summary)
     venv.close()
     if run_.dist.is_main:
@@ -219,12 +225,16 @@ def end_of_ppo(summary: dict[str, Any], out: Path, metric: str) -> str:
     """What `tw train --algo ppo` prints as it ends: per budget the final policy's teacher fraction and quality
     on the evaluation examples and the last λ; then where the files are (the whole summary: summary.json)."""
     title = f"tw train --algo ppo: {summary['timesteps']} timesteps in {summary['train_seconds_this_run']:.0f} s"
-    table = [["budget", "teacher fraction", f"quality ({metric})", "λ (last)"]]
+    shipped = {float(e["budget"]): e for e in summary.get("call_rule", {}).get("budgets", [])}
+    table = [["budget", "teacher fraction (π>½)", f"quality ({metric})", "λ (last)"]
+             + (["shipped c", "its fraction", "its quality"] if shipped else [])]
     results = {float(r["budget"]): r for r in (summary["eval"] or {"results": []})["results"]}
     for b, lam in summary["lambdas"].items():
-        r = results.get(float(b), {})
+        r, e = results.get(float(b), {}), shipped.get(float(b))
         table.append([f"{float(b):g}", *(format(r[k], f) if k in r else "-" for k, f in
-                                         (("teacher_fraction", ".3f"), ("quality", ".2f"))), f"{lam:+.3f}"])
+                                         (("teacher_fraction", ".3f"), ("quality", ".2f"))), f"{lam:+.3f}"]
+                     + ([f"{e['threshold']:.3g}", f"{e['teacher_fraction']:.3f}", f"{e['quality']:.2f}"] if e else
+                        ["-"] * 3 if shipped else []))
     files = {"output": out, "final policy": out / "final", "summary": out / "summary.json",
              "TensorBoard": out / "tensorboard"}
     return end_report(title, table, files)
@@ -271,6 +281,27 @@ def checkpoint_saver(
         ckpt.write_checkpoint(run_dir, -(-model.num_timesteps // rollout_size), write, keep=config.keep_checkpoints)
 
     return save_checkpoint
+
+
+def ship_call_rule(config: PPOConfig, student: StudentPolicy, tasks: Tasks, final_dir: Path) -> dict[str, Any]:
+    """Calibrate the final policy's call threshold per budget on the selection rows the final evaluation
+    reads, and write it into ``final_dir`` (``call_rule.json``), as ``tw train`` does for ``best/``.
+
+    Why: the ablation should hand a user what ``tw train`` hands them, a checkpoint whose own rule keeps its
+    budgets; the raw rule's figures (``eval``) stay beside it, so the two algorithms compare as trained.
+    """
+    if not config.eval_examples:
+        return {"skipped": "eval_examples 0: no selection rows to calibrate on"}
+    started = time.time()
+    examples = seeded_subset(tasks.selection.examples, config.eval_examples, config.seed)
+    thresholds, budgets = calibrate_budgets(student, tasks.selection, examples, config.budgets,
+                                            tasks.train.max_new_tokens, batch_size=config.eval_batch_size,
+                                            tolerance=config.calibration_tolerance)
+    report = {"policy": str(final_dir), "split": config.eval_split, "examples": len(examples),
+              "tolerance": config.calibration_tolerance, "budgets": budgets, "seconds": time.time() - started}
+    write_call_rule(final_dir, thresholds, report)
+    student.call_thresholds = thresholds
+    return report
 
 
 def final_evaluation(config: PPOConfig, student: StudentPolicy, tasks: Tasks) -> dict[str, Any] | None:

@@ -284,11 +284,27 @@ def test_run_trains_evaluates_saves_and_resumes(assets, tmp_path, capsys):
     assert len(summary["eval"]["results"]) == 2
     printed = capsys.readouterr().out.splitlines()  # a short ending: the table per budget, then the files
     assert printed[0].startswith(f"tw train --algo ppo: {rollout} timesteps")
-    r = summary["eval"]["results"][1]
-    assert printed[3].split() == ["0.5", f"{r['teacher_fraction']:.3f}", f"{r['quality']:.2f}", f"{summary['lambdas']['0.5']:+.3f}"]
+    r, shipped = summary["eval"]["results"][1], summary["call_rule"]["budgets"][1]
+    assert printed[3].split() == ["0.5", f"{r['teacher_fraction']:.3f}", f"{r['quality']:.2f}", f"{summary['lambdas']['0.5']:+.3f}",
+                                  f"{shipped['threshold']:.3g}", f"{shipped['teacher_fraction']:.3f}", f"{shipped['quality']:.2f}"]
     assert any(line.split() == ["summary", str(out / "summary.json")] for line in printed) and len(printed) < 15
     assert (out / "final" / "training_wheels.safetensors").exists()
-    StudentPolicy.load(out / "final")
+    # The final policy ships the call rule calibrated on the same selection rows as the raw evaluation
+    # beside it (as tw train's best/ does): the raw rule's figures are the evaluation's, and the shipped
+    # thresholds decode to the recorded fractions.
+    final = StudentPolicy.load(out / "final")
+    assert final.call_thresholds == {e["budget"]: e["threshold"] for e in summary["call_rule"]["budgets"]}
+    assert [(e["own_rule_teacher_fraction"], e["own_rule_quality"]) for e in summary["call_rule"]["budgets"]] == [
+        (x["teacher_fraction"], x["quality"]) for x in summary["eval"]["results"]]
+    assert summary["call_rule"]["examples"] == 3 and summary["call_rule"]["split"] == "validation"
+    from agents.evaluation import evaluate_budgets, seeded_subset
+    from agents.run import load_tasks
+
+    tasks = load_tasks(config.env_id, config.env_kwargs, "validation", {}, torch.device("cpu"), budgets=config.budgets,
+                       max_new_tokens=config.max_new_tokens)
+    again = evaluate_budgets(final, tasks.selection, seeded_subset(tasks.selection.examples, 3, config.seed),
+                             config.budgets, tasks.train.max_new_tokens, batch_size=2)
+    assert [x.teacher_fraction for x in again] == [e["teacher_fraction"] for e in summary["call_rule"]["budgets"]]
     assert any((out / "tensorboard").rglob("events.out.tfevents.*"))
     first = latest_checkpoint(out / CHECKPOINTS)
     state = load_json(first / "state.json")
