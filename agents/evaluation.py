@@ -13,6 +13,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar, cast
 
 import numpy as np
@@ -22,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from agents.decoding import DecodeResult, decode_text, teacher_help_decode
 from agents.distributed import SINGLE, Distributed, all_gather_objects, shard
-from agents.policy import StudentPolicy
+from agents.policy import StudentPolicy, write_call_rule
 from tw_env.metrics import quality
 from tw_env.task import Task
 from tw_env.tasks import Example
@@ -279,6 +280,26 @@ def calibrate_budgets(
         report.append(entry)
     policy.train(was_training)
     return thresholds, report
+
+
+def ship_calibrated_call_rule(
+    policy: StudentPolicy, directory: str | Path, task: Task, examples: Sequence[Example], budgets: Sequence[float],
+    max_new_tokens: int, split: str, batch_size: int = 64, tolerance: float = 0.005,
+    start_thresholds: dict[float, float] | None = None,
+) -> dict:
+    """Calibrate ``policy``'s call threshold per budget on ``examples`` (:func:`calibrate_budgets`), write it
+    into the saved policy folder ``directory`` (``call_rule.json``, the rule `tw eval` and the decoders then
+    use by default) and set it on ``policy``; returns the report that ``summary.json`` keeps
+    ({policy, split, examples, tolerance, budgets, seconds}). ``tw train``'s ``best/`` and the PPO
+    ablation's ``final/`` are shipped through it."""
+    started = time.time()
+    thresholds, entries = calibrate_budgets(policy, task, examples, budgets, max_new_tokens, batch_size=batch_size,
+                                            tolerance=tolerance, start_thresholds=start_thresholds)
+    report = {"policy": str(directory), "split": split, "examples": len(examples), "tolerance": tolerance,
+              "budgets": entries, "seconds": time.time() - started}
+    write_call_rule(directory, thresholds, report)
+    policy.call_thresholds = thresholds
+    return report
 
 
 def seeded_subset(examples: Sequence[T], count: int, seed: int) -> list[T]:

@@ -29,15 +29,15 @@ import tw_env  # noqa: F401  (registers the tasks)
 from agents import checkpoint as ckpt
 from agents.evaluation import (
     budgets_are_ceilings,
-    calibrate_budgets,
     evaluate_budgets,
     mean_quality,
     meets_budgets,
     seeded_subset,
+    ship_calibrated_call_rule,
     worst_violation,
 )
 from agents.lagrangian import LAGRANGE_RULES, PIDGains
-from agents.policy import StudentPolicy, write_call_rule
+from agents.policy import StudentPolicy
 from agents.run import Tasks, end_report, load_tasks, phase1_policy_dir, start_run
 from agents.sb3_adapter import (
     LagrangeCallback,
@@ -292,16 +292,10 @@ def ship_call_rule(config: PPOConfig, student: StudentPolicy, tasks: Tasks, fina
     """
     if not config.eval_examples:
         return {"skipped": "eval_examples 0: no selection rows to calibrate on"}
-    started = time.time()
     examples = seeded_subset(tasks.selection.examples, config.eval_examples, config.seed)
-    thresholds, budgets = calibrate_budgets(student, tasks.selection, examples, config.budgets,
-                                            tasks.train.max_new_tokens, batch_size=config.eval_batch_size,
-                                            tolerance=config.calibration_tolerance)
-    report = {"policy": str(final_dir), "split": config.eval_split, "examples": len(examples),
-              "tolerance": config.calibration_tolerance, "budgets": budgets, "seconds": time.time() - started}
-    write_call_rule(final_dir, thresholds, report)
-    student.call_thresholds = thresholds
-    return report
+    return ship_calibrated_call_rule(student, final_dir, tasks.selection, examples, config.budgets,
+                                     tasks.train.max_new_tokens, config.eval_split, batch_size=config.eval_batch_size,
+                                     tolerance=config.calibration_tolerance)
 
 
 def final_evaluation(config: PPOConfig, student: StudentPolicy, tasks: Tasks) -> dict[str, Any] | None:

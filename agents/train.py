@@ -47,17 +47,17 @@ from agents.distributed import (
 from agents.evaluation import (
     BudgetResult,
     budgets_are_ceilings,
-    calibrate_budgets,
     evaluate_budgets,
     is_better_selection,
     quantile_call_thresholds,
     seeded_subset,
     selection_record,
     settle_point,
+    ship_calibrated_call_rule,
 )
 from agents.lagrangian import LAGRANGE_RULES, BudgetDual, PIDGains, make_dual
 from agents.objectives import pcl_loss, phase1_loss
-from agents.policy import StudentPolicy, ValueNetwork, call_log_probability, write_call_rule
+from agents.policy import StudentPolicy, ValueNetwork, call_log_probability
 from agents.run import (
     Run,
     Throughput,
@@ -329,19 +329,15 @@ def ship_call_rule(setup: Setup, start_thresholds: dict[float, float] | None = N
     common to all budgets that changes from one evaluation to the next (docs/budget-control.md).
     """
     config, dist = setup.config, setup.dist
-    started = time.time()
     report: dict = {}
     best_dir = setup.out / "best"
     if not best_dir.exists():  # phase 2 evaluated nothing (pcl_batches 0 and eval_every 0)
         return {"skipped": "no best/ policy to calibrate"}
     if dist.is_main:
-        policy = StudentPolicy.load(best_dir, device=setup.device)
-        thresholds, budgets = calibrate_budgets(policy, setup.task,
-                                                setup.eval_examples, config.budgets, setup.task.max_new_tokens,
-                                                tolerance=config.calibration_tolerance, start_thresholds=start_thresholds)
-        report = {"policy": str(best_dir), "split": config.eval_split, "examples": len(setup.eval_examples),
-                  "tolerance": config.calibration_tolerance, "budgets": budgets, "seconds": time.time() - started}
-        write_call_rule(best_dir, thresholds, report)
+        report = ship_calibrated_call_rule(StudentPolicy.load(best_dir, device=setup.device), best_dir, setup.task,
+                                           setup.eval_examples, config.budgets, setup.task.max_new_tokens,
+                                           config.eval_split, tolerance=config.calibration_tolerance,
+                                           start_thresholds=start_thresholds)
     barrier(dist)
     return report
 
@@ -901,7 +897,9 @@ def call_rule_rng(config: TrainConfig, step: int, rank: int) -> np.random.Genera
 def track_call_rule(setup: Setup, state: PCLState, step: int) -> dict:
     """Set the policy's call rule to the one it would keep its budgets with now: per budget, the
     threshold c of "call iff π(<τ>) > c" that calls at a fraction b of the decoding states of fresh
-    rollouts on training prompts (:func:`~agents.evaluation.quantile_call_thresholds`).
+    rollouts on training prompts (:func:`~agents.evaluation.quantile_call_thresholds`); the prompts are
+    drawn afresh at every evaluation, or the same ones each time (``call_rule_fixed_prompts``,
+    :func:`call_rule_rng`).
 
     Why: the dual steers the policy's π(<τ>) but cannot hold it still between batches; where π(<τ>)
     crowds round ½ a fixed c = ½ turns each small drift into a large swing of teacher use
