@@ -159,6 +159,7 @@ class TrainConfig:
     call_rule_corpora: list[str] = field(default_factory=list)  # track_call_rule: draw its prompts from the training rows whose "corpus" field is one of these (empty: every training row); set it to the corpora the budgets are judged on, since teacher use is token-weighted and differs between corpora (de→en: its selection and test rows are Multi30k, its training rows Multi30k and Tatoeba; docs/budget-control.md)
     call_rule_fixed_prompts: bool = False  # track_call_rule: draw the same training prompts (and sampling seeds) at every evaluation instead of fresh ones, so that the tracked thresholds move between evaluations only as the policy does (common random numbers; docs/budget-control.md)
     call_rule_episodes: int = 1536  # track_call_rule: rollouts per evaluation over all budgets (rounded up to whole batches of num_envs); 384 left an sd of 0.018 in the evaluated teacher use on the embedded task, 1536 0.008 (docs/budget-control.md)
+    call_rule_greedy_episodes: int = 0  # track_call_rule: rollouts of each greedy pass (call_rule_greedy_passes), 0: call_rule_episodes; the greedy pass sets the shipped thresholds, so its sample decides their noise (on de→en 256 prompts a budget moved the teacher use by about 0.02; docs/budget-control.md)
     check_replicas: bool = False  # data-parallel runs: verify after every update that all ranks hold identical weights, λ, μ_r, σ_r
 
     def validate(self) -> None:
@@ -211,6 +212,12 @@ class TrainConfig:
             raise ValueError(f"call_rule_greedy_passes re-fits the tracked call rule: a count >= 0, and above 0 only "
                              f"with track_call_rule true, got {self.call_rule_greedy_passes} (track_call_rule "
                              f"{self.track_call_rule})")
+        if self.call_rule_greedy_episodes and not (self.call_rule_greedy_passes
+                                                   and self.call_rule_greedy_episodes >= len(self.budgets)):
+            raise ValueError(f"call_rule_greedy_episodes sizes the greedy passes of the tracked call rule: 0 (as many as "
+                             f"call_rule_episodes), or at least the number of budgets ({len(self.budgets)}) with "
+                             f"call_rule_greedy_passes above 0, got {self.call_rule_greedy_episodes} "
+                             f"(call_rule_greedy_passes {self.call_rule_greedy_passes})")
         if self.call_rule_fixed_prompts and not self.track_call_rule:
             raise ValueError("call_rule_fixed_prompts fixes the prompts of the tracked call rule: set track_call_rule "
                              "true too, got call_rule_fixed_prompts true and track_call_rule false")
@@ -912,17 +919,18 @@ def track_call_rule(setup: Setup, state: PCLState, step: int) -> dict:
     started = time.time()
     rows = envs.num_envs
     batches = -(-config.call_rule_episodes // (rows * dist.world_size))
+    greedy_batches = -(-(config.call_rule_greedy_episodes or config.call_rule_episodes) // (rows * dist.world_size))
     rng = call_rule_rng(config, step, dist.rank)
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
     budgets = [float(b) for b in config.budgets]
 
     def call_probabilities(thresholds: dict[float, float] | None) -> dict[float, torch.Tensor]:
-        """π(<τ>) at every decoding state of ``call_rule_episodes`` fresh rollouts on training prompts,
-        pooled over ranks, per budget: sampled at the rollout temperature (``thresholds`` None) or
-        greedy under ``thresholds``, as the shipped decoder acts."""
+        """π(<τ>) at every decoding state of fresh rollouts on training prompts, pooled over ranks, per
+        budget: ``call_rule_episodes`` sampled at the rollout temperature (``thresholds`` None) or
+        ``call_rule_greedy_episodes`` greedy under ``thresholds``, as the shipped decoder acts."""
         calls: dict[float, list[torch.Tensor]] = {b: [] for b in budgets}
         with torch.no_grad():
-            for batch in range(batches):
+            for batch in range(batches if thresholds is None else greedy_batches):
                 # Budgets in turn over every rank's rows and batch after batch, so that each budget gets its
                 # share whatever the rows per rank (a rank of 3 rows alone would never roll out b = 0.3 … 0.5).
                 first = (batch * dist.world_size + dist.rank) * rows
@@ -968,6 +976,7 @@ def track_call_rule(setup: Setup, state: PCLState, step: int) -> dict:
                                f"after PCL batch {step}: expected every rank to pool the same states")
     policy.call_thresholds = thresholds
     report = {"thresholds": [[b, c] for b, c in sorted(thresholds.items())], "episodes": batches * rows * dist.world_size,
+              "greedy_episodes": greedy_batches * rows * dist.world_size if passes else 0,
               "states": {str(b): len(v) for b, v in pooled.items()},
               "raw_rule_fraction": {str(b): float((v > 0.5).double().mean()) for b, v in pooled.items()},
               "seconds": time.time() - started}

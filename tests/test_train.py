@@ -300,6 +300,22 @@ def test_a_tracked_call_rule_is_evaluated_and_shipped_and_leaves_training_unchan
         assert one_pass["start"] == sampled["call_rule"]["thresholds"]
         assert all(0.0 <= f <= 1.0 for f in one_pass["fraction_at_start"].values())
         assert all(0.0 <= c <= 1.0 for _, c in record["call_rule"]["thresholds"])
+    # A larger greedy sample (call_rule_greedy_episodes): the sampled pass is the same draws, the greedy pass
+    # rolls out more prompts and reads more states; training is still untouched.
+    larger = run(tiny_config(tiny, tmp_path / "larger", track_call_rule=True, call_rule_episodes=8,
+                             call_rule_greedy_passes=1, call_rule_greedy_episodes=24, **overrides))
+    assert larger["phase2"]["lambdas"] == plain["phase2"]["lambdas"]
+    rows = 6  # tiny_config's num_envs: the episodes round up to whole batches
+    for record, small in zip(larger["phase2"]["selection"]["evaluations"],
+                             greedy["phase2"]["selection"]["evaluations"], strict=True):
+        assert record["call_rule"]["greedy_passes"][0]["start"] == small["call_rule"]["greedy_passes"][0]["start"]
+        assert record["call_rule"]["episodes"] == small["call_rule"]["episodes"]
+        assert record["call_rule"]["greedy_episodes"] == -(-24 // rows) * rows > small["call_rule"]["greedy_episodes"]
+        assert sum(record["call_rule"]["states"].values()) > sum(small["call_rule"]["states"].values())
+    with pytest.raises(ValueError, match="call_rule_greedy_episodes sizes the greedy passes .* got 24"):
+        TrainConfig(track_call_rule=True, call_rule_greedy_episodes=24).validate()
+    with pytest.raises(ValueError, match="call_rule_greedy_episodes sizes the greedy passes .* got 5"):
+        TrainConfig(track_call_rule=True, call_rule_greedy_passes=1, call_rule_greedy_episodes=5).validate()
     with pytest.raises(ValueError, match="call_rule_greedy_passes re-fits the tracked call rule"):
         TrainConfig(call_rule_greedy_passes=1).validate()
     with pytest.raises(ValueError, match="call_rule_greedy_passes"):
