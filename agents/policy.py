@@ -48,13 +48,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tw_env.atomic import write_json
 from tw_env.families import FAMILIES, IncrementalDecoding, ModelFamily, PromptPass, family_of
 from tw_env.models import load_model, output_vocab_size
-from tw_env.prompts import numeric_budget_in
+from tw_env.prompts import NUMERIC_BUDGET_TEMPLATE, numeric_budget_in
 
 EXTRA_WEIGHTS = "training_wheels.safetensors"
 EXTRA_CONFIG = "training_wheels.json"
 BUDGET_TOKENIZER = "budget_tokenizer"  # read_budget_value: the tokenizer that turns prompt ids back into text
 # The knots of the budget basis (read_budget_value): hat functions 0.1 apart over [0, 1].
 BUDGET_BASIS_KNOTS = tuple(k / 10 for k in range(11))
+LM_BUDGET_HINTS = ("none", "tenths")  # hide_budget: what of the budget's number the LM still reads
 CALL_RULE = "call_rule.json"  # the calibrated call thresholds per budget (tw train), beside the weights
 
 
@@ -286,9 +287,11 @@ class StudentPolicy(_StateModel):
         # token (the value still reaches the <τ> logit through the basis); per-vocabulary lookups of which
         # pieces write a number.
         self.hide_budget_from_lm = False
+        self.lm_budget_hint = "none"  # with hide_budget_from_lm: what of the number the LM still reads (LM_BUDGET_HINTS)
         self._number_pieces: torch.Tensor | None = None  # [V] bool: the piece is digits, "." or a bare word start
         self._digit_pieces: torch.Tensor | None = None  # [V] bool: the piece holds a digit
         self._number_tails: torch.Tensor | None = None  # [V] bool: the piece starts with a digit or "."
+        self._tenths_hints: list[list[int]] | None = None  # lm_budget_hint "tenths": the pieces of "0.0" … "1.0"
 
     def call_threshold_for(self, budget: float | None) -> float:
         """The checkpoint's call threshold at ``budget``: the calibrated one where ``tw train`` learnt it;
@@ -358,7 +361,7 @@ class StudentPolicy(_StateModel):
                              f"which this policy reads: got {texts[missing[0]][:80]!r}")
         return torch.tensor(values, dtype=torch.float64)
 
-    def hide_budget(self) -> None:
+    def hide_budget(self, hint: str = "none") -> None:
         """Let the LM read every prompt with its budget's number replaced by one placeholder token (the
         tokenizer's unknown token), so that the LM sees the same prompt at every budget and the budget
         reaches π only through the value read (:meth:`read_budget_value`, which this needs).
@@ -366,7 +369,14 @@ class StudentPolicy(_StateModel):
         Why: a small student learns the number strings it was trained on one by one, and an unseen string
         ("0.150") pulls π(<τ>) through the LM's reads of the prompt in ways the basis cannot undo (de→en:
         unseen budgets called at under half their rate with the value read; docs/any-budget.md). Hidden,
-        the budget's only path is ordinal by construction."""
+        the budget's only path is ordinal by construction.
+
+        ``hint="tenths"`` writes the budget rounded down to a tenth over the start of the hidden number
+        ("0.1" for 0.100 … 0.175, the rest of its pieces unknown), so the LM's tokens can change with a
+        coarse budget, as a keyword student's do with its keyword, while every budget of a tenth (seen in
+        training or not) reads one string."""
+        if hint not in LM_BUDGET_HINTS:
+            raise ValueError(f"the LM's budget hint must be one of {list(LM_BUDGET_HINTS)}, got {hint!r}")
         if self.budget_tokenizer is None:
             raise ValueError("hide_budget_from_lm hides the number the value read takes over: call "
                              "read_budget_value (TrainConfig read_budget_value: true) first")
@@ -381,6 +391,8 @@ class StudentPolicy(_StateModel):
         # A piece that goes on from a number: a tokenizer may merge its last digits with what follows ("4,").
         self._number_tails = torch.tensor([bool(p) and (p[0].isdigit() or p[0] == ".") for p in pieces])
         self.hide_budget_from_lm = True
+        self.lm_budget_hint = hint
+        self._tenths_hints = self._tenths_hint_pieces() if hint == "tenths" else None
 
     def lm_prompt_ids(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """The prompt ids the LM reads: as given, or (:meth:`hide_budget`) with the budget's number, the first
@@ -410,7 +422,36 @@ class StudentPolicy(_StateModel):
                                  f"states ({float(stated[row]):g}); hide_budget_from_lm expects the budget clause to open "
                                  "the prompt")
             ids[row, start : end + 1] = self.budget_tokenizer.unk_token_id
+            if self._tenths_hints is not None:
+                hint = self._tenths_hints[int(math.floor(float(stated[row]) * 10 + 1e-9))]
+                if len(hint) > end + 1 - start:
+                    raise ValueError(f"prompt {row} of the batch: its budget's tenths hint takes {len(hint)} pieces, more "
+                                     f"than the {end + 1 - start} of the number it replaces ({hidden!r}); expected a "
+                                     "budget written to three places (budget_style 'numeric-fixed')")
+                ids[row, start : start + len(hint)] = torch.tensor(hint, dtype=ids.dtype)
         return ids
+
+    def _tenths_hint_pieces(self) -> list[list[int]]:
+        """For each tenth t = 0 … 10, the pieces that write "t/10" to one place ("0.1") in the budget clause, as
+        the tokenizer splits them there (found by the same scan as the number they stand in for)."""
+        assert self.budget_tokenizer is not None and self._number_pieces is not None and self._digit_pieces is not None
+        hints = []
+        for tenth in range(11):
+            written = f"{tenth / 10:.1f}"
+            ids = torch.tensor(self.budget_tokenizer(NUMERIC_BUDGET_TEMPLATE.format(
+                value=written, instruction="x", source="y"))["input_ids"])
+            number, digit = self._number_pieces[ids], self._digit_pieces[ids]
+            start = end = int(digit.nonzero()[0])
+            while start > 0 and number[start - 1]:
+                start -= 1
+            while end + 1 < len(ids) and number[end + 1]:
+                end += 1
+            pieces = ids[start : end + 1].tolist()
+            if str(self.budget_tokenizer.decode(pieces)).replace(" ", "") != written:
+                raise ValueError(f"lm_budget_hint 'tenths' needs a tokenizer that writes {written!r} in the budget "
+                                 f"clause as pieces of its own, but this one gives {self.budget_tokenizer.decode(pieces)!r}")
+            hints.append(pieces)
+        return hints
 
     def encode(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         return super().encode(self.lm_prompt_ids(prompt_ids), prompt_mask)
@@ -508,7 +549,7 @@ class StudentPolicy(_StateModel):
             json.dumps({"vocab_size": self.vocab_size, "format": 1, "family": self.family.name,
                         "prompt_read": "mean" if self.prompt_query is None else "attention",
                         "budget_value_read": self.budget_tokenizer is not None,
-                        "budget_hidden_from_lm": self.hide_budget_from_lm})
+                        "budget_hidden_from_lm": self.hide_budget_from_lm, "lm_budget_hint": self.lm_budget_hint})
         )
         if self.call_thresholds:
             write_call_rule(directory, self.call_thresholds)
@@ -560,7 +601,7 @@ class StudentPolicy(_StateModel):
                 policy.read_budget_value(AutoTokenizer.from_pretrained(str(directory / BUDGET_TOKENIZER)),
                                          extra["call_budget.weight"])
                 if recorded.get("budget_hidden_from_lm"):
-                    policy.hide_budget()
+                    policy.hide_budget(recorded.get("lm_budget_hint", "none"))
         policy.call_thresholds = read_call_rule(directory)
         return policy.to(policy.model.device)
 

@@ -57,7 +57,7 @@ from agents.evaluation import (
 )
 from agents.lagrangian import LAGRANGE_RULES, BudgetDual, PIDGains, make_dual
 from agents.objectives import pcl_loss, phase1_loss
-from agents.policy import StudentPolicy, ValueNetwork, call_log_probability
+from agents.policy import LM_BUDGET_HINTS, StudentPolicy, ValueNetwork, call_log_probability
 from agents.run import (
     Run,
     Throughput,
@@ -152,6 +152,7 @@ class TrainConfig:
     calibration_tolerance: float = 0.005  # the threshold search stops once a budget's teacher fraction is this close
     read_budget_value: bool = False  # numeric budget styles only: the <τ> logit also reads the budget's value parsed from the prompt, through a piecewise-linear basis of b (ordinal by construction: an unseen budget is read between its neighbours; docs/any-budget.md)
     hide_budget_from_lm: bool = False  # with read_budget_value: the LM reads every prompt with the budget's number replaced by a placeholder token, so the budget reaches π only through the value read (docs/any-budget.md)
+    lm_budget_hint: str = "none"  # with hide_budget_from_lm: "tenths" lets the LM read the number up to its tenths digit ("0.1" of "0.150"), so its tokens can change with a coarse budget while every budget of a tenth reads one string (docs/any-budget.md)
     prompt_read: str = "mean"  # how the policy pools its prompt states for the summary and the <τ> logit's prompt read: "mean" (the default) or "attention" (a learnt query, zeros at first: the mean)
     track_call_rule: bool = False  # at every evaluation, set the policy's call threshold per budget from its π(<τ>) on fresh training-prompt rollouts (the quantile that calls at b) and evaluate, select and ship with it; calibrate_calls is then not run
     refine_call_rule: bool = False  # with track_call_rule: after phase 2, re-fit best/'s tracked thresholds on the selection rows (a search per budget from its tracked c, kept where it lands within calibration_tolerance) and ship those; the tracked figures stay beside them in summary.json
@@ -200,6 +201,10 @@ class TrainConfig:
         if self.read_budget_value and not is_numeric_style(budget_style_of(self.env_id, self.env_kwargs)):
             raise ValueError("read_budget_value reads the number a numeric prompt states: set env_kwargs budget_style "
                              f"'numeric' or 'numeric-fixed', got {budget_style_of(self.env_id, self.env_kwargs)!r}")
+        if self.lm_budget_hint not in LM_BUDGET_HINTS or (self.lm_budget_hint != "none" and not self.hide_budget_from_lm):
+            raise ValueError(f"lm_budget_hint must be one of {list(LM_BUDGET_HINTS)}, and other than 'none' only with "
+                             f"hide_budget_from_lm true (it says what of the hidden number the LM still reads), got "
+                             f"{self.lm_budget_hint!r} (hide_budget_from_lm {self.hide_budget_from_lm})")
         if self.hide_budget_from_lm and not self.read_budget_value:
             raise ValueError("hide_budget_from_lm hides the budget's number from the LM, so the budget needs another "
                              "path to π: set read_budget_value true as well")
@@ -456,7 +461,7 @@ class Phase1State:
         if config.read_budget_value:
             policy.read_budget_value(setup.task.tokenizer)
         if config.hide_budget_from_lm:
-            policy.hide_budget()
+            policy.hide_budget(config.lm_budget_hint)
         state = cls(policy, phase1_optimizer(config, policy), np.random.default_rng(rank_seed(config.seed, dist.rank)),
                     dist)
         torch.manual_seed(rank_seed(config.seed, dist.rank))
@@ -659,8 +664,8 @@ class PCLState:
         set_prompt_read(policy, config.prompt_read)
         if config.read_budget_value and policy.budget_tokenizer is None:  # a policy that does not read it yet
             policy.read_budget_value(envs.task.tokenizer)
-        if config.hide_budget_from_lm and not policy.hide_budget_from_lm:
-            policy.hide_budget()
+        if config.hide_budget_from_lm and (not policy.hide_budget_from_lm or policy.lm_budget_hint != config.lm_budget_hint):
+            policy.hide_budget(config.lm_budget_hint)
         value = ValueNetwork.from_policy(policy).eval()
         envs.np_random = np.random.default_rng(seed + 2)  # the env's own draws (teacher sampling)
         dual = make_dual(config.budgets, config.lagrange_rule, lr=config.lagrange_lr, cap=config.lagrange_cap,

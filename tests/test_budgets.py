@@ -418,3 +418,42 @@ def test_a_policy_can_hide_the_budget_number_from_its_lm(t5_tokenizer_dir, tiny_
     with pytest.raises(ValueError, match="set read_budget_value true as well"):
         TrainConfig(env_id="TrainingWheels-WMT19-v0", env_kwargs={"budget_style": "numeric-fixed"},
                     hide_budget_from_lm=True).validate()
+
+
+@pytest.mark.shared
+def test_a_tenths_hint_lets_the_lm_read_the_budget_rounded_down_to_a_tenth(t5_tokenizer_dir, tiny_t5_dir, tmp_path):
+    """lm_budget_hint "tenths": the hidden number's first pieces write the budget rounded down to a tenth
+    ("0.1" for 0.125 and 0.150), the rest stay unknown; budgets of one tenth (and as many pieces) give the LM
+    one prompt, budgets of another tenth another; saved with the policy; refused where it cannot apply."""
+    import torch
+
+    from agents.policy import StudentPolicy
+    from agents.train import TrainConfig
+
+    budgets = [0.125, 0.15, 0.4, 0.45]  # pairs of one tenth whose numbers have as many pieces (T5: "▁0.", "150")
+    tokenizer, policy, _, ids, mask, states = _value_reading_policy(t5_tokenizer_dir, tiny_t5_dir, budgets, "Ein Hund.")
+    with pytest.raises(ValueError, match="the LM's budget hint must be one of \\['none', 'tenths'\\], got 'hundredths'"):
+        policy.hide_budget("hundredths")
+    assert not policy.hide_budget_from_lm  # refused: nothing changed
+    policy.hide_budget("tenths")
+    lm_ids = policy.lm_prompt_ids(ids)
+    hidden = [tokenizer.decode(row.tolist()) for row in lm_ids]
+    for text, b in zip(hidden, budgets, strict=True):
+        tenth = f"{int(b * 10) / 10:.1f}"
+        # The clause reads the tenth, then (where the number had more pieces) unknown tokens.
+        assert f"use{tenth}," in text.replace(" ", "").replace("<unk>", "") and f"{b:.3f}" not in text
+    assert torch.equal(lm_ids[0], lm_ids[1]) and torch.equal(lm_ids[2], lm_ids[3])  # one string per tenth
+    assert not torch.equal(lm_ids[0], lm_ids[2])
+    with torch.no_grad():
+        logits = policy(ids, mask, states, torch.ones_like(states))
+    torch.testing.assert_close(logits[1, :, :-1], logits[0, :, :-1])  # the LM reads one prompt per tenth
+    assert not torch.allclose(logits[2, :, :-1], logits[0, :, :-1])  # and another for another tenth
+    assert not torch.allclose(logits[1, :, -1], logits[0, :, -1])  # the value read still tells 0.125 from 0.15
+    policy.save(tmp_path / "policy")
+    again = StudentPolicy.load(tmp_path / "policy").eval()
+    assert again.lm_budget_hint == "tenths" and torch.equal(again.lm_prompt_ids(ids), lm_ids)
+    with pytest.raises(ValueError, match="other than 'none' only with hide_budget_from_lm true"):
+        TrainConfig(env_id="TrainingWheels-WMT19-v0", env_kwargs={"budget_style": "numeric-fixed"},
+                    read_budget_value=True, lm_budget_hint="tenths").validate()
+    TrainConfig(env_id="TrainingWheels-WMT19-v0", env_kwargs={"budget_style": "numeric-fixed"}, read_budget_value=True,
+                hide_budget_from_lm=True, lm_budget_hint="tenths").validate()
