@@ -390,9 +390,10 @@ class StudentPolicy(_StateModel):
         self._digit_pieces = torch.tensor([any(c.isdigit() for c in p) for p in pieces])
         # A piece that goes on from a number: a tokenizer may merge its last digits with what follows ("4,").
         self._number_tails = torch.tensor([bool(p) and (p[0].isdigit() or p[0] == ".") for p in pieces])
+        tenths_hints = self._tenths_hint_pieces() if hint == "tenths" else None  # may refuse: before any flag is set
         self.hide_budget_from_lm = True
         self.lm_budget_hint = hint
-        self._tenths_hints = self._tenths_hint_pieces() if hint == "tenths" else None
+        self._tenths_hints = tenths_hints
 
     def lm_prompt_ids(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """The prompt ids the LM reads: as given, or (:meth:`hide_budget`) with the budget's number, the first
@@ -408,11 +409,7 @@ class StudentPolicy(_StateModel):
         cpu = prompt_ids.cpu().clamp(0, self.vocab_size - 1)
         number, digit, tail = self._number_pieces[cpu], self._digit_pieces[cpu], self._number_tails[cpu]
         for row in range(ids.shape[0]):
-            start = end = int(digit[row].nonzero()[0])
-            while start > 0 and number[row, start - 1]:
-                start -= 1
-            while end + 1 < ids.shape[1] and number[row, end + 1]:
-                end += 1
+            start, end = _first_number_span(number[row], digit[row])
             if number[row, end] and end + 1 < ids.shape[1] and tail[row, end + 1]:
                 end += 1  # the number's last digits merged with what follows ("0.00" "4,"): hidden with it
             hidden = str(self.budget_tokenizer.decode(prompt_ids[row, start : end + 1].tolist())).replace(" ", "")
@@ -440,12 +437,7 @@ class StudentPolicy(_StateModel):
             written = f"{tenth / 10:.1f}"
             ids = torch.tensor(self.budget_tokenizer(NUMERIC_BUDGET_TEMPLATE.format(
                 value=written, instruction="x", source="y"))["input_ids"])
-            number, digit = self._number_pieces[ids], self._digit_pieces[ids]
-            start = end = int(digit.nonzero()[0])
-            while start > 0 and number[start - 1]:
-                start -= 1
-            while end + 1 < len(ids) and number[end + 1]:
-                end += 1
+            start, end = _first_number_span(self._number_pieces[ids], self._digit_pieces[ids])
             pieces = ids[start : end + 1].tolist()
             if str(self.budget_tokenizer.decode(pieces)).replace(" ", "") != written:
                 raise ValueError(f"lm_budget_hint 'tenths' needs a tokenizer that writes {written!r} in the budget "
@@ -604,6 +596,17 @@ class StudentPolicy(_StateModel):
                     policy.hide_budget(recorded.get("lm_budget_hint", "none"))
         policy.call_thresholds = read_call_rule(directory)
         return policy.to(policy.model.device)
+
+
+def _first_number_span(number: torch.Tensor, digit: torch.Tensor) -> tuple[int, int]:
+    """``(start, end)``, inclusive, of the first run of number pieces (``number``, [T] bool) in a row of prompt
+    pieces that holds a digit (``digit``, [T] bool; the row must hold one)."""
+    start = end = int(digit.nonzero()[0])
+    while start > 0 and number[start - 1]:
+        start -= 1
+    while end + 1 < len(number) and number[end + 1]:
+        end += 1
+    return start, end
 
 
 def write_call_rule(directory: str | Path, thresholds: dict[float, float], report: dict | None = None) -> None:
