@@ -18,6 +18,7 @@ Paper references (arXiv 2502.17717) and where the implementation follows
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,8 @@ __all__ = [
     "reverse_kl",
     "teacher_student_kl",
     "teacher_student_kl_fast",
+    "TeacherDistribution",
+    "teacher_distribution",
 ]
 
 
@@ -142,26 +145,58 @@ def teacher_student_kl(teacher_logits: Tensor, student_logits: Tensor) -> Tensor
     return _kl_from_log_probs(log_p, log_q)
 
 
-def _teacher_negentropy(teacher_logits: Tensor, log_p: Tensor | None = None) -> tuple[Tensor, Tensor]:
+class TeacherDistribution(NamedTuple):
+    """The teacher's distribution p at N positions in the three forms the KLs read, computed once
+    (:func:`teacher_distribution`); the teacher is fixed, so none of them carries a gradient."""
+
+    log_probs: Tensor  # [N, V] log p
+    probs: Tensor  # [N, V] p
+    negentropy: Tensor  # [N] Σ_v p_v log p_v, with 0·log 0 = 0
+
+
+@torch.no_grad()
+def teacher_distribution(log_probs: Tensor) -> TeacherDistribution:
+    """:class:`TeacherDistribution` from the teacher's log-softmax ``[N, V]``.
+
+    Why: the oracle's KL ranking and the phase-1 loss both read p and Σ p log p; computed here once per
+    batch, they are two passes over V instead of five per reader. A −inf log-probability (p = 0) adds 0
+    to Σ p log p: it is read as 0 (0·0), not as 0·(−inf) = NaN.
+    """
+    probs = log_probs.exp()
+    negentropy = torch.linalg.vecdot(probs, log_probs)
+    if not bool(torch.isfinite(negentropy).all()):  # a −inf log p somewhere: 0·(−inf) = NaN there, so read it as 0
+        negentropy = torch.linalg.vecdot(probs, torch.where(probs > 0, log_probs, torch.zeros((), dtype=log_probs.dtype, device=log_probs.device)))
+    return TeacherDistribution(log_probs, probs, negentropy)
+
+
+def _teacher_negentropy(teacher_logits: Tensor, given: Tensor | TeacherDistribution | None = None) -> tuple[Tensor, Tensor]:
     """``(p, Σ_v p_v log p_v)`` of the teacher, with 0·log 0 = 0; no gradient (the teacher is fixed).
-    ``log_p``: its log-softmax where the caller already has it."""
+    ``given``: its log-softmax, or its whole :class:`TeacherDistribution`, where the caller already has it."""
+    if isinstance(given, TeacherDistribution):
+        return given.probs, given.negentropy
     with torch.no_grad():
-        log_p = F.log_softmax(teacher_logits, dim=-1) if log_p is None else log_p
-        p = log_p.exp()
-        zero = torch.zeros((), dtype=log_p.dtype, device=log_p.device)
-        return p, torch.where(p > 0, p * log_p, zero).sum(dim=-1)
+        log_p = F.log_softmax(teacher_logits, dim=-1) if given is None else given
+        distribution = teacher_distribution(log_p)
+        return distribution.probs, distribution.negentropy
 
 
 def _cross_term(p: Tensor, student_token_logits: Tensor) -> Tensor:
-    """⟨p, s⟩ over V; an entry with p_v = 0 adds 0 even where s_v = −inf (0·(−inf) would be NaN)."""
-    finite = bool(torch.isfinite(student_token_logits).all())
+    """⟨p, s⟩ over V; an entry with p_v = 0 adds 0 even where s_v = −inf (0·(−inf) would be NaN).
+
+    The product is taken first and checked after: a non-finite s_v always leaves a non-finite sum (NaN or
+    ±inf), and checking the ``[...]`` sums costs nothing where checking the ``[..., V]`` logits first
+    (``isfinite`` over V) took three times as long as the product itself (docs/benchmarks.md).
+    """
+    p = p.to(student_token_logits.dtype)
+    cross = torch.linalg.vecdot(p, student_token_logits)
+    if bool(torch.isfinite(cross).all()):
+        return cross
     zero = torch.zeros((), dtype=student_token_logits.dtype, device=student_token_logits.device)
-    logits = student_token_logits if finite else torch.where(p > 0, student_token_logits, zero)
-    return torch.linalg.vecdot(p.to(logits.dtype), logits)
+    return torch.linalg.vecdot(p, torch.where(p > 0, student_token_logits, zero))
 
 
 def teacher_student_kl_fast(
-    teacher_logits: Tensor, student_logits: Tensor, teacher_log_probs: Tensor | None = None
+    teacher_logits: Tensor, student_logits: Tensor, teacher_log_probs: Tensor | TeacherDistribution | None = None
 ) -> Tensor:
     """:func:`teacher_student_kl` in three passes over V instead of about ten (equal to float rounding).
 
@@ -170,8 +205,9 @@ def teacher_student_kl_fast(
     the oracle ranks every position of a batch by it and the phase-1 loss takes its gradient, and at
     V = 8,000 the textbook form (two log-softmaxes, an ``exp`` and masked differences, each with its
     backward) was a third of a behaviour-cloning step (docs/benchmarks.md). The textbook form stays the
-    reference its tests compare this one with. ``teacher_log_probs``: ``log_softmax(teacher_logits)``
-    where the caller has computed it already (the oracle also reads the teacher's log-likelihoods).
+    reference its tests compare this one with. ``teacher_log_probs``: ``log_softmax(teacher_logits)``, or
+    its :class:`TeacherDistribution`, where the caller has computed it already (the oracle also reads the
+    teacher's log-likelihoods, and hands the distribution on to the phase-1 loss).
     """
     _check_logits_pair(student_logits, teacher_logits)
     vocab = teacher_logits.shape[-1]
@@ -280,9 +316,55 @@ def phase1_loss_terms(student_logits: Tensor, teacher_logits: Tensor) -> tuple[T
     return call_nll, teacher_student_kl(teacher_logits, student_logits)
 
 
+def _rows_at(values: Tensor, valid: Tensor) -> Tensor:
+    """``values[valid]`` as ``[N, ...]``; a view when every position is valid (no gather, and no scatter
+    of its gradient back into a zero tensor)."""
+    return values.reshape(-1, *values.shape[valid.dim():]) if bool(valid.all()) else values[valid]
+
+
+class _Phase1PerPosition(torch.autograd.Function):
+    """The phase-1 loss per position on ``[N, V+1]`` student logits, with its gradient written out.
+
+    Per position, with lse_V and lse_{V+1} the log-sum-exps of the token logits and of all V+1 logits:
+    a call costs lse_{V+1} − s_τ; imitation costs Σ p log p − ⟨p, s_V⟩ + lse_{V+1} (``literal``: + lse_V).
+    The gradient is a softmax minus the target: π − e_τ at a call, π − [p, 0] for imitation (``literal``:
+    [π_V − p, 0]). Why by hand: autograd's backward of the same forward makes about ten passes over V + 1
+    (the log-sum-exps', the dot product's, the slices' scatters and their sum); this one makes three, and at
+    V = 8,000 the loss and its backward were a third of a behaviour-cloning step (docs/benchmarks.md).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, student: Tensor, probs: Tensor, negentropy: Tensor, calls: Tensor, literal: bool) -> Tensor:
+        vocab = probs.shape[-1]
+        tokens, call_logit = student[:, :vocab], student[:, vocab]
+        lse_tokens = torch.logsumexp(tokens, dim=-1)
+        lse_all = torch.logaddexp(lse_tokens, call_logit)
+        imitation = negentropy - _cross_term(probs, tokens) + (lse_tokens if literal else lse_all)
+        # torch.where (not a 0/1 blend) so that an infinite unused term cannot turn into NaN.
+        per_position = torch.where(calls, lse_all - call_logit, imitation)
+        # The normaliser of the softmax in each position's gradient (over V alone for literal imitation).
+        normaliser = torch.where(calls, lse_all, lse_tokens) if literal else lse_all
+        ctx.save_for_backward(student, probs, calls, normaliser)
+        ctx.literal = literal
+        return per_position
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+        student, probs, calls, normaliser = ctx.saved_tensors
+        vocab = probs.shape[-1]
+        gradient = torch.sub(student, normaliser[:, None]).exp_()  # the softmax (over V+1, or V: see forward)
+        imitating = (~calls).to(probs.dtype)
+        gradient[:, :vocab].addcmul_(probs, imitating[:, None], value=-1.0)
+        if ctx.literal:
+            gradient[:, vocab].mul_(calls.to(gradient.dtype))  # literal imitation does not read s_τ
+        gradient[:, vocab].sub_(calls.to(gradient.dtype))
+        return gradient.mul_(grad[:, None]), None, None, None, None
+
+
 def phase1_loss(
     student_logits: Tensor, teacher_logits: Tensor, call_mask: Tensor, mask: Tensor, literal: bool = False,
-    teacher_log_probs: Tensor | None = None,
+    teacher_log_probs: Tensor | TeacherDistribution | None = None,
 ) -> Tensor:
     """Phase-1 behaviour-cloning loss (scalar).
 
@@ -305,7 +387,7 @@ def phase1_loss(
         mask: ``[B, T]`` valid positions.
         literal: drop the −log(1 − π(<τ>)) term (the paper's literal reading).
         teacher_log_probs: ``[N, V]`` ``log_softmax(teacher_logits)`` at the N valid positions (row-major),
-            where the caller has them (the oracle does); not computed again.
+            or its :class:`TeacherDistribution`, where the caller has them (the oracle does); not computed again.
 
     Returns:
         Scalar: mean over valid positions of ``−log π(<τ>)`` where ``call_mask`` else
@@ -315,22 +397,18 @@ def phase1_loss(
     shape = tuple(student_logits.shape[:-1])
     valid = _as_bool_mask("mask", mask, shape)
     calls = _as_bool_mask("call_mask", call_mask, shape)
-    # Only the valid positions are read (a padded batch of short outputs is mostly padding), and in three
-    # passes over V: log π(<τ>) = s_τ − lse_{V+1}, KL(p ‖ π_V) = Σ p log p − ⟨p, s⟩ + lse_V (Σ p = 1) and
-    # −log(1 − π(<τ>)) = lse_{V+1} − lse_V. Equal to phase1_loss_terms' textbook form to float rounding
-    # (a test compares them and their gradients) at a fraction of its cost (docs/benchmarks.md).
-    student = student_logits[valid]
-    tokens, call_logit = student[:, :vocab], student[:, vocab]
-    lse_tokens = torch.logsumexp(tokens, dim=-1)
-    lse_all = torch.logaddexp(lse_tokens, call_logit)
-    if teacher_log_probs is not None and teacher_log_probs.shape != (student.shape[0], vocab):
+    # Only the valid positions are read (a padded batch of short outputs is mostly padding), in three passes
+    # over V forward and three back (_Phase1PerPosition). Equal to phase1_loss_terms' textbook form to float
+    # rounding (a test compares them and their gradients) at a fraction of its cost (docs/benchmarks.md).
+    student = _rows_at(student_logits, valid)
+    given = teacher_log_probs.log_probs if isinstance(teacher_log_probs, TeacherDistribution) else teacher_log_probs
+    if given is not None and given.shape != (student.shape[0], vocab):
         raise ValueError(f"teacher_log_probs must be [N, V] = {[student.shape[0], vocab]} (the valid positions), "
-                         f"got {list(teacher_log_probs.shape)}")
-    teacher = teacher_logits[valid] if teacher_log_probs is None else teacher_log_probs
+                         f"got {list(given.shape)}")
+    teacher = _rows_at(teacher_logits, valid) if given is None else given
     p, negentropy = _teacher_negentropy(teacher, teacher_log_probs)
-    imitation = negentropy - _cross_term(p, tokens) + (lse_tokens if literal else lse_all)
-    # torch.where (not a 0/1 blend) so that an infinite unused term cannot turn into NaN.
-    per_position = torch.where(calls[valid], lse_all - call_logit, imitation)
+    per_position = _Phase1PerPosition.apply(student, p.to(student.dtype), negentropy.to(student.dtype),
+                                            calls[valid], literal)
     return _mean_or_zero(per_position)
 
 
@@ -537,6 +615,35 @@ def lossy_speculative_accept_length(
 # ---------------------------------------------------------------------------------------------
 
 
+class _ReverseKLPerPosition(torch.autograd.Function):
+    """KL(π ‖ p) per position for ``[N, V]`` student logits and the teacher's log-probabilities, with its
+    gradient written out: ∂KL/∂s_v = π_v (log π_v − log p_v − KL). Why by hand: autograd's backward of the
+    textbook form runs about nine passes over V (the log-softmax's, the ``exp``'s, the masked difference's
+    and the product's); this one runs three on what the forward kept, and at V = 8,000 the reverse KL and its
+    backward were more than half of a GKD batch (docs/benchmarks.md)."""
+
+    @staticmethod
+    def forward(ctx: Any, student: Tensor, teacher_log_probs: Tensor) -> Tensor:
+        log_q = F.log_softmax(student, dim=-1)
+        q = log_q.exp()
+        difference = log_q.sub_(teacher_log_probs)  # log π − log p, in log π's buffer
+        kl = torch.linalg.vecdot(q, difference)
+        if not bool(torch.isfinite(kl).all()):  # (any non-finite difference leaves its row's sum non-finite)
+            # π_v = 0 adds 0 (0·log 0 = 0), where the difference may be −inf − (−inf) = NaN; a token the
+            # teacher rules out and the student does not makes the KL +inf, as it should.
+            difference = torch.where(q > 0, difference, torch.zeros((), dtype=q.dtype, device=q.device))
+            kl = torch.linalg.vecdot(q, difference)
+        ctx.save_for_backward(q, difference, kl)
+        return kl
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        q, difference, kl = ctx.saved_tensors
+        gradient = torch.sub(difference, kl[:, None]).mul_(q)
+        return gradient.mul_(grad[:, None]), None
+
+
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, teacher_log_probs: Tensor | None = None) -> Tensor:
     """Token-wise reverse KL( π ‖ p ) averaged over valid tokens (scalar).
 
@@ -554,14 +661,15 @@ def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, tea
     _check_logits_pair(student_logits, teacher_logits)
     vocab = teacher_logits.shape[-1]
     _check_student_width(student_logits, vocab)
-    # The valid positions only: every pass over V (two log-softmaxes, the KL and their backward) skips padding.
+    # The valid positions only: every pass over V skips padding; the per-position KL and its gradient in a few
+    # passes (_ReverseKLPerPosition), equal to the textbook form to float rounding (tests/test_objectives.py).
     valid = _as_bool_mask("mask", mask, tuple(student_logits.shape[:-1]))
-    log_q = _student_log_probs_over_vocab(student_logits[valid], vocab)
-    if teacher_log_probs is not None and teacher_log_probs.shape != log_q.shape:
-        raise ValueError(f"teacher_log_probs must be [N, V] = {list(log_q.shape)} (the valid positions), "
+    student = _rows_at(student_logits, valid)[:, :vocab]
+    if teacher_log_probs is not None and teacher_log_probs.shape != student.shape:
+        raise ValueError(f"teacher_log_probs must be [N, V] = {list(student.shape)} (the valid positions), "
                          f"got {list(teacher_log_probs.shape)}")
-    log_p = F.log_softmax(teacher_logits[valid], dim=-1) if teacher_log_probs is None else teacher_log_probs
-    return _mean_or_zero(_kl_from_log_probs(log_q, log_p))
+    log_p = F.log_softmax(_rows_at(teacher_logits, valid), dim=-1) if teacher_log_probs is None else teacher_log_probs
+    return _mean_or_zero(_ReverseKLPerPosition.apply(student, log_p.to(student.dtype)))
 
 
 def forward_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:

@@ -531,7 +531,7 @@ def phase1_step(setup: Setup, clone: Phase1State) -> torch.Tensor:
     # read when teacher_log_probs is given), so the teacher's [B, T, V] logits are not gathered again.
     teacher = oracle.teacher_log_probs if oracle.teacher_log_probs is not None else oracle.teacher_logits[valid]
     loss = phase1_loss(logits, teacher[None], traj.is_call[valid][None], everything,
-                       teacher_log_probs=oracle.teacher_log_probs)
+                       teacher_log_probs=oracle.teacher_distribution)
     tokens = float(traj.mask.sum())
     scale = data_parallel_loss_scale(tokens, all_sum(tokens, dist), dist.world_size)
     clone.optimizer.zero_grad(set_to_none=True)

@@ -18,7 +18,12 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from agents.decoding import generation_model
-from agents.objectives import oracle_call_mask, teacher_student_kl_fast
+from agents.objectives import (
+    TeacherDistribution,
+    oracle_call_mask,
+    teacher_distribution,
+    teacher_student_kl_fast,
+)
 from agents.policy import StudentPolicy, choose_actions
 from tw_env.families import family_of
 from tw_env.vector_env import TeacherAssistedDecodingVectorEnv
@@ -85,6 +90,8 @@ class OracleBatch:
     # [N, V] log_softmax of the teacher's logits at the N valid positions (row-major): what the oracle ranked
     # by, kept so that the phase-1 loss does not compute it again
     teacher_log_probs: torch.Tensor | None = None
+    # the same positions' p and Σ p log p beside log p, which the phase-1 loss reads too (computed once)
+    teacher_distribution: TeacherDistribution | None = None
 
 
 @torch.no_grad()
@@ -130,10 +137,11 @@ def oracle_batch(
     student_logits = policy.token_logits(prompt_ids, prompt_mask, output, mask.long())
     # The valid positions only (short outputs pad most of a batch), the teacher's log-softmax once for both
     # reads, and the KL in its three-pass form (agents.objectives.teacher_student_kl_fast).
-    teacher_log_probs = torch.log_softmax(teacher_logits[mask], dim=-1)
+    distribution = teacher_distribution(torch.log_softmax(teacher_logits[mask], dim=-1))
+    teacher_log_probs = distribution.log_probs
     kl = torch.zeros(mask.shape, dtype=teacher_log_probs.dtype, device=mask.device)
-    # (teacher_log_probs stands in for the teacher's logits: only their shape is read when the log-probs are given)
-    kl[mask] = teacher_student_kl_fast(teacher_log_probs, student_logits[mask], teacher_log_probs)
+    # (teacher_log_probs stands in for the teacher's logits: only their shape is read when the distribution is given)
+    kl[mask] = teacher_student_kl_fast(teacher_log_probs, student_logits[mask], distribution)
     calls = oracle_call_mask(kl, mask, budgets, round_up_draws)
     teacher_logprob = torch.zeros_like(kl)
     teacher_logprob[mask] = teacher_log_probs.gather(-1, output[mask][:, None]).squeeze(-1)
@@ -145,7 +153,7 @@ def oracle_batch(
         budget=budgets.float(), truncated=truncated,
     )
     assert trajectories.state_ids.shape[1] == width
-    return OracleBatch(trajectories, teacher_logits, teacher_log_probs)
+    return OracleBatch(trajectories, teacher_logits, teacher_log_probs, distribution)
 
 
 @torch.no_grad()

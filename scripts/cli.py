@@ -65,6 +65,9 @@ HELP = {
 
 def main(argv: list[str] | None = None) -> int:
     from agents.config import add_config_arguments, config_from_namespace
+    from agents.run import reuse_freed_memory
+
+    reuse_freed_memory()  # results unchanged, the passes over large tensors faster (agents.run; docs/benchmarks.md)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     # `tw train --algo ppo` is the PPO ablation.  `tw bench env` is still accepted for bench-env

@@ -21,6 +21,7 @@ from agents.objectives import (
     phase1_loss,
     phase1_loss_terms,
     reverse_kl,
+    teacher_distribution,
     teacher_student_kl,
     teacher_student_kl_fast,
 )
@@ -756,6 +757,85 @@ def test_phase1_loss_equals_its_textbook_form_with_gradients(seed, literal):
     assert fast.item() == pytest.approx(slow.item(), abs=1e-12)
     assert torch.allclose(fast_grad, slow_grad, atol=1e-12)
     assert slow_grad[~mask].abs().max() == 0 and fast_grad[~mask].abs().max() == 0  # padding learns nothing
+
+
+@pytest.mark.parametrize("literal", [False, True])
+def test_phase1_loss_with_every_position_valid_and_a_given_teacher_distribution(literal):
+    # Every position valid: the loss reads the rows as a view (no gather); the oracle hands its distribution on.
+    student, teacher, calls, _ = _random_phase1_batch(6)
+    everything = torch.ones(calls.shape, dtype=torch.bool)
+    given = teacher_distribution(torch.log_softmax(teacher.reshape(-1, teacher.shape[-1]), dim=-1))
+    fast = phase1_loss(student, teacher, calls, everything, literal, teacher_log_probs=given)
+    (fast_grad,) = torch.autograd.grad(fast, student)
+    slow = _textbook_phase1_loss(student, teacher, calls, everything, literal)
+    (slow_grad,) = torch.autograd.grad(slow, student)
+    assert fast.item() == pytest.approx(slow.item(), abs=1e-12)
+    assert torch.allclose(fast_grad, slow_grad, atol=1e-12)
+
+
+def test_phase1_loss_gradient_by_hand():
+    # One imitation position, V = 2: π over V+1 = softmax([0, 0, 0]) = ⅓ each, p = [¾, ¼].
+    # ∂/∂s = π − [p, 0] = [⅓ − ¾, ⅓ − ¼, ⅓]; literal: [π_V − p, 0] = [½ − ¾, ½ − ¼, 0]. A call: π − e_τ.
+    student = torch.zeros(1, 1, 3, dtype=torch.float64, requires_grad=True)
+    teacher = torch.tensor([[logits_of(0.75, 0.25)]], dtype=torch.float64)
+    one = torch.ones(1, 1, dtype=torch.bool)
+    cases = [(False, False, [1 / 3 - 0.75, 1 / 3 - 0.25, 1 / 3]), (False, True, [-0.25, 0.25, 0.0]),
+             (True, False, [1 / 3, 1 / 3, 1 / 3 - 1])]
+    for call, literal, expected in cases:
+        loss = phase1_loss(student, teacher, one if call else ~one, one, literal)
+        (grad,) = torch.autograd.grad(loss, student)
+        assert grad.flatten().tolist() == pytest.approx(expected, abs=1e-12)
+
+
+def test_teacher_distribution_by_hand():
+    # p = [½, ½, 0]: Σ p log p = −ln 2, the impossible token adding 0 (not 0·(−inf) = NaN).
+    given = teacher_distribution(torch.tensor([[ln(0.5), ln(0.5), -math.inf]], dtype=torch.float64))
+    assert given.probs[0].tolist() == pytest.approx([0.5, 0.5, 0.0])
+    assert given.negentropy.item() == pytest.approx(-math.log(2), abs=1e-12)
+
+
+def _textbook_reverse_kl(student, teacher, mask):
+    vocab = teacher.shape[-1]
+    log_q = torch.log_softmax(student[..., :vocab], dim=-1)
+    q = log_q.exp()
+    support = q > 0
+    diff = torch.where(support, log_q, 0.0) - torch.where(support, torch.log_softmax(teacher, dim=-1), 0.0)
+    return (q * diff).sum(dim=-1)[mask].mean()
+
+
+@pytest.mark.parametrize("with_call_logit", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_reverse_kl_equals_its_textbook_form_with_gradients(with_call_logit, padded):
+    student, teacher, _, mask = _random_phase1_batch(7)
+    teacher = teacher.clone()
+    teacher[0, 1] = 0.0  # no impossible teacher tokens (the reverse KL would be infinite)
+    student = student.detach().clone()
+    student[1, 0, 3] = -math.inf  # a token the student rules out adds 0
+    student = (student if with_call_logit else student[..., :-1].clone()).requires_grad_()
+    mask = mask if padded else torch.ones_like(mask)
+    fast = reverse_kl(student, teacher, mask)
+    (fast_grad,) = torch.autograd.grad(fast, student)
+    slow = _textbook_reverse_kl(student, teacher, mask)
+    (slow_grad,) = torch.autograd.grad(slow, student)
+    assert math.isfinite(fast.item()) and fast.item() == pytest.approx(slow.item(), abs=1e-12)
+    assert torch.allclose(fast_grad, slow_grad, atol=1e-12)
+    assert fast_grad[~mask].abs().max() == 0 if padded else True  # padding learns nothing
+    if with_call_logit:
+        assert fast_grad[..., -1].abs().max() == 0  # the <τ> logit is not read
+
+
+def test_reverse_kl_gradient_by_hand():
+    # π = softmax([0, 0]) = [½, ½], p = [¾, ¼]: KL = ½ ln(⅔) + ½ ln 2; ∂KL/∂s_v = π_v (log π_v − log p_v − KL).
+    student = torch.zeros(1, 1, 2, dtype=torch.float64, requires_grad=True)
+    teacher = torch.tensor([[logits_of(0.75, 0.25)]], dtype=torch.float64)
+    loss = reverse_kl(student, teacher, torch.ones(1, 1))
+    kl = 0.5 * ln(0.5 / 0.75) + 0.5 * ln(0.5 / 0.25)
+    assert loss.item() == pytest.approx(kl, abs=1e-12)
+    (grad,) = torch.autograd.grad(loss, student)
+    expected = [0.5 * (ln(0.5 / 0.75) - kl), 0.5 * (ln(0.5 / 0.25) - kl)]
+    assert grad.flatten().tolist() == pytest.approx(expected, abs=1e-12)
+    # A token the teacher rules out that the student does not: infinite.
+    assert reverse_kl(student, torch.tensor([[[0.0, -math.inf]]], dtype=torch.float64), torch.ones(1, 1)).item() == math.inf
 
 
 def test_phase1_loss_with_nothing_valid_is_zero_with_a_graph():
