@@ -22,8 +22,8 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 install: $(BIN)/.installed
 
-# The README's main job: 13.8 minutes on this project's 2-core machine with the embedded models cached (2026-12-07,
-# docs/benchmarks.md), about 9 more the first time, when the models train.
+# The README's main job: 12.0 minutes on this project's 2-core machine from a fresh clone, the embedded models'
+# first-use training included (2026-12-08, docs/benchmarks.md).
 demo: install
 	$(BIN)/tw train --config configs/synthetic.json
 	$(BIN)/tw gkd   --config configs/synthetic-gkd.json
