@@ -528,10 +528,9 @@ def phase1_step(setup: Setup, clone: Phase1State) -> torch.Tensor:
     logits = clone.trained(ids, mask, traj.state_ids, valid.long(), positions=valid)[None]
     everything = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
     # The oracle's teacher log-probs at the valid positions stand in for its logits there (only their shape is
-    # read when teacher_log_probs is given), so the teacher's [B, T, V] logits are not gathered again.
-    teacher = oracle.teacher_log_probs if oracle.teacher_log_probs is not None else oracle.teacher_logits[valid]
-    loss = phase1_loss(logits, teacher[None], traj.is_call[valid][None], everything,
-                       teacher_log_probs=oracle.teacher_distribution)
+    # read when the distribution is given), so the teacher's [B, T, V] logits are not gathered again.
+    teacher = oracle.teacher_distribution
+    loss = phase1_loss(logits, teacher.log_probs[None], traj.is_call[valid][None], everything, teacher_log_probs=teacher)
     tokens = float(traj.mask.sum())
     scale = data_parallel_loss_scale(tokens, all_sum(tokens, dist), dist.world_size)
     clone.optimizer.zero_grad(set_to_none=True)

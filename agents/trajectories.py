@@ -87,11 +87,9 @@ class OracleBatch:
 
     trajectories: Trajectories
     teacher_logits: torch.Tensor  # [B, T, V]
-    # [N, V] log_softmax of the teacher's logits at the N valid positions (row-major): what the oracle ranked
-    # by, kept so that the phase-1 loss does not compute it again
-    teacher_log_probs: torch.Tensor | None = None
-    # the same positions' p and Σ p log p beside log p, which the phase-1 loss reads too (computed once)
-    teacher_distribution: TeacherDistribution | None = None
+    # the teacher's log p, p and Σ p log p at the N valid positions (row-major): what the oracle ranked by,
+    # kept so that the phase-1 loss does not compute them again
+    teacher_distribution: TeacherDistribution
 
 
 @torch.no_grad()
@@ -153,7 +151,7 @@ def oracle_batch(
         budget=budgets.float(), truncated=truncated,
     )
     assert trajectories.state_ids.shape[1] == width
-    return OracleBatch(trajectories, teacher_logits, teacher_log_probs, distribution)
+    return OracleBatch(trajectories, teacher_logits, distribution)
 
 
 @torch.no_grad()
